@@ -1,0 +1,1 @@
+"""Trade execution for synthetic index positions on Bybit."""

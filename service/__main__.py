@@ -1,0 +1,75 @@
+"""The commands of `python -m service` (see the README for each)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+
+DESCRIPTION = "Synthetic index trader: API, workers, simulator and operations commands."
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = commands.add_parser(
+        "up",
+        help="the whole dev stack in the foreground: migrate, seed, simulator, API, worker, beat",
+    )
+    up.add_argument("--api-port", type=int, default=8000)
+    up.add_argument("--simulator-port", type=int, default=8999)
+    commands.add_parser("migrate", help="create the database if needed and apply migrations")
+    commands.add_parser("seed", help="load the index catalogue into the database")
+    users = commands.add_parser("users", help="manage users").add_subparsers(
+        dest="users_command", required=True, metavar="ACTION"
+    )
+    create = users.add_parser("create", help="create a user (or a new token for one)")
+    create.add_argument("email")
+    sim = commands.add_parser("simulator", help="the Bybit V5 simulator (aiohttp)")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8999)
+    api = commands.add_parser("api", help="the HTTP API (uvicorn)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1)
+    worker = commands.add_parser("worker", help="a Celery worker; extra arguments go to Celery")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER)
+    beat = commands.add_parser("beat", help="Celery Beat (the recovery sweep)")
+    beat.add_argument("celery_args", nargs=argparse.REMAINDER)
+    demo = commands.add_parser(
+        "demo", help="create a demo user, place a trade on the running stack, print each status"
+    )
+    demo.add_argument("--api-url", default="http://127.0.0.1:8000")
+    demo.add_argument("--index", default="BLUECHIP")
+    demo.add_argument("--size", default="1000")
+    demo.add_argument("--direction", default="long", choices=["long", "short"])
+    demo.add_argument("--timeout", type=float, default=60.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imports are per command: `--help` needs no settings, and each process loads only what
+    # it runs.
+    from service import commands
+
+    handlers: dict[str, Callable[[argparse.Namespace], object]] = {
+        "up": commands.up,
+        "migrate": commands.migrate,
+        "seed": commands.seed,
+        "users": commands.users,
+        "simulator": commands.simulator,
+        "api": commands.api,
+        "worker": commands.worker,
+        "beat": commands.beat,
+        "demo": commands.demo,
+    }
+    result = handlers[args.command](args)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The FastAPI app factory: lifespan (engine, broker publisher), routers, error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from service.config import Settings, get_settings
+from service.credentials.endpoints import router as credentials_router
+from service.db import create_engine, create_session_factory
+from service.errors import DomainError
+from service.indices.endpoints import router as indices_router
+from service.positions.endpoints import router as positions_router
+from service.queue import CeleryPublisher
+from service.security import CredentialCipher
+
+logger = structlog.stdlib.get_logger("service.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    # Refuse to start with unusable keys rather than fail on the first PUT.
+    cipher = CredentialCipher(settings.credentials_keys.get_secret_value())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from celery_app import app as celery_app
+
+        engine = create_engine(settings.database_url, pool_size=10)
+        app.state.session_factory = create_session_factory(engine)
+        app.state.cipher = cipher
+        app.state.publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
+        app.state.redis = aioredis.from_url(
+            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        )
+        try:
+            yield
+        finally:
+            await app.state.redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Synthetic index trader",
+        version="0.1.0",
+        description="Open synthetic index positions on Bybit; a worker places one market "
+        "order per component. Decimals travel as strings.",
+        lifespan=lifespan,
+    )
+    app.include_router(positions_router)
+    app.include_router(indices_router)
+    app.include_router(credentials_router)
+    _add_health(app)
+    _add_error_handlers(app)
+    return app
+
+
+def _add_health(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], responses={503: {"description": "not ready"}})
+    async def readyz(request: Request) -> JSONResponse:
+        checks: dict[str, str] = {}
+        try:
+            async with request.app.state.session_factory() as session:
+                await session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as error:  # any failure means not ready
+            checks["database"] = type(error).__name__
+        try:
+            await request.app.state.redis.ping()
+            checks["broker"] = "ok"
+        except Exception as error:  # any failure means not ready
+            checks["broker"] = type(error).__name__
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def domain_error(_: Request, error: DomainError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else None
+        return JSONResponse({"detail": error.message}, error.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        # Without the input echo: a rejected credential must not come back in the body.
+        details: list[dict[str, Any]] = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in error.errors()
+        ]
+        return JSONResponse({"detail": details}, 422)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(OSError)
+    async def unavailable(_: Request, error: Exception) -> JSONResponse:
+        logger.error("api.dependency_unavailable", error=type(error).__name__)
+        return JSONResponse({"detail": "database unavailable, try again shortly"}, 503)

@@ -1,0 +1,185 @@
+"""Typed results of the calls we use; every amount is a Decimal parsed from Bybit's strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from service.bybit import constants
+
+
+class PayloadError(ValueError):
+    """A field is missing or not what Bybit documents."""
+
+
+def _decimal(data: dict[str, Any], key: str) -> Decimal:
+    value = data.get(key)
+    if value is None or value == "":
+        raise PayloadError(f"field {key!r} is missing")
+    try:
+        result = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise PayloadError(f"field {key!r} is not a decimal: {value!r}") from exc
+    if not result.is_finite():
+        raise PayloadError(f"field {key!r} is not finite: {value!r}")
+    return result
+
+
+def _optional_decimal(data: dict[str, Any], key: str) -> Decimal | None:
+    if data.get(key) in (None, ""):
+        return None
+    return _decimal(data, key)
+
+
+def _str(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise PayloadError(f"field {key!r} is missing or not a string")
+    return value
+
+
+def _time_ms(data: dict[str, Any], key: str) -> datetime | None:
+    raw = data.get(key)
+    if raw in (None, ""):
+        return None
+    try:
+        return datetime.fromtimestamp(int(str(raw)) / 1000, tz=UTC)
+    except ValueError as exc:
+        raise PayloadError(f"field {key!r} is not a millisecond timestamp: {raw!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    symbol: str
+    status: str
+    qty_step: Decimal
+    min_order_qty: Decimal
+    max_order_qty: Decimal
+    max_mkt_order_qty: Decimal
+    min_notional_value: Decimal
+    tick_size: Decimal
+
+    @classmethod
+    def from_payload(cls, item: dict[str, Any]) -> Instrument:
+        lot = item.get("lotSizeFilter") or {}
+        price = item.get("priceFilter") or {}
+        if not isinstance(lot, dict) or not isinstance(price, dict):
+            raise PayloadError("instrument filters are not objects")
+        return cls(
+            symbol=_str(item, "symbol"),
+            status=_str(item, "status"),
+            qty_step=_decimal(lot, "qtyStep"),
+            min_order_qty=_decimal(lot, "minOrderQty"),
+            max_order_qty=_decimal(lot, "maxOrderQty"),
+            max_mkt_order_qty=_optional_decimal(lot, "maxMktOrderQty")
+            or _decimal(lot, "maxOrderQty"),
+            min_notional_value=_optional_decimal(lot, "minNotionalValue") or Decimal(0),
+            tick_size=_decimal(price, "tickSize"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Ticker:
+    symbol: str
+    last_price: Decimal
+    mark_price: Decimal | None
+
+    @classmethod
+    def from_payload(cls, item: dict[str, Any]) -> Ticker:
+        return cls(
+            symbol=_str(item, "symbol"),
+            last_price=_decimal(item, "lastPrice"),
+            mark_price=_optional_decimal(item, "markPrice"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OrderAck:
+    """Bybit accepted the order; whether and how it filled is read afterwards."""
+
+    order_id: str
+    order_link_id: str
+
+    @classmethod
+    def from_payload(cls, result: dict[str, Any]) -> OrderAck:
+        return cls(order_id=_str(result, "orderId"), order_link_id=_str(result, "orderLinkId"))
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    order_id: str
+    order_link_id: str
+    symbol: str
+    side: str
+    order_status: str
+    qty: Decimal
+    cum_exec_qty: Decimal
+    avg_price: Decimal | None
+    cum_exec_fee: Decimal | None
+    updated_at: datetime | None
+
+    @property
+    def is_final(self) -> bool:
+        return self.order_status in constants.FINAL_ORDER_STATUSES
+
+    @classmethod
+    def from_payload(cls, item: dict[str, Any]) -> Order:
+        avg_price = _optional_decimal(item, "avgPrice")
+        return cls(
+            order_id=_str(item, "orderId"),
+            order_link_id=str(item.get("orderLinkId") or ""),
+            symbol=_str(item, "symbol"),
+            side=_str(item, "side"),
+            order_status=_str(item, "orderStatus"),
+            qty=_decimal(item, "qty"),
+            cum_exec_qty=_optional_decimal(item, "cumExecQty") or Decimal(0),
+            # Bybit sends "0" or "" before anything filled.
+            avg_price=avg_price if avg_price else None,
+            cum_exec_fee=_optional_decimal(item, "cumExecFee"),
+            updated_at=_time_ms(item, "updatedTime") or _time_ms(item, "createdTime"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    exec_id: str
+    order_id: str
+    symbol: str
+    side: str
+    exec_price: Decimal
+    exec_qty: Decimal
+    exec_fee: Decimal | None
+    exec_time: datetime | None
+
+    @classmethod
+    def from_payload(cls, item: dict[str, Any]) -> Execution:
+        return cls(
+            exec_id=_str(item, "execId"),
+            order_id=_str(item, "orderId"),
+            symbol=_str(item, "symbol"),
+            side=_str(item, "side"),
+            exec_price=_decimal(item, "execPrice"),
+            exec_qty=_decimal(item, "execQty"),
+            exec_fee=_optional_decimal(item, "execFee"),
+            exec_time=_time_ms(item, "execTime"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WalletBalance:
+    total_equity: Decimal
+    total_available_balance: Decimal
+
+    @classmethod
+    def from_payload(cls, result: dict[str, Any]) -> WalletBalance:
+        accounts = result.get("list")
+        if not isinstance(accounts, list) or not accounts or not isinstance(accounts[0], dict):
+            raise PayloadError("wallet balance list is empty")
+        account = accounts[0]
+        return cls(
+            total_equity=_decimal(account, "totalEquity"),
+            total_available_balance=_optional_decimal(account, "totalAvailableBalance")
+            or Decimal(0),
+        )

@@ -1,0 +1,190 @@
+"""What each `python -m service` command does. Settings are read here, at run time."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from service.config import get_settings
+from service.logging import configure_logging
+
+
+def _configure() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+
+async def migrate(_: argparse.Namespace | None = None) -> int:
+    from service.migrations import ensure_database, upgrade
+
+    settings = get_settings()
+    created = await ensure_database(settings.database_url)
+    # Alembic's async env runs its own loop: keep it off ours.
+    import asyncio
+
+    await asyncio.to_thread(upgrade, settings.database_url)
+    print(f"database migrated{' (created)' if created else ''}", flush=True)
+    return 0
+
+
+async def seed(_: argparse.Namespace | None = None) -> int:
+    from service.db import create_engine, create_session_factory, scope_for
+    from service.seed import seed_indices
+
+    engine = create_engine(get_settings().database_url, pool_size=1)
+    try:
+        count = await seed_indices(scope_for(create_session_factory(engine)))
+    finally:
+        await engine.dispose()
+    print(f"seeded {count} indices", flush=True)
+    return 0
+
+
+async def users(args: argparse.Namespace) -> int:
+    from service.db import create_engine, create_session_factory, session_scope
+    from service.errors import DomainError
+    from service.users.service import create_user_with_token
+
+    engine = create_engine(get_settings().database_url, pool_size=1)
+    try:
+        async with session_scope(create_session_factory(engine)) as session:
+            issued = await create_user_with_token(session, args.email)
+    except DomainError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    finally:
+        await engine.dispose()
+    print(f"user {issued.user.email} ({issued.user.id}); bearer token:")
+    # The token alone on the last line, for scripts: TOKEN=$(... | tail -n1)
+    print(issued.token, flush=True)
+    return 0
+
+
+def simulator(args: argparse.Namespace) -> int:
+    from service.simulator import run
+
+    run(args.host, args.port)
+    return 0
+
+
+def api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    _configure()
+    get_settings()  # fail fast on bad settings, before uvicorn starts
+    uvicorn.run(
+        "service.api:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+    )
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    from celery_app import app
+
+    settings = get_settings()
+    extra = list(args.celery_args)
+    argv = ["worker", "--loglevel", settings.log_level, "-Q", settings.celery_queue, *extra]
+    app.worker_main(argv=argv)
+    return 0
+
+
+def beat(args: argparse.Namespace) -> int:
+    from celery_app import app
+
+    settings = get_settings()
+    schedule = Path(tempfile.gettempdir()) / f"trader-beat-{os.getuid()}"
+    argv = ["beat", "--loglevel", settings.log_level, "-s", str(schedule), *args.celery_args]
+    app.start(argv=argv)
+    return 0
+
+
+def _ensure_dev_credentials_key() -> None:
+    """The dev stack's CREDENTIALS_KEYS: from the environment, else from .env, else a new
+    key written to .env (kept, so stored credentials stay readable across restarts)."""
+    if os.environ.get("CREDENTIALS_KEYS"):
+        return
+    env_file = Path(".env")
+    if env_file.exists() and "CREDENTIALS_KEYS=" in env_file.read_text():
+        return
+    from service.security import generate_fernet_key
+
+    with env_file.open("a") as handle:
+        handle.write(f"CREDENTIALS_KEYS={generate_fernet_key()}\n")
+    env_file.chmod(0o600)
+    print("generated a development CREDENTIALS_KEYS in .env", flush=True)
+
+
+def up(args: argparse.Namespace) -> int:
+    import asyncio
+
+    _ensure_dev_credentials_key()
+    get_settings.cache_clear()
+    asyncio.run(migrate())
+    asyncio.run(seed())
+    python = sys.executable
+    roles = {
+        "simulator": [python, "-m", "service", "simulator", "--port", str(args.simulator_port)],
+        "api": [python, "-m", "service", "api", "--port", str(args.api_port)],
+        "worker": [python, "-m", "service", "worker", "--concurrency", "2"],
+        "beat": [python, "-m", "service", "beat"],
+    }
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for name, command in roles.items():
+            processes[name] = subprocess.Popen(command)  # noqa: S603  # our own interpreter
+            print(f"started {name} (pid {processes[name].pid})", flush=True)
+        print(
+            f"stack up: API http://127.0.0.1:{args.api_port}, simulator "
+            f"http://127.0.0.1:{args.simulator_port}; Ctrl-C stops everything",
+            flush=True,
+        )
+        while not stopping:
+            for name, process in processes.items():
+                if process.poll() is not None:
+                    print(f"{name} exited with {process.returncode}; stopping", flush=True)
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return 0
+
+
+async def demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    return await run_demo(
+        api_url=args.api_url,
+        index=args.index,
+        size=args.size,
+        direction=args.direction,
+        wait_seconds=args.timeout,
+    )

@@ -1,0 +1,78 @@
+"""The one settings object: every process reads its configuration here and nowhere else."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Environment variables of the contract (DESIGN.md), plus a few operational knobs.
+
+    A `.env` file in the working directory is read too (the dev stack writes its generated
+    `CREDENTIALS_KEYS` there); real environment variables win over it.
+    """
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/trader"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    bybit_base_url: str = "http://127.0.0.1:8999"
+    bybit_recv_window: int = Field(default=5000, gt=0, le=60000)
+    # Required: the service refuses to start without it. Comma-separated Fernet keys,
+    # the first encrypts, all decrypt.
+    credentials_keys: SecretStr
+    trade_retry_delays: Annotated[tuple[float, ...], NoDecode] = (60.0, 300.0, 900.0)
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "INFO"
+
+    # Operational knobs (not part of the contract table, documented in the README).
+    celery_queue: str = "trades"
+    # A PENDING position older than this has probably lost its enqueue: Beat re-sends it.
+    stale_pending_seconds: float = Field(default=30.0, gt=0)
+    # An EXECUTING position whose run has not been seen for this long lost its worker.
+    stale_executing_seconds: float = Field(default=60.0, gt=0)
+    recovery_interval_seconds: float = Field(default=20.0, gt=0)
+    # Hard limit of one task run; with the longest retry countdown it bounds the
+    # Redis visibility timeout (see celery_app.py).
+    task_time_limit_seconds: int = Field(default=300, gt=0)
+    http_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    http_read_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("trade_retry_delays", mode="before")
+    @classmethod
+    def _parse_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            try:
+                delays = tuple(float(Decimal(part)) for part in parts)
+            except InvalidOperation as exc:
+                raise ValueError(
+                    f"TRADE_RETRY_DELAYS must be comma-separated seconds, got {value!r}"
+                ) from exc
+            return delays
+        return value
+
+    @field_validator("trade_retry_delays")
+    @classmethod
+    def _check_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay < 0 for delay in value):
+            raise ValueError("TRADE_RETRY_DELAYS must not contain negative delays")
+        return value
+
+    @field_validator("credentials_keys")
+    @classmethod
+    def _check_keys(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("CREDENTIALS_KEYS must hold at least one Fernet key")
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,72 @@
+"""A user's Bybit key pair: encrypted at rest, shown masked, decrypted only in the worker."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.bybit.auth import ApiCredentials
+from service.credentials import repository
+from service.errors import NotFoundError, ValidationError
+from service.security import CredentialCipher, mask_key
+
+_PRINTABLE = re.compile(r"^[\x21-\x7e]{8,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialView:
+    api_key: str  # masked
+    updated_at: datetime
+
+
+async def store_credentials(
+    session: AsyncSession,
+    cipher: CredentialCipher,
+    user_id: uuid.UUID,
+    *,
+    api_key: str,
+    api_secret: str,
+) -> None:
+    for name, value in (("api_key", api_key), ("api_secret", api_secret)):
+        if not _PRINTABLE.match(value):
+            raise ValidationError(f"{name} must be 8 to 128 printable characters without spaces")
+    await repository.upsert_credential(
+        session,
+        user_id,
+        api_key_encrypted=cipher.encrypt(api_key),
+        api_secret_encrypted=cipher.encrypt(api_secret),
+        api_key_hint=mask_key(api_key),
+    )
+
+
+async def view_credentials(session: AsyncSession, user_id: uuid.UUID) -> CredentialView:
+    row = await repository.get_credential(session, user_id)
+    if row is None:
+        raise NotFoundError("no Bybit credentials stored: PUT /api/credentials first")
+    return CredentialView(api_key=row.api_key_hint, updated_at=row.updated_at)
+
+
+async def has_credentials(session: AsyncSession, user_id: uuid.UUID) -> bool:
+    return await repository.get_credential(session, user_id) is not None
+
+
+async def delete_credentials(session: AsyncSession, user_id: uuid.UUID) -> None:
+    if not await repository.delete_credential(session, user_id):
+        raise NotFoundError("no Bybit credentials stored")
+
+
+async def load_decrypted(
+    session: AsyncSession, cipher: CredentialCipher, user_id: uuid.UUID
+) -> ApiCredentials | None:
+    """Decrypt the pair for one exchange call. Only the worker calls this."""
+    row = await repository.get_credential(session, user_id)
+    if row is None:
+        return None
+    return ApiCredentials(
+        api_key=cipher.decrypt(row.api_key_encrypted),
+        api_secret=cipher.decrypt(row.api_secret_encrypted),
+    )

@@ -1,0 +1,83 @@
+"""`python -m service demo`: a demo user places one trade on the running stack and watches it."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from urllib.parse import urlparse
+
+import aiohttp
+
+from service.config import get_settings
+from service.db import create_engine, create_session_factory, session_scope
+from service.users.service import create_user_with_token
+
+
+def _is_simulator(base_url: str) -> bool:
+    return urlparse(base_url).hostname in {"127.0.0.1", "localhost", "::1"}
+
+
+async def run_demo(
+    *, api_url: str, index: str, size: str, direction: str, wait_seconds: float
+) -> int:
+    settings = get_settings()
+    if not _is_simulator(settings.bybit_base_url):
+        print("demo refuses to trade on a real exchange: BYBIT_BASE_URL is not the simulator")
+        return 2
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        async with session_scope(create_session_factory(engine)) as session:
+            issued = await create_user_with_token(
+                session, f"demo-{secrets.token_hex(4)}@example.com"
+            )
+    finally:
+        await engine.dispose()
+    print(f"demo user {issued.user.email}")
+    api_key, api_secret = f"DEMO{secrets.token_hex(8).upper()}", secrets.token_hex(18)
+    auth = {"Authorization": f"Bearer {issued.token}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with http.post(
+            f"{settings.bybit_base_url}/sim/accounts",
+            json={"api_key": api_key, "api_secret": api_secret, "balance": "100000"},
+        ) as response:
+            response.raise_for_status()
+        async with http.put(
+            f"{api_url}/api/credentials",
+            json={"api_key": api_key, "api_secret": api_secret},
+            headers=auth,
+        ) as response:
+            response.raise_for_status()
+        async with http.post(
+            f"{api_url}/api/positions",
+            json={"index": index, "size": size, "direction": direction},
+            headers=auth,
+        ) as response:
+            body = await response.json()
+            if response.status != 202:
+                print(f"POST /api/positions answered {response.status}: {body}")
+                return 1
+        position_id = body["id"]
+        print(f"position {position_id}: {direction} {size} USDT of {index}")
+        print(f"status: {body['status']}", flush=True)
+        last = body["status"]
+        deadline = time.monotonic() + wait_seconds
+        while last not in ("ACTIVE", "FAILED"):
+            if time.monotonic() > deadline:
+                print(f"still {last} after {wait_seconds}s")
+                return 1
+            await asyncio.sleep(0.05)
+            async with http.get(f"{api_url}/api/positions/{position_id}", headers=auth) as response:
+                body = await response.json()
+            if body["status"] != last:
+                last = body["status"]
+                print(f"status: {last}", flush=True)
+    if last == "FAILED":
+        print(f"error: {body['error']}")
+        return 1
+    for trade in body["trades"]:
+        print(
+            f"fill: leg {trade['leg']} {trade['side']} {trade['quantity']} {trade['symbol']} "
+            f"@ {trade['price']} (order {trade['bybit_order_id']})"
+        )
+    return 0

@@ -1,0 +1,52 @@
+"""FastAPI dependencies: the request's session, the caller, the app's shared objects."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.models import User
+from service.queue import CeleryPublisher
+from service.security import CredentialCipher
+from service.users.service import authenticate
+
+_bearer = HTTPBearer(
+    auto_error=False, description="the token from `python -m service users create`"
+)
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    # Closing rolls back whatever the endpoint did not commit.
+    async with request.app.state.session_factory() as session:
+        yield session
+
+
+Session = Annotated[AsyncSession, Depends(get_session)]
+
+
+async def get_current_user(
+    session: Session,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> User:
+    return await authenticate(session, credentials.credentials if credentials else None)
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def get_publisher(request: Request) -> CeleryPublisher:
+    publisher: CeleryPublisher = request.app.state.publisher
+    return publisher
+
+
+def get_cipher(request: Request) -> CredentialCipher:
+    cipher: CredentialCipher = request.app.state.cipher
+    return cipher
+
+
+Publisher = Annotated[CeleryPublisher, Depends(get_publisher)]
+Cipher = Annotated[CredentialCipher, Depends(get_cipher)]

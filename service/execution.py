@@ -1,0 +1,560 @@
+"""The execution flow of one position, as plain async functions that take their dependencies.
+
+claim (PENDING -> EXECUTING, or the claim holder resumes) -> plan once (stored before the first
+order) -> each leg in order: decrypt the key, leverage 1x, look the leg up if it may have been
+sent, place the market order with its orderLinkId, read the outcome, record the fill at once
+-> all filled: snapshot + ACTIVE in one transaction. A permanent error fails the position at
+once; a transient one asks the caller (the Celery task) to run again after the next delay.
+
+This module imports neither Celery nor FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import TypeVar
+
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from service.bybit.auth import ApiCredentials
+from service.bybit.client import BybitClient
+from service.bybit.errors import BybitError, DuplicateOrderLinkIdError
+from service.bybit.types import Order
+from service.credentials.service import load_decrypted
+from service.db import SessionScope
+from service.indices import repository as indices_repository
+from service.market_data import MarketData, MarketDataUnavailableError
+from service.models import PositionComponent, PositionLeg, PositionStatus, SyntheticPosition
+from service.positions import repository
+from service.security import CredentialCipher, CredentialDecryptionError
+from service.trading_logic import (
+    CompositionError,
+    Direction,
+    IndexComponent,
+    calculate_trade_composition,
+)
+
+T = TypeVar("T")
+logger = structlog.stdlib.get_logger("service.execution")
+
+RunLock = Callable[[uuid.UUID], AbstractAsyncContextManager[bool]]
+
+
+class Outcome(StrEnum):
+    ACTIVE = "ACTIVE"
+    FAILED = "FAILED"
+    RETRY = "RETRY"
+    DISCARDED = "DISCARDED"
+    NOT_FOUND = "NOT_FOUND"
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    outcome: Outcome
+    retry_in: float | None = None
+    detail: str | None = None
+
+
+@dataclass
+class ExecutionDeps:
+    sessions: SessionScope
+    run_lock: RunLock
+    exchange: BybitClient
+    market: MarketData
+    cipher: CredentialCipher
+    retry_delays: Sequence[float]
+    # (account fingerprint, symbol) pairs already at 1x in this process.
+    leverage_done: set[tuple[str, str]] = field(default_factory=set)
+    call_attempts: int = 3
+    call_wait_max: float = 1.0
+    fill_timeout: float = 10.0
+    # How early a scheduled retry may start (clock skew between hosts).
+    early_tolerance_seconds: float = 2.0
+
+
+class LegError(Exception):
+    def __init__(self, reason: str, *, leg: int | None = None) -> None:
+        self.reason = reason
+        self.leg = leg
+        super().__init__(reason)
+
+
+class PermanentLegError(LegError):
+    """The position fails now: no further orders, nothing reversed."""
+
+
+class TransientLegError(LegError):
+    """The run stops; the position is tried again after the next delay."""
+
+
+def order_link_id(position_id: uuid.UUID, leg: int) -> str:
+    """Deterministic per position and leg: 32 hex + '-' + leg, at most 36 characters."""
+    return f"{position_id.hex}-{leg}"
+
+
+# ---- entry point --------------------------------------------------------------------------
+
+
+async def execute_position(
+    deps: ExecutionDeps, position_id: uuid.UUID, *, task_id: str
+) -> RunResult:
+    """Run (or resume) one position. Every run counts as an attempt, a crashed one too, so
+    `TRADE_RETRY_DELAYS` bounds the number of runs whatever happens to the messages."""
+    structlog.contextvars.bind_contextvars(position_id=str(position_id), task_id=task_id)
+    log = logger.bind()
+    async with deps.run_lock(position_id) as held:
+        if not held:
+            log.warning("position.discarded", reason="another run holds the position")
+            return RunResult(Outcome.DISCARDED, detail="locked")
+        position = await _claim(deps, position_id, task_id, log)
+        if isinstance(position, RunResult):
+            return position
+        structlog.contextvars.bind_contextvars(attempt=position.attempts)
+        return await _run_claimed(deps, position, task_id, position.attempts - 1, log)
+
+
+async def _claim(
+    deps: ExecutionDeps, position_id: uuid.UUID, task_id: str, log: structlog.stdlib.BoundLogger
+) -> SyntheticPosition | RunResult:
+    async with deps.sessions() as session:
+        claimed = await repository.compare_and_set_status(
+            session,
+            position_id,
+            expected=PositionStatus.PENDING,
+            new=PositionStatus.EXECUTING,
+            claim=task_id,
+        )
+        if claimed is not None:
+            log.info(
+                "position.status_changed",
+                from_status=PositionStatus.PENDING,
+                to_status=PositionStatus.EXECUTING,
+            )
+            return claimed
+        current = await repository.get_position(session, position_id)
+        if current is None:
+            log.warning("position.not_found")
+            return RunResult(Outcome.NOT_FOUND)
+        if current.status != PositionStatus.EXECUTING or current.claim != task_id:
+            log.info("position.discarded", status=current.status, reason="not this task's claim")
+            return RunResult(Outcome.DISCARDED, detail=current.status)
+        if current.next_attempt_at is not None:
+            remaining = (current.next_attempt_at - datetime.now(UTC)).total_seconds()
+            if remaining > deps.early_tolerance_seconds:
+                # A stray copy (e.g. redelivered) arrived before the scheduled retry is due.
+                log.info("position.discarded", reason="retry not yet due", due_in_s=remaining)
+                return RunResult(Outcome.DISCARDED, detail="early")
+        resumed = await repository.resume_claimed(session, position_id, task_id)
+        if resumed is None:
+            return RunResult(Outcome.DISCARDED, detail="claim lost")
+        log.info("position.resumed", attempts=resumed.attempts)
+        return resumed
+
+
+async def _run_claimed(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    task_id: str,
+    retries_done: int,
+    log: structlog.stdlib.BoundLogger,
+) -> RunResult:
+    try:
+        plan = await _ensure_plan(deps, position, log)
+        recorded = await _recorded_links(deps, position.id)
+        for leg in plan:
+            if leg.order_link_id in recorded:
+                continue
+            await _execute_leg(deps, position, leg, log)
+        await _finish(deps, position, plan, task_id, log)
+        return RunResult(Outcome.ACTIVE)
+    except PermanentLegError as error:
+        await _fail(deps, position.id, task_id, error.reason, error.leg, log)
+        return RunResult(Outcome.FAILED, detail=error.reason)
+    except TransientLegError as error:
+        if retries_done >= len(deps.retry_delays):
+            reason = f"gave up after {retries_done + 1} attempts: {error.reason}"
+            await _fail(deps, position.id, task_id, reason, error.leg, log)
+            return RunResult(Outcome.FAILED, detail=reason)
+        delay = float(deps.retry_delays[retries_done])
+        async with deps.sessions() as session:
+            due = await repository.set_next_attempt(session, position.id, task_id, delay)
+        log.warning(
+            "leg.retry_scheduled",
+            leg=error.leg,
+            error=error.reason,
+            retry_in_s=delay,
+            next_attempt_at=due.isoformat() if due else None,
+        )
+        return RunResult(Outcome.RETRY, retry_in=delay, detail=error.reason)
+
+
+# ---- plan -------------------------------------------------------------------------------
+
+
+async def _ensure_plan(
+    deps: ExecutionDeps, position: SyntheticPosition, log: structlog.stdlib.BoundLogger
+) -> Sequence[PositionLeg]:
+    async with deps.sessions() as session:
+        stored = await repository.get_plan(session, position.id)
+        if stored:
+            return stored
+        index = await indices_repository.get_index(session, position.index_code)
+        if index is None:
+            raise PermanentLegError(f"index {position.index_code} no longer exists")
+        components = [IndexComponent(symbol=c.symbol, weight=c.weight) for c in index.components]
+    symbols = [c.symbol for c in components]
+    try:
+        instruments = await _call(deps, deps.market.instruments, symbols)
+        prices = await _call(deps, deps.market.prices, symbols)
+        legs = calculate_trade_composition(
+            components, position.size, Direction(position.direction), instruments, prices
+        )
+    except CompositionError as error:
+        raise PermanentLegError(f"cannot plan the basket: {error}") from None
+    except MarketDataUnavailableError as error:
+        raise PermanentLegError(f"cannot plan the basket: {error}") from None
+    except BybitError as error:
+        raise _classify(error, None, "market data") from None
+    rows = [
+        PositionLeg(
+            position_id=position.id,
+            leg=leg.leg,
+            symbol=leg.symbol,
+            side=leg.side.value,
+            quantity=leg.quantity,
+            reference_price=leg.reference_price,
+            order_link_id=order_link_id(position.id, leg.leg),
+        )
+        for leg in legs
+    ]
+    async with deps.sessions() as session:
+        await repository.add_plan(session, rows)
+    log.info(
+        "position.planned",
+        legs=[
+            {"leg": r.leg, "symbol": r.symbol, "side": r.side, "qty": str(r.quantity)} for r in rows
+        ],
+    )
+    return rows
+
+
+async def _recorded_links(deps: ExecutionDeps, position_id: uuid.UUID) -> set[str]:
+    async with deps.sessions() as session:
+        return {t.order_link_id for t in await repository.get_trades(session, position_id)}
+
+
+# ---- one leg ----------------------------------------------------------------------------
+
+
+async def _execute_leg(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    leg: PositionLeg,
+    run_log: structlog.stdlib.BoundLogger,
+) -> None:
+    log = run_log.bind(
+        leg=leg.leg,
+        symbol=leg.symbol,
+        side=leg.side,
+        qty=str(leg.quantity),
+        order_link_id=leg.order_link_id,
+    )
+    credentials = await _credentials(deps, position, leg.leg)
+    await _ensure_leverage(deps, credentials, leg, log)
+    started = time.perf_counter()
+    order: Order | None = None
+    if leg.submitted_at is not None:
+        # A previous run may have sent it (and died, or lost the reply): look before placing.
+        order = await _lookup(deps, credentials, leg)
+        if order is not None:
+            log.info("leg.found_existing", bybit_order_id=order.order_id)
+    if order is None:
+        async with deps.sessions() as session:
+            await repository.mark_leg_submitted(session, position.id, leg.leg)
+            await repository.touch_heartbeat(session, position.id)
+        log.info("leg.submitted")
+        await _place(deps, credentials, leg, log)
+    order = await _await_outcome(deps, credentials, leg)
+    latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    if order.cum_exec_qty <= 0:
+        reason = f"order ended {order.order_status} with nothing filled"
+        log.error("leg.failed", bybit_order_id=order.order_id, error=reason, latency_ms=latency_ms)
+        raise PermanentLegError(_leg_reason(leg, reason), leg=leg.leg)
+    price = order.avg_price or await _average_price(deps, credentials, leg, order)
+    partial = order.cum_exec_qty < leg.quantity
+    async with deps.sessions() as session:
+        await repository.record_trade(
+            session,
+            {
+                "position_id": position.id,
+                "leg": leg.leg,
+                "symbol": leg.symbol,
+                "side": leg.side,
+                "bybit_order_id": order.order_id,
+                "order_link_id": leg.order_link_id,
+                "price": price,
+                "quantity": order.cum_exec_qty,
+                "fee": order.cum_exec_fee,
+                "order_status": order.order_status,
+                "executed_at": order.updated_at or datetime.now(UTC),
+            },
+        )
+        await repository.touch_heartbeat(session, position.id)
+    log.info(
+        "leg.filled",
+        bybit_order_id=order.order_id,
+        price=str(price),
+        filled_qty=str(order.cum_exec_qty),
+        partial=partial,
+        order_status=order.order_status,
+        latency_ms=latency_ms,
+    )
+
+
+async def _credentials(
+    deps: ExecutionDeps, position: SyntheticPosition, leg: int
+) -> ApiCredentials:
+    try:
+        async with deps.sessions() as session:
+            credentials = await load_decrypted(session, deps.cipher, position.user_id)
+    except CredentialDecryptionError as error:
+        raise PermanentLegError(str(error), leg=leg) from None
+    if credentials is None:
+        raise PermanentLegError("the user has no Bybit credentials stored", leg=leg)
+    return credentials
+
+
+async def _ensure_leverage(
+    deps: ExecutionDeps,
+    credentials: ApiCredentials,
+    leg: PositionLeg,
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    account = hashlib.sha256(credentials.api_key.encode()).hexdigest()[:16]
+    if (account, leg.symbol) in deps.leverage_done:
+        return
+    try:
+        changed = await _call(deps, deps.exchange.set_leverage, credentials, leg.symbol)
+    except BybitError as error:
+        log.error("leg.failed", error=str(error), stage="set_leverage")
+        raise _classify(error, leg, "set leverage 1x") from None
+    deps.leverage_done.add((account, leg.symbol))
+    log.info("leverage.set", leverage="1", changed=changed)
+
+
+async def _place(
+    deps: ExecutionDeps,
+    credentials: ApiCredentials,
+    leg: PositionLeg,
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    try:
+        ack = await deps.exchange.create_market_order(
+            credentials,
+            symbol=leg.symbol,
+            side=leg.side,
+            qty=leg.quantity,
+            order_link_id=leg.order_link_id,
+        )
+        log.info("leg.accepted", bybit_order_id=ack.order_id)
+    except DuplicateOrderLinkIdError:
+        # The first attempt landed: read it, never count it as a failure.
+        log.warning("leg.duplicate_order_link_id")
+    except BybitError as error:
+        if not error.ambiguous:
+            log.error("leg.failed", error=str(error), transient=error.transient)
+            raise _classify(error, leg, "place order") from None
+        log.warning("leg.outcome_unknown", error=str(error))
+        if await _lookup(deps, credentials, leg) is None:
+            # Absent now; it may still appear. The next run looks again before re-sending.
+            raise TransientLegError(
+                _leg_reason(leg, f"order outcome unknown: {error}"), leg=leg.leg
+            ) from None
+
+
+async def _lookup(
+    deps: ExecutionDeps, credentials: ApiCredentials, leg: PositionLeg
+) -> Order | None:
+    try:
+        return await _call(
+            deps,
+            deps.exchange.get_order,
+            credentials,
+            symbol=leg.symbol,
+            order_link_id=leg.order_link_id,
+        )
+    except BybitError as error:
+        raise _classify(error, leg, "look up order") from None
+
+
+async def _await_outcome(
+    deps: ExecutionDeps, credentials: ApiCredentials, leg: PositionLeg
+) -> Order:
+    """Bybit acknowledges before it fills: poll the order until it is final."""
+    deadline = time.monotonic() + deps.fill_timeout
+    pause = 0.02
+    while True:
+        order = await _lookup(deps, credentials, leg)
+        if order is not None and order.is_final:
+            return order
+        if time.monotonic() >= deadline:
+            state = order.order_status if order else "not visible"
+            raise TransientLegError(
+                _leg_reason(leg, f"order not final after {deps.fill_timeout}s ({state})"),
+                leg=leg.leg,
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
+async def _average_price(
+    deps: ExecutionDeps, credentials: ApiCredentials, leg: PositionLeg, order: Order
+) -> Decimal:
+    try:
+        executions = await _call(
+            deps,
+            deps.exchange.get_executions,
+            credentials,
+            symbol=leg.symbol,
+            order_id=order.order_id,
+        )
+    except BybitError as error:
+        raise _classify(error, leg, "read executions") from None
+    quantity = sum((e.exec_qty for e in executions), Decimal(0))
+    if quantity <= 0:
+        raise TransientLegError(_leg_reason(leg, "fills not visible yet"), leg=leg.leg)
+    return sum((e.exec_price * e.exec_qty for e in executions), Decimal(0)) / quantity
+
+
+# ---- finish -----------------------------------------------------------------------------
+
+
+async def _finish(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    plan: Sequence[PositionLeg],
+    task_id: str,
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    async with deps.sessions() as session:
+        await repository.add_components(
+            session,
+            [
+                PositionComponent(
+                    id=uuid.uuid4(),
+                    position_id=position.id,
+                    symbol=leg.symbol,
+                    side=leg.side,
+                    expected_quantity=leg.quantity,
+                )
+                for leg in plan
+            ],
+        )
+        done = await repository.compare_and_set_status(
+            session,
+            position.id,
+            expected=PositionStatus.EXECUTING,
+            new=PositionStatus.ACTIVE,
+            require_claim=task_id,
+        )
+        if done is None:
+            # Someone else finished or failed it: roll the snapshot back with the scope.
+            raise PermanentLegError("position left EXECUTING during the run")
+    log.info(
+        "position.status_changed",
+        from_status=PositionStatus.EXECUTING,
+        to_status=PositionStatus.ACTIVE,
+    )
+
+
+async def _fail(
+    deps: ExecutionDeps,
+    position_id: uuid.UUID,
+    task_id: str,
+    reason: str,
+    leg: int | None,
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    async with deps.sessions() as session:
+        failed = await repository.compare_and_set_status(
+            session,
+            position_id,
+            expected=PositionStatus.EXECUTING,
+            new=PositionStatus.FAILED,
+            require_claim=task_id,
+            error=reason,
+            failed_leg=leg,
+        )
+    if failed is not None:
+        log.error(
+            "position.status_changed",
+            from_status=PositionStatus.EXECUTING,
+            to_status=PositionStatus.FAILED,
+            error=reason,
+            leg=leg,
+        )
+
+
+# ---- exchange calls: short in-task retries of transient errors -----------------------------
+
+
+def _briefly_retryable(deps: ExecutionDeps) -> Callable[[BaseException], bool]:
+    def predicate(error: BaseException) -> bool:
+        if not isinstance(error, BybitError) or not error.transient:
+            return False
+        # A long back-off (the IP limit) is the Celery schedule's job, not tenacity's.
+        return error.retry_after is None or error.retry_after <= deps.call_wait_max
+
+    return predicate
+
+
+def _log_call_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    logger.info("exchange.call_retry", attempt_number=state.attempt_number, error=str(error))
+
+
+async def _call(
+    deps: ExecutionDeps, fn: Callable[..., Awaitable[T]], *args: object, **kwargs: object
+) -> T:
+    """Reads and idempotent writes only: order creation goes through the lookup instead."""
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(_briefly_retryable(deps)),
+        stop=stop_after_attempt(deps.call_attempts),
+        wait=wait_exponential(multiplier=0.1, max=deps.call_wait_max),
+        before_sleep=_log_call_retry,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await fn(*args, **kwargs)
+    raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+
+def _classify(error: BybitError, leg: PositionLeg | None, action: str) -> LegError:
+    reason = f"{action} failed: {error}"
+    if leg is not None:
+        reason = _leg_reason(leg, reason)
+    number = leg.leg if leg is not None else None
+    if error.transient:
+        return TransientLegError(reason, leg=number)
+    return PermanentLegError(reason, leg=number)
+
+
+def _leg_reason(leg: PositionLeg, reason: str) -> str:
+    return f"leg {leg.leg} ({leg.side} {leg.quantity} {leg.symbol}): {reason}"

@@ -1,0 +1,96 @@
+"""structlog set-up shared by the API, the workers and the commands.
+
+Every line is one JSON object (`timestamp`, `level`, `event`, bound context). The standard
+library's loggers (uvicorn, Celery, SQLAlchemy, aiohttp) go through the same renderer, so an
+SRE can parse every line the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from structlog.types import EventDict, Processor, WrappedLogger
+
+# Values under these keys never reach a log line, whoever binds them.
+_SECRET_KEYS = frozenset(
+    {
+        "api_key",
+        "api_secret",
+        "secret",
+        "token",
+        "authorization",
+        "signature",
+        "x-bapi-sign",
+        "x-bapi-api-key",
+        "credentials_keys",
+        "password",
+    }
+)
+
+
+def _redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    for key in event_dict:
+        if key.lower() in _SECRET_KEYS:
+            event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def _decimals_as_strings(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    # Decimal would render through repr ("Decimal('1.5')"): amounts are logged as strings.
+    for key, value in event_dict.items():
+        if isinstance(value, Decimal):
+            event_dict[key] = str(value)
+    return event_dict
+
+
+def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
+    """Route structlog and the standard library through one renderer. Idempotent."""
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_secrets,
+        _decimals_as_strings,
+    ]
+    renderer: Processor
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer()
+    else:
+        renderer = structlog.processors.JSONRenderer()
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    # Per-request access lines and SQL echo are noise at INFO.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def get_logger(name: str | None = None, **initial: Any) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name, **initial)
+    return logger

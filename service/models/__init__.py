@@ -1,0 +1,23 @@
+"""ORM tables, one file per table (or per tight pair), one Base."""
+
+from service.models.base import Base
+from service.models.credential import ExchangeCredential
+from service.models.index import Index, IndexComponent
+from service.models.position import PositionLeg, PositionStatus, SyntheticPosition
+from service.models.position_component import PositionComponent
+from service.models.trade import Trade
+from service.models.user import ApiToken, User
+
+__all__ = [
+    "ApiToken",
+    "Base",
+    "ExchangeCredential",
+    "Index",
+    "IndexComponent",
+    "PositionComponent",
+    "PositionLeg",
+    "PositionStatus",
+    "SyntheticPosition",
+    "Trade",
+    "User",
+]

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    Uuid,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.models.base import Base, TimestampMixin
+
+
+class PositionStatus(StrEnum):
+    PENDING = "PENDING"
+    EXECUTING = "EXECUTING"
+    ACTIVE = "ACTIVE"
+    FAILED = "FAILED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (PositionStatus.ACTIVE, PositionStatus.FAILED)
+
+
+class SyntheticPosition(TimestampMixin, Base):
+    __tablename__ = "synthetic_positions"
+    __table_args__ = (
+        CheckConstraint("size > 0", name="size_positive"),
+        CheckConstraint("direction IN ('long', 'short')", name="direction_known"),
+        CheckConstraint(
+            "status IN ('PENDING', 'EXECUTING', 'ACTIVE', 'FAILED')", name="status_known"
+        ),
+        Index("ix_synthetic_positions_user_created", "user_id", "created_at"),
+        # The recovery sweeper scans unfinished positions by age.
+        Index(
+            "ix_synthetic_positions_unfinished",
+            "status",
+            "updated_at",
+            postgresql_where="status IN ('PENDING', 'EXECUTING')",
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="RESTRICT"), nullable=False
+    )
+    index_code: Mapped[str] = mapped_column(
+        String(32), ForeignKey("indices.code", ondelete="RESTRICT"), nullable=False
+    )
+    size: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    direction: Mapped[str] = mapped_column(String(8), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="PENDING")
+    error: Mapped[str | None] = mapped_column(Text)
+    failed_leg: Mapped[int | None] = mapped_column(Integer)
+    # The Celery task id that holds the position while it is EXECUTING.
+    claim: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Last sign of life of the run holding the claim; the sweeper tells dead runs by it.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PositionLeg(Base):
+    """The plan: computed once before the first order, then only read."""
+
+    __tablename__ = "position_legs"
+
+    position_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("synthetic_positions.id", ondelete="CASCADE"), primary_key=True
+    )
+    leg: Mapped[int] = mapped_column(Integer, primary_key=True)
+    symbol: Mapped[str] = mapped_column(String(32), nullable=False)
+    side: Mapped[str] = mapped_column(String(4), nullable=False)
+    quantity: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    reference_price: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    order_link_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
+    # Set before the order is sent: a leg with it set may exist on the exchange already.
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

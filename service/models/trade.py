@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import DateTime, ForeignKey, Integer, Numeric, String, Uuid, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.models.base import Base
+
+
+class Trade(Base):
+    """One filled leg, recorded as soon as the exchange reports the fill."""
+
+    __tablename__ = "trades"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    position_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("synthetic_positions.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    leg: Mapped[int] = mapped_column(Integer, nullable=False)
+    symbol: Mapped[str] = mapped_column(String(32), nullable=False)
+    side: Mapped[str] = mapped_column(String(4), nullable=False)
+    bybit_order_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    # Unique: a leg is recorded once, however many runs report it.
+    order_link_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
+    price: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    quantity: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    fee: Mapped[Decimal | None] = mapped_column(Numeric)
+    order_status: Mapped[str] = mapped_column(String(32), nullable=False)
+    executed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from service.dependencies import CurrentUser, Publisher, Session
+from service.positions import service
+from service.positions.schemas import (
+    ComponentOut,
+    PositionCreate,
+    PositionOut,
+    PositionPage,
+    TradeOut,
+)
+
+router = APIRouter(prefix="/api/positions", tags=["positions"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"description": "missing, invalid or revoked token"},
+    404: {"description": "no such position for this user"},
+    409: {"description": "no Bybit credentials stored"},
+    422: {"description": "invalid index, size or direction"},
+}
+
+
+def _out(detail: service.PositionDetail) -> PositionOut:
+    p = detail.position
+    return PositionOut(
+        id=p.id,
+        index=p.index_code,
+        size=p.size,
+        direction=p.direction,
+        status=p.status,
+        error=p.error,
+        failed_leg=p.failed_leg,
+        attempts=p.attempts,
+        next_attempt_at=p.next_attempt_at,
+        created_at=p.created_at,
+        updated_at=p.updated_at,
+        components=[
+            ComponentOut(symbol=c.symbol, side=c.side, expected_quantity=c.expected_quantity)
+            for c in detail.components
+        ],
+        trades=[
+            TradeOut(
+                leg=t.leg,
+                symbol=t.symbol,
+                side=t.side,
+                bybit_order_id=t.bybit_order_id,
+                order_link_id=t.order_link_id,
+                price=t.price,
+                quantity=t.quantity,
+                fee=t.fee,
+                order_status=t.order_status,
+                executed_at=t.executed_at,
+            )
+            for t in detail.trades
+        ],
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=PositionOut,
+    responses=_ERRORS,
+    summary="Open a position: answers at once with the PENDING position; a worker executes it",
+)
+async def create_position(
+    body: PositionCreate,
+    user: CurrentUser,
+    session: Session,
+    publisher: Publisher,
+    response: Response,
+) -> PositionOut:
+    position = await service.open_position(
+        session, user, index_code=body.index, size=body.size, direction=body.direction
+    )
+    await session.commit()
+    # After the commit, so the worker always finds the row. If this publish is lost, the
+    # recovery sweep re-sends the PENDING position.
+    await publisher.try_publish(position.id)
+    response.headers["Location"] = f"/api/positions/{position.id}"
+    return _out(service.PositionDetail(position=position, components=[], trades=[]))
+
+
+@router.get("/{position_id}", response_model=PositionOut, responses=_ERRORS)
+async def get_position(position_id: uuid.UUID, user: CurrentUser, session: Session) -> PositionOut:
+    return _out(await service.position_detail(session, user, position_id))
+
+
+@router.get("", response_model=PositionPage, responses=_ERRORS)
+async def list_positions(
+    user: CurrentUser,
+    session: Session,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> PositionPage:
+    details = await service.list_positions(session, user, limit=limit)
+    return PositionPage(items=[_out(d) for d in details])

@@ -1,0 +1,300 @@
+"""SQL for positions, their plan, trades and snapshot. Every status change is one
+compare-and-set UPDATE ... WHERE status = ... RETURNING, never read-then-write."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from service.models import (
+    PositionComponent,
+    PositionLeg,
+    PositionStatus,
+    SyntheticPosition,
+    Trade,
+)
+
+
+def advisory_lock_key(position_id: uuid.UUID) -> int:
+    """A signed 64-bit key for PostgreSQL's advisory locks, derived from the position id."""
+    return int.from_bytes(position_id.bytes[:8], "big", signed=True)
+
+
+async def try_advisory_lock(connection: AsyncConnection, position_id: uuid.UUID) -> bool:
+    """Session-level lock held by the connection until released or the connection dies."""
+    result = await connection.execute(
+        text("SELECT pg_try_advisory_lock(:key)"), {"key": advisory_lock_key(position_id)}
+    )
+    return bool(result.scalar_one())
+
+
+async def advisory_unlock(connection: AsyncConnection, position_id: uuid.UUID) -> None:
+    await connection.execute(
+        text("SELECT pg_advisory_unlock(:key)"), {"key": advisory_lock_key(position_id)}
+    )
+
+
+async def is_run_alive(session: AsyncSession, position_id: uuid.UUID) -> bool:
+    """True when some connection holds the position's run lock (a run is in progress)."""
+    result = await session.execute(
+        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": advisory_lock_key(position_id)}
+    )
+    # Acquiring it means nobody held it; the xact lock is released at commit.
+    return not bool(result.scalar_one())
+
+
+async def add_position(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    index_code: str,
+    size: Decimal,
+    direction: str,
+) -> SyntheticPosition:
+    position = SyntheticPosition(
+        id=uuid.uuid4(),
+        user_id=user_id,
+        index_code=index_code,
+        size=size,
+        direction=direction,
+        status=PositionStatus.PENDING,
+        attempts=0,
+    )
+    session.add(position)
+    await session.flush()
+    await session.refresh(position)
+    return position
+
+
+async def get_position(session: AsyncSession, position_id: uuid.UUID) -> SyntheticPosition | None:
+    return await session.get(SyntheticPosition, position_id, populate_existing=True)
+
+
+async def get_user_position(
+    session: AsyncSession, user_id: uuid.UUID, position_id: uuid.UUID
+) -> SyntheticPosition | None:
+    result = await session.execute(
+        select(SyntheticPosition).where(
+            SyntheticPosition.id == position_id, SyntheticPosition.user_id == user_id
+        )
+    )
+    return result.scalar_one_or_none()
+
+
+async def list_user_positions(
+    session: AsyncSession, user_id: uuid.UUID, *, limit: int
+) -> Sequence[SyntheticPosition]:
+    result = await session.execute(
+        select(SyntheticPosition)
+        .where(SyntheticPosition.user_id == user_id)
+        .order_by(SyntheticPosition.created_at.desc(), SyntheticPosition.id.desc())
+        .limit(limit)
+    )
+    return result.scalars().all()
+
+
+async def compare_and_set_status(
+    session: AsyncSession,
+    position_id: uuid.UUID,
+    *,
+    expected: PositionStatus,
+    new: PositionStatus,
+    claim: str | None = None,
+    require_claim: str | None = None,
+    error: str | None = None,
+    failed_leg: int | None = None,
+) -> SyntheticPosition | None:
+    """Move a position from `expected` to `new`; None when it was not in `expected`."""
+    conditions = [SyntheticPosition.id == position_id, SyntheticPosition.status == expected]
+    if require_claim is not None:
+        conditions.append(SyntheticPosition.claim == require_claim)
+    values: dict[str, object] = {"status": new, "updated_at": func.now()}
+    if new is PositionStatus.EXECUTING:
+        values.update(
+            claim=claim,
+            heartbeat_at=func.now(),
+            attempts=SyntheticPosition.attempts + 1,
+            next_attempt_at=None,
+        )
+    if new.is_final:
+        values.update(next_attempt_at=None)
+    if error is not None:
+        values.update(error=error, failed_leg=failed_leg)
+    result = await session.execute(
+        update(SyntheticPosition)
+        .where(*conditions)
+        .values(**values)
+        .returning(SyntheticPosition)
+        .execution_options(synchronize_session=False)
+    )
+    return result.scalar_one_or_none()
+
+
+async def resume_claimed(
+    session: AsyncSession, position_id: uuid.UUID, claim: str
+) -> SyntheticPosition | None:
+    """The claim holder continues an EXECUTING position (a retry or a redelivery)."""
+    result = await session.execute(
+        update(SyntheticPosition)
+        .where(
+            SyntheticPosition.id == position_id,
+            SyntheticPosition.status == PositionStatus.EXECUTING,
+            SyntheticPosition.claim == claim,
+        )
+        .values(
+            heartbeat_at=func.now(),
+            attempts=SyntheticPosition.attempts + 1,
+            next_attempt_at=None,
+            updated_at=func.now(),
+        )
+        .returning(SyntheticPosition)
+        .execution_options(synchronize_session=False)
+    )
+    return result.scalar_one_or_none()
+
+
+async def touch_heartbeat(session: AsyncSession, position_id: uuid.UUID) -> None:
+    await session.execute(
+        update(SyntheticPosition)
+        .where(
+            SyntheticPosition.id == position_id,
+            SyntheticPosition.status == PositionStatus.EXECUTING,
+        )
+        .values(heartbeat_at=func.now())
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def set_next_attempt(
+    session: AsyncSession, position_id: uuid.UUID, claim: str, delay_seconds: float
+) -> datetime | None:
+    """Record when the claim holder's next run is due (the database clock decides)."""
+    result = await session.execute(
+        update(SyntheticPosition)
+        .where(
+            SyntheticPosition.id == position_id,
+            SyntheticPosition.status == PositionStatus.EXECUTING,
+            SyntheticPosition.claim == claim,
+        )
+        .values(
+            next_attempt_at=func.now() + timedelta(seconds=delay_seconds),
+            heartbeat_at=func.now(),
+            updated_at=func.now(),
+        )
+        .returning(SyntheticPosition.next_attempt_at)
+        .execution_options(synchronize_session=False)
+    )
+    return result.scalar_one_or_none()
+
+
+async def get_plan(session: AsyncSession, position_id: uuid.UUID) -> Sequence[PositionLeg]:
+    result = await session.execute(
+        select(PositionLeg).where(PositionLeg.position_id == position_id).order_by(PositionLeg.leg)
+    )
+    return result.scalars().all()
+
+
+async def add_plan(session: AsyncSession, legs: Sequence[PositionLeg]) -> None:
+    session.add_all(legs)
+    await session.flush()
+
+
+async def mark_leg_submitted(session: AsyncSession, position_id: uuid.UUID, leg: int) -> None:
+    await session.execute(
+        update(PositionLeg)
+        .where(
+            PositionLeg.position_id == position_id,
+            PositionLeg.leg == leg,
+            PositionLeg.submitted_at.is_(None),
+        )
+        .values(submitted_at=func.now())
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def get_trades(session: AsyncSession, position_id: uuid.UUID) -> Sequence[Trade]:
+    result = await session.execute(
+        select(Trade).where(Trade.position_id == position_id).order_by(Trade.leg)
+    )
+    return result.scalars().all()
+
+
+async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool:
+    """Insert a fill once; a second report of the same orderLinkId changes nothing."""
+    result = await session.execute(
+        insert(Trade)
+        .values(id=uuid.uuid4(), **values)
+        .on_conflict_do_nothing(index_elements=[Trade.order_link_id])
+        .returning(Trade.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+async def get_components(
+    session: AsyncSession, position_id: uuid.UUID
+) -> Sequence[PositionComponent]:
+    result = await session.execute(
+        select(PositionComponent)
+        .where(PositionComponent.position_id == position_id)
+        .order_by(PositionComponent.created_at, PositionComponent.symbol)
+    )
+    return result.scalars().all()
+
+
+async def add_components(session: AsyncSession, components: Sequence[PositionComponent]) -> None:
+    session.add_all(components)
+    await session.flush()
+
+
+async def stale_pending(
+    session: AsyncSession, *, older_than_seconds: float, limit: int
+) -> Sequence[uuid.UUID]:
+    older_than = func.now() - timedelta(seconds=older_than_seconds)
+    result = await session.execute(
+        select(SyntheticPosition.id)
+        .where(
+            SyntheticPosition.status == PositionStatus.PENDING,
+            SyntheticPosition.updated_at < older_than,
+        )
+        .order_by(SyntheticPosition.updated_at)
+        .limit(limit)
+    )
+    return result.scalars().all()
+
+
+async def stale_executing(
+    session: AsyncSession, *, older_than_seconds: float, limit: int
+) -> Sequence[SyntheticPosition]:
+    """EXECUTING positions with no recent heartbeat and no retry due in the future."""
+    older_than = func.now() - timedelta(seconds=older_than_seconds)
+    result = await session.execute(
+        select(SyntheticPosition)
+        .where(
+            SyntheticPosition.status == PositionStatus.EXECUTING,
+            SyntheticPosition.heartbeat_at < older_than,
+            (SyntheticPosition.next_attempt_at.is_(None))
+            | (SyntheticPosition.next_attempt_at < older_than),
+        )
+        .order_by(SyntheticPosition.heartbeat_at)
+        .limit(limit)
+    )
+    return result.scalars().all()
+
+
+async def touch_pending(session: AsyncSession, position_id: uuid.UUID) -> None:
+    """Restart a PENDING position's staleness clock after it has been re-sent."""
+    await session.execute(
+        update(SyntheticPosition)
+        .where(
+            SyntheticPosition.id == position_id,
+            SyntheticPosition.status == PositionStatus.PENDING,
+        )
+        .values(updated_at=func.now())
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+from service.trading_logic import Direction
+
+MAX_SIZE = Decimal("1000000000")
+
+
+def _parse_size(value: Any) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        raise ValueError('size must be a decimal string such as "1000" or a number')
+    try:
+        size = Decimal(str(value).strip())
+    except ArithmeticError:
+        raise ValueError(f"size must be a decimal number, got {str(value)[:40]!r}") from None
+    if not size.is_finite():
+        raise ValueError("size must be a finite number")
+    if size <= 0:
+        raise ValueError("size must be greater than 0")
+    if size > MAX_SIZE:
+        raise ValueError(f"size must be at most {MAX_SIZE} USDT")
+    exponent = size.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -8:
+        raise ValueError("size must have at most 8 decimal places")
+    return size
+
+
+# Money leaves the API as a string, never as a float.
+DecimalString = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str)]
+Size = Annotated[
+    Decimal,
+    BeforeValidator(_parse_size),
+    PlainSerializer(lambda d: format(d, "f"), return_type=str),
+]
+
+
+class PositionCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"index": "BLUECHIP", "size": "1000", "direction": "long"}]
+        },
+    )
+
+    index: str = Field(min_length=1, max_length=32, description="index code, see GET /api/indices")
+    size: Size = Field(description="USDT notional, a decimal string (or number)")
+    direction: Direction
+
+
+class ComponentOut(BaseModel):
+    symbol: str
+    side: str
+    expected_quantity: DecimalString
+
+
+class TradeOut(BaseModel):
+    leg: int
+    symbol: str
+    side: str
+    bybit_order_id: str
+    order_link_id: str
+    price: DecimalString
+    quantity: DecimalString
+    fee: DecimalString | None
+    order_status: str
+    executed_at: datetime
+
+
+class PositionOut(BaseModel):
+    id: uuid.UUID
+    index: str
+    size: DecimalString
+    direction: str
+    status: str
+    error: str | None
+    failed_leg: int | None
+    attempts: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    components: list[ComponentOut]
+    trades: list[TradeOut]
+
+
+class PositionPage(BaseModel):
+    items: list[PositionOut]

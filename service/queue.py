@@ -1,0 +1,56 @@
+"""Publishing execute_trade_task to the broker, without blocking the event loop.
+
+Celery's publish is blocking I/O with its own retries; from async code it runs in a thread
+with a bounded retry policy, so an unreachable Redis costs a request a second or two, not
+the whole loop. A publish that fails leaves the position PENDING for the recovery sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import TYPE_CHECKING
+
+import structlog
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+EXECUTE_TRADE_TASK = "workers.trade_executor.execute_trade_task"
+
+logger = structlog.stdlib.get_logger("service.queue")
+
+# Give up quickly: the recovery sweep is the safety net, not publish retries.
+_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
+
+
+class CeleryPublisher:
+    def __init__(self, app: Celery, *, queue: str) -> None:
+        self._app = app
+        self._queue = queue
+
+    async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None:
+        await asyncio.to_thread(self._send, position_id, task_id)
+
+    def _send(self, position_id: uuid.UUID, task_id: str | None) -> None:
+        self._app.send_task(
+            EXECUTE_TRADE_TASK,
+            args=[str(position_id)],
+            task_id=task_id,
+            queue=self._queue,
+            retry=True,
+            retry_policy=_RETRY_POLICY,
+        )
+
+    async def try_publish(self, position_id: uuid.UUID) -> bool:
+        """Publish, or log and report False: the position stays PENDING for the sweep."""
+        try:
+            await self.publish(position_id)
+        except Exception as error:  # the broker's errors are many (kombu, redis, OSError)
+            logger.warning(
+                "position.enqueue_failed",
+                position_id=str(position_id),
+                error=f"{type(error).__name__}: {error}",
+            )
+            return False
+        return True

@@ -1,0 +1,91 @@
+"""The recovery sweep (run by Beat): re-send positions whose enqueue was lost, and resume
+positions whose worker died mid-run.
+
+A stale PENDING position is re-sent with a new task id (the claim's compare-and-set lets only
+one run win). A stale EXECUTING position whose run lock nobody holds is re-sent with its claim
+as the task id, so the claim holder resumes it from its stored plan and looks every sent leg
+up before placing anything.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from service.db import SessionScope
+from service.models import PositionStatus
+from service.positions import repository
+
+logger = structlog.stdlib.get_logger("service.recovery")
+
+
+class TaskPublisher(Protocol):
+    async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None: ...
+
+
+@dataclass
+class RecoveryReport:
+    resent_pending: list[uuid.UUID] = field(default_factory=list)
+    resumed_executing: list[uuid.UUID] = field(default_factory=list)
+    failed: list[uuid.UUID] = field(default_factory=list)
+
+
+async def recover_stale_positions(
+    sessions: SessionScope,
+    publisher: TaskPublisher,
+    *,
+    stale_pending_seconds: float,
+    stale_executing_seconds: float,
+    max_runs: int,
+    batch: int = 100,
+) -> RecoveryReport:
+    report = RecoveryReport()
+    async with sessions() as session:
+        pending = await repository.stale_pending(
+            session, older_than_seconds=stale_pending_seconds, limit=batch
+        )
+    for position_id in pending:
+        await publisher.publish(position_id)
+        async with sessions() as session:
+            await repository.touch_pending(session, position_id)
+        logger.warning("recovery.pending_resent", position_id=str(position_id))
+        report.resent_pending.append(position_id)
+
+    async with sessions() as session:
+        stale = await repository.stale_executing(
+            session, older_than_seconds=stale_executing_seconds, limit=batch
+        )
+    for position in stale:
+        async with sessions() as session:
+            if await repository.is_run_alive(session, position.id):
+                continue
+            if position.attempts >= max_runs or position.claim is None:
+                reason = f"gave up after {position.attempts} runs without finishing"
+                failed = await repository.compare_and_set_status(
+                    session,
+                    position.id,
+                    expected=PositionStatus.EXECUTING,
+                    new=PositionStatus.FAILED,
+                    error=reason,
+                )
+                if failed is not None:
+                    logger.error(
+                        "position.status_changed",
+                        position_id=str(position.id),
+                        from_status=PositionStatus.EXECUTING,
+                        to_status=PositionStatus.FAILED,
+                        error=reason,
+                    )
+                    report.failed.append(position.id)
+                continue
+            # Restart the staleness clock so the next sweep does not re-send it again.
+            await repository.touch_heartbeat(session, position.id)
+        await publisher.publish(position.id, task_id=position.claim)
+        logger.warning(
+            "recovery.executing_resumed", position_id=str(position.id), claim=position.claim
+        )
+        report.resumed_executing.append(position.id)
+    return report

@@ -1,0 +1,121 @@
+"""Test infrastructure: a database of our own on the machine's PostgreSQL (migrated with the
+real migrations, dropped at the end), a Redis database number and queue of our own, and the
+real processes (simulator, Celery worker, API) started on free loopback ports.
+
+Nothing is faked: no SQLite, no fake Redis, no eager Celery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from cryptography.fernet import Fernet
+
+RUN_ID = uuid.uuid4().hex[:10]
+PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
+PG_PORT = os.environ.get("TEST_PG_PORT", "5432")
+TEST_DATABASE = f"trader_test_{RUN_ID}"
+TEST_ENV = {
+    "DATABASE_URL": f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/{TEST_DATABASE}",
+    "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+    "CELERY_QUEUE": f"trades-test-{RUN_ID}",
+    "CREDENTIALS_KEYS": Fernet.generate_key().decode(),
+    "TRADE_RETRY_DELAYS": "0.2,0.4,0.6",
+    "LOG_FORMAT": "json",
+    "LOG_LEVEL": "INFO",
+    "STALE_PENDING_SECONDS": "2",
+    "STALE_EXECUTING_SECONDS": "3",
+    "RECOVERY_INTERVAL_SECONDS": "1",
+    "TASK_TIME_LIMIT_SECONDS": "60",
+    "HTTP_READ_TIMEOUT_SECONDS": "2",
+}
+# The test process reads the same settings as the processes it starts.
+os.environ.update(TEST_ENV)
+os.environ.setdefault("BYBIT_BASE_URL", "http://127.0.0.1:8999")
+
+
+def _run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh database for this run, migrated by the real migrations, dropped afterwards."""
+    import asyncpg
+
+    from service.migrations import ensure_database, upgrade
+
+    url = TEST_ENV["DATABASE_URL"]
+    _run(ensure_database(url))
+    upgrade(url)
+    yield url
+
+    async def drop() -> None:
+        connection = await asyncpg.connect(
+            host=PG_HOST, port=int(PG_PORT), user="postgres", database="postgres"
+        )
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)')
+        finally:
+            await connection.close()
+
+    _run(drop())
+
+
+@pytest.fixture(scope="session")
+def seeded_database(database_url: str) -> str:
+    from service.db import create_engine, create_session_factory, scope_for
+    from service.seed import seed_indices
+
+    async def seed() -> None:
+        engine = create_engine(database_url, pool_size=1)
+        try:
+            await seed_indices(scope_for(create_session_factory(engine)))
+        finally:
+            await engine.dispose()
+
+    _run(seed())
+    return database_url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_redis() -> Iterator[None]:
+    """Remove this run's keys (our queue and its bookkeeping) from the test Redis db."""
+    yield
+    import redis
+
+    client = redis.Redis.from_url(TEST_ENV["REDIS_URL"])
+    try:
+        for key in client.scan_iter(match=f"*{TEST_ENV['CELERY_QUEUE']}*"):
+            client.delete(key)
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
+
+
+@pytest_asyncio.fixture
+async def engine(seeded_database: str) -> AsyncIterator[object]:
+    from service.db import create_engine
+
+    engine = create_engine(seeded_database, pool_size=5)
+    yield engine
+    await engine.dispose()
+
+
+@pytest_asyncio.fixture
+async def sessions(engine: object) -> object:
+    from service.db import create_session_factory, scope_for
+
+    return scope_for(create_session_factory(engine))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,1 @@
+"""Celery adapters: thin tasks around the plain async functions in service/."""
