@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from tests.conftest import TEST_ENV
+from tests.support import ServiceProcess, free_port, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def simulator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Bybit V5 simulator as a real process on a free loopback port."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("simulator") / "simulator.log"
+    process = ServiceProcess(["simulator", "--port", str(port)], dict(os.environ), log)
+    try:
+        wait_for_port(port, process.process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def service_env(seeded_database: str, simulator_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(TEST_ENV)
+    env["DATABASE_URL"] = seeded_database
+    env["BYBIT_BASE_URL"] = simulator_url
+    return env
+
+
+def start_worker(env: dict[str, str], log_dir: Path, *extra: str) -> ServiceProcess:
+    name = f"worker-{secrets.token_hex(3)}"
+    return ServiceProcess(
+        ["worker", "--pool", "prefork", "--concurrency", "2", "-n", f"{name}@%h", *extra],
+        env,
+        log_dir / f"{name}.log",
+    )
+
+
+@pytest.fixture
+def worker(service_env: dict[str, str], tmp_path: Path) -> Iterator[ServiceProcess]:
+    process = start_worker(service_env, tmp_path)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def api_url(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The API served by uvicorn in its own process, as in production."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("api") / "api.log"
+    process = ServiceProcess(["api", "--port", str(port)], service_env, log)
+    try:
+        wait_for_port(port, process.process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.stop()
+
+
+@dataclass
+class TestUser:
+    email: str
+    token: str
+    api_key: str
+    api_secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def new_user(sessions: object) -> tuple[str, str]:
+    from service.users.service import create_user_with_token
+
+    email = f"user-{secrets.token_hex(6)}@example.com"
+    async with sessions() as session:  # type: ignore[operator]
+        issued = await create_user_with_token(session, email)
+    return email, issued.token
+
+
+@pytest_asyncio.fixture
+async def sim(simulator_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=simulator_url, timeout=10) as client:
+        yield client
+
+
+@pytest_asyncio.fixture
+async def funded_user(sessions: object, sim: httpx.AsyncClient) -> TestUser:
+    """A user with a token and a funded simulator account, credentials not yet stored."""
+    email, token = await new_user(sessions)
+    api_key, api_secret = f"TK{secrets.token_hex(8).upper()}", secrets.token_hex(16)
+    response = await sim.post(
+        "/sim/accounts", json={"api_key": api_key, "api_secret": api_secret, "balance": "1000000"}
+    )
+    response.raise_for_status()
+    return TestUser(email=email, token=token, api_key=api_key, api_secret=api_secret)

@@ -1,0 +1,176 @@
+"""The HTTP API in-process (httpx over ASGI) with the real database and the real broker."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from service.api import create_app
+from service.config import get_settings
+from tests.conftest import TEST_ENV
+from tests.integration.conftest import new_user
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest_asyncio.fixture
+async def client(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(get_settings())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            yield http
+
+
+@pytest_asyncio.fixture
+async def auth(sessions: object) -> dict[str, str]:
+    _, token = await new_user(sessions)
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _store_credentials(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
+    response = await client.put(
+        "/api/credentials",
+        json={"api_key": "KEY" + secrets.token_hex(6), "api_secret": secrets.token_hex(16)},
+        headers=auth,
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}]
+)
+async def test_missing_or_bad_token_is_401(
+    client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    response = await client.post(
+        "/api/positions",
+        json={"index": "BLUECHIP", "size": "100", "direction": "long"},
+        headers=headers,
+    )
+    assert response.status_code == 401
+    assert "token" in response.json()["detail"]
+
+
+@pytest.mark.asyncio
+async def test_post_writes_pending_and_sends_the_task_after_commit(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    await _store_credentials(client, auth)
+    broker = aioredis.from_url(TEST_ENV["REDIS_URL"])
+    queue = TEST_ENV["CELERY_QUEUE"]
+    before = await broker.llen(queue)
+    response = await client.post(
+        "/api/positions",
+        json={"index": "BLUECHIP", "size": "250.5", "direction": "long"},
+        headers=auth,
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "PENDING"
+    assert body["size"] == "250.5"
+    assert response.headers["Location"] == f"/api/positions/{body['id']}"
+    # No worker consumes this queue in this test: the message is waiting in Redis.
+    assert await broker.llen(queue) == before + 1
+    message = (await broker.lrange(queue, 0, 0))[0]
+    assert body["id"].encode() in message
+    await broker.delete(queue)
+    await broker.aclose()
+
+    fetched = await client.get(f"/api/positions/{body['id']}", headers=auth)
+    assert fetched.status_code == 200
+    assert fetched.json()["status"] == "PENDING"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"index": "NOPE", "size": "100", "direction": "long"}, "unknown index"),
+        ({"index": "BLUECHIP", "size": "-5", "direction": "long"}, "greater than 0"),
+        ({"index": "BLUECHIP", "size": "0", "direction": "long"}, "greater than 0"),
+        ({"index": "BLUECHIP", "size": "NaN", "direction": "long"}, "finite"),
+        ({"index": "BLUECHIP", "size": "abc", "direction": "long"}, "decimal"),
+        ({"index": "BLUECHIP", "size": "1e40", "direction": "long"}, "at most"),
+        ({"index": "BLUECHIP", "size": "100", "direction": "sideways"}, "long"),
+        ({"index": "BLUECHIP", "size": "100"}, "direction"),
+    ],
+)
+async def test_bad_input_is_a_clear_422_and_writes_nothing(
+    client: httpx.AsyncClient, auth: dict[str, str], body: dict[str, str], fragment: str
+) -> None:
+    await _store_credentials(client, auth)
+    response = await client.post("/api/positions", json=body, headers=auth)
+    assert response.status_code == 422, response.text
+    assert fragment in response.text
+    listed = await client.get("/api/positions", headers=auth)
+    assert listed.json()["items"] == []
+
+
+@pytest.mark.asyncio
+async def test_no_credentials_is_refused(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
+    response = await client.post(
+        "/api/positions",
+        json={"index": "BLUECHIP", "size": "100", "direction": "long"},
+        headers=auth,
+    )
+    assert response.status_code == 409
+    assert "credentials" in response.json()["detail"]
+
+
+@pytest.mark.asyncio
+async def test_another_users_position_is_404(
+    client: httpx.AsyncClient, auth: dict[str, str], sessions: object
+) -> None:
+    await _store_credentials(client, auth)
+    created = await client.post(
+        "/api/positions",
+        json={"index": "BLUECHIP", "size": "100", "direction": "long"},
+        headers=auth,
+    )
+    _, other_token = await new_user(sessions)
+    response = await client.get(
+        created.headers["Location"], headers={"Authorization": f"Bearer {other_token}"}
+    )
+    assert response.status_code == 404
+    assert (await client.get("/api/positions/not-a-uuid", headers=auth)).status_code == 422
+
+
+@pytest.mark.asyncio
+async def test_credentials_are_masked_and_never_echoed(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    secret = secrets.token_hex(16)
+    response = await client.put(
+        "/api/credentials", json={"api_key": "ABCDEFGHIJKLMNOP", "api_secret": secret}, headers=auth
+    )
+    assert response.json()["api_key"] == "ABCD…MNOP"
+    assert secret not in response.text
+    refused = await client.put(
+        "/api/credentials", json={"api_key": "ABCDEFGHIJKLMNOP", "api_secret": "x y"}, headers=auth
+    )
+    assert refused.status_code == 422
+    assert "x y" not in refused.text
+
+
+@pytest.mark.asyncio
+async def test_indices_are_served(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/indices")
+    assert response.status_code == 200
+    indices = {i["code"]: i for i in response.json()}
+    assert "BLUECHIP" in indices
+    assert all(isinstance(c["weight"], str) for c in indices["BLUECHIP"]["components"])
+
+
+@pytest.mark.asyncio
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
