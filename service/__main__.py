@@ -7,6 +7,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
+_PASS_THROUGH = frozenset({"worker", "beat"})
 DESCRIPTION = "Synthetic index trader: API, workers, simulator and operations commands."
 
 
@@ -33,10 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1)
-    worker = commands.add_parser("worker", help="a Celery worker; extra arguments go to Celery")
-    worker.add_argument("celery_args", nargs=argparse.REMAINDER)
-    beat = commands.add_parser("beat", help="Celery Beat (the recovery sweep)")
-    beat.add_argument("celery_args", nargs=argparse.REMAINDER)
+    # worker and beat pass every further argument to Celery (see main()).
+    commands.add_parser("worker", help="a Celery worker; extra arguments go to Celery")
+    commands.add_parser("beat", help="Celery Beat (the recovery sweep); extra arguments go to Celery")
     demo = commands.add_parser(
         "demo", help="create a demo user, place a trade on the running stack, print each status"
     )
@@ -49,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra and args.command not in _PASS_THROUGH:
+        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    args.celery_args = extra
     # Imports are per command: `--help` needs no settings, and each process loads only what
     # it runs.
     from service import commands
