@@ -27,6 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = users.add_parser("create", help="create a user (or a new token for one)")
     create.add_argument("email")
+    revoke = users.add_parser("revoke", help="revoke every token of a user")
+    revoke.add_argument("email")
+    credentials = commands.add_parser("credentials", help="manage stored exchange credentials")
+    credential_actions = credentials.add_subparsers(
+        dest="credentials_command", required=True, metavar="ACTION"
+    )
+    credential_actions.add_parser(
+        "rotate", help="re-encrypt every stored credential with the first CREDENTIALS_KEYS key"
+    )
     sim = commands.add_parser("simulator", help="the Bybit V5 simulator (aiohttp)")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8999)
@@ -36,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--workers", type=int, default=1)
     # worker and beat pass every further argument to Celery (see main()).
     commands.add_parser("worker", help="a Celery worker; extra arguments go to Celery")
-    commands.add_parser("beat", help="Celery Beat (the recovery sweep); extra arguments go to Celery")
+    commands.add_parser("beat", help="Celery Beat (the recovery sweep); extra args go to Celery")
     demo = commands.add_parser(
         "demo", help="create a demo user, place a trade on the running stack, print each status"
     )
@@ -62,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migrate": commands.migrate,
         "seed": commands.seed,
         "users": commands.users,
+        "credentials": commands.credentials,
         "simulator": commands.simulator,
         "api": commands.api,
         "worker": commands.worker,

@@ -49,11 +49,15 @@ async def seed(_: argparse.Namespace | None = None) -> int:
 async def users(args: argparse.Namespace) -> int:
     from service.db import create_engine, create_session_factory, session_scope
     from service.errors import DomainError
-    from service.users.service import create_user_with_token
+    from service.users.service import create_user_with_token, revoke_user_tokens
 
     engine = create_engine(get_settings().database_url, pool_size=1)
     try:
         async with session_scope(create_session_factory(engine)) as session:
+            if args.users_command == "revoke":
+                revoked = await revoke_user_tokens(session, args.email)
+                print(f"revoked {revoked} token(s) of {args.email}", flush=True)
+                return 0
             issued = await create_user_with_token(session, args.email)
     except DomainError as error:
         print(f"error: {error.message}", file=sys.stderr)
@@ -63,6 +67,22 @@ async def users(args: argparse.Namespace) -> int:
     print(f"user {issued.user.email} ({issued.user.id}); bearer token:")
     # The token alone on the last line, for scripts: TOKEN=$(... | tail -n1)
     print(issued.token, flush=True)
+    return 0
+
+
+async def credentials(_: argparse.Namespace) -> int:
+    from service.credentials.service import rotate_all
+    from service.db import create_engine, create_session_factory, scope_for
+    from service.security import CredentialCipher
+
+    settings = get_settings()
+    cipher = CredentialCipher(settings.credentials_keys.get_secret_value())
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        rotated = await rotate_all(scope_for(create_session_factory(engine)), cipher)
+    finally:
+        await engine.dispose()
+    print(f"re-encrypted {rotated} credential(s) with the first key", flush=True)
     return 0
 
 

@@ -315,7 +315,6 @@ async def _execute_leg(
                 "executed_at": order.updated_at or datetime.now(UTC),
             },
         )
-        await repository.touch_heartbeat(session, position.id)
     log.info(
         "leg.filled",
         bybit_order_id=order.order_id,

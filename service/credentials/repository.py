@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
-from sqlalchemy import delete, func
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -43,3 +44,16 @@ async def delete_credential(session: AsyncSession, user_id: uuid.UUID) -> bool:
         .returning(ExchangeCredential.user_id)
     )
     return result.scalar_one_or_none() is not None
+
+
+async def credential_user_ids(session: AsyncSession) -> Sequence[uuid.UUID]:
+    result = await session.execute(select(ExchangeCredential.user_id))
+    return result.scalars().all()
+
+
+async def lock_credential(session: AsyncSession, user_id: uuid.UUID) -> ExchangeCredential | None:
+    """The row, locked against a concurrent PUT until the transaction ends."""
+    result = await session.execute(
+        select(ExchangeCredential).where(ExchangeCredential.user_id == user_id).with_for_update()
+    )
+    return result.scalar_one_or_none()

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.bybit.auth import ApiCredentials
 from service.credentials import repository
+from service.db import SessionScope
 from service.errors import NotFoundError, ValidationError
 from service.security import CredentialCipher, mask_key
 
@@ -70,3 +71,21 @@ async def load_decrypted(
         api_key=cipher.decrypt(row.api_key_encrypted),
         api_secret=cipher.decrypt(row.api_secret_encrypted),
     )
+
+
+async def rotate_all(sessions: SessionScope, cipher: CredentialCipher) -> int:
+    """Re-encrypt every stored pair with the first CREDENTIALS_KEYS key, one row per
+    transaction, while the system runs (every process decrypts with any listed key)."""
+    async with sessions() as session:
+        user_ids = await repository.credential_user_ids(session)
+    rotated = 0
+    for user_id in user_ids:
+        async with sessions() as session:
+            row = await repository.lock_credential(session, user_id)
+            if row is None:  # deleted meanwhile
+                continue
+            row.api_key_encrypted = cipher.rotate(row.api_key_encrypted)
+            row.api_secret_encrypted = cipher.rotate(row.api_secret_encrypted)
+            await session.flush()
+            rotated += 1
+    return rotated

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     Uuid,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -41,6 +42,8 @@ class SyntheticPosition(TimestampMixin, Base):
             "status IN ('PENDING', 'EXECUTING', 'ACTIVE', 'FAILED')", name="status_known"
         ),
         Index("ix_synthetic_positions_user_created", "user_id", "created_at"),
+        # An Idempotency-Key names one intent per user.
+        UniqueConstraint("user_id", "idempotency_key"),
         # The recovery sweeper scans unfinished positions by age.
         Index(
             "ix_synthetic_positions_unfinished",
@@ -68,6 +71,9 @@ class SyntheticPosition(TimestampMixin, Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Last sign of life of the run holding the claim; the sweeper tells dead runs by it.
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # SHA-256 of the canonical request body sent with the Idempotency-Key.
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
 class PositionLeg(Base):

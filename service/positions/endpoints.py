@@ -3,9 +3,10 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 
 from service.dependencies import CurrentUser, Publisher, Session
+from service.models import PositionStatus
 from service.positions import service
 from service.positions.schemas import (
     ComponentOut,
@@ -21,7 +22,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"description": "missing, invalid or revoked token"},
     404: {"description": "no such position for this user"},
     409: {"description": "no Bybit credentials stored"},
-    422: {"description": "invalid index, size or direction"},
+    422: {"description": "invalid index, size or direction, or an Idempotency-Key reused"},
 }
 
 
@@ -74,21 +75,56 @@ async def create_position(
     session: Session,
     publisher: Publisher,
     response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="one key per intent: a repeat with the same body returns the first "
+            "position; with a different body, 422. Keys are per user and do not expire.",
+        ),
+    ] = None,
 ) -> PositionOut:
-    position = await service.open_position(
-        session, user, index_code=body.index, size=body.size, direction=body.direction
+    opened = await service.open_position(
+        session,
+        user,
+        index_code=body.index,
+        size=body.size,
+        direction=body.direction,
+        idempotency_key=idempotency_key,
     )
     await session.commit()
-    # After the commit, so the worker always finds the row. If this publish is lost, the
-    # recovery sweep re-sends the PENDING position.
-    await publisher.try_publish(position.id)
+    position = opened.position
+    if opened.created:
+        # After the commit, so the worker always finds the row. If this publish is lost,
+        # the recovery sweep re-sends the PENDING position.
+        await publisher.try_publish(position.id)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/api/positions/{position.id}"
-    return _out(service.PositionDetail(position=position, components=[], trades=[]))
+    return _out(await service.load_detail(session, position))
 
 
-@router.get("/{position_id}", response_model=PositionOut, responses=_ERRORS)
-async def get_position(position_id: uuid.UUID, user: CurrentUser, session: Session) -> PositionOut:
-    return _out(await service.position_detail(session, user, position_id))
+@router.get(
+    "/{position_id}",
+    response_model=PositionOut,
+    responses={**_ERRORS, 304: {"description": "unchanged since the ETag in If-None-Match"}},
+)
+async def get_position(
+    position_id: uuid.UUID,
+    user: CurrentUser,
+    session: Session,
+    response: Response,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> PositionOut | Response:
+    position = await service.get_position(session, user, position_id)
+    tag = service.etag(position)
+    headers = {"ETag": tag, "Cache-Control": "no-cache"}
+    if if_none_match and tag in {t.strip() for t in if_none_match.split(",")}:
+        # Polling an unchanged position costs one indexed row read.
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    response.headers.update(headers)
+    return _out(await service.load_detail(session, position))
 
 
 @router.get("", response_model=PositionPage, responses=_ERRORS)
@@ -96,6 +132,10 @@ async def list_positions(
     user: CurrentUser,
     session: Session,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status_filter: Annotated[PositionStatus | None, Query(alias="status")] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> PositionPage:
-    details = await service.list_positions(session, user, limit=limit)
-    return PositionPage(items=[_out(d) for d in details])
+    page = await service.list_positions(
+        session, user, limit=limit, status=status_filter, cursor=cursor
+    )
+    return PositionPage(items=[_out(d) for d in page.items], next_cursor=page.next_cursor)

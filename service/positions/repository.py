@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -56,20 +56,42 @@ async def add_position(
     index_code: str,
     size: Decimal,
     direction: str,
-) -> SyntheticPosition:
-    position = SyntheticPosition(
-        id=uuid.uuid4(),
-        user_id=user_id,
-        index_code=index_code,
-        size=size,
-        direction=direction,
-        status=PositionStatus.PENDING,
-        attempts=0,
+    idempotency_key: str | None = None,
+    request_fingerprint: str | None = None,
+) -> SyntheticPosition | None:
+    """Insert a PENDING position; None when the user's Idempotency-Key is taken already.
+
+    With a concurrent insert of the same key, PostgreSQL makes this wait for the other
+    transaction and then answers "taken", so a following read sees the winner's row.
+    """
+    result = await session.execute(
+        insert(SyntheticPosition)
+        .values(
+            id=uuid.uuid4(),
+            user_id=user_id,
+            index_code=index_code,
+            size=size,
+            direction=direction,
+            status=PositionStatus.PENDING,
+            attempts=0,
+            idempotency_key=idempotency_key,
+            request_fingerprint=request_fingerprint,
+        )
+        .on_conflict_do_nothing(index_elements=["user_id", "idempotency_key"])
+        .returning(SyntheticPosition)
     )
-    session.add(position)
-    await session.flush()
-    await session.refresh(position)
-    return position
+    return result.scalar_one_or_none()
+
+
+async def get_by_idempotency_key(
+    session: AsyncSession, user_id: uuid.UUID, key: str
+) -> SyntheticPosition | None:
+    result = await session.execute(
+        select(SyntheticPosition)
+        .where(SyntheticPosition.user_id == user_id, SyntheticPosition.idempotency_key == key)
+        .execution_options(populate_existing=True)
+    )
+    return result.scalar_one_or_none()
 
 
 async def get_position(session: AsyncSession, position_id: uuid.UUID) -> SyntheticPosition | None:
@@ -88,13 +110,25 @@ async def get_user_position(
 
 
 async def list_user_positions(
-    session: AsyncSession, user_id: uuid.UUID, *, limit: int
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    *,
+    limit: int,
+    status: PositionStatus | None = None,
+    before: tuple[datetime, uuid.UUID] | None = None,
 ) -> Sequence[SyntheticPosition]:
+    """Newest first; `before` is the (created_at, id) of the last row of the previous page."""
+    query = select(SyntheticPosition).where(SyntheticPosition.user_id == user_id)
+    if status is not None:
+        query = query.where(SyntheticPosition.status == status)
+    if before is not None:
+        query = query.where(
+            tuple_(SyntheticPosition.created_at, SyntheticPosition.id) < tuple_(*before)
+        )
     result = await session.execute(
-        select(SyntheticPosition)
-        .where(SyntheticPosition.user_id == user_id)
-        .order_by(SyntheticPosition.created_at.desc(), SyntheticPosition.id.desc())
-        .limit(limit)
+        query.order_by(SyntheticPosition.created_at.desc(), SyntheticPosition.id.desc()).limit(
+            limit
+        )
     )
     return result.scalars().all()
 
@@ -114,7 +148,7 @@ async def compare_and_set_status(
     conditions = [SyntheticPosition.id == position_id, SyntheticPosition.status == expected]
     if require_claim is not None:
         conditions.append(SyntheticPosition.claim == require_claim)
-    values: dict[str, object] = {"status": new, "updated_at": func.now()}
+    values: dict[str, object] = {"status": new, "updated_at": func.clock_timestamp()}
     if new is PositionStatus.EXECUTING:
         values.update(
             claim=claim,
@@ -151,7 +185,7 @@ async def resume_claimed(
             heartbeat_at=func.now(),
             attempts=SyntheticPosition.attempts + 1,
             next_attempt_at=None,
-            updated_at=func.now(),
+            updated_at=func.clock_timestamp(),
         )
         .returning(SyntheticPosition)
         .execution_options(synchronize_session=False)
@@ -185,7 +219,7 @@ async def set_next_attempt(
         .values(
             next_attempt_at=func.now() + timedelta(seconds=delay_seconds),
             heartbeat_at=func.now(),
-            updated_at=func.now(),
+            updated_at=func.clock_timestamp(),
         )
         .returning(SyntheticPosition.next_attempt_at)
         .execution_options(synchronize_session=False)
@@ -225,6 +259,26 @@ async def get_trades(session: AsyncSession, position_id: uuid.UUID) -> Sequence[
     return result.scalars().all()
 
 
+async def get_trades_of(
+    session: AsyncSession, position_ids: Sequence[uuid.UUID]
+) -> Sequence[Trade]:
+    result = await session.execute(
+        select(Trade).where(Trade.position_id.in_(position_ids)).order_by(Trade.leg)
+    )
+    return result.scalars().all()
+
+
+async def get_components_of(
+    session: AsyncSession, position_ids: Sequence[uuid.UUID]
+) -> Sequence[PositionComponent]:
+    result = await session.execute(
+        select(PositionComponent)
+        .where(PositionComponent.position_id.in_(position_ids))
+        .order_by(PositionComponent.created_at, PositionComponent.symbol)
+    )
+    return result.scalars().all()
+
+
 async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool:
     """Insert a fill once; a second report of the same orderLinkId changes nothing."""
     result = await session.execute(
@@ -233,7 +287,16 @@ async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool
         .on_conflict_do_nothing(index_elements=[Trade.order_link_id])
         .returning(Trade.id)
     )
-    return result.scalar_one_or_none() is not None
+    inserted = result.scalar_one_or_none() is not None
+    if inserted:
+        # A new fill changes what GET shows: move updated_at, which the ETag follows.
+        await session.execute(
+            update(SyntheticPosition)
+            .where(SyntheticPosition.id == values["position_id"])
+            .values(updated_at=func.clock_timestamp(), heartbeat_at=func.now())
+            .execution_options(synchronize_session=False)
+        )
+    return inserted
 
 
 async def get_components(
@@ -295,6 +358,6 @@ async def touch_pending(session: AsyncSession, position_id: uuid.UUID) -> None:
             SyntheticPosition.id == position_id,
             SyntheticPosition.status == PositionStatus.PENDING,
         )
-        .values(updated_at=func.now())
+        .values(updated_at=func.clock_timestamp())
         .execution_options(synchronize_session=False)
     )

@@ -90,3 +90,6 @@ class PositionOut(BaseModel):
 
 class PositionPage(BaseModel):
     items: list[PositionOut]
+    next_cursor: str | None = Field(
+        default=None, description="pass as `cursor` for the next page; null on the last page"
+    )

@@ -3,8 +3,14 @@ service/execution.py; this module only ever writes a new PENDING row."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -12,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.credentials.service import has_credentials
 from service.errors import ConflictError, NotFoundError, ValidationError
 from service.indices import repository as indices_repository
-from service.models import PositionComponent, SyntheticPosition, Trade, User
+from service.models import PositionComponent, PositionStatus, SyntheticPosition, Trade, User
 from service.positions import repository
 from service.trading_logic import Direction
 
@@ -24,41 +30,138 @@ class PositionDetail:
     trades: list[Trade]
 
 
+@dataclass(frozen=True, slots=True)
+class OpenedPosition:
+    position: SyntheticPosition
+    created: bool  # False: the Idempotency-Key named an earlier request, this is its position
+
+
+@dataclass(frozen=True, slots=True)
+class PositionPage:
+    items: list[PositionDetail]
+    next_cursor: str | None
+
+
+def request_fingerprint(index_code: str, size: Decimal, direction: Direction) -> str:
+    """The same intent hashes the same: "100" and "100.00" are one size."""
+    canonical = json.dumps(
+        {"index": index_code, "size": format(size.normalize(), "f"), "direction": direction.value},
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(existing: SyntheticPosition, fingerprint: str, key: str) -> OpenedPosition:
+    if existing.request_fingerprint != fingerprint:
+        raise ValidationError(
+            f"Idempotency-Key {key!r} was already used with a different request body; "
+            "use a new key for a new position"
+        )
+    return OpenedPosition(position=existing, created=False)
+
+
 async def open_position(
-    session: AsyncSession, user: User, *, index_code: str, size: Decimal, direction: Direction
-) -> SyntheticPosition:
+    session: AsyncSession,
+    user: User,
+    *,
+    index_code: str,
+    size: Decimal,
+    direction: Direction,
+    idempotency_key: str | None = None,
+) -> OpenedPosition:
+    fingerprint = request_fingerprint(index_code, size, direction) if idempotency_key else None
+    if idempotency_key and fingerprint:
+        existing = await repository.get_by_idempotency_key(session, user.id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, fingerprint, idempotency_key)
     index = await indices_repository.get_index(session, index_code)
     if index is None:
         known = ", ".join(i.code for i in await indices_repository.list_indices(session))
         raise ValidationError(f"unknown index {index_code!r}; known indices: {known}")
     if not await has_credentials(session, user.id):
         raise ConflictError("no Bybit credentials stored: PUT /api/credentials first")
-    return await repository.add_position(
-        session, user_id=user.id, index_code=index.code, size=size, direction=direction.value
+    position = await repository.add_position(
+        session,
+        user_id=user.id,
+        index_code=index.code,
+        size=size,
+        direction=direction.value,
+        idempotency_key=idempotency_key,
+        request_fingerprint=fingerprint,
     )
+    if position is not None:
+        return OpenedPosition(position=position, created=True)
+    # A concurrent request with the same key won the insert.
+    if idempotency_key is None or fingerprint is None:  # pragma: no cover - no key, no conflict
+        raise ConflictError("position could not be created; retry")
+    winner = await repository.get_by_idempotency_key(session, user.id, idempotency_key)
+    if winner is None:  # pragma: no cover - the conflicting row is committed by now
+        raise ConflictError("a request with this Idempotency-Key is in progress; retry")
+    return _replay(winner, fingerprint, idempotency_key)
 
 
-async def position_detail(
+async def get_position(
     session: AsyncSession, user: User, position_id: uuid.UUID
-) -> PositionDetail:
+) -> SyntheticPosition:
     position = await repository.get_user_position(session, user.id, position_id)
     if position is None:
         # Another user's position is as absent as a missing one.
         raise NotFoundError(f"position {position_id} not found")
+    return position
+
+
+def etag(position: SyntheticPosition) -> str:
+    """Changes whenever anything GET shows changes (every such write moves updated_at)."""
+    stamp = int(position.updated_at.timestamp() * 1_000_000)
+    return f'"{position.id.hex}-{stamp}-{position.attempts}"'
+
+
+async def load_detail(session: AsyncSession, position: SyntheticPosition) -> PositionDetail:
     return PositionDetail(
         position=position,
-        components=list(await repository.get_components(session, position_id)),
-        trades=list(await repository.get_trades(session, position_id)),
+        components=list(await repository.get_components(session, position.id)),
+        trades=list(await repository.get_trades(session, position.id)),
     )
 
 
-async def list_positions(session: AsyncSession, user: User, *, limit: int) -> list[PositionDetail]:
-    positions = await repository.list_user_positions(session, user.id, limit=limit)
-    return [
-        PositionDetail(
-            position=p,
-            components=list(await repository.get_components(session, p.id)),
-            trades=list(await repository.get_trades(session, p.id)),
+def _encode_cursor(position: SyntheticPosition) -> str:
+    raw = f"{position.created_at.isoformat()}|{position.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, _, position_id = raw.partition("|")
+        return datetime.fromisoformat(created), uuid.UUID(position_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValidationError("invalid cursor: pass next_cursor from the previous page") from None
+
+
+async def list_positions(
+    session: AsyncSession,
+    user: User,
+    *,
+    limit: int,
+    status: PositionStatus | None = None,
+    cursor: str | None = None,
+) -> PositionPage:
+    before = _decode_cursor(cursor) if cursor else None
+    rows = list(
+        await repository.list_user_positions(
+            session, user.id, limit=limit + 1, status=status, before=before
         )
-        for p in positions
-    ]
+    )
+    page, more = rows[:limit], len(rows) > limit
+    ids = [p.id for p in page]
+    components: dict[uuid.UUID, list[PositionComponent]] = defaultdict(list)
+    trades: dict[uuid.UUID, list[Trade]] = defaultdict(list)
+    if ids:
+        for component in await repository.get_components_of(session, ids):
+            components[component.position_id].append(component)
+        for trade in await repository.get_trades_of(session, ids):
+            trades[trade.position_id].append(trade)
+    return PositionPage(
+        items=[PositionDetail(p, components[p.id], trades[p.id]) for p in page],
+        next_cursor=_encode_cursor(page[-1]) if more and page else None,
+    )

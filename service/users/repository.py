@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.models import ApiToken, User
@@ -34,3 +34,13 @@ async def get_user_by_token_hash(session: AsyncSession, token_hash: str) -> User
         .where(ApiToken.token_hash == token_hash, ApiToken.revoked_at.is_(None))
     )
     return result.scalar_one_or_none()
+
+
+async def revoke_tokens(session: AsyncSession, user_id: uuid.UUID) -> int:
+    result = await session.execute(
+        update(ApiToken)
+        .where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+        .returning(ApiToken.id)
+    )
+    return len(result.scalars().all())

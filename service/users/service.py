@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.errors import AuthenticationError, ValidationError
+from service.errors import AuthenticationError, NotFoundError, ValidationError
 from service.models import User
 from service.security import generate_token, hash_token
 from service.users import repository
@@ -44,3 +44,11 @@ async def authenticate(session: AsyncSession, token: str | None) -> User:
     if user is None:
         raise AuthenticationError("invalid or revoked token")
     return user
+
+
+async def revoke_user_tokens(session: AsyncSession, email: str) -> int:
+    """Revoke every token of the user; requests with them get 401 from now on."""
+    user = await repository.get_user_by_email(session, normalise_email(email))
+    if user is None:
+        raise NotFoundError(f"no user {email!r}")
+    return await repository.revoke_tokens(session, user.id)

@@ -103,6 +103,8 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("next_attempt_at", _tz),
         sa.Column("heartbeat_at", _tz),
+        sa.Column("idempotency_key", sa.String(255)),
+        sa.Column("request_fingerprint", sa.String(64)),
         _created(),
         _updated(),
         sa.PrimaryKeyConstraint("id", name="pk_synthetic_positions"),
@@ -118,6 +120,7 @@ def upgrade() -> None:
             ondelete="RESTRICT",
             name="fk_synthetic_positions_index_code_indices",
         ),
+        sa.UniqueConstraint("user_id", "idempotency_key", name="uq_synthetic_positions_user_id"),
         sa.CheckConstraint("size > 0", name="ck_synthetic_positions_size_positive"),
         sa.CheckConstraint(
             "direction IN ('long', 'short')", name="ck_synthetic_positions_direction_known"
