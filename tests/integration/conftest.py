@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from service.api import create_app
+from service.config import Settings
 from tests.conftest import TEST_ENV
 from tests.support import ServiceProcess, free_port, wait_for_port
 
@@ -67,6 +70,16 @@ def api_url(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         yield f"http://127.0.0.1:{port}"
     finally:
         process.stop()
+
+
+@asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process (httpx over ASGI) with its lifespan: real database and broker."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            yield http
 
 
 @dataclass

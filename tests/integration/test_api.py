@@ -10,21 +10,17 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from service.api import create_app
 from service.config import get_settings
 from tests.conftest import TEST_ENV
-from tests.integration.conftest import new_user
+from tests.integration.conftest import api_client, new_user
 
 pytestmark = [pytest.mark.integration]
 
 
 @pytest_asyncio.fixture
 async def client(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(get_settings())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
-            yield http
+    async with api_client(get_settings()) as http:
+        yield http
 
 
 @pytest_asyncio.fixture

@@ -114,7 +114,11 @@ async def test_permanent_error_fails_the_position(
     # Too little money for the basket at 1x: Bybit's insufficient-balance answer.
     await sim.post(
         "/sim/accounts",
-        json={"api_key": funded_user.api_key, "api_secret": funded_user.api_secret, "balance": "10"},
+        json={
+            "api_key": funded_user.api_key,
+            "api_secret": funded_user.api_secret,
+            "balance": "10",
+        },
     )
     async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
         await client.put(
