@@ -1,0 +1,281 @@
+"""calculate_trade_composition: an index, a size and a direction become the legs to trade.
+
+Pure Decimal arithmetic on values passed in; no I/O.
+
+Rounding rule (the only one): for each component, the target notional is size * weight, and
+the quantity is target notional / reference price rounded DOWN to a whole multiple of the
+instrument's qtyStep. So no leg ever exceeds its share of the size, and each falls short by
+less than one step's value. The quantity keeps the step's exponent (step 0.001 → "0.010").
+"""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from enum import StrEnum
+from typing import Protocol
+
+_CONTEXT = decimal.Context(prec=50, rounding=decimal.ROUND_HALF_EVEN)
+_CENT = Decimal("0.01")
+
+
+class Direction(StrEnum):
+    LONG = "long"
+    SHORT = "short"
+
+
+class Side(StrEnum):
+    BUY = "Buy"
+    SELL = "Sell"
+
+
+def side_for(direction: Direction) -> Side:
+    """Long buys every component; short sells every component."""
+    return Side.BUY if direction is Direction.LONG else Side.SELL
+
+
+@dataclass(frozen=True, slots=True)
+class IndexComponent:
+    symbol: str
+    weight: Decimal
+
+
+class InstrumentFilters(Protocol):
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def qty_step(self) -> Decimal: ...
+    @property
+    def min_order_qty(self) -> Decimal: ...
+    @property
+    def max_mkt_order_qty(self) -> Decimal: ...
+    @property
+    def min_notional_value(self) -> Decimal: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedLeg:
+    leg: int
+    symbol: str
+    side: Side
+    quantity: Decimal
+    reference_price: Decimal
+    target_notional: Decimal
+
+    @property
+    def notional(self) -> Decimal:
+        return _CONTEXT.multiply(self.quantity, self.reference_price)
+
+
+@dataclass(frozen=True, slots=True)
+class SizeRange:
+    min_size: Decimal
+    max_size: Decimal
+
+
+class CompositionError(Exception):
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class InvalidSizeError(CompositionError):
+    pass
+
+
+class MarketDataError(CompositionError):
+    def __init__(self, message: str, *, symbol: str) -> None:
+        self.symbol = symbol
+        super().__init__(message)
+
+
+class LegOutOfRangeError(CompositionError):
+    def __init__(
+        self,
+        message: str,
+        *,
+        leg: int,
+        symbol: str,
+        limit: str,
+        limit_value: Decimal,
+        quantity: Decimal,
+        suggested_size: Decimal,
+    ) -> None:
+        self.leg = leg
+        self.symbol = symbol
+        self.limit = limit
+        self.limit_value = limit_value
+        self.quantity = quantity
+        self.suggested_size = suggested_size
+        super().__init__(message)
+
+
+def _floor_to_step(value: Decimal, step: Decimal) -> Decimal:
+    steps = _CONTEXT.divide(value, step).to_integral_value(rounding=ROUND_FLOOR)
+    return _CONTEXT.multiply(steps, step).quantize(step)
+
+
+def _ceil_to_step(value: Decimal, step: Decimal) -> Decimal:
+    steps = _CONTEXT.divide(value, step).to_integral_value(rounding=ROUND_CEILING)
+    return _CONTEXT.multiply(steps, step).quantize(step)
+
+
+def _check_size(size: object) -> Decimal:
+    if not isinstance(size, Decimal):
+        raise InvalidSizeError(f"size must be a Decimal, got {type(size).__name__}")
+    if not size.is_finite() or size <= 0:
+        raise InvalidSizeError(f"size must be a positive finite amount, got {size}")
+    return size
+
+
+def _market(
+    components: Sequence[IndexComponent],
+    instruments: Mapping[str, InstrumentFilters],
+    prices: Mapping[str, Decimal],
+) -> list[tuple[IndexComponent, InstrumentFilters, Decimal]]:
+    if not components:
+        raise CompositionError("the index has no components")
+    rows = []
+    for component in components:
+        if isinstance(component.weight, float) or not isinstance(component.weight, Decimal):
+            raise TypeError(f"weight of {component.symbol} must be a Decimal")
+        instrument = instruments.get(component.symbol)
+        if instrument is None:
+            raise MarketDataError(
+                f"no instrument filters for {component.symbol}", symbol=component.symbol
+            )
+        if instrument.status != "Trading":
+            raise MarketDataError(
+                f"{component.symbol} is not trading (status {instrument.status})",
+                symbol=component.symbol,
+            )
+        if instrument.qty_step <= 0:
+            raise MarketDataError(
+                f"{component.symbol} has a non-positive qtyStep", symbol=component.symbol
+            )
+        price = prices.get(component.symbol)
+        if price is None:
+            raise MarketDataError(f"no price for {component.symbol}", symbol=component.symbol)
+        if not isinstance(price, Decimal) or not price.is_finite() or price <= 0:
+            raise MarketDataError(
+                f"price of {component.symbol} is not a positive decimal: {price!r}",
+                symbol=component.symbol,
+            )
+        rows.append((component, instrument, price))
+    return rows
+
+
+def _min_size_for(
+    component: IndexComponent, instrument: InstrumentFilters, price: Decimal
+) -> Decimal:
+    """The smallest size at which this leg meets minOrderQty and minNotionalValue."""
+    by_notional = _ceil_to_step(
+        _CONTEXT.divide(instrument.min_notional_value, price), instrument.qty_step
+    )
+    needed = max(instrument.min_order_qty, by_notional, instrument.qty_step)
+    needed = _ceil_to_step(needed, instrument.qty_step)
+    return _CONTEXT.divide(_CONTEXT.multiply(needed, price), component.weight)
+
+
+def _max_size_for(
+    component: IndexComponent, instrument: InstrumentFilters, price: Decimal
+) -> Decimal:
+    """The largest size at which this leg stays within maxMktOrderQty (exclusive bound + step)."""
+    # floor(S*w/p/step)*step <= max  <=>  S*w/p < max + step (max is a step multiple on Bybit).
+    limit = _floor_to_step(instrument.max_mkt_order_qty, instrument.qty_step) + instrument.qty_step
+    return _CONTEXT.divide(_CONTEXT.multiply(limit, price), component.weight)
+
+
+def tradeable_size_range(
+    components: Sequence[IndexComponent],
+    instruments: Mapping[str, InstrumentFilters],
+    prices: Mapping[str, Decimal],
+) -> SizeRange:
+    """The sizes (USDT, to the cent) at which every leg passes every filter."""
+    rows = _market(components, instruments, prices)
+    low = max(_min_size_for(c, i, p) for c, i, p in rows)
+    # The upper bound is exclusive: step back one cent below it.
+    high_exclusive = min(_max_size_for(c, i, p) for c, i, p in rows)
+    min_size = low.quantize(_CENT, rounding=ROUND_CEILING)
+    max_size = high_exclusive.quantize(_CENT, rounding=ROUND_CEILING) - _CENT
+    return SizeRange(min_size=min_size, max_size=max_size)
+
+
+def calculate_trade_composition(
+    components: Sequence[IndexComponent],
+    size: Decimal,
+    direction: Direction,
+    instruments: Mapping[str, InstrumentFilters],
+    prices: Mapping[str, Decimal],
+) -> tuple[PlannedLeg, ...]:
+    """The legs, in component order, or an error naming the first leg that cannot trade."""
+    size = _check_size(size)
+    rows = _market(components, instruments, prices)
+    side = side_for(Direction(direction))
+    legs = []
+    for number, (component, instrument, price) in enumerate(rows):
+        target = _CONTEXT.multiply(size, component.weight)
+        quantity = _floor_to_step(_CONTEXT.divide(target, price), instrument.qty_step)
+        legs.append(
+            PlannedLeg(
+                leg=number,
+                symbol=component.symbol,
+                side=side,
+                quantity=quantity,
+                reference_price=price,
+                target_notional=target,
+            )
+        )
+    for leg, (_, instrument, _) in zip(legs, rows, strict=True):
+        _check_leg(leg, size, instrument, components, instruments, prices)
+    return tuple(legs)
+
+
+def _check_leg(
+    leg: PlannedLeg,
+    size: Decimal,
+    instrument: InstrumentFilters,
+    components: Sequence[IndexComponent],
+    instruments: Mapping[str, InstrumentFilters],
+    prices: Mapping[str, Decimal],
+) -> None:
+    name = f"leg {leg.leg} ({leg.symbol})"
+    too_small = None
+    if leg.quantity < instrument.min_order_qty or leg.quantity <= 0:
+        too_small = ("minOrderQty", instrument.min_order_qty, f"quantity {leg.quantity}")
+    elif leg.notional < instrument.min_notional_value:
+        too_small = (
+            "minNotionalValue",
+            instrument.min_notional_value,
+            f"notional {leg.notional.normalize():f} USDT",
+        )
+    if too_small is not None:
+        limit, value, what = too_small
+        suggested = tradeable_size_range(components, instruments, prices).min_size
+        raise LegOutOfRangeError(
+            f"size {size} is too small for {name}: {what} is below {limit} {value}; "
+            f"the smallest size that can be traded is {suggested}",
+            leg=leg.leg,
+            symbol=leg.symbol,
+            limit=limit,
+            limit_value=value,
+            quantity=leg.quantity,
+            suggested_size=suggested,
+        )
+    if leg.quantity > instrument.max_mkt_order_qty:
+        suggested = tradeable_size_range(components, instruments, prices).max_size
+        raise LegOutOfRangeError(
+            f"size {size} is too large for {name}: quantity {leg.quantity} is above "
+            f"maxMktOrderQty {instrument.max_mkt_order_qty}; the largest size that can be "
+            f"traded is {suggested}",
+            leg=leg.leg,
+            symbol=leg.symbol,
+            limit="maxMktOrderQty",
+            limit_value=instrument.max_mkt_order_qty,
+            quantity=leg.quantity,
+            suggested_size=suggested,
+        )
