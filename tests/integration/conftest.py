@@ -83,7 +83,7 @@ async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @dataclass
-class TestUser:
+class ApiUser:
     email: str
     token: str
     api_key: str
@@ -110,7 +110,7 @@ async def sim(simulator_url: str) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest_asyncio.fixture
-async def funded_user(sessions: object, sim: httpx.AsyncClient) -> TestUser:
+async def funded_user(sessions: object, sim: httpx.AsyncClient) -> ApiUser:
     """A user with a token and a funded simulator account, credentials not yet stored."""
     email, token = await new_user(sessions)
     api_key, api_secret = f"TK{secrets.token_hex(8).upper()}", secrets.token_hex(16)
@@ -118,4 +118,4 @@ async def funded_user(sessions: object, sim: httpx.AsyncClient) -> TestUser:
         "/sim/accounts", json={"api_key": api_key, "api_secret": api_secret, "balance": "1000000"}
     )
     response.raise_for_status()
-    return TestUser(email=email, token=token, api_key=api_key, api_secret=api_secret)
+    return ApiUser(email=email, token=token, api_key=api_key, api_secret=api_secret)

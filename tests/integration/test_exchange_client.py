@@ -9,13 +9,13 @@ import pytest
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient, create_http_session
 from service.bybit.errors import BybitAuthError
-from tests.integration.conftest import TestUser
+from tests.integration.conftest import ApiUser
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 
 async def test_wrong_secret_gets_the_signature_error(
-    simulator_url: str, funded_user: TestUser
+    simulator_url: str, funded_user: ApiUser
 ) -> None:
     async with create_http_session(connect_timeout=2, read_timeout=5) as http:
         client = BybitClient(http, simulator_url)
@@ -28,7 +28,7 @@ async def test_wrong_secret_gets_the_signature_error(
 
 
 async def test_signed_calls_succeed_with_the_right_secret(
-    simulator_url: str, funded_user: TestUser
+    simulator_url: str, funded_user: ApiUser
 ) -> None:
     credentials = ApiCredentials(api_key=funded_user.api_key, api_secret=funded_user.api_secret)
     async with create_http_session(connect_timeout=2, read_timeout=5) as http:

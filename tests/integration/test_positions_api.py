@@ -24,7 +24,7 @@ from service.recovery import recover_stale_positions
 from service.security import CredentialCipher
 from service.users.service import revoke_user_tokens
 from tests.conftest import TEST_ENV
-from tests.integration.conftest import TestUser, api_client, new_user, start_worker
+from tests.integration.conftest import ApiUser, api_client, new_user, start_worker
 from tests.support import eventually, free_port
 
 pytestmark = [pytest.mark.integration]
@@ -215,11 +215,11 @@ async def test_key_rotation_while_positions_execute_loses_nothing(
     rotated_env = {**service_env, "CREDENTIALS_KEYS": f"{new_key},{old_key}"}
     worker = start_worker(rotated_env, tmp_path)
     try:
-        users: list[TestUser] = []
+        users: list[ApiUser] = []
         async with api_client(get_settings()) as client:  # the API still on the old key
             for _ in range(4):
                 _, token = await new_user(sessions)
-                user = TestUser(
+                user = ApiUser(
                     email="",
                     token=token,
                     api_key=f"RK{secrets.token_hex(8).upper()}",
@@ -240,7 +240,10 @@ async def test_key_rotation_while_positions_execute_loses_nothing(
                 )
                 users.append(user)
             created = [
-                await client.post("/api/positions", json=BODY, headers=u.headers) for u in users
+                await client.post(
+                    "/api/positions", json={**BODY, "size": "1000"}, headers=u.headers
+                )
+                for u in users
             ]
             rotated = await rotate_all(
                 sessions,
@@ -259,7 +262,11 @@ async def test_key_rotation_while_positions_execute_loses_nothing(
                 return statuses if final else None
 
             statuses = await eventually(all_final, timeout=60, message="all positions final")
-        assert statuses == ["ACTIVE"] * 4
+            errors = [
+                (await client.get(c.headers["Location"], headers=u.headers)).json()["error"]
+                for c, u in zip(created, users, strict=True)
+            ]
+        assert statuses == ["ACTIVE"] * 4, errors
         # Every row now decrypts with the new key alone.
         only_new = CredentialCipher(new_key)
         async with sessions() as session:  # type: ignore[operator]

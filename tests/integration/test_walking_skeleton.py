@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import select
 
 from service.models import PositionComponent, Trade
-from tests.integration.conftest import TestUser
+from tests.integration.conftest import ApiUser
 from tests.support import ROOT, ServiceProcess, eventually
 
 pytestmark = pytest.mark.integration
 
 
-async def _poll_final(client: httpx.AsyncClient, url: str, user: TestUser) -> dict[str, object]:
+async def _poll_final(client: httpx.AsyncClient, url: str, user: ApiUser) -> dict[str, object]:
     seen: list[str] = []
 
     async def final() -> dict[str, object] | None:
@@ -36,7 +36,7 @@ async def _poll_final(client: httpx.AsyncClient, url: str, user: TestUser) -> di
 async def test_position_goes_active_with_rows_matching_the_exchange(
     api_url: str,
     worker: ServiceProcess,
-    funded_user: TestUser,
+    funded_user: ApiUser,
     sim: httpx.AsyncClient,
     sessions: object,
 ) -> None:
@@ -108,7 +108,7 @@ async def test_position_goes_active_with_rows_matching_the_exchange(
 async def test_permanent_error_fails_the_position(
     api_url: str,
     worker: ServiceProcess,
-    funded_user: TestUser,
+    funded_user: ApiUser,
     sim: httpx.AsyncClient,
 ) -> None:
     # Too little money for the basket at 1x: Bybit's insufficient-balance answer.
