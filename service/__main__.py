@@ -20,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--api-port", type=int, default=8000)
     up.add_argument("--simulator-port", type=int, default=8999)
+    up.add_argument(
+        "--simulator-latency-ms",
+        type=int,
+        default=40,
+        help="delay the simulator adds to each exchange call, like a real round trip",
+    )
     commands.add_parser("migrate", help="create the database if needed and apply migrations")
     commands.add_parser("seed", help="load the index catalogue into the database")
     users = commands.add_parser("users", help="manage users").add_subparsers(

@@ -147,6 +147,29 @@ def _ensure_dev_credentials_key() -> None:
     print("generated a development CREDENTIALS_KEYS in .env", flush=True)
 
 
+def _configure_simulator(port: int, latency_ms: int) -> None:
+    """Wait for the simulator, then give it a realistic exchange round trip."""
+    import json
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/sim/config"
+    request = urllib.request.Request(  # a loopback URL we built
+        url,
+        data=json.dumps({"latency_ms": latency_ms}).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=2):  # noqa: S310
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def up(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -155,6 +178,8 @@ def up(args: argparse.Namespace) -> int:
     asyncio.run(migrate())
     asyncio.run(seed())
     python = sys.executable
+    # The stack's own simulator is the exchange for every process it starts.
+    os.environ["BYBIT_BASE_URL"] = f"http://127.0.0.1:{args.simulator_port}"
     roles = {
         "simulator": [python, "-m", "service", "simulator", "--port", str(args.simulator_port)],
         "api": [python, "-m", "service", "api", "--port", str(args.api_port)],
@@ -174,6 +199,8 @@ def up(args: argparse.Namespace) -> int:
         for name, command in roles.items():
             processes[name] = subprocess.Popen(command)  # noqa: S603  # our own interpreter
             print(f"started {name} (pid {processes[name].pid})", flush=True)
+            if name == "simulator":
+                _configure_simulator(args.simulator_port, args.simulator_latency_ms)
         print(
             f"stack up: API http://127.0.0.1:{args.api_port}, simulator "
             f"http://127.0.0.1:{args.simulator_port}; Ctrl-C stops everything",

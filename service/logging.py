@@ -82,6 +82,8 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Python warnings (e.g. Celery's) become log lines in the same JSON, not raw stderr.
+    logging.captureWarnings(True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []

@@ -165,7 +165,8 @@ async def compare_and_set_status(
         .where(*conditions)
         .values(**values)
         .returning(SyntheticPosition)
-        .execution_options(synchronize_session=False)
+        # Refresh an instance this session already holds with what the UPDATE returned.
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
     return result.scalar_one_or_none()
 
@@ -188,7 +189,8 @@ async def resume_claimed(
             updated_at=func.clock_timestamp(),
         )
         .returning(SyntheticPosition)
-        .execution_options(synchronize_session=False)
+        # Refresh an instance this session already holds with what the UPDATE returned.
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
     return result.scalar_one_or_none()
 

@@ -1,0 +1,117 @@
+"""The execution flow awaited directly (no Celery), with the real database."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+import pytest_asyncio
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.bybit.client import BybitClient, create_http_session
+from service.config import get_settings
+from service.credentials.service import store_credentials
+from service.db import SessionScope
+from service.execution import ExecutionDeps, Outcome, execute_position
+from service.market_data import MarketData
+from service.models import PositionStatus, SyntheticPosition
+from service.positions import repository
+from service.run_lock import advisory_run_lock
+from service.security import CredentialCipher
+from service.trading_logic import Direction
+from tests.integration.conftest import new_user
+from tests.support import free_port
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest_asyncio.fixture
+async def unreachable_deps(
+    engine: AsyncEngine, sessions: SessionScope
+) -> AsyncIterator[ExecutionDeps]:
+    """Deps whose exchange refuses every connection: a transient error on every call."""
+    async with create_http_session(connect_timeout=1, read_timeout=1) as http:
+        exchange = BybitClient(http, f"http://127.0.0.1:{free_port()}")
+        yield ExecutionDeps(
+            sessions=sessions,
+            run_lock=advisory_run_lock(engine),
+            exchange=exchange,
+            market=MarketData(exchange),
+            cipher=CredentialCipher(get_settings().credentials_keys.get_secret_value()),
+            retry_delays=(0.0, 0.0, 0.0),
+            call_attempts=2,
+            call_wait_max=0.01,
+        )
+
+
+async def _pending_position(sessions: SessionScope, cipher: CredentialCipher) -> uuid.UUID:
+    from service.users.repository import get_user_by_email
+
+    email, _ = await new_user(sessions)
+    async with sessions() as session:
+        user = await get_user_by_email(session, email)
+        assert user is not None
+        await store_credentials(
+            session, cipher, user.id, api_key="K" * 12, api_secret=secrets.token_hex(8)
+        )
+        position = await repository.add_position(
+            session,
+            user_id=user.id,
+            index_code="BLUECHIP",
+            size=Decimal(1000),
+            direction=Direction.LONG.value,
+        )
+        assert position is not None
+        return position.id
+
+
+@pytest.mark.asyncio
+async def test_transient_errors_retry_on_schedule_then_fail(
+    unreachable_deps: ExecutionDeps, sessions: SessionScope
+) -> None:
+    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    outcomes = [
+        await execute_position(unreachable_deps, position_id, task_id="task-1") for _ in range(4)
+    ]
+    assert [o.outcome for o in outcomes] == [Outcome.RETRY] * 3 + [Outcome.FAILED]
+    assert [o.retry_in for o in outcomes[:3]] == [0.0, 0.0, 0.0]
+    async with sessions() as session:
+        position = await repository.get_position(session, position_id)
+    assert position is not None
+    assert position.status == PositionStatus.FAILED
+    assert position.attempts == 4
+    assert position.error is not None
+    assert position.error.startswith("gave up after 4 attempts")
+
+
+@pytest.mark.asyncio
+async def test_only_the_claim_holder_continues(
+    unreachable_deps: ExecutionDeps, sessions: SessionScope
+) -> None:
+    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    first = await execute_position(unreachable_deps, position_id, task_id="holder")
+    assert first.outcome is Outcome.RETRY
+    stranger = await execute_position(unreachable_deps, position_id, task_id="someone-else")
+    assert stranger.outcome is Outcome.DISCARDED
+    missing = await execute_position(unreachable_deps, uuid.uuid4(), task_id="x")
+    assert missing.outcome is Outcome.NOT_FOUND
+    async with sessions() as session:
+        position = await session.get(SyntheticPosition, position_id)
+    assert position is not None
+    assert position.claim == "holder"
+    assert position.attempts == 1
+
+
+@pytest.mark.asyncio
+async def test_a_second_copy_is_discarded_while_the_first_holds_the_lock(
+    unreachable_deps: ExecutionDeps, sessions: SessionScope
+) -> None:
+    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    async with unreachable_deps.run_lock(position_id) as held:
+        assert held
+        copy = await execute_position(unreachable_deps, position_id, task_id="dup")
+    assert copy.outcome is Outcome.DISCARDED
+    assert copy.detail == "locked"
