@@ -21,6 +21,16 @@ def _is_simulator(base_url: str) -> bool:
 async def run_demo(
     *, api_url: str, index: str, size: str, direction: str, wait_seconds: float
 ) -> int:
+    try:
+        return await _demo(
+            api_url=api_url, index=index, size=size, direction=direction, wait_seconds=wait_seconds
+        )
+    except aiohttp.ClientError as error:
+        print(f"demo failed: {error}. Is the stack up (scripts/dev up)?")
+        return 1
+
+
+async def _demo(*, api_url: str, index: str, size: str, direction: str, wait_seconds: float) -> int:
     settings = get_settings()
     if not _is_simulator(settings.bybit_base_url):
         print("demo refuses to trade on a real exchange: BYBIT_BASE_URL is not the simulator")
