@@ -19,6 +19,7 @@ from service.credentials.endpoints import router as credentials_router
 from service.db import create_engine, create_session_factory
 from service.errors import DomainError
 from service.indices.endpoints import router as indices_router
+from service.market_cache import MarketCache
 from service.positions.endpoints import router as positions_router
 from service.queue import CeleryPublisher
 from service.security import CredentialCipher
@@ -41,6 +42,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
         app.state.redis = aioredis.from_url(
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        )
+        app.state.market_cache = MarketCache(
+            app.state.redis, max_age_seconds=settings.market_max_age_seconds
         )
         try:
             yield
@@ -89,7 +93,11 @@ def _add_health(app: FastAPI) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, error: DomainError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else None
+        headers = None
+        if error.status_code == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif error.status_code == 503:
+            headers = {"Retry-After": "5"}
         return JSONResponse({"detail": error.message}, error.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -106,4 +114,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OSError)
     async def unavailable(_: Request, error: Exception) -> JSONResponse:
         logger.error("api.dependency_unavailable", error=type(error).__name__)
-        return JSONResponse({"detail": "database unavailable, try again shortly"}, 503)
+        return JSONResponse(
+            {"detail": "database unavailable, try again shortly"}, 503, headers={"Retry-After": "5"}
+        )

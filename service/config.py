@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # An EXECUTING position whose run has not been seen for this long lost its worker.
     stale_executing_seconds: float = Field(default=60.0, gt=0)
     recovery_interval_seconds: float = Field(default=20.0, gt=0)
+    # Beat refreshes the market snapshot the API validates sizes with; older is refused.
+    market_refresh_seconds: float = Field(default=15.0, gt=0)
+    market_max_age_seconds: float = Field(default=120.0, gt=0)
     # Hard limit of one task run; with the longest retry countdown it bounds the
     # Redis visibility timeout (see celery_app.py).
     task_time_limit_seconds: int = Field(default=300, gt=0)

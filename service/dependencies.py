@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.market_cache import MarketCache, MarketSnapshot
 from service.models import User
 from service.queue import CeleryPublisher
 from service.security import CredentialCipher
@@ -36,6 +37,14 @@ async def get_current_user(
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+async def get_market_snapshot(request: Request) -> MarketSnapshot | None:
+    cache: MarketCache = request.app.state.market_cache
+    return await cache.load()
+
+
+Market = Annotated[MarketSnapshot | None, Depends(get_market_snapshot)]
 
 
 def get_publisher(request: Request) -> CeleryPublisher:

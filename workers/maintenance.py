@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from celery.signals import worker_ready
+
 from celery_app import app
 from service.config import get_settings
+from service.market_cache import refresh_market_cache
 from service.recovery import recover_stale_positions
 from workers.trade_executor import runtime
 
@@ -28,3 +33,21 @@ def recover_stale_positions_task() -> dict[str, int]:
         "resumed_executing": len(report.resumed_executing),
         "failed": len(report.failed),
     }
+
+
+REFRESH_MARKET_DATA = "workers.maintenance.refresh_market_data"
+
+
+@app.task(name=REFRESH_MARKET_DATA)
+def refresh_market_data_task() -> int:
+    snapshot = runtime.run(
+        lambda r: refresh_market_cache(r.sessions, r.deps.market, r.market_cache)
+    )
+    return len(snapshot.instruments)
+
+
+@worker_ready.connect
+def _warm_market_cache(sender: Any = None, **_: object) -> None:
+    # The API refuses to size positions without a snapshot: warm it as soon as a worker is up
+    # instead of waiting for Beat's first tick.
+    app.send_task(REFRESH_MARKET_DATA, queue=get_settings().celery_queue)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import redis.asyncio as aioredis
 import structlog
 from aiohttp import ClientSession
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,6 +25,7 @@ from service.bybit.client import BybitClient, create_http_session
 from service.config import Settings
 from service.db import SessionScope, create_engine, create_session_factory, scope_for
 from service.execution import ExecutionDeps
+from service.market_cache import MarketCache
 from service.market_data import MarketData
 from service.queue import CeleryPublisher
 from service.run_lock import advisory_run_lock
@@ -39,6 +41,8 @@ class Resources:
     sessions: SessionScope
     deps: ExecutionDeps
     publisher: CeleryPublisher
+    redis: aioredis.Redis
+    market_cache: MarketCache
 
     @classmethod
     async def open(cls, settings: Settings) -> Resources:
@@ -62,10 +66,20 @@ class Resources:
             retry_delays=settings.trade_retry_delays,
         )
         publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
-        return cls(engine=engine, http=http, sessions=sessions, deps=deps, publisher=publisher)
+        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        return cls(
+            engine=engine,
+            http=http,
+            sessions=sessions,
+            deps=deps,
+            publisher=publisher,
+            redis=redis,
+            market_cache=MarketCache(redis, max_age_seconds=settings.market_max_age_seconds),
+        )
 
     async def close(self) -> None:
         await self.http.close()
+        await self.redis.aclose()
         await self.engine.dispose()
 
 

@@ -45,3 +45,8 @@ async def upsert_index(session: AsyncSession, definition: IndexDefinition) -> No
         for ordinal, c in enumerate(definition.components)
     )
     await session.flush()
+
+
+async def component_symbols(session: AsyncSession) -> Sequence[str]:
+    result = await session.execute(select(IndexComponent.symbol).distinct())
+    return result.scalars().all()

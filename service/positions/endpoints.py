@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from service.dependencies import CurrentUser, Publisher, Session
+from service.dependencies import CurrentUser, Market, Publisher, Session
 from service.models import PositionStatus
 from service.positions import service
 from service.positions.schemas import (
@@ -22,7 +22,12 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"description": "missing, invalid or revoked token"},
     404: {"description": "no such position for this user"},
     409: {"description": "no Bybit credentials stored"},
-    422: {"description": "invalid index, size or direction, or an Idempotency-Key reused"},
+    422: {
+        "description": "invalid index, size or direction, a size the exchange would refuse "
+        "(the message names the leg, the limit and the size that would work), or an "
+        "Idempotency-Key reused with another body"
+    },
+    503: {"description": "market data or the database is unavailable: try again shortly"},
 }
 
 
@@ -74,6 +79,7 @@ async def create_position(
     user: CurrentUser,
     session: Session,
     publisher: Publisher,
+    market: Market,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -91,6 +97,7 @@ async def create_position(
         index_code=body.index,
         size=body.size,
         direction=body.direction,
+        market=market,
         idempotency_key=idempotency_key,
     )
     await session.commit()

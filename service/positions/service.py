@@ -16,11 +16,23 @@ from decimal import Decimal
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.credentials.service import has_credentials
-from service.errors import ConflictError, NotFoundError, ValidationError
+from service.errors import (
+    ConflictError,
+    NotFoundError,
+    ServiceUnavailableError,
+    ValidationError,
+)
 from service.indices import repository as indices_repository
-from service.models import PositionComponent, PositionStatus, SyntheticPosition, Trade, User
+from service.market_cache import MarketSnapshot
+from service.models import Index, PositionComponent, PositionStatus, SyntheticPosition, Trade, User
 from service.positions import repository
-from service.trading_logic import Direction
+from service.trading_logic import (
+    CompositionError,
+    Direction,
+    IndexComponent,
+    MarketDataError,
+    calculate_trade_composition,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +72,28 @@ def _replay(existing: SyntheticPosition, fingerprint: str, key: str) -> OpenedPo
     return OpenedPosition(position=existing, created=False)
 
 
+def check_tradeable(
+    index: Index, size: Decimal, direction: Direction, market: MarketSnapshot | None
+) -> None:
+    """Refuse, before anything is written, a size the exchange's filters would refuse."""
+    if market is None:
+        raise ServiceUnavailableError(
+            "market data is not available yet, so the size cannot be checked; "
+            "try again in a few seconds"
+        )
+    components = [IndexComponent(symbol=c.symbol, weight=c.weight) for c in index.components]
+    try:
+        calculate_trade_composition(components, size, direction, market.instruments, market.prices)
+    except MarketDataError as error:
+        if error.symbol not in market.instruments or error.symbol not in market.prices:
+            raise ServiceUnavailableError(
+                f"no market data for {error.symbol} yet; try again in a few seconds"
+            ) from None
+        raise ValidationError(f"index {index.code} cannot be traded now: {error}") from None
+    except CompositionError as error:
+        raise ValidationError(f"index {index.code}: {error}") from None
+
+
 async def open_position(
     session: AsyncSession,
     user: User,
@@ -67,6 +101,7 @@ async def open_position(
     index_code: str,
     size: Decimal,
     direction: Direction,
+    market: MarketSnapshot | None,
     idempotency_key: str | None = None,
 ) -> OpenedPosition:
     fingerprint = request_fingerprint(index_code, size, direction) if idempotency_key else None
@@ -78,6 +113,7 @@ async def open_position(
     if index is None:
         known = ", ".join(i.code for i in await indices_repository.list_indices(session))
         raise ValidationError(f"unknown index {index_code!r}; known indices: {known}")
+    check_tradeable(index, size, direction, market)
     if not await has_credentials(session, user.id):
         raise ConflictError("no Bybit credentials stored: PUT /api/credentials first")
     position = await repository.add_position(

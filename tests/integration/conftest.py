@@ -32,6 +32,30 @@ def simulator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process.stop()
 
 
+@pytest_asyncio.fixture(autouse=True)
+async def warm_market(simulator_url: str, sessions: object) -> AsyncIterator[None]:
+    """What Beat's refresh job does: the simulator's filters and prices in the Redis cache."""
+    import redis.asyncio as aioredis
+
+    from service.bybit.client import BybitClient, create_http_session
+    from service.market_cache import CACHE_KEY, MarketCache, refresh_market_cache
+    from service.market_data import MarketData
+
+    redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
+    async with create_http_session(connect_timeout=2, read_timeout=5) as http:
+        market = MarketData(BybitClient(http, simulator_url))
+        await refresh_market_cache(
+            sessions,  # type: ignore[arg-type]
+            market,
+            MarketCache(redis, max_age_seconds=600),
+        )
+    try:
+        yield
+    finally:
+        await redis.delete(CACHE_KEY)
+        await redis.aclose()
+
+
 @pytest.fixture(scope="session")
 def service_env(seeded_database: str, simulator_url: str) -> dict[str, str]:
     env = dict(os.environ)

@@ -47,7 +47,7 @@ async def test_missing_or_bad_token_is_401(
 ) -> None:
     response = await client.post(
         "/api/positions",
-        json={"index": "BLUECHIP", "size": "100", "direction": "long"},
+        json={"index": "BLUECHIP", "size": "1000", "direction": "long"},
         headers=headers,
     )
     assert response.status_code == 401
@@ -88,13 +88,13 @@ async def test_post_writes_pending_and_sends_the_task_after_commit(
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ({"index": "NOPE", "size": "100", "direction": "long"}, "unknown index"),
+        ({"index": "NOPE", "size": "1000", "direction": "long"}, "unknown index"),
         ({"index": "BLUECHIP", "size": "-5", "direction": "long"}, "greater than 0"),
         ({"index": "BLUECHIP", "size": "0", "direction": "long"}, "greater than 0"),
         ({"index": "BLUECHIP", "size": "NaN", "direction": "long"}, "finite"),
         ({"index": "BLUECHIP", "size": "abc", "direction": "long"}, "decimal"),
         ({"index": "BLUECHIP", "size": "1e40", "direction": "long"}, "at most"),
-        ({"index": "BLUECHIP", "size": "100", "direction": "sideways"}, "long"),
+        ({"index": "BLUECHIP", "size": "1000", "direction": "sideways"}, "long"),
         ({"index": "BLUECHIP", "size": "100"}, "direction"),
     ],
 )
@@ -110,10 +110,56 @@ async def test_bad_input_is_a_clear_422_and_writes_nothing(
 
 
 @pytest.mark.asyncio
+async def test_untradeable_sizes_are_refused_with_the_size_that_would_work(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    await _store_credentials(client, auth)
+    small = await client.post(
+        "/api/positions",
+        json={"index": "BLUECHIP", "size": "10", "direction": "long"},
+        headers=auth,
+    )
+    assert small.status_code == 422
+    detail = small.json()["detail"]
+    assert "leg 0 (BTCUSDT)" in detail
+    assert "minOrderQty" in detail
+    assert "smallest size that can be traded is" in detail
+    large = await client.post(
+        "/api/positions",
+        json={"index": "BLUECHIP", "size": "900000000", "direction": "short"},
+        headers=auth,
+    )
+    assert large.status_code == 422
+    assert "maxMktOrderQty" in large.json()["detail"]
+    assert "largest size" in large.json()["detail"]
+    assert (await client.get("/api/positions", headers=auth)).json()["items"] == []
+
+
+@pytest.mark.asyncio
+async def test_without_market_data_the_size_cannot_be_checked_503(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    from service.market_cache import CACHE_KEY
+
+    await _store_credentials(client, auth)
+    broker = aioredis.from_url(TEST_ENV["REDIS_URL"])
+    await broker.delete(CACHE_KEY)
+    await broker.aclose()
+    response = await client.post(
+        "/api/positions",
+        json={"index": "BLUECHIP", "size": "1000", "direction": "long"},
+        headers=auth,
+    )
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert "market data" in response.json()["detail"]
+
+
+@pytest.mark.asyncio
 async def test_no_credentials_is_refused(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
     response = await client.post(
         "/api/positions",
-        json={"index": "BLUECHIP", "size": "100", "direction": "long"},
+        json={"index": "BLUECHIP", "size": "1000", "direction": "long"},
         headers=auth,
     )
     assert response.status_code == 409
@@ -127,7 +173,7 @@ async def test_another_users_position_is_404(
     await _store_credentials(client, auth)
     created = await client.post(
         "/api/positions",
-        json={"index": "BLUECHIP", "size": "100", "direction": "long"},
+        json={"index": "BLUECHIP", "size": "1000", "direction": "long"},
         headers=auth,
     )
     _, other_token = await new_user(sessions)

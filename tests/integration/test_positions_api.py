@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from service.config import get_settings
 from service.credentials.service import rotate_all
+from service.market_cache import MarketCache
 from service.models import ExchangeCredential, SyntheticPosition
 from service.queue import CeleryPublisher
 from service.recovery import recover_stale_positions
@@ -29,7 +30,7 @@ from tests.support import eventually, free_port
 
 pytestmark = [pytest.mark.integration]
 
-BODY = {"index": "BLUECHIP", "size": "100", "direction": "long"}
+BODY = {"index": "BLUECHIP", "size": "1000", "direction": "long"}
 
 
 @pytest_asyncio.fixture
@@ -59,12 +60,12 @@ async def test_idempotency_key_returns_the_first_position(
     _, headers = await _user_with_credentials(client, sessions)
     keyed = {**headers, "Idempotency-Key": "intent-1"}
     first = await client.post("/api/positions", json=BODY, headers=keyed)
-    again = await client.post("/api/positions", json={**BODY, "size": "100.00"}, headers=keyed)
+    again = await client.post("/api/positions", json={**BODY, "size": "1000.00"}, headers=keyed)
     assert first.status_code == again.status_code == 202
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["Idempotent-Replayed"] == "true"
 
-    different = await client.post("/api/positions", json={**BODY, "size": "101"}, headers=keyed)
+    different = await client.post("/api/positions", json={**BODY, "size": "1001"}, headers=keyed)
     assert different.status_code == 422
     assert "different request" in different.json()["detail"]
 
@@ -169,7 +170,13 @@ async def test_unreachable_broker_still_answers_202_and_the_sweep_sends_it_later
 ) -> None:
     # A broker URL where nothing listens: the publish fails, the row stays PENDING.
     down = get_settings().model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    live = aioredis.from_url(TEST_ENV["REDIS_URL"])
+    snapshot = await MarketCache(live, max_age_seconds=600).load()
+    await live.aclose()
+    assert snapshot is not None
     async with api_client(down) as client:
+        # The API had read the market snapshot before Redis went away.
+        client._transport.app.state.market_cache.remember(snapshot)  # type: ignore[attr-defined]
         _, headers = await _user_with_credentials(client, sessions)
         created = await client.post("/api/positions", json=BODY, headers=headers)
         assert created.status_code == 202
