@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: `detail` is a message, or for a malformed body the list of fields."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        examples=["unknown index 'NOPE'; known indices: BLUECHIP, TOP10"]
+    )
+
+
+def error_responses(**described: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given status codes (`r401="..."`), all with ErrorOut."""
+    return {
+        int(code.removeprefix("r")): {"model": ErrorOut, "description": text}
+        for code, text in described.items()
+    }
+
 
 class DomainError(Exception):
     status_code = 400

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.credentials import service
 from service.dependencies import Cipher, CurrentUser, Session
+from service.errors import error_responses
 
 router = APIRouter(prefix="/api/credentials", tags=["credentials"])
 
@@ -26,7 +27,11 @@ class CredentialsOut(BaseModel):
     updated_at: datetime
 
 
-@router.put("", response_model=CredentialsOut, responses={401: {}, 422: {}})
+@router.put(
+    "",
+    response_model=CredentialsOut,
+    responses=error_responses(r401="missing or bad token", r422="malformed key or secret"),
+)
 async def put_credentials(
     body: CredentialsIn, user: CurrentUser, session: Session, cipher: Cipher
 ) -> CredentialsOut:
@@ -38,13 +43,21 @@ async def put_credentials(
     return CredentialsOut(api_key=view.api_key, updated_at=view.updated_at)
 
 
-@router.get("", response_model=CredentialsOut, responses={401: {}, 404: {}})
+@router.get(
+    "",
+    response_model=CredentialsOut,
+    responses=error_responses(r401="missing or bad token", r404="no credentials stored"),
+)
 async def get_credentials(user: CurrentUser, session: Session) -> CredentialsOut:
     view = await service.view_credentials(session, user.id)
     return CredentialsOut(api_key=view.api_key, updated_at=view.updated_at)
 
 
-@router.delete("", status_code=status.HTTP_204_NO_CONTENT, responses={401: {}, 404: {}})
+@router.delete(
+    "",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=error_responses(r401="missing or bad token", r404="no credentials stored"),
+)
 async def delete_credentials(user: CurrentUser, session: Session) -> None:
     await service.delete_credentials(session, user.id)
     await session.commit()

@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 
 from service.dependencies import CurrentUser, Market, Publisher, Session
+from service.errors import error_responses
 from service.models import PositionStatus
 from service.positions import service
 from service.positions.schemas import (
@@ -18,17 +19,15 @@ from service.positions.schemas import (
 
 router = APIRouter(prefix="/api/positions", tags=["positions"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"description": "missing, invalid or revoked token"},
-    404: {"description": "no such position for this user"},
-    409: {"description": "no Bybit credentials stored"},
-    422: {
-        "description": "invalid index, size or direction, a size the exchange would refuse "
-        "(the message names the leg, the limit and the size that would work), or an "
-        "Idempotency-Key reused with another body"
-    },
-    503: {"description": "market data or the database is unavailable: try again shortly"},
-}
+_ERRORS = error_responses(
+    r401="missing, invalid or revoked token",
+    r404="no such position for this user",
+    r409="no Bybit credentials stored",
+    r422="invalid index, size or direction, a size the exchange would refuse (the message "
+    "names the leg, the limit and the size that would work), or an Idempotency-Key reused "
+    "with another body",
+    r503="market data or the database is unavailable: try again shortly",
+)
 
 
 def _out(detail: service.PositionDetail) -> PositionOut:
