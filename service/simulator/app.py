@@ -1,302 +1,137 @@
-"""A minimal Bybit V5 simulator (stand-in until the full one lands)."""
+"""The aiohttp application: Bybit's envelope, latency, fault injection, and the /sim/ admin API."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
-import time
-import uuid
-from dataclasses import dataclass, field
-from decimal import ROUND_FLOOR, Decimal, InvalidOperation
-from pathlib import Path
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from aiohttp import web
 
-# Lot-size filters and a default last price per symbol (see docs/simulator.md).
-INSTRUMENTS: dict[str, dict[str, str]] = json.loads(
-    (Path(__file__).resolve().parent / "instruments.json").read_text()
-)
+from service.simulator import exchange
+from service.simulator.auth import authenticate
+from service.simulator.errors import BybitReply
+from service.simulator.state import Account, Fault, SimulatorState, now_ms
 
-RECV_WINDOW_DEFAULT = 5000
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+STATE_KEY = web.AppKey("state", SimulatorState)
 
 
-def _envelope(result: Any = None, code: int = 0, msg: str = "OK") -> dict[str, Any]:
+def envelope(result: Any = None, code: int = 0, msg: str = "OK") -> dict[str, Any]:
     return {
         "retCode": code,
         "retMsg": msg,
         "result": result if result is not None else {},
         "retExtInfo": {},
-        "time": _now_ms(),
+        "time": now_ms(),
     }
 
 
-@dataclass
-class Account:
-    api_key: str
-    api_secret: str
-    balance: Decimal
-    leverage: dict[str, Decimal] = field(default_factory=dict)
+async def _apply_fault(fault: Fault, request: web.Request) -> web.StreamResponse | None:
+    """The reply a fault replaces the real one with; None to answer normally after it."""
+    if fault.kind == "http_status":
+        body = fault.body if fault.body is not None else "<html><body>502 Bad Gateway</body></html>"
+        return web.Response(status=fault.status, text=body, content_type="text/html")
+    if fault.kind == "retcode":
+        return web.json_response(envelope(code=fault.ret_code, msg=fault.ret_msg))
+    if fault.kind == "malformed":
+        body = fault.body if fault.body is not None else '{"retCode":0,"retMsg":"OK","result":{'
+        return web.Response(status=200, text=body, content_type="application/json")
+    if fault.kind == "empty":
+        return web.Response(status=200, body=b"", content_type="application/json")
+    if fault.kind == "delay":
+        await asyncio.sleep(fault.delay_ms / 1000)
+        return None
+    if fault.kind == "hang":
+        await asyncio.sleep((fault.delay_ms or 60_000) / 1000)
+        _drop(request)
+        return web.Response(status=504)
+    return None
 
 
-@dataclass
-class SimulatorState:
-    accounts: dict[str, Account] = field(default_factory=dict)
-    orders: list[dict[str, Any]] = field(default_factory=list)
-    executions: list[dict[str, Any]] = field(default_factory=list)
-    prices: dict[str, Decimal] = field(
-        default_factory=lambda: {s: Decimal(i["lastPrice"]) for s, i in INSTRUMENTS.items()}
-    )
-    latency_ms: int = 0
+def _drop(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
 
 
-STATE_KEY = web.AppKey("state", SimulatorState)
-
-
-class BybitReply(Exception):
-    def __init__(self, code: int, msg: str) -> None:
-        self.code, self.msg = code, msg
-        super().__init__(msg)
-
-
-def _check_auth(state: SimulatorState, request: web.Request, payload: str) -> Account:
-    key = request.headers.get("X-BAPI-API-KEY")
-    ts = request.headers.get("X-BAPI-TIMESTAMP")
-    sign = request.headers.get("X-BAPI-SIGN")
-    window = int(request.headers.get("X-BAPI-RECV-WINDOW") or RECV_WINDOW_DEFAULT)
-    if not key or key not in state.accounts:
-        raise BybitReply(10003, "API key is invalid.")
-    if not ts or not sign:
-        raise BybitReply(10004, "error sign! missing signature headers")
-    server = _now_ms()
-    if not (server - window <= int(ts) < server + 1000):
-        raise BybitReply(
-            10002,
-            f"invalid request, please check your server timestamp or recv_window param. "
-            f"req_timestamp[{ts}],server_timestamp[{server}],recv_window[{window}]",
-        )
-    account = state.accounts[key]
-    expected = hmac.new(
-        account.api_secret.encode(), f"{ts}{key}{window}{payload}".encode(), hashlib.sha256
-    ).hexdigest()
-    if not hmac.compare_digest(expected, sign):
-        raise BybitReply(10004, "error sign! origin_string[...]")
-    return account
-
-
-def _order_view(order: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in order.items() if k != "api_key"}
-
-
-async def _v5(request: web.Request) -> web.Response:
+async def _v5(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
-    if state.latency_ms:
-        await asyncio.sleep(state.latency_ms / 1000)
     path = request.path
+    state.requests[path] += 1
+    if state.config.latency_ms:
+        await asyncio.sleep(state.config.latency_ms / 1000)
     raw_body = await request.read()
     if request.method == "GET" and raw_body:
-        return web.Response(status=403, text="Forbidden")
+        return web.Response(status=403, text="403 Forbidden")
+    fault = state.fault_for(path, request.headers.get("X-BAPI-API-KEY"))
+    if fault is not None and fault.kind != "drop_after_fill":
+        replaced = await _apply_fault(fault, request)
+        if replaced is not None:
+            return replaced
+    headers: dict[str, str] = {}
     try:
-        if path == "/v5/market/time":
-            now = _now_ms()
-            return web.json_response(
-                _envelope({"timeSecond": str(now // 1000), "timeNano": str(now * 1_000_000)})
-            )
-        if path == "/v5/market/instruments-info":
-            return web.json_response(_envelope(_instruments(request)))
-        if path == "/v5/market/tickers":
-            return web.json_response(_envelope(_tickers(state, request)))
-        payload = request.rel_url.raw_query_string if request.method == "GET" else raw_body.decode()
-        account = _check_auth(state, request, payload)
-        body: dict[str, Any] = json.loads(raw_body) if raw_body else {}
-        handlers = {
-            "/v5/position/set-leverage": _set_leverage,
-            "/v5/order/create": _create_order,
-            "/v5/order/realtime": _query_orders,
-            "/v5/order/history": _query_orders,
-            "/v5/execution/list": _executions,
-            "/v5/account/wallet-balance": _wallet,
-        }
+        if path in exchange.PUBLIC and request.method == "GET":
+            result = exchange.PUBLIC[path](state, exchange.query_dict(request))
+            return web.json_response(envelope(result))
+        handlers = exchange.PRIVATE_GET if request.method == "GET" else exchange.PRIVATE_POST
         handler = handlers.get(path)
         if handler is None:
-            return web.Response(status=404, text="Not Found")
-        return web.json_response(_envelope(handler(state, account, body, request)))
-    except BybitReply as reply:
-        return web.json_response(_envelope(code=reply.code, msg=reply.msg))
-
-
-def _instruments(request: web.Request) -> dict[str, Any]:
-    symbol = request.query.get("symbol")
-    items = []
-    for name, data in INSTRUMENTS.items():
-        if symbol and name != symbol:
-            continue
-        items.append(
-            {
-                "symbol": name,
-                "contractType": "LinearPerpetual",
-                "status": "Trading",
-                "baseCoin": name.removesuffix("USDT"),
-                "quoteCoin": "USDT",
-                "priceFilter": {"tickSize": data["tickSize"]},
-                "lotSizeFilter": {
-                    "maxOrderQty": data["maxMktOrderQty"],
-                    "maxMktOrderQty": data["maxMktOrderQty"],
-                    "minOrderQty": data["minOrderQty"],
-                    "qtyStep": data["qtyStep"],
-                    "minNotionalValue": data["minNotionalValue"],
-                },
-                "leverageFilter": {"minLeverage": "1", "maxLeverage": "50", "leverageStep": "0.01"},
-            }
+            return web.Response(status=404, text="404 page not found")
+        payload = (
+            request.rel_url.raw_query_string
+            if request.method == "GET"
+            else raw_body.decode(errors="replace")
         )
-    return {"category": "linear", "list": items, "nextPageCursor": ""}
+        account: Account = authenticate(state, request, payload)
+        try:
+            params = (
+                exchange.query_dict(request)
+                if request.method == "GET"
+                else (exchange.parse_body(raw_body))
+            )
+            result = handler(state, account, params)
+        finally:
+            headers = exchange.rate_headers(state, account)
+    except BybitReply as reply:
+        return web.json_response(envelope(code=reply.code, msg=reply.msg), headers=headers)
+    if fault is not None and fault.kind == "drop_after_fill":
+        # The order is taken and recorded, then the reply is lost with the connection.
+        _drop(request)
+    return web.json_response(envelope(result), headers=headers)
 
 
-def _tickers(state: SimulatorState, request: web.Request) -> dict[str, Any]:
-    symbol = request.query.get("symbol")
-    items = [
-        {"symbol": s, "lastPrice": str(p), "markPrice": str(p), "indexPrice": str(p)}
-        for s, p in state.prices.items()
-        if not symbol or s == symbol
-    ]
-    return {"category": "linear", "list": items}
+# ---- admin -------------------------------------------------------------------------------
 
 
-def _set_leverage(
-    state: SimulatorState, account: Account, body: dict[str, Any], _: web.Request
-) -> dict[str, Any]:
-    symbol = body.get("symbol")
-    if symbol not in INSTRUMENTS:
-        raise BybitReply(10001, "params error: symbol invalid")
-    leverage = Decimal(str(body.get("buyLeverage")))
-    if account.leverage.get(symbol, Decimal(10)) == leverage:
-        raise BybitReply(110043, "Set leverage has not been modified")
-    account.leverage[symbol] = leverage
-    return {}
-
-
-def _create_order(
-    state: SimulatorState, account: Account, body: dict[str, Any], _: web.Request
-) -> dict[str, Any]:
-    symbol = body.get("symbol")
-    if body.get("category") != "linear" or symbol not in INSTRUMENTS:
-        raise BybitReply(10001, "params error: symbol invalid")
-    spec = INSTRUMENTS[symbol]
+async def _json(request: web.Request) -> dict[str, Any]:
     try:
-        qty = Decimal(str(body.get("qty")))
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text="body must be JSON") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return data
+
+
+def _dec(value: object, name: str) -> Decimal:
+    try:
+        return Decimal(str(value))
     except InvalidOperation:
-        raise BybitReply(10001, "Qty invalid") from None
-    step = Decimal(spec["qtyStep"])
-    if qty <= 0 or (qty / step).to_integral_value(ROUND_FLOOR) * step != qty:
-        raise BybitReply(10001, "Qty invalid")
-    if qty < Decimal(spec["minOrderQty"]) or qty > Decimal(spec["maxMktOrderQty"]):
-        raise BybitReply(10001, "The number of contracts exceeds minimum limit allowed")
-    price = state.prices[symbol]
-    if qty * price < Decimal(spec["minNotionalValue"]):
-        raise BybitReply(110094, "Order does not meet minimum order value 5USDT")
-    link = body.get("orderLinkId") or ""
-    mine = (o for o in state.orders if o["api_key"] == account.api_key)
-    if link and any(o["orderLinkId"] == link for o in mine):
-        raise BybitReply(110072, "OrderLinkedID is duplicate")
-    margin = qty * price / account.leverage.get(symbol, Decimal(10))
-    if margin > account.balance:
-        raise BybitReply(110007, "ab not enough for new order")
-    account.balance -= margin
-    order_id = str(uuid.uuid4())
-    now = str(_now_ms())
-    fee = (qty * price * Decimal("0.00055")).quantize(Decimal("0.00000001"))
-    order = {
-        "api_key": account.api_key,
-        "orderId": order_id,
-        "orderLinkId": link,
-        "symbol": symbol,
-        "side": body.get("side"),
-        "orderType": "Market",
-        "qty": format(qty, "f"),
-        "cumExecQty": format(qty, "f"),
-        "avgPrice": str(price),
-        "cumExecFee": str(fee),
-        "orderStatus": "Filled",
-        "createdTime": now,
-        "updatedTime": now,
-    }
-    state.orders.append(order)
-    state.executions.append(
-        {
-            "api_key": account.api_key,
-            "symbol": symbol,
-            "orderId": order_id,
-            "orderLinkId": link,
-            "side": body.get("side"),
-            "execId": str(uuid.uuid4()),
-            "execPrice": str(price),
-            "execQty": format(qty, "f"),
-            "execValue": format(qty * price, "f"),
-            "execFee": str(fee),
-            "execTime": now,
-        }
-    )
-    return {"orderId": order_id, "orderLinkId": link}
+        raise web.HTTPBadRequest(text=f"{name} must be a decimal") from None
 
 
-def _query_orders(
-    state: SimulatorState, account: Account, _: dict[str, Any], request: web.Request
-) -> dict[str, Any]:
-    link, order_id = request.query.get("orderLinkId"), request.query.get("orderId")
-    items = [
-        _order_view(o)
-        for o in state.orders
-        if o["api_key"] == account.api_key
-        and (not link or o["orderLinkId"] == link)
-        and (not order_id or o["orderId"] == order_id)
-    ]
-    return {"category": "linear", "list": items, "nextPageCursor": ""}
-
-
-def _executions(
-    state: SimulatorState, account: Account, _: dict[str, Any], request: web.Request
-) -> dict[str, Any]:
-    order_id = request.query.get("orderId")
-    items = [
-        _order_view(e)
-        for e in state.executions
-        if e["api_key"] == account.api_key and (not order_id or e["orderId"] == order_id)
-    ]
-    return {"category": "linear", "list": items, "nextPageCursor": ""}
-
-
-def _wallet(
-    state: SimulatorState, account: Account, _: dict[str, Any], __: web.Request
-) -> dict[str, Any]:
-    balance = str(account.balance)
-    return {
-        "list": [
-            {
-                "accountType": "UNIFIED",
-                "totalEquity": balance,
-                "totalAvailableBalance": balance,
-                "coin": [{"coin": "USDT", "equity": balance, "walletBalance": balance}],
-            }
-        ]
-    }
-
-
-async def _sim_accounts(request: web.Request) -> web.Response:
+async def put_account(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    data = await request.json()
-    state.accounts[data["api_key"]] = Account(
-        api_key=data["api_key"], api_secret=data["api_secret"], balance=Decimal(data["balance"])
+    data = await _json(request)
+    key, secret = data.get("api_key"), data.get("api_secret")
+    if not isinstance(key, str) or not isinstance(secret, str) or not key or not secret:
+        raise web.HTTPBadRequest(text="api_key and api_secret are required strings")
+    state.accounts[key] = Account(
+        api_key=key, api_secret=secret, balance=_dec(data.get("balance", "100000"), "balance")
     )
-    return web.json_response({"api_key": data["api_key"]})
+    return web.json_response({"api_key": key})
 
 
-async def _sim_orders(request: web.Request) -> web.Response:
+async def get_orders(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     key = request.query.get("api_key")
     return web.json_response(
@@ -304,29 +139,123 @@ async def _sim_orders(request: web.Request) -> web.Response:
     )
 
 
-async def _sim_config(request: web.Request) -> web.Response:
+async def get_requests(request: web.Request) -> web.Response:
+    return web.json_response({"counts": dict(request.app[STATE_KEY].requests)})
+
+
+async def put_ticker(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    data = await request.json()
+    symbol = request.match_info["symbol"]
+    if symbol not in state.instruments:
+        raise web.HTTPNotFound(text=f"unknown symbol {symbol}")
+    data = await _json(request)
+    state.prices[symbol] = _dec(data.get("lastPrice"), "lastPrice")
+    return web.json_response({"symbol": symbol, "lastPrice": str(state.prices[symbol])})
+
+
+_INSTRUMENT_FIELDS = {
+    "qtyStep": "qty_step",
+    "minOrderQty": "min_order_qty",
+    "maxOrderQty": "max_order_qty",
+    "maxMktOrderQty": "max_mkt_order_qty",
+    "minNotionalValue": "min_notional_value",
+}
+
+
+async def put_instrument(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    instrument = state.instruments.get(request.match_info["symbol"])
+    if instrument is None:
+        raise web.HTTPNotFound(text="unknown symbol")
+    data = await _json(request)
+    if "status" in data:
+        instrument.status = str(data["status"])
+    for name, attribute in _INSTRUMENT_FIELDS.items():
+        if name in data:
+            setattr(instrument, attribute, _dec(data[name], name))
+    return web.json_response(instrument.payload())
+
+
+async def put_config(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    data = await _json(request)
+    config = state.config
     if "latency_ms" in data:
-        state.latency_ms = int(data["latency_ms"])
-    return web.json_response({"latency_ms": state.latency_ms})
+        config.latency_ms = int(data["latency_ms"])
+    if "slippage_bps" in data:
+        config.slippage_bps = _dec(data["slippage_bps"], "slippage_bps")
+    if "order_rate_limit" in data:
+        config.order_rate_limit = int(data["order_rate_limit"])
+    if "fill_ratio" in data:
+        config.fill_ratio = _dec(data["fill_ratio"], "fill_ratio")
+    return web.json_response(
+        {
+            "latency_ms": config.latency_ms,
+            "slippage_bps": str(config.slippage_bps),
+            "order_rate_limit": config.order_rate_limit,
+            "fill_ratio": str(config.fill_ratio),
+        }
+    )
+
+
+_FAULT_KINDS = {"http_status", "retcode", "delay", "hang", "malformed", "empty", "drop_after_fill"}
+
+
+async def post_fault(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    data = await _json(request)
+    kind, path = data.get("kind"), data.get("path")
+    if kind not in _FAULT_KINDS or not isinstance(path, str):
+        raise web.HTTPBadRequest(text=f"need path and kind in {sorted(_FAULT_KINDS)}")
+    fault = Fault(
+        id=state.next_fault_id,
+        path=path,
+        kind=kind,
+        skip=int(data.get("skip", 0)),
+        times=None if data.get("times", 1) is None else int(data.get("times", 1)),
+        api_key=data.get("api_key"),
+        status=int(data.get("status", 502)),
+        body=data.get("body"),
+        ret_code=int(data.get("retCode", 10016)),
+        ret_msg=str(data.get("retMsg", "Internal server error")),
+        delay_ms=int(data.get("delay_ms", 0)),
+    )
+    state.next_fault_id += 1
+    state.faults.append(fault)
+    return web.json_response({"id": fault.id})
+
+
+async def delete_faults(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].faults.clear()
+    return web.json_response({"faults": 0})
+
+
+async def post_reset(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].reset()
+    return web.json_response({"reset": True})
 
 
 def create_app(state: SimulatorState | None = None) -> web.Application:
     app = web.Application()
-    app[STATE_KEY] = state or SimulatorState()
-    app.router.add_post("/sim/accounts", _sim_accounts)
-    app.router.add_get("/sim/orders", _sim_orders)
-    app.router.add_put("/sim/config", _sim_config)
+    app[STATE_KEY] = state if state is not None else SimulatorState()
+    app.router.add_post("/sim/accounts", put_account)
+    app.router.add_get("/sim/orders", get_orders)
+    app.router.add_get("/sim/requests", get_requests)
+    app.router.add_put("/sim/tickers/{symbol}", put_ticker)
+    app.router.add_put("/sim/instruments/{symbol}", put_instrument)
+    app.router.add_put("/sim/config", put_config)
+    app.router.add_post("/sim/faults", post_fault)
+    app.router.add_delete("/sim/faults", delete_faults)
+    app.router.add_post("/sim/reset", post_reset)
     app.router.add_route("*", "/v5/{tail:.*}", _v5)
     return app
 
 
 def run(host: str = "127.0.0.1", port: int = 8999) -> None:
-    web.run_app(
-        create_app(),
-        host=host,
-        port=port,
-        access_log=None,
-        print=lambda _: print(f"simulator listening on http://{host}:{port}", flush=True),
-    )
+    def ready(_: str) -> None:
+        print(f"simulator listening on http://{host}:{port}", flush=True)
+
+    web.run_app(create_app(), host=host, port=port, access_log=None, print=ready)
+
+
+__all__ = ["STATE_KEY", "SimulatorState", "create_app", "envelope", "run"]
