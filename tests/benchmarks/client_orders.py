@@ -1,0 +1,127 @@
+"""Per-order cost of our aiohttp client versus pybit's HTTP, on the simulator with no added
+latency: the same market orders, one at a time, each client with its own keep-alive session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+
+from service.bybit.auth import ApiCredentials
+from service.bybit.client import BybitClient, create_http_session
+from tests.support import ServiceProcess, free_port, wait_for_port
+
+
+def _summary(name: str, seconds: list[float]) -> tuple[str, float]:
+    ordered = sorted(seconds)
+    mean = statistics.fmean(ordered) * 1000
+    p50 = ordered[len(ordered) // 2] * 1000
+    p99 = ordered[int(len(ordered) * 0.99) - 1] * 1000
+    row = f"| {name} | {len(ordered)} | {mean:.3f} | {p50:.3f} | {p99:.3f} |"
+    return row, mean
+
+
+async def _ours(url: str, key: str, secret: str, orders: int) -> list[float]:
+    credentials = ApiCredentials(api_key=key, api_secret=secret)
+    async with create_http_session(connect_timeout=5, read_timeout=10) as http:
+        client = BybitClient(http, url)
+        await client.create_market_order(  # warm-up: connection set up outside the timing
+            credentials, symbol="BTCUSDT", side="Buy", qty=Decimal("0.001"), order_link_id="w-o"
+        )
+        times = []
+        for n in range(orders):
+            started = time.perf_counter()
+            await client.create_market_order(
+                credentials,
+                symbol="BTCUSDT",
+                side="Buy",
+                qty=Decimal("0.001"),
+                order_link_id=f"o-{n}",
+            )
+            times.append(time.perf_counter() - started)
+        return times
+
+
+def _pybit(url: str, key: str, secret: str, orders: int) -> list[float]:
+    from pybit.unified_trading import HTTP
+
+    session = HTTP(api_key=key, api_secret=secret, max_retries=1)
+    session.endpoint = url
+    session.place_order(
+        category="linear",
+        symbol="BTCUSDT",
+        side="Buy",
+        orderType="Market",
+        qty="0.001",
+        orderLinkId="w-p",
+    )
+    times = []
+    for n in range(orders):
+        started = time.perf_counter()
+        session.place_order(
+            category="linear",
+            symbol="BTCUSDT",
+            side="Buy",
+            orderType="Market",
+            qty="0.001",
+            orderLinkId=f"p-{n}",
+        )
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def run(*, orders: int) -> str:
+    port = free_port()
+    log = Path(tempfile.gettempdir()) / f"bench-simulator-{port}.log"
+    simulator = ServiceProcess(["simulator", "--port", str(port)], dict(os.environ), log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port, simulator.process)
+        httpx.put(
+            f"{url}/sim/config", json={"order_rate_limit": 0, "latency_ms": 0}
+        ).raise_for_status()
+        rows, means = [], {}
+        for name in ("ours (aiohttp)", "pybit HTTP"):
+            key, secret = f"B{secrets.token_hex(8).upper()}", secrets.token_hex(16)
+            httpx.post(
+                f"{url}/sim/accounts",
+                json={"api_key": key, "api_secret": secret, "balance": "100000000"},
+            ).raise_for_status()
+            if name.startswith("ours"):
+                times = asyncio.run(_ours(url, key, secret, orders))
+            else:
+                times = _pybit(url, key, secret, orders)
+            row, mean = _summary(name, times)
+            rows.append(row)
+            means[name] = mean
+    finally:
+        simulator.stop()
+        log.unlink(missing_ok=True)
+    ratio = means["ours (aiohttp)"] / means["pybit HTTP"]
+    return "\n".join(
+        [
+            "## Client: per-order cost on the simulator (no added latency)",
+            "",
+            f"`POST /v5/order/create` for a market order, {orders} orders one after another, "
+            "each client on its own keep-alive connection, simulator in its own process "
+            f"(`{Path(sys.executable).name} -m service simulator`). The time includes the "
+            "simulator's own work, the same for both clients.",
+            "",
+            "| client | orders | mean ms | p50 ms | p99 ms |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Ours costs **{ratio:.2f}x** pybit's per order (goal for issue 7: at most 0.5x). "
+            "Both include the simulator's share, so the client-side difference is larger than "
+            "this ratio shows.",
+            "",
+        ]
+    )
