@@ -114,20 +114,23 @@ def api(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     from celery_app import app
 
+    _configure()  # before Celery starts, so its early warnings are JSON lines too
     settings = get_settings()
     extra = list(args.celery_args)
-    argv = ["worker", "--loglevel", settings.log_level, "-Q", settings.celery_queue, *extra]
-    app.worker_main(argv=argv)
+    # --quiet: no ASCII banner on stdout, which would break the one-JSON-object-per-line rule.
+    argv = ["--quiet", "worker", "--loglevel", settings.log_level, "-Q", settings.celery_queue]
+    app.start(argv=[*argv, *extra])
     return 0
 
 
 def beat(args: argparse.Namespace) -> int:
     from celery_app import app
 
+    _configure()
     settings = get_settings()
     schedule = Path(tempfile.gettempdir()) / f"trader-beat-{os.getuid()}"
-    argv = ["beat", "--loglevel", settings.log_level, "-s", str(schedule), *args.celery_args]
-    app.start(argv=argv)
+    argv = ["--quiet", "beat", "--loglevel", settings.log_level, "-s", str(schedule)]
+    app.start(argv=[*argv, *args.celery_args])
     return 0
 
 

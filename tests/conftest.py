@@ -97,7 +97,8 @@ def _clean_redis() -> Iterator[None]:
         # Celery's remote-control bindings are shared by every worker on the db: remove them
         # only when nothing else (another run's queue) is left there.
         remaining = list(client.scan_iter(count=1000))
-        if all(key.startswith(b"_kombu.binding") for key in remaining):
+        shared = (b"_kombu.binding", b"unacked")  # bindings, and messages a killed worker held
+        if all(key.startswith(shared) for key in remaining):
             for key in remaining:
                 client.delete(key)
     except redis.RedisError:
