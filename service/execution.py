@@ -34,7 +34,7 @@ from tenacity import (
 
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient
-from service.bybit.errors import BybitError, DuplicateOrderLinkIdError
+from service.bybit.errors import BybitError, BybitRateLimitError, DuplicateOrderLinkIdError
 from service.bybit.types import Order
 from service.credentials.service import load_decrypted
 from service.db import SessionScope
@@ -83,6 +83,9 @@ class ExecutionDeps:
     leverage_done: set[tuple[str, str]] = field(default_factory=set)
     call_attempts: int = 3
     call_wait_max: float = 1.0
+    # A rate-limited call waits for Bybit's reset time, if that is this close, and tries again.
+    rate_limit_wait_max: float = 2.0
+    rate_limit_attempts: int = 6
     fill_timeout: float = 10.0
     # How early a scheduled retry may start (clock skew between hosts).
     early_tolerance_seconds: float = 2.0
@@ -189,6 +192,7 @@ async def _run_claimed(
     except TransientLegError as error:
         if retries_done >= len(deps.retry_delays):
             reason = f"gave up after {retries_done + 1} attempts: {error.reason}"
+            log.error("leg.failed", leg=error.leg, error=reason)
             await _fail(deps, position.id, task_id, reason, error.leg, log)
             return RunResult(Outcome.FAILED, detail=reason)
         delay = float(deps.retry_delays[retries_done])
@@ -351,8 +355,7 @@ async def _ensure_leverage(
     try:
         changed = await _call(deps, deps.exchange.set_leverage, credentials, leg.symbol)
     except BybitError as error:
-        log.error("leg.failed", error=str(error), stage="set_leverage")
-        raise _classify(error, leg, "set leverage 1x") from None
+        raise _classify(error, leg, "set leverage 1x", log) from None
     deps.leverage_done.add((account, leg.symbol))
     log.info("leverage.set", leverage="1", changed=changed)
 
@@ -364,12 +367,18 @@ async def _place(
     log: structlog.stdlib.BoundLogger,
 ) -> None:
     try:
-        ack = await deps.exchange.create_market_order(
+        # Only a refusal that certainly placed nothing (the rate limit) is re-sent here;
+        # every other failure goes through the lookup or the next run.
+        ack = await _call(
+            deps,
+            deps.exchange.create_market_order,
             credentials,
             symbol=leg.symbol,
             side=leg.side,
             qty=leg.quantity,
             order_link_id=leg.order_link_id,
+            _retry_if=_rate_limited(deps),
+            _attempts=deps.rate_limit_attempts,
         )
         log.info("leg.accepted", bybit_order_id=ack.order_id)
     except DuplicateOrderLinkIdError:
@@ -377,8 +386,7 @@ async def _place(
         log.warning("leg.duplicate_order_link_id")
     except BybitError as error:
         if not error.ambiguous:
-            log.error("leg.failed", error=str(error), transient=error.transient)
-            raise _classify(error, leg, "place order") from None
+            raise _classify(error, leg, "place order", log) from None
         log.warning("leg.outcome_unknown", error=str(error))
         if await _lookup(deps, credentials, leg) is None:
             # Absent now; it may still appear. The next run looks again before re-sending.
@@ -514,11 +522,27 @@ async def _fail(
 
 
 def _briefly_retryable(deps: ExecutionDeps) -> Callable[[BaseException], bool]:
+    """Reads and idempotent writes: any transient error, unless it asks for a long wait."""
+
     def predicate(error: BaseException) -> bool:
         if not isinstance(error, BybitError) or not error.transient:
             return False
         # A long back-off (the IP limit) is the Celery schedule's job, not tenacity's.
-        return error.retry_after is None or error.retry_after <= deps.call_wait_max
+        return error.retry_after is None or error.retry_after <= deps.rate_limit_wait_max
+
+    return predicate
+
+
+def _rate_limited(deps: ExecutionDeps) -> Callable[[BaseException], bool]:
+    """Order creation: only a rate-limit refusal, which certainly placed nothing."""
+
+    def predicate(error: BaseException) -> bool:
+        return (
+            isinstance(error, BybitRateLimitError)
+            and error.retcode is not None
+            and error.retry_after is not None
+            and error.retry_after <= deps.rate_limit_wait_max
+        )
 
     return predicate
 
@@ -528,14 +552,34 @@ def _log_call_retry(state: RetryCallState) -> None:
     logger.info("exchange.call_retry", attempt_number=state.attempt_number, error=str(error))
 
 
+def _wait_for(deps: ExecutionDeps) -> Callable[[RetryCallState], float]:
+    backoff = wait_exponential(multiplier=0.1, max=deps.call_wait_max)
+
+    def wait(state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        delay = backoff(state)
+        if isinstance(error, BybitError) and error.retry_after is not None:
+            # Bybit says when the limit resets: wait that long (plus a little), not less.
+            delay = max(delay, min(error.retry_after + 0.05, deps.rate_limit_wait_max))
+        return delay
+
+    return wait
+
+
 async def _call(
-    deps: ExecutionDeps, fn: Callable[..., Awaitable[T]], *args: object, **kwargs: object
+    deps: ExecutionDeps,
+    fn: Callable[..., Awaitable[T]],
+    *args: object,
+    _retry_if: Callable[[BaseException], bool] | None = None,
+    _attempts: int | None = None,
+    **kwargs: object,
 ) -> T:
-    """Reads and idempotent writes only: order creation goes through the lookup instead."""
+    """An exchange call with short in-task retries (tenacity) of the errors `_retry_if`
+    accepts: by default any transient one, for reads and idempotent writes."""
     retrying = AsyncRetrying(
-        retry=retry_if_exception(_briefly_retryable(deps)),
-        stop=stop_after_attempt(deps.call_attempts),
-        wait=wait_exponential(multiplier=0.1, max=deps.call_wait_max),
+        retry=retry_if_exception(_retry_if or _briefly_retryable(deps)),
+        stop=stop_after_attempt(_attempts or deps.call_attempts),
+        wait=_wait_for(deps),
         before_sleep=_log_call_retry,
         reraise=True,
     )
@@ -545,13 +589,20 @@ async def _call(
     raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
 
-def _classify(error: BybitError, leg: PositionLeg | None, action: str) -> LegError:
+def _classify(
+    error: BybitError,
+    leg: PositionLeg | None,
+    action: str,
+    log: structlog.stdlib.BoundLogger | None = None,
+) -> LegError:
     reason = f"{action} failed: {error}"
     if leg is not None:
         reason = _leg_reason(leg, reason)
     number = leg.leg if leg is not None else None
     if error.transient:
         return TransientLegError(reason, leg=number)
+    if log is not None:
+        log.error("leg.failed", error=str(error), retcode=error.retcode, action=action)
     return PermanentLegError(reason, leg=number)
 
 

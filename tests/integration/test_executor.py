@@ -329,3 +329,27 @@ async def test_a_worker_killed_mid_run_is_recovered_without_a_duplicate(
             .all()
         )
     assert len(snapshot) == 10
+
+
+@pytest.mark.asyncio
+async def test_one_worker_process_runs_many_positions_on_one_loop(
+    api: httpx.AsyncClient,
+    trader: ApiUser,
+    sim: httpx.AsyncClient,
+    service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Many tasks in one pool process: the loop, the pooled connections and the HTTP session
+    are reused, and no "attached to a different loop" or "Event loop is closed" appears."""
+    worker = start_worker(service_env, tmp_path, "--concurrency", "1")
+    try:
+        ids = [await _open(api, trader, BLUECHIP) for _ in range(60)]
+        for position_id in ids:
+            assert (await _final(api, trader, position_id))["status"] == "ACTIVE"
+    finally:
+        worker.stop()
+    _assert_one_order_per_leg(await _orders(sim, trader), 120)
+    text = worker.output()
+    assert "attached to a different loop" not in text
+    assert "Event loop is closed" not in text
+    assert '"level": "error"' not in text
