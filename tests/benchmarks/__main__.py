@@ -12,7 +12,7 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.benchmarks import client_orders
+from tests.benchmarks import client_orders, worker_overhead
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,8 +33,9 @@ def _machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks")
     parser.add_argument("--orders", type=int, default=500)
+    parser.add_argument("--tasks", type=int, default=300)
     args = parser.parse_args()
-    sections = [client_orders.run(orders=args.orders)]
+    sections = [client_orders.run(orders=args.orders), worker_overhead.run(tasks=args.tasks)]
     text = "\n".join(
         [
             "# Benchmarks",
@@ -42,6 +43,7 @@ def main() -> None:
             f"- Machine: {_machine()}",
             "- Command: `scripts/dev bench` (`python -m tests.benchmarks"
             + (f" --orders {args.orders}" if args.orders != 500 else "")
+            + (f" --tasks {args.tasks}" if args.tasks != 300 else "")
             + "`)",
             f"- Run: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
             "",
