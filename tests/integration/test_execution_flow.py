@@ -115,3 +115,53 @@ async def test_a_second_copy_is_discarded_while_the_first_holds_the_lock(
         copy = await execute_position(unreachable_deps, position_id, task_id="dup")
     assert copy.outcome is Outcome.DISCARDED
     assert copy.detail == "locked"
+
+
+class _RecordingPublisher:
+    """Collects what the sweep would send (the broker itself is tested elsewhere)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[uuid.UUID, str | None]] = []
+
+    async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None:
+        self.sent.append((position_id, task_id))
+
+
+@pytest.mark.asyncio
+async def test_recovery_resumes_dead_runs_but_not_positions_waiting_for_a_retry(
+    unreachable_deps: ExecutionDeps, sessions: SessionScope
+) -> None:
+    from sqlalchemy import text
+
+    from service.recovery import recover_stale_positions
+
+    waiting = await _pending_position(sessions, unreachable_deps.cipher)
+    dead = await _pending_position(sessions, unreachable_deps.cipher)
+    for position_id, claim in ((waiting, "waiting-task"), (dead, "dead-task")):
+        result = await execute_position(unreachable_deps, position_id, task_id=claim)
+        assert result.outcome is Outcome.RETRY
+    async with sessions() as session:
+        # Both look silent for a minute; only `waiting` has its next attempt still ahead.
+        await session.execute(
+            text(
+                "UPDATE synthetic_positions SET heartbeat_at = now() - interval '60 seconds', "
+                "next_attempt_at = CASE WHEN id = :waiting THEN now() + interval '5 minutes' "
+                "ELSE now() - interval '60 seconds' END WHERE id IN (:waiting, :dead)"
+            ),
+            {"waiting": waiting, "dead": dead},
+        )
+    publisher = _RecordingPublisher()
+    async with unreachable_deps.run_lock(dead) as held:
+        assert held
+        # A live run (it holds the lock) is never resumed, however silent.
+        report = await recover_stale_positions(
+            sessions, publisher, stale_pending_seconds=30, stale_executing_seconds=30, max_runs=5
+        )
+        assert dead not in report.resumed_executing
+    report = await recover_stale_positions(
+        sessions, publisher, stale_pending_seconds=30, stale_executing_seconds=30, max_runs=5
+    )
+    assert dead in report.resumed_executing
+    assert waiting not in report.resumed_executing
+    assert (dead, "dead-task") in publisher.sent  # resumed under its claim
+    assert all(position_id != waiting for position_id, _ in publisher.sent)
