@@ -89,6 +89,8 @@ class ExecutionDeps:
     fill_timeout: float = 10.0
     # How early a scheduled retry may start (clock skew between hosts).
     early_tolerance_seconds: float = 2.0
+    # Pre-flight: the available balance must cover the basket at 1x plus this share.
+    preflight_margin: Decimal = Decimal("0.01")
 
 
 class LegError(Exception):
@@ -180,6 +182,8 @@ async def _run_claimed(
     try:
         plan = await _ensure_plan(deps, position, log)
         recorded = await _recorded_links(deps, position.id)
+        if not recorded and all(leg.submitted_at is None for leg in plan):
+            await _preflight(deps, position, plan, log)
         for leg in plan:
             if leg.order_link_id in recorded:
                 continue
@@ -263,6 +267,78 @@ async def _recorded_links(deps: ExecutionDeps, position_id: uuid.UUID) -> set[st
         return {t.order_link_id for t in await repository.get_trades(session, position_id)}
 
 
+# ---- pre-flight: everything that can fail is checked before the first order ---------------
+
+
+async def _preflight(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    plan: Sequence[PositionLeg],
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    """No order is sent unless every instrument trades, every leg passes its filters at the
+    current price, the account holds the basket at 1x plus a margin, and leverage is 1x on
+    every symbol. A basket that fails half-way leaves the user holding part of an index, so
+    whatever can be known before the first order is checked here."""
+    symbols = [leg.symbol for leg in plan]
+    try:
+        instruments = await _call(deps, deps.market.instruments, symbols, fresh=True)
+        prices = await _call(deps, deps.market.prices, symbols)
+    except MarketDataUnavailableError as error:
+        raise _preflight_failure(log, f"market data: {error}", None) from None
+    except BybitError as error:
+        raise _classify(error, None, "pre-flight market data") from None
+    required = Decimal(0)
+    for leg in plan:
+        rules, price = instruments[leg.symbol], prices[leg.symbol]
+        notional = leg.quantity * price
+        required += notional
+        problem = None
+        if rules.status != "Trading":
+            problem = f"{leg.symbol} is not trading (status {rules.status})"
+        elif not rules.min_order_qty <= leg.quantity <= rules.max_mkt_order_qty:
+            problem = (
+                f"quantity {leg.quantity} is outside [{rules.min_order_qty}, "
+                f"{rules.max_mkt_order_qty}]"
+            )
+        elif notional < rules.min_notional_value:
+            problem = (
+                f"notional {notional.normalize():f} USDT at the current price {price} is below "
+                f"minNotionalValue {rules.min_notional_value}"
+            )
+        if problem:
+            raise _preflight_failure(log, _leg_reason(leg, problem), leg.leg)
+    credentials = await _credentials(deps, position, None)
+    try:
+        wallet = await _call(deps, deps.exchange.get_wallet_balance, credentials)
+    except BybitError as error:
+        raise _classify(error, None, "pre-flight balance", log) from None
+    needed = (required * (1 + deps.preflight_margin)).quantize(Decimal("0.01"))
+    if wallet.total_available_balance < needed:
+        raise _preflight_failure(
+            log,
+            f"available balance {wallet.total_available_balance} USDT does not cover the "
+            f"basket's {needed} USDT at 1x (notional {required.quantize(Decimal('0.01'))} "
+            f"+ {deps.preflight_margin:%} for fees and slippage)",
+            None,
+        )
+    for leg in plan:
+        await _ensure_leverage(deps, credentials, leg, log)
+    log.info(
+        "preflight.passed",
+        required_usdt=str(needed),
+        available_usdt=str(wallet.total_available_balance),
+        symbols=symbols,
+    )
+
+
+def _preflight_failure(
+    log: structlog.stdlib.BoundLogger, reason: str, leg: int | None
+) -> PermanentLegError:
+    log.error("preflight.failed", error=reason, leg=leg)
+    return PermanentLegError(f"pre-flight: {reason}", leg=leg)
+
+
 # ---- one leg ----------------------------------------------------------------------------
 
 
@@ -331,7 +407,7 @@ async def _execute_leg(
 
 
 async def _credentials(
-    deps: ExecutionDeps, position: SyntheticPosition, leg: int
+    deps: ExecutionDeps, position: SyntheticPosition, leg: int | None
 ) -> ApiCredentials:
     try:
         async with deps.sessions() as session:

@@ -45,13 +45,17 @@ class MarketData:
         self._instruments: dict[str, _Entry[Instrument]] = {}
         self._prices: dict[str, _Entry[Decimal]] = {}
 
-    async def instruments(self, symbols: Iterable[str]) -> dict[str, Instrument]:
+    async def instruments(
+        self, symbols: Iterable[str], *, fresh: bool = False
+    ) -> dict[str, Instrument]:
+        """Filters per symbol; `fresh` re-reads them (a halt must be seen before trading)."""
         wanted = list(dict.fromkeys(symbols))
         now = self._clock()
         stale = [
             s
             for s in wanted
-            if s not in self._instruments
+            if fresh
+            or s not in self._instruments
             or now - self._instruments[s].fetched_at > self._filters_ttl
         ]
         if stale:

@@ -64,6 +64,7 @@ class Resources:
             market=MarketData(exchange),
             cipher=CredentialCipher(settings.credentials_keys.get_secret_value()),
             retry_delays=settings.trade_retry_delays,
+            preflight_margin=settings.preflight_margin,
         )
         publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
         redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)

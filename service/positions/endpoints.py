@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
@@ -11,6 +12,7 @@ from service.models import PositionStatus
 from service.positions import service
 from service.positions.schemas import (
     ComponentOut,
+    ExposureOut,
     PositionCreate,
     PositionOut,
     PositionPage,
@@ -30,8 +32,31 @@ _ERRORS = error_responses(
 )
 
 
+def _exposure(trades: list[TradeOut]) -> list[ExposureOut]:
+    held: dict[tuple[str, str], Decimal] = {}
+    for trade in trades:
+        key = (trade.symbol, trade.side)
+        held[key] = held.get(key, Decimal(0)) + trade.quantity
+    return [ExposureOut(symbol=s, side=side, quantity=q) for (s, side), q in held.items()]
+
+
 def _out(detail: service.PositionDetail) -> PositionOut:
     p = detail.position
+    trades = [
+        TradeOut(
+            leg=t.leg,
+            symbol=t.symbol,
+            side=t.side,
+            bybit_order_id=t.bybit_order_id,
+            order_link_id=t.order_link_id,
+            price=t.price,
+            quantity=t.quantity,
+            fee=t.fee,
+            order_status=t.order_status,
+            executed_at=t.executed_at,
+        )
+        for t in detail.trades
+    ]
     return PositionOut(
         id=p.id,
         index=p.index_code,
@@ -48,21 +73,8 @@ def _out(detail: service.PositionDetail) -> PositionOut:
             ComponentOut(symbol=c.symbol, side=c.side, expected_quantity=c.expected_quantity)
             for c in detail.components
         ],
-        trades=[
-            TradeOut(
-                leg=t.leg,
-                symbol=t.symbol,
-                side=t.side,
-                bybit_order_id=t.bybit_order_id,
-                order_link_id=t.order_link_id,
-                price=t.price,
-                quantity=t.quantity,
-                fee=t.fee,
-                order_status=t.order_status,
-                executed_at=t.executed_at,
-            )
-            for t in detail.trades
-        ],
+        trades=trades,
+        exposure=_exposure(trades),
     )
 
 

@@ -72,6 +72,14 @@ class TradeOut(BaseModel):
     executed_at: datetime
 
 
+class ExposureOut(BaseModel):
+    """What the user holds from this position, per symbol, from the recorded fills."""
+
+    symbol: str
+    side: str
+    quantity: DecimalString
+
+
 class PositionOut(BaseModel):
     id: uuid.UUID
     index: str
@@ -86,6 +94,10 @@ class PositionOut(BaseModel):
     updated_at: datetime
     components: list[ComponentOut]
     trades: list[TradeOut]
+    exposure: list[ExposureOut] = Field(
+        description="open exposure per symbol from the fills: for a FAILED basket, exactly "
+        "what the user holds (nothing is reversed)"
+    )
 
 
 class PositionPage(BaseModel):

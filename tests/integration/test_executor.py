@@ -173,8 +173,13 @@ async def test_permanent_error_on_leg_k_stops_there(
     assert "leg 3" in body["error"]
     assert "110007" in body["error"]
     assert len(await _orders(sim, trader)) == 3  # legs 0-2, nothing after leg 3
-    assert [t.leg for t in await _trades(sessions, position_id)] == [0, 1, 2]
+    trades = await _trades(sessions, position_id)
+    assert [t.leg for t in trades] == [0, 1, 2]
     assert body["components"] == []  # the snapshot is written only on success
+    # What the user holds from the failed basket, exactly: legs 0-2, nothing reversed.
+    assert {(e["symbol"], e["side"], Decimal(e["quantity"])) for e in body["exposure"]} == {
+        (t.symbol, "Buy", t.quantity) for t in trades
+    }
 
 
 @pytest.mark.asyncio
@@ -353,3 +358,46 @@ async def test_one_worker_process_runs_many_positions_on_one_loop(
     assert "attached to a different loop" not in text
     assert "Event loop is closed" not in text
     assert '"level": "error"' not in text
+
+
+@pytest.mark.asyncio
+async def test_an_underfunded_account_fails_in_preflight_with_no_order(
+    api: httpx.AsyncClient,
+    trader: ApiUser,
+    sim: httpx.AsyncClient,
+    worker: ServiceProcess,
+) -> None:
+    # Enough for the basket's notional (1,910 USDT), not for the 1 % margin on top (1,929.10).
+    await sim.post(
+        "/sim/accounts",
+        json={"api_key": trader.api_key, "api_secret": trader.api_secret, "balance": "1920"},
+    )
+    position_id = await _open(api, trader, BLUECHIP)
+    body = await _final(api, trader, position_id)
+    assert body["status"] == "FAILED"
+    assert body["error"].startswith("pre-flight: available balance 1920 USDT")
+    assert await _orders(sim, trader) == []
+    events = [e for e in _events(worker) if e.get("position_id") == position_id]
+    assert [e["event"] for e in events if e["event"].startswith("preflight.")] == [
+        "preflight.failed"
+    ]
+
+
+@pytest.mark.asyncio
+async def test_a_halted_symbol_fails_before_the_first_order(
+    api: httpx.AsyncClient,
+    trader: ApiUser,
+    sim: httpx.AsyncClient,
+    worker: ServiceProcess,
+) -> None:
+    # Accepted on the API's snapshot, halted before the worker gets to it.
+    await sim.put("/sim/instruments/ETHUSDT", json={"status": "Closed"})
+    try:
+        position_id = await _open(api, trader, BLUECHIP)
+        body = await _final(api, trader, position_id)
+    finally:
+        await sim.put("/sim/instruments/ETHUSDT", json={"status": "Trading"})
+    assert body["status"] == "FAILED"
+    assert "ETHUSDT is not trading (status Closed)" in body["error"]
+    assert await _orders(sim, trader) == []
+    assert body["exposure"] == []

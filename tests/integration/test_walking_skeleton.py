@@ -133,7 +133,7 @@ async def test_permanent_error_fails_the_position(
         )
         body = await _poll_final(client, created.headers["Location"], funded_user)
     assert body["status"] == "FAILED"
-    assert "leg 0" in str(body["error"])
+    assert "pre-flight: available balance 10 USDT does not cover" in str(body["error"])
     assert body["trades"] == []
     orders = (await sim.get("/sim/orders", params={"api_key": funded_user.api_key})).json()[
         "orders"
