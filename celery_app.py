@@ -64,6 +64,11 @@ def create_celery_app(settings: Settings) -> Celery:
                 "schedule": settings.recovery_interval_seconds,
                 "options": {"expires": settings.recovery_interval_seconds},
             },
+            "reconcile-positions": {
+                "task": "workers.maintenance.reconcile_positions",
+                "schedule": settings.reconcile_interval_seconds,
+                "options": {"expires": settings.reconcile_interval_seconds},
+            },
             "refresh-market-data": {
                 "task": "workers.maintenance.refresh_market_data",
                 "schedule": settings.market_refresh_seconds,

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # Beat refreshes the market snapshot the API validates sizes with; older is refused.
     market_refresh_seconds: float = Field(default=15.0, gt=0)
     market_max_age_seconds: float = Field(default=120.0, gt=0)
+    # Reconciliation of recent final positions against the exchange's records.
+    reconcile_interval_seconds: float = Field(default=300.0, gt=0)
+    reconcile_window_seconds: float = Field(default=86400.0, gt=0)
     # Pre-flight: the available balance must cover the basket at 1x plus this share.
     preflight_margin: Decimal = Field(default=Decimal("0.01"), ge=0, le=1)
     # Hard limit of one task run; with the longest retry countdown it bounds the

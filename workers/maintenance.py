@@ -9,6 +9,7 @@ from celery.signals import worker_ready
 from celery_app import app
 from service.config import get_settings
 from service.market_cache import refresh_market_cache
+from service.reconciliation import reconcile_recent
 from service.recovery import recover_stale_positions
 from workers.trade_executor import runtime
 
@@ -51,3 +52,17 @@ def _warm_market_cache(sender: Any = None, **_: object) -> None:
     # The API refuses to size positions without a snapshot: warm it as soon as a worker is up
     # instead of waiting for Beat's first tick.
     app.send_task(REFRESH_MARKET_DATA, queue=get_settings().celery_queue)
+
+
+@app.task(name="workers.maintenance.reconcile_positions")
+def reconcile_positions_task() -> dict[str, int]:
+    settings = get_settings()
+    report = runtime.run(
+        lambda r: reconcile_recent(r.deps, window_seconds=settings.reconcile_window_seconds)
+    )
+    return {
+        "positions": report.positions,
+        "legs": report.legs,
+        "mismatches": len(report.mismatches),
+        "errors": report.errors,
+    }

@@ -5,6 +5,7 @@ from service.models.credential import ExchangeCredential
 from service.models.index import Index, IndexComponent
 from service.models.position import PositionLeg, PositionStatus, SyntheticPosition
 from service.models.position_component import PositionComponent
+from service.models.reconciliation import ReconciliationIssue
 from service.models.trade import Trade
 from service.models.user import ApiToken, User
 
@@ -17,6 +18,7 @@ __all__ = [
     "PositionComponent",
     "PositionLeg",
     "PositionStatus",
+    "ReconciliationIssue",
     "SyntheticPosition",
     "Trade",
     "User",

@@ -16,6 +16,7 @@ from service.positions.schemas import (
     PositionCreate,
     PositionOut,
     PositionPage,
+    ReconciliationOut,
     TradeOut,
 )
 
@@ -75,6 +76,16 @@ def _out(detail: service.PositionDetail) -> PositionOut:
         ],
         trades=trades,
         exposure=_exposure(trades),
+        reconciliation=[
+            ReconciliationOut(
+                kind=i.kind,
+                order_link_id=i.order_link_id,
+                exchange=i.exchange,
+                recorded=i.recorded,
+                found_at=i.created_at,
+            )
+            for i in detail.issues
+        ],
     )
 
 

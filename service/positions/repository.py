@@ -16,6 +16,7 @@ from service.models import (
     PositionComponent,
     PositionLeg,
     PositionStatus,
+    ReconciliationIssue,
     SyntheticPosition,
     Trade,
 )
@@ -363,3 +364,48 @@ async def touch_pending(session: AsyncSession, position_id: uuid.UUID) -> None:
         .values(updated_at=func.clock_timestamp())
         .execution_options(synchronize_session=False)
     )
+
+
+async def recent_final_positions(
+    session: AsyncSession, *, window_seconds: float, limit: int
+) -> Sequence[SyntheticPosition]:
+    result = await session.execute(
+        select(SyntheticPosition)
+        .where(
+            SyntheticPosition.status.in_([PositionStatus.ACTIVE, PositionStatus.FAILED]),
+            SyntheticPosition.updated_at > func.now() - timedelta(seconds=window_seconds),
+        )
+        .order_by(SyntheticPosition.updated_at.desc())
+        .limit(limit)
+    )
+    return result.scalars().all()
+
+
+async def add_reconciliation_issue(session: AsyncSession, values: dict[str, object]) -> bool:
+    """Record a difference once: the same kind for the same leg is not recorded again."""
+    result = await session.execute(
+        insert(ReconciliationIssue)
+        .values(id=uuid.uuid4(), **values)
+        .on_conflict_do_nothing(index_elements=["order_link_id", "kind"])
+        .returning(ReconciliationIssue.id)
+    )
+    inserted = result.scalar_one_or_none() is not None
+    if inserted:
+        await session.execute(
+            update(SyntheticPosition)
+            .where(SyntheticPosition.id == values["position_id"])
+            .values(updated_at=func.clock_timestamp())
+            .execution_options(synchronize_session=False)
+        )
+    return inserted
+
+
+async def get_reconciliation_issues(
+    session: AsyncSession, position_id: uuid.UUID
+) -> Sequence[ReconciliationIssue]:
+    result = await session.execute(
+        select(ReconciliationIssue)
+        .where(ReconciliationIssue.position_id == position_id)
+        .order_by(ReconciliationIssue.created_at)
+    )
+    return result.scalars().all()

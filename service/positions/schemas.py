@@ -80,6 +80,19 @@ class ExposureOut(BaseModel):
     quantity: DecimalString
 
 
+class ReconciliationOut(BaseModel):
+    """A difference between the recorded fill and the exchange's record of one leg."""
+
+    kind: str = Field(
+        description="missing_fill (recorded since), quantity_mismatch, price_mismatch, "
+        "unknown_order"
+    )
+    order_link_id: str
+    exchange: dict[str, Any] | None
+    recorded: dict[str, Any] | None
+    found_at: datetime
+
+
 class PositionOut(BaseModel):
     id: uuid.UUID
     index: str
@@ -94,6 +107,9 @@ class PositionOut(BaseModel):
     updated_at: datetime
     components: list[ComponentOut]
     trades: list[TradeOut]
+    reconciliation: list[ReconciliationOut] = Field(
+        default_factory=list, description="differences found by reconciliation, if any"
+    )
     exposure: list[ExposureOut] = Field(
         description="open exposure per symbol from the fills: for a FAILED basket, exactly "
         "what the user holds (nothing is reversed)"

@@ -9,7 +9,7 @@ import hashlib
 import json
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
@@ -24,7 +24,15 @@ from service.errors import (
 )
 from service.indices import repository as indices_repository
 from service.market_cache import MarketSnapshot
-from service.models import Index, PositionComponent, PositionStatus, SyntheticPosition, Trade, User
+from service.models import (
+    Index,
+    PositionComponent,
+    PositionStatus,
+    ReconciliationIssue,
+    SyntheticPosition,
+    Trade,
+    User,
+)
 from service.positions import repository
 from service.trading_logic import (
     CompositionError,
@@ -40,6 +48,7 @@ class PositionDetail:
     position: SyntheticPosition
     components: list[PositionComponent]
     trades: list[Trade]
+    issues: list[ReconciliationIssue] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +166,7 @@ async def load_detail(session: AsyncSession, position: SyntheticPosition) -> Pos
         position=position,
         components=list(await repository.get_components(session, position.id)),
         trades=list(await repository.get_trades(session, position.id)),
+        issues=list(await repository.get_reconciliation_issues(session, position.id)),
     )
 
 

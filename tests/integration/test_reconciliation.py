@@ -1,0 +1,153 @@
+"""Reconciliation finds each kind of difference between our books and the exchange's
+records, records a missing fill, and records nothing twice when run again."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import httpx
+import pytest
+import pytest_asyncio
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.bybit.client import BybitClient, create_http_session
+from service.config import get_settings
+from service.credentials.service import store_credentials
+from service.db import SessionScope
+from service.execution import ExecutionDeps, Outcome, execute_position
+from service.market_data import MarketData
+from service.models import ReconciliationIssue, Trade
+from service.positions import repository
+from service.reconciliation import reconcile_recent
+from service.run_lock import advisory_run_lock
+from service.security import CredentialCipher
+from service.users.service import create_user_with_token
+from tests.integration.conftest import api_client
+
+pytestmark = pytest.mark.integration
+
+
+@pytest_asyncio.fixture
+async def deps(
+    engine: AsyncEngine, sessions: SessionScope, simulator_url: str
+) -> AsyncIterator[ExecutionDeps]:
+    async with create_http_session(connect_timeout=2, read_timeout=5) as http:
+        exchange = BybitClient(http, simulator_url)
+        yield ExecutionDeps(
+            sessions=sessions,
+            run_lock=advisory_run_lock(engine),
+            exchange=exchange,
+            market=MarketData(exchange),
+            cipher=CredentialCipher(get_settings().credentials_keys.get_secret_value()),
+            retry_delays=(0.0,),
+        )
+
+
+async def _active_position(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> tuple[uuid.UUID, str]:
+    key, secret = f"RC{secrets.token_hex(8).upper()}", secrets.token_hex(16)
+    await sim.post(
+        "/sim/accounts", json={"api_key": key, "api_secret": secret, "balance": "1000000"}
+    )
+    async with sessions() as session:
+        issued = await create_user_with_token(session, f"rec-{secrets.token_hex(5)}@example.com")
+        user = issued.user
+        await store_credentials(session, deps.cipher, user.id, api_key=key, api_secret=secret)
+        position = await repository.add_position(
+            session, user_id=user.id, index_code="DEFI", size=Decimal(3000), direction="short"
+        )
+        assert position is not None
+    result = await execute_position(deps, position.id, task_id="rec")
+    assert result.outcome is Outcome.ACTIVE
+    return position.id, issued.token
+
+
+async def _issues(sessions: SessionScope, position_id: uuid.UUID) -> list[tuple[int, str]]:
+    async with sessions() as session:
+        rows = (
+            await session.execute(
+                select(ReconciliationIssue.order_link_id, ReconciliationIssue.kind).where(
+                    ReconciliationIssue.position_id == position_id
+                )
+            )
+        ).all()
+    return sorted((int(link.rsplit("-", 1)[1]), kind) for link, kind in rows)
+
+
+@pytest.mark.asyncio
+async def test_each_kind_of_difference_is_found_once(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> None:
+    position_id, token = await _active_position(deps, sessions, sim)
+    clean = await reconcile_recent(deps)
+    assert not [m for m in clean.mismatches if m[0].startswith(position_id.hex)]
+
+    async with sessions() as session:
+        params = {"id": position_id}
+        # Leg 0: the fill is lost from our books. Leg 1: quantity and price differ.
+        await session.execute(
+            text("DELETE FROM trades WHERE position_id = :id AND leg = 0"), params
+        )
+        await session.execute(
+            text(
+                "UPDATE trades SET quantity = quantity + 1, price = price * 2 "
+                "WHERE position_id = :id AND leg = 1"
+            ),
+            params,
+        )
+        # Leg 2: our books say it filled, the exchange never saw that orderLinkId.
+        await session.execute(
+            text(
+                "UPDATE position_legs SET order_link_id = :link WHERE position_id = :id AND leg = 2"
+            ),
+            {"id": position_id, "link": f"{position_id.hex}-9"},
+        )
+        await session.execute(
+            text("UPDATE trades SET order_link_id = :link WHERE position_id = :id AND leg = 2"),
+            {"id": position_id, "link": f"{position_id.hex}-9"},
+        )
+
+    await reconcile_recent(deps)
+    expected = [
+        (0, "missing_fill"),
+        (1, "price_mismatch"),
+        (1, "quantity_mismatch"),
+        (9, "unknown_order"),
+    ]
+    assert await _issues(sessions, position_id) == expected
+    async with sessions() as session:
+        restored = (
+            await session.execute(
+                select(Trade).where(Trade.position_id == position_id, Trade.leg == 0)
+            )
+        ).scalar_one()
+    assert restored.quantity > 0  # the missing fill is recorded, from the exchange's record
+
+    again = await reconcile_recent(deps)
+    assert not [m for m in again.mismatches if m[0].startswith(position_id.hex)]
+    assert await _issues(sessions, position_id) == expected
+    async with sessions() as session:
+        count = (
+            await session.execute(
+                select(func.count(Trade.id)).where(Trade.position_id == position_id)
+            )
+        ).scalar_one()
+    assert count == 3
+
+    # The position shows what was found, and the fill recorded since.
+    async with api_client(get_settings()) as api:
+        body = (
+            await api.get(
+                f"/api/positions/{position_id}", headers={"Authorization": f"Bearer {token}"}
+            )
+        ).json()
+    assert sorted(i["kind"] for i in body["reconciliation"]) == sorted(k for _, k in expected)
+    missing = next(i for i in body["reconciliation"] if i["kind"] == "missing_fill")
+    assert missing["recorded"] is None
+    assert missing["exchange"]["quantity"] == format(restored.quantity, "f")
+    assert len(body["trades"]) == 3
