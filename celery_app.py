@@ -35,7 +35,7 @@ def create_celery_app(settings: Settings) -> Celery:
         "socket_connect_timeout": 5,
     }
     app.conf.update(
-        include=["workers.trade_executor", "workers.maintenance"],
+        include=["workers.trade_executor", "workers.maintenance", "workers.metrics"],
         task_default_queue=settings.celery_queue,
         task_routes={"workers.*": {"queue": settings.celery_queue}},
         task_serializer="json",

@@ -10,7 +10,8 @@ import redis.asyncio as aioredis
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -20,7 +21,9 @@ from service.db import create_engine, create_session_factory
 from service.errors import DomainError
 from service.indices.endpoints import router as indices_router
 from service.market_cache import MarketCache
+from service.metrics import CONTENT_TYPE, render_api_metrics
 from service.positions.endpoints import router as positions_router
+from service.positions.repository import count_by_status
 from service.queue import CeleryPublisher
 from service.security import CredentialCipher
 
@@ -63,8 +66,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(indices_router)
     app.include_router(credentials_router)
     _add_health(app)
+    _add_metrics(app, settings)
     _add_error_handlers(app)
     return app
+
+
+def _add_metrics(app: FastAPI, settings: Settings) -> None:
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus: this process's metrics, positions by status and the queue depth."""
+        async with request.app.state.session_factory() as session:
+            counts = await count_by_status(session)
+        try:
+            depth: int | None = int(await request.app.state.redis.llen(settings.celery_queue))
+        except RedisError:
+            depth = None
+        return Response(render_api_metrics(counts, depth), media_type=CONTENT_TYPE)
 
 
 def _add_health(app: FastAPI) -> None:

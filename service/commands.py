@@ -111,7 +111,17 @@ def api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_worker_metrics() -> None:
+    """Pool processes share their metrics through files: the directory must be known before
+    the metrics are created, that is before anything of ours is imported."""
+    if not get_settings().worker_metrics_port or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="trader-metrics-")
+    os.environ["TRADER_METRICS_DIR_OWNED"] = "1"
+
+
 def worker(args: argparse.Namespace) -> int:
+    _prepare_worker_metrics()
     from celery_app import app
 
     _configure()  # before Celery starts, so its early warnings are JSON lines too

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # Reconciliation of recent final positions against the exchange's records.
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
     reconcile_window_seconds: float = Field(default=86400.0, gt=0)
+    # The worker's Prometheus endpoint (served by its main process); 0 turns it off.
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
     # Pre-flight: the available balance must cover the basket at 1x plus this share.
     preflight_margin: Decimal = Field(default=Decimal("0.01"), ge=0, le=1)
     # Hard limit of one task run; with the longest retry countdown it bounds the

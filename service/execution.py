@@ -40,6 +40,7 @@ from service.credentials.service import load_decrypted
 from service.db import SessionScope
 from service.indices import repository as indices_repository
 from service.market_data import MarketData, MarketDataUnavailableError
+from service.metrics import LEG_LATENCY, POSITIONS_FINISHED, RETRIES
 from service.models import PositionComponent, PositionLeg, PositionStatus, SyntheticPosition
 from service.positions import repository
 from service.security import CredentialCipher, CredentialDecryptionError
@@ -94,9 +95,10 @@ class ExecutionDeps:
 
 
 class LegError(Exception):
-    def __init__(self, reason: str, *, leg: int | None = None) -> None:
+    def __init__(self, reason: str, *, leg: int | None = None, label: str = "other") -> None:
         self.reason = reason
         self.leg = leg
+        self.label = label  # a short cause for metrics: retcode_10016, http_502, fill_timeout
         super().__init__(reason)
 
 
@@ -200,6 +202,7 @@ async def _run_claimed(
             await _fail(deps, position.id, task_id, reason, error.leg, log)
             return RunResult(Outcome.FAILED, detail=reason)
         delay = float(deps.retry_delays[retries_done])
+        RETRIES.labels(error.label).inc()
         async with deps.sessions() as session:
             due = await repository.set_next_attempt(session, position.id, task_id, delay)
         log.warning(
@@ -375,6 +378,7 @@ async def _execute_leg(
     if order.cum_exec_qty <= 0:
         reason = f"order ended {order.order_status} with nothing filled"
         log.error("leg.failed", bybit_order_id=order.order_id, error=reason, latency_ms=latency_ms)
+        LEG_LATENCY.labels("failed").observe(latency_ms / 1000)
         raise PermanentLegError(_leg_reason(leg, reason), leg=leg.leg)
     price = order.avg_price or await _average_price(deps, credentials, leg, order)
     partial = order.cum_exec_qty < leg.quantity
@@ -395,6 +399,7 @@ async def _execute_leg(
                 "executed_at": order.updated_at or datetime.now(UTC),
             },
         )
+    LEG_LATENCY.labels("filled").observe(latency_ms / 1000)
     log.info(
         "leg.filled",
         bybit_order_id=order.order_id,
@@ -467,7 +472,9 @@ async def _place(
         if await _lookup(deps, credentials, leg) is None:
             # Absent now; it may still appear. The next run looks again before re-sending.
             raise TransientLegError(
-                _leg_reason(leg, f"order outcome unknown: {error}"), leg=leg.leg
+                _leg_reason(leg, f"order outcome unknown: {error}"),
+                leg=leg.leg,
+                label="outcome_unknown",
             ) from None
 
 
@@ -501,6 +508,7 @@ async def _await_outcome(
             raise TransientLegError(
                 _leg_reason(leg, f"order not final after {deps.fill_timeout}s ({state})"),
                 leg=leg.leg,
+                label="fill_timeout",
             )
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.5)
@@ -521,7 +529,9 @@ async def _average_price(
         raise _classify(error, leg, "read executions") from None
     quantity = sum((e.exec_qty for e in executions), Decimal(0))
     if quantity <= 0:
-        raise TransientLegError(_leg_reason(leg, "fills not visible yet"), leg=leg.leg)
+        raise TransientLegError(
+            _leg_reason(leg, "fills not visible yet"), leg=leg.leg, label="fills_not_visible"
+        )
     return sum((e.exec_price * e.exec_qty for e in executions), Decimal(0)) / quantity
 
 
@@ -559,6 +569,7 @@ async def _finish(
         if done is None:
             # Someone else finished or failed it: roll the snapshot back with the scope.
             raise PermanentLegError("position left EXECUTING during the run")
+    POSITIONS_FINISHED.labels(PositionStatus.ACTIVE.value).inc()
     log.info(
         "position.status_changed",
         from_status=PositionStatus.EXECUTING,
@@ -585,6 +596,7 @@ async def _fail(
             failed_leg=leg,
         )
     if failed is not None:
+        POSITIONS_FINISHED.labels(PositionStatus.FAILED.value).inc()
         log.error(
             "position.status_changed",
             from_status=PositionStatus.EXECUTING,
@@ -676,7 +688,7 @@ def _classify(
         reason = _leg_reason(leg, reason)
     number = leg.leg if leg is not None else None
     if error.transient:
-        return TransientLegError(reason, leg=number)
+        return TransientLegError(reason, leg=number, label=error.reason)
     if log is not None:
         log.error("leg.failed", error=str(error), retcode=error.retcode, action=action)
     return PermanentLegError(reason, leg=number)

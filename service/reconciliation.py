@@ -22,6 +22,7 @@ from service.bybit.errors import BybitError
 from service.bybit.types import Order
 from service.credentials.service import load_decrypted
 from service.execution import ExecutionDeps
+from service.metrics import RECONCILIATION_MISMATCHES
 from service.models import PositionLeg, SyntheticPosition, Trade
 from service.positions import repository
 from service.security import CredentialDecryptionError
@@ -148,6 +149,7 @@ async def _record(
             },
         )
     if new:
+        RECONCILIATION_MISMATCHES.labels(kind).inc()
         report.mismatches.append((leg.order_link_id, kind))
         logger.error(
             "reconciliation.mismatch",

@@ -16,6 +16,7 @@ from typing import Protocol
 import structlog
 
 from service.db import SessionScope
+from service.metrics import POSITIONS_FINISHED
 from service.models import PositionStatus
 from service.positions import repository
 
@@ -72,6 +73,7 @@ async def recover_stale_positions(
                     error=reason,
                 )
                 if failed is not None:
+                    POSITIONS_FINISHED.labels(PositionStatus.FAILED.value).inc()
                     logger.error(
                         "position.status_changed",
                         position_id=str(position.id),

@@ -34,6 +34,7 @@ TEST_ENV = {
     "RECOVERY_INTERVAL_SECONDS": "1",
     "TASK_TIME_LIMIT_SECONDS": "60",
     "HTTP_READ_TIMEOUT_SECONDS": "2",
+    "WORKER_METRICS_PORT": "0",  # a test that scrapes a worker gives it a port of its own
 }
 # The test process reads the same settings as the processes it starts.
 os.environ.update(TEST_ENV)

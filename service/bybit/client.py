@@ -35,6 +35,7 @@ from service.bybit.types import (
     Ticker,
     WalletBalance,
 )
+from service.metrics import EXCHANGE_ERRORS
 
 T = TypeVar("T")
 
@@ -225,6 +226,15 @@ class BybitClient:
         )
 
     async def _send(
+        self, method: str, path: str, url: str, headers: dict[str, str], body: str | None
+    ) -> dict[str, Any]:
+        try:
+            return await self._exchange(method, path, url, headers, body)
+        except BybitError as error:
+            EXCHANGE_ERRORS.labels(error.reason).inc()
+            raise
+
+    async def _exchange(
         self, method: str, path: str, url: str, headers: dict[str, str], body: str | None
     ) -> dict[str, Any]:
         try:

@@ -409,3 +409,10 @@ async def get_reconciliation_issues(
         .order_by(ReconciliationIssue.created_at)
     )
     return result.scalars().all()
+
+
+async def count_by_status(session: AsyncSession) -> dict[str, int]:
+    result = await session.execute(
+        select(SyntheticPosition.status, func.count()).group_by(SyntheticPosition.status)
+    )
+    return {status: int(count) for status, count in result.all()}

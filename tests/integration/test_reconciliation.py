@@ -11,6 +11,7 @@ from decimal import Decimal
 import httpx
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -112,7 +113,17 @@ async def test_each_kind_of_difference_is_found_once(
             {"id": position_id, "link": f"{position_id.hex}-9"},
         )
 
+    before = (
+        REGISTRY.get_sample_value(
+            "trader_reconciliation_mismatches_total", {"kind": "missing_fill"}
+        )
+        or 0.0
+    )
     await reconcile_recent(deps)
+    counted = REGISTRY.get_sample_value(
+        "trader_reconciliation_mismatches_total", {"kind": "missing_fill"}
+    )
+    assert counted == before + 1  # counted in the metrics, once
     expected = [
         (0, "missing_fill"),
         (1, "price_mismatch"),
