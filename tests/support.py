@@ -86,6 +86,11 @@ class ServiceProcess:
         self.process.wait(timeout=10)
         self._log.close()
 
+    def terminate_main(self, timeout: float = 30.0) -> int:
+        """SIGTERM to the main process only, as Kubernetes or systemd send it; wait for exit."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
     def stop(self, timeout: float = 15.0) -> None:
         if self._log.closed:
             return

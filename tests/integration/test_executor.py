@@ -401,3 +401,31 @@ async def test_a_halted_symbol_fails_before_the_first_order(
     assert "ETHUSDT is not trading (status Closed)" in body["error"]
     assert await _orders(sim, trader) == []
     assert body["exposure"] == []
+
+
+@pytest.mark.asyncio
+async def test_a_stopping_worker_finishes_its_position_first(
+    api: httpx.AsyncClient,
+    trader: ApiUser,
+    sim: httpx.AsyncClient,
+    service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    await _fault(sim, trader, kind="delay", delay_ms=1500, skip=1, times=1)
+    worker = start_worker(service_env, tmp_path)
+    position_id = await _open(api, trader, BLUECHIP)
+
+    async def second_leg_sent() -> bool:
+        return any(
+            e["event"] == "leg.submitted" and e.get("leg") == 1
+            for e in _events(worker)
+            if e.get("position_id") == position_id
+        )
+
+    await eventually(second_leg_sent, timeout=30, message="leg 1 sent")
+    # Asked to stop mid-position: Celery's warm shutdown lets the run finish, then exits.
+    assert worker.terminate_main() == 0
+    body = (await api.get(f"/api/positions/{position_id}", headers=trader.headers)).json()
+    worker.stop()
+    assert body["status"] == "ACTIVE"
+    _assert_one_order_per_leg(await _orders(sim, trader), 2)
