@@ -109,6 +109,3 @@ def error_for_retcode(
         return DuplicateOrderLinkIdError(message, **kwargs)  # type: ignore[arg-type]
     return PermanentBybitError(message, **kwargs)  # type: ignore[arg-type]
 
-
-def is_transient(error: BaseException) -> bool:
-    return isinstance(error, BybitError) and error.transient
