@@ -80,8 +80,10 @@ class ExecutionDeps:
     market: MarketData
     cipher: CredentialCipher
     retry_delays: Sequence[float]
-    # (account fingerprint, symbol) pairs already at 1x in this process.
-    leverage_done: set[tuple[str, str]] = field(default_factory=set)
+    # (account fingerprint, symbol) → when 1x was last confirmed in this process. Trusted for
+    # `leverage_ttl_seconds`, so a change made by hand on the exchange is noticed soon.
+    leverage_done: dict[tuple[str, str], float] = field(default_factory=dict)
+    leverage_ttl_seconds: float = 300.0
     call_attempts: int = 3
     call_wait_max: float = 1.0
     # A rate-limited call waits for Bybit's reset time, if that is this close, and tries again.
@@ -431,13 +433,14 @@ async def _ensure_leverage(
     log: structlog.stdlib.BoundLogger,
 ) -> None:
     account = hashlib.sha256(credentials.api_key.encode()).hexdigest()[:16]
-    if (account, leg.symbol) in deps.leverage_done:
+    confirmed = deps.leverage_done.get((account, leg.symbol))
+    if confirmed is not None and time.monotonic() - confirmed < deps.leverage_ttl_seconds:
         return
     try:
         changed = await _call(deps, deps.exchange.set_leverage, credentials, leg.symbol)
     except BybitError as error:
         raise _classify(error, leg, "set leverage 1x", log) from None
-    deps.leverage_done.add((account, leg.symbol))
+    deps.leverage_done[(account, leg.symbol)] = time.monotonic()
     log.info("leverage.set", leverage="1", changed=changed)
 
 
