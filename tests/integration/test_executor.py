@@ -384,22 +384,33 @@ async def test_an_underfunded_account_fails_in_preflight_with_no_order(
 
 
 @pytest.mark.asyncio
-async def test_a_halted_symbol_fails_before_the_first_order(
+async def test_a_halted_symbol_fails_in_preflight(
     api: httpx.AsyncClient,
     trader: ApiUser,
     sim: httpx.AsyncClient,
-    worker: ServiceProcess,
+    service_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
-    # Accepted on the API's snapshot, halted before the worker gets to it.
-    await sim.put("/sim/instruments/ETHUSDT", json={"status": "Closed"})
+    # One pool process, which has the filters cached from a first position: the halt is seen
+    # only because pre-flight reads them fresh.
+    worker = start_worker(service_env, tmp_path, "--concurrency", "1")
     try:
-        position_id = await _open(api, trader, BLUECHIP)
-        body = await _final(api, trader, position_id)
+        first = await _open(api, trader, BLUECHIP)
+        assert (await _final(api, trader, first))["status"] == "ACTIVE"
+        placed = len(await _orders(sim, trader))
+        # Accepted on the API's snapshot, halted before the worker gets to it.
+        await sim.put("/sim/instruments/ETHUSDT", json={"status": "Closed"})
+        try:
+            position_id = await _open(api, trader, BLUECHIP)
+            body = await _final(api, trader, position_id)
+        finally:
+            await sim.put("/sim/instruments/ETHUSDT", json={"status": "Trading"})
     finally:
-        await sim.put("/sim/instruments/ETHUSDT", json={"status": "Trading"})
+        worker.stop()
     assert body["status"] == "FAILED"
+    assert body["error"].startswith("pre-flight: leg 1")
     assert "ETHUSDT is not trading (status Closed)" in body["error"]
-    assert await _orders(sim, trader) == []
+    assert len(await _orders(sim, trader)) == placed  # not even leg 0 was sent
     assert body["exposure"] == []
 
 
