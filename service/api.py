@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings, get_settings
 from service.credentials.endpoints import router as credentials_router
@@ -67,8 +68,66 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(credentials_router)
     _add_health(app)
     _add_metrics(app, settings)
+    app.add_middleware(BodyLimit)
     _add_error_handlers(app)
     return app
+
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    """Refuse a request body over MAX_BODY_BYTES with 413 before reading it all (pure ASGI,
+    so it also stops bodies sent without a Content-Length)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await _too_large(send)
+            return
+        received = 0
+        refused = False
+
+        async def limited() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    # Answer now, and tell the app the client is gone so it stops reading.
+                    refused = True
+                    await _too_large(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not refused:  # after the 413, whatever the app says is dropped
+                await send(message)
+
+        await self.app(scope, limited, guarded_send)
+
+
+async def _too_large(send: Send) -> None:
+    response = JSONResponse(
+        {"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413
+    )
+    await response(
+        {"type": "http", "method": "POST", "path": "/", "headers": []},
+        _no_body,
+        send,
+    )
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 def _add_metrics(app: FastAPI, settings: Settings) -> None:

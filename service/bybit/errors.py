@@ -108,4 +108,3 @@ def error_for_retcode(
     if retcode == constants.RETCODE_DUPLICATE_ORDER_LINK_ID:
         return DuplicateOrderLinkIdError(message, **kwargs)  # type: ignore[arg-type]
     return PermanentBybitError(message, **kwargs)  # type: ignore[arg-type]
-

@@ -216,3 +216,67 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     ready = await client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b"index=BLUECHIP&size=1000", "application/x-www-form-urlencoded", 422),
+        (b"not json at all", "application/json", 422),
+        (b"", "application/json", 422),
+        (b"[1, 2, 3]", "application/json", 422),
+        (
+            '{"index": "\u00e9\u00e8\U0001f600", "size": "1000", "direction": "long"}'.encode(),
+            "application/json",
+            422,
+        ),
+        (b'{"index": "BLUECHIP", "size": 1e400, "direction": "long"}', "application/json", 422),
+        (
+            b'{"index": "BLUECHIP", "size": "9' + b"9" * 5000 + b'", "direction": "long"}',
+            "application/json",
+            422,
+        ),
+        (b'{"index": "BLUECHIP", "size": true, "direction": "long"}', "application/json", 422),
+        (
+            b'{"index": "BLUECHIP", "size": "1000", "direction": "long", "x": 1}',
+            "application/json",
+            422,
+        ),
+        (b'{"index": "' + b"A" * 100_000 + b'"}', "application/json", 413),
+    ],
+)
+async def test_malformed_requests_get_a_clear_4xx(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    content: bytes,
+    content_type: str,
+    status: int,
+) -> None:
+    await _store_credentials(client, auth)
+    response = await client.post(
+        "/api/positions",
+        content=content,
+        headers={**auth, "Content-Type": content_type},
+    )
+    assert response.status_code == status, response.text
+    assert "detail" in response.json()
+    assert (await client.get("/api/positions", headers=auth)).json()["items"] == []
+
+
+@pytest.mark.asyncio
+async def test_an_oversized_body_without_length_is_refused(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"index": "'
+        for _ in range(100):
+            yield b"A" * 1024
+        yield b'"}'
+
+    response = await client.post(
+        "/api/positions",
+        content=chunks(),
+        headers={**auth, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 413
