@@ -1,0 +1,187 @@
+"""Workers SIGKILLed at random points of live baskets: every position still ends ACTIVE or
+FAILED, no order is placed twice, none is left behind. Run with `scripts/dev reliability`;
+the figures go to docs/reliability.md.
+
+The kill points are random on purpose (before, during and right after orders), so the sleep
+before each kill is the scenario, not a timing assumption; every wait for an outcome polls
+with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.config import get_settings
+from tests.integration.conftest import ApiUser, api_client, new_user, start_worker
+from tests.support import ROOT, ServiceProcess, eventually
+
+pytestmark = pytest.mark.integration
+
+ROUNDS = int(os.environ.get("CRASH_ROUNDS", "10"))
+PER_ROUND = int(os.environ.get("CRASH_POSITIONS", "5"))
+BASKET = {"index": "TOP10", "size": "5000", "direction": "long"}
+
+
+async def _user(sessions: object, sim: httpx.AsyncClient, api: httpx.AsyncClient) -> ApiUser:
+    _, token = await new_user(sessions)
+    user = ApiUser(
+        email="",
+        token=token,
+        api_key=f"CR{secrets.token_hex(8).upper()}",
+        api_secret=secrets.token_hex(16),
+    )
+    await sim.post(
+        "/sim/accounts",
+        json={"api_key": user.api_key, "api_secret": user.api_secret, "balance": "10000000"},
+    )
+    await api.put(
+        "/api/credentials",
+        json={"api_key": user.api_key, "api_secret": user.api_secret},
+        headers=user.headers,
+    )
+    return user
+
+
+@pytest.mark.asyncio
+async def test_random_worker_kills_lose_and_double_nothing(
+    service_env: dict[str, str], sim: httpx.AsyncClient, sessions: object, tmp_path: Path
+) -> None:
+    rng = random.Random(int(os.environ.get("CRASH_SEED", "20261124")))
+    # Exchange round trips of 50 ms, so a kill lands inside a basket, not between baskets.
+    await sim.put("/sim/config", json={"latency_ms": 50, "order_rate_limit": 0})
+    beat = ServiceProcess(
+        ["beat", "-s", str(tmp_path / "beat-schedule")], service_env, tmp_path / "beat.log"
+    )
+    outcomes: Counter[str] = Counter()
+    duplicates = 0
+    resent = 0
+    orders_placed = 0
+    recoveries: list[float] = []
+    kills_mid_basket = 0
+    try:
+        async with api_client(get_settings()) as api:
+            for round_number in range(ROUNDS):
+                user = await _user(sessions, sim, api)
+                worker = start_worker(service_env, tmp_path)
+                ids = []
+                for _ in range(PER_ROUND):
+                    response = await api.post("/api/positions", json=BASKET, headers=user.headers)
+                    assert response.status_code == 202, response.text
+                    ids.append(response.json()["id"])
+
+                async def started(
+                    api: httpx.AsyncClient = api, ids: list[str] = ids, user: ApiUser = user
+                ) -> bool:
+                    first = await api.get(f"/api/positions/{ids[0]}", headers=user.headers)
+                    return bool(first.json()["status"] != "PENDING")
+
+                # From the moment the worker runs its first basket, a random kill point.
+                await eventually(started, timeout=60, interval=0.02, message="worker started")
+                await asyncio.sleep(rng.uniform(0.0, 1.5))
+                worker.kill()
+                killed_at = time.monotonic()
+                statuses = [
+                    (await api.get(f"/api/positions/{i}", headers=user.headers)).json()["status"]
+                    for i in ids
+                ]
+                kills_mid_basket += statuses.count("EXECUTING")
+                replacement = start_worker(service_env, tmp_path)
+                try:
+
+                    async def all_final(
+                        api: httpx.AsyncClient = api, ids: list[str] = ids, user: ApiUser = user
+                    ) -> list[str] | None:
+                        now = [
+                            (await api.get(f"/api/positions/{i}", headers=user.headers)).json()[
+                                "status"
+                            ]
+                            for i in ids
+                        ]
+                        return now if all(s in ("ACTIVE", "FAILED") for s in now) else None
+
+                    final = await eventually(
+                        all_final, timeout=120, interval=0.2, message=f"round {round_number}"
+                    )
+                finally:
+                    replacement.stop()
+                # Bybit's duplicate refusal is the second line of defence: count every time
+                # it was needed (a leg re-sent that the lookup should have found).
+                resent += sum(
+                    p.output().count('"event": "leg.duplicate_order_link_id"')
+                    for p in (worker, replacement)
+                )
+                recoveries.append(time.monotonic() - killed_at)
+                outcomes.update(final)
+                orders = (await sim.get("/sim/orders", params={"api_key": user.api_key})).json()[
+                    "orders"
+                ]
+                links = [o["orderLinkId"] for o in orders]
+                duplicates += len(links) - len(set(links))
+                orders_placed += len(links)
+    finally:
+        beat.stop()
+        await sim.put("/sim/config", json={"latency_ms": 0, "order_rate_limit": 10})
+
+    total = ROUNDS * PER_ROUND
+    _write_report(total, outcomes, duplicates, resent, orders_placed, kills_mid_basket, recoveries)
+    assert duplicates == 0
+    assert resent == 0
+    assert orders_placed == 10 * outcomes["ACTIVE"]
+    assert sum(outcomes.values()) == total
+    assert outcomes["ACTIVE"] == total  # a crash is not a reason to fail a basket
+
+
+def _write_report(
+    total: int,
+    outcomes: Counter[str],
+    duplicates: int,
+    resent: int,
+    orders_placed: int,
+    kills_mid_basket: int,
+    recoveries: list[float],
+) -> None:
+    text = f"""# Reliability
+
+Command: `scripts/dev reliability` (`CRASH_ROUNDS={ROUNDS} CRASH_POSITIONS={PER_ROUND}`),
+on the machine's PostgreSQL and Redis with the project's own simulator and worker processes.
+Settings of the run: `STALE_EXECUTING_SECONDS=3`, `RECOVERY_INTERVAL_SECONDS=1`,
+simulator latency 50 ms per call.
+
+## Workers SIGKILLed at random points
+
+{ROUNDS} rounds; each posts {PER_ROUND} ten-leg baskets to a worker (2 pool processes), kills
+the worker's whole process group with SIGKILL at a random point 0 to 1.5 s after it started
+its first basket (before, during or right after an order), starts a new
+worker, and lets Beat's recovery sweep resume what the dead one held.
+
+| figure | value |
+|---|---|
+| positions | {total} |
+| still EXECUTING when the worker was killed | {kills_mid_basket} |
+| ended ACTIVE | {outcomes["ACTIVE"]} |
+| ended FAILED | {outcomes["FAILED"]} |
+| left PENDING or EXECUTING | {total - outcomes["ACTIVE"] - outcomes["FAILED"]} |
+| orders on the exchange (10 legs each) | {orders_placed} |
+| orders placed twice (same orderLinkId) | {duplicates} |
+| legs re-sent and refused by Bybit as duplicates | {resent} |
+| kill to all final, median | {sorted(recoveries)[len(recoveries) // 2]:.1f} s |
+| kill to all final, worst | {max(recoveries):.1f} s |
+
+Recovery time is dominated by `STALE_EXECUTING_SECONDS` (a dead run is recognised only after
+its heartbeat is that old and its run lock is free); with the defaults (60 s, sweep every
+20 s) a killed position resumes within about 80 s.
+
+Not yet covered here (issue "Prove reliability and security under faults, load and bad
+input"): private PostgreSQL and Redis restarted mid-run, the 1,000-position burst, and the
+log-wide secret scan of a long run.
+"""
+    (ROOT / "docs" / "reliability.md").write_text(text)
