@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from service.trading_logic import (
@@ -132,6 +132,9 @@ def test_tradeable_range_matches_the_composition() -> None:
 # ---- properties ---------------------------------------------------------------------------
 
 STEPS = [D("0.001"), D("0.01"), D("0.1"), D("1"), D("10")]
+# Some generated baskets cannot be traded at any size (one leg's minimum above another's
+# maximum) and are skipped; a fixed seed keeps CI runs identical.
+_FILTERING = [HealthCheck.filter_too_much, HealthCheck.too_slow]
 
 
 @st.composite
@@ -165,7 +168,7 @@ sizes = st.decimals(min_value=D("1"), max_value=D("10000000"), places=2)
 fractions = st.decimals(min_value=D(0), max_value=D(1), places=6)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=_FILTERING)
 @given(market=markets(), fraction=fractions)
 def test_every_accepted_basket_respects_steps_limits_and_size(
     market: tuple[list[IndexComponent], dict[str, Filters], dict[str, D]], fraction: D
@@ -191,7 +194,7 @@ def test_every_accepted_basket_respects_steps_limits_and_size(
     assert size - basket < slack
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=_FILTERING)
 @given(market=markets(), size=sizes)
 def test_long_and_short_are_mirror_images(
     market: tuple[list[IndexComponent], dict[str, Filters], dict[str, D]], size: D
@@ -211,7 +214,7 @@ def test_long_and_short_are_mirror_images(
     assert {leg.side for leg in short} == {Side.SELL}
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=_FILTERING)
 @given(market=markets(), size=sizes)
 def test_refusals_suggest_a_size_that_works(
     market: tuple[list[IndexComponent], dict[str, Filters], dict[str, D]], size: D
