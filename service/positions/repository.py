@@ -196,15 +196,27 @@ async def resume_claimed(
     return result.scalar_one_or_none()
 
 
-async def touch_heartbeat(session: AsyncSession, position_id: uuid.UUID) -> None:
+async def _touch(
+    session: AsyncSession,
+    position_id: uuid.UUID,
+    values: dict[str, object],
+    *,
+    status: PositionStatus | None = None,
+) -> None:
+    conditions = [SyntheticPosition.id == position_id]
+    if status is not None:
+        conditions.append(SyntheticPosition.status == status)
     await session.execute(
         update(SyntheticPosition)
-        .where(
-            SyntheticPosition.id == position_id,
-            SyntheticPosition.status == PositionStatus.EXECUTING,
-        )
-        .values(heartbeat_at=func.now())
+        .where(*conditions)
+        .values(**values)
         .execution_options(synchronize_session=False)
+    )
+
+
+async def touch_heartbeat(session: AsyncSession, position_id: uuid.UUID) -> None:
+    await _touch(
+        session, position_id, {"heartbeat_at": func.now()}, status=PositionStatus.EXECUTING
     )
 
 
@@ -293,11 +305,10 @@ async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool
     inserted = result.scalar_one_or_none() is not None
     if inserted:
         # A new fill changes what GET shows: move updated_at, which the ETag follows.
-        await session.execute(
-            update(SyntheticPosition)
-            .where(SyntheticPosition.id == values["position_id"])
-            .values(updated_at=func.clock_timestamp(), heartbeat_at=func.now())
-            .execution_options(synchronize_session=False)
+        await _touch(
+            session,
+            values["position_id"],  # type: ignore[arg-type]
+            {"updated_at": func.clock_timestamp(), "heartbeat_at": func.now()},
         )
     return inserted
 
@@ -355,14 +366,11 @@ async def stale_executing(
 
 async def touch_pending(session: AsyncSession, position_id: uuid.UUID) -> None:
     """Restart a PENDING position's staleness clock after it has been re-sent."""
-    await session.execute(
-        update(SyntheticPosition)
-        .where(
-            SyntheticPosition.id == position_id,
-            SyntheticPosition.status == PositionStatus.PENDING,
-        )
-        .values(updated_at=func.clock_timestamp())
-        .execution_options(synchronize_session=False)
+    await _touch(
+        session,
+        position_id,
+        {"updated_at": func.clock_timestamp()},
+        status=PositionStatus.PENDING,
     )
 
 
@@ -391,11 +399,10 @@ async def add_reconciliation_issue(session: AsyncSession, values: dict[str, obje
     )
     inserted = result.scalar_one_or_none() is not None
     if inserted:
-        await session.execute(
-            update(SyntheticPosition)
-            .where(SyntheticPosition.id == values["position_id"])
-            .values(updated_at=func.clock_timestamp())
-            .execution_options(synchronize_session=False)
+        await _touch(
+            session,
+            values["position_id"],  # type: ignore[arg-type]
+            {"updated_at": func.clock_timestamp()},
         )
     return inserted
 
