@@ -1,122 +1,191 @@
-"""The simulator's state: instruments, prices, accounts, orders, fills, knobs and faults."""
+"""Everything the simulator remembers: instruments, prices, accounts, orders, fills, knobs,
+faults and request counts. One SimulatorState per app; `reset()` restores the start."""
 
 from __future__ import annotations
 
-import json
-import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
-_DATA = Path(__file__).resolve().parent / "instruments.json"
-DEFAULT_LEVERAGE = Decimal(10)  # Bybit's default until the account sets one
-TAKER_FEE = Decimal("0.00055")
+from service.simulator.faults import FaultBook
+from service.simulator.instruments import Instrument, load_market
+from service.simulator.values import plain, scaled
 
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+DEFAULT_LEVERAGE = Decimal(10)  # Bybit's leverage for a symbol the account never set
+TAKER_FEE_RATE = Decimal("0.00055")  # Bybit's base taker fee for perpetuals
+DEFAULT_BALANCE = Decimal(100_000)
 
 
 @dataclass
-class Instrument:
+class Position:
+    """A one-way position: size > 0 long, < 0 short."""
+
     symbol: str
-    status: str
-    qty_step: Decimal
-    min_order_qty: Decimal
-    max_order_qty: Decimal
-    max_mkt_order_qty: Decimal
-    min_notional_value: Decimal
-    tick_size: Decimal
-    max_leverage: Decimal
-
-    def payload(self) -> dict[str, Any]:
-        return {
-            "symbol": self.symbol,
-            "contractType": "LinearPerpetual",
-            "status": self.status,
-            "baseCoin": self.symbol.removesuffix("USDT"),
-            "quoteCoin": "USDT",
-            "settleCoin": "USDT",
-            "priceScale": str(max(0, -self.tick_size.as_tuple().exponent)),  # type: ignore[operator]
-            "leverageFilter": {
-                "minLeverage": "1",
-                "maxLeverage": str(self.max_leverage),
-                "leverageStep": "0.01",
-            },
-            "priceFilter": {
-                "minPrice": str(self.tick_size),
-                "maxPrice": "1999999.80",
-                "tickSize": str(self.tick_size),
-            },
-            "lotSizeFilter": {
-                "maxOrderQty": str(self.max_order_qty),
-                "minOrderQty": str(self.min_order_qty),
-                "qtyStep": str(self.qty_step),
-                "postOnlyMaxOrderQty": str(self.max_order_qty),
-                "maxMktOrderQty": str(self.max_mkt_order_qty),
-                "minNotionalValue": str(self.min_notional_value),
-            },
-        }
-
-
-def load_market() -> tuple[dict[str, Instrument], dict[str, Decimal]]:
-    data: dict[str, dict[str, str]] = json.loads(_DATA.read_text())
-    instruments, prices = {}, {}
-    for symbol, item in data.items():
-        instruments[symbol] = Instrument(
-            symbol=symbol,
-            status="Trading",
-            qty_step=Decimal(item["qtyStep"]),
-            min_order_qty=Decimal(item["minOrderQty"]),
-            max_order_qty=Decimal(item.get("maxOrderQty", item["maxMktOrderQty"])),
-            max_mkt_order_qty=Decimal(item["maxMktOrderQty"]),
-            min_notional_value=Decimal(item["minNotionalValue"]),
-            tick_size=Decimal(item["tickSize"]),
-            max_leverage=Decimal(item.get("maxLeverage", "50")),
-        )
-        prices[symbol] = Decimal(item["lastPrice"])
-    return instruments, prices
+    size: Decimal = Decimal(0)
+    avg_price: Decimal = Decimal(0)
+    initial_margin: Decimal = Decimal(0)
+    cum_realised_pnl: Decimal = Decimal(0)
+    created_ms: int = 0
+    updated_ms: int = 0
+    seq: int = -1
 
 
 @dataclass
 class Account:
     api_key: str
     api_secret: str
-    balance: Decimal
+    wallet_balance: Decimal
     leverage: dict[str, Decimal] = field(default_factory=dict)
-    # Timestamps (ms) of recent order/create calls, for the rate limit.
-    order_calls: deque[int] = field(default_factory=deque)
+    positions: dict[str, Position] = field(default_factory=dict)
+    order_link_ids: set[str] = field(default_factory=set)
+    # Accepted private calls per path (ms timestamps), for the rate limit and its headers.
+    calls: dict[str, deque[int]] = field(default_factory=dict)
+
+    def leverage_for(self, symbol: str) -> Decimal:
+        return self.leverage.get(symbol, DEFAULT_LEVERAGE)
+
+    def position(self, symbol: str) -> Position:
+        return self.positions.setdefault(symbol, Position(symbol=symbol))
+
+    @property
+    def position_margin(self) -> Decimal:
+        return sum((p.initial_margin for p in self.positions.values()), Decimal(0))
+
+    def available_balance(self) -> Decimal:
+        return self.wallet_balance - self.position_margin
 
 
 @dataclass
-class Fault:
-    id: int
-    path: str
-    kind: str
-    skip: int = 0
-    times: int | None = 1
-    api_key: str | None = None
-    status: int = 502
-    body: str | None = None
-    ret_code: int = 10016
-    ret_msg: str = "Internal server error"
-    delay_ms: int = 0
-    seen: int = 0
-    applied: int = 0
+class Order:
+    api_key: str
+    order_id: str
+    order_link_id: str
+    symbol: str
+    side: str
+    qty: Decimal
+    cum_exec_qty: Decimal
+    cum_exec_value: Decimal
+    cum_exec_fee: Decimal
+    avg_price: Decimal | None
+    order_status: str
+    reduce_only: bool
+    last_price: Decimal
+    created_ms: int
+    qty_step: Decimal
+    tick_size: Decimal
+    order_type: str = "Market"
 
-    def claim(self, path: str, api_key: str | None) -> bool:
-        """Count a matching call; True when this call is one the fault applies to."""
-        if path != self.path or (self.api_key is not None and api_key != self.api_key):
-            return False
-        self.seen += 1
-        if self.seen <= self.skip:
-            return False
-        if self.times is not None and self.applied >= self.times:
-            return False
-        self.applied += 1
-        return True
+    @property
+    def is_open(self) -> bool:
+        return self.order_status in ("New", "PartiallyFilled")
+
+    def payload(self) -> dict[str, Any]:
+        """An entry of order/realtime and order/history."""
+        filled = self.order_status == "Filled"
+        return {
+            "orderId": self.order_id,
+            "orderLinkId": self.order_link_id,
+            "blockTradeId": "",
+            "symbol": self.symbol,
+            "price": scaled(self.last_price, self.tick_size),
+            "qty": scaled(self.qty, self.qty_step),
+            "side": self.side,
+            "isLeverage": "",
+            "positionIdx": 0,
+            "orderStatus": self.order_status,
+            "createType": "CreateByUser",
+            "cancelType": "UNKNOWN",
+            "rejectReason": "EC_NoError" if filled else "EC_CancelForNoFullFill",
+            "avgPrice": scaled(self.avg_price, self.tick_size) if self.avg_price else "",
+            "leavesQty": scaled(Decimal(0), self.qty_step),
+            "leavesValue": "0",
+            "cumExecQty": scaled(self.cum_exec_qty, self.qty_step),
+            "cumExecValue": plain(self.cum_exec_value),
+            "cumExecFee": plain(self.cum_exec_fee),
+            "timeInForce": "IOC",
+            "orderType": self.order_type,
+            "stopOrderType": "",
+            "orderIv": "",
+            "marketUnit": "",
+            "triggerPrice": "",
+            "takeProfit": "",
+            "stopLoss": "",
+            "tpslMode": "",
+            "ocoTriggerBy": "",
+            "tpLimitPrice": "",
+            "slLimitPrice": "",
+            "tpTriggerBy": "",
+            "slTriggerBy": "",
+            "triggerDirection": 0,
+            "triggerBy": "",
+            "lastPriceOnCreated": scaled(self.last_price, self.tick_size),
+            "reduceOnly": self.reduce_only,
+            "closeOnTrigger": False,
+            "placeType": "",
+            "smpType": "None",
+            "smpGroup": 0,
+            "smpOrderId": "",
+            "createdTime": str(self.created_ms),
+            "updatedTime": str(self.created_ms),
+        }
+
+    def record(self) -> dict[str, Any]:
+        """The admin view (GET /sim/orders): the order as Bybit shows it, plus its account."""
+        return {"api_key": self.api_key, **self.payload()}
+
+
+@dataclass
+class Execution:
+    api_key: str
+    exec_id: str
+    order_id: str
+    order_link_id: str
+    symbol: str
+    side: str
+    exec_price: Decimal
+    exec_qty: Decimal
+    exec_fee: Decimal
+    order_qty: Decimal
+    exec_ms: int
+    seq: int
+    closed_size: Decimal
+    qty_step: Decimal
+    tick_size: Decimal
+
+    def payload(self) -> dict[str, Any]:
+        """An entry of execution/list."""
+        price = scaled(self.exec_price, self.tick_size)
+        return {
+            "symbol": self.symbol,
+            "orderId": self.order_id,
+            "orderLinkId": self.order_link_id,
+            "side": self.side,
+            "orderPrice": price,
+            "orderQty": scaled(self.order_qty, self.qty_step),
+            "leavesQty": scaled(Decimal(0), self.qty_step),
+            "createType": "CreateByUser",
+            "orderType": "Market",
+            "stopOrderType": "",
+            "execFee": plain(self.exec_fee),
+            "execId": self.exec_id,
+            "execPrice": price,
+            "execQty": scaled(self.exec_qty, self.qty_step),
+            "execType": "Trade",
+            "execValue": plain(self.exec_qty * self.exec_price),
+            "execTime": str(self.exec_ms),
+            "feeCurrency": "USDT",
+            "isMaker": False,
+            "feeRate": plain(TAKER_FEE_RATE),
+            "tradeIv": "",
+            "markIv": "",
+            "markPrice": price,
+            "indexPrice": price,
+            "underlyingPrice": "",
+            "blockTradeId": "",
+            "closedSize": scaled(self.closed_size, self.qty_step),
+            "seq": self.seq,
+        }
 
 
 @dataclass
@@ -126,29 +195,55 @@ class Config:
     order_rate_limit: int = 10  # order/create calls per second per account; 0 = off
     fill_ratio: Decimal = Decimal(1)
 
+    def payload(self) -> dict[str, Any]:
+        return {
+            "latency_ms": self.latency_ms,
+            "slippage_bps": plain(self.slippage_bps),
+            "order_rate_limit": self.order_rate_limit,
+            "fill_ratio": plain(self.fill_ratio),
+        }
+
 
 @dataclass
 class SimulatorState:
     instruments: dict[str, Instrument] = field(default_factory=dict)
     prices: dict[str, Decimal] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
-    orders: list[dict[str, Any]] = field(default_factory=list)
-    executions: list[dict[str, Any]] = field(default_factory=list)
-    faults: list[Fault] = field(default_factory=list)
+    orders: list[Order] = field(default_factory=list)
+    executions: list[Execution] = field(default_factory=list)
+    faults: FaultBook = field(default_factory=FaultBook)
     config: Config = field(default_factory=Config)
     requests: Counter[str] = field(default_factory=Counter)
-    next_fault_id: int = 1
+    seq: int = 0
 
     def __post_init__(self) -> None:
         if not self.instruments:
             self.instruments, self.prices = load_market()
 
     def reset(self) -> None:
-        fresh = SimulatorState()
-        self.__dict__.update(fresh.__dict__)
+        """Back to the start: no accounts, orders or faults, default knobs and market."""
+        self.instruments, self.prices = load_market()
+        self.accounts.clear()
+        self.orders.clear()
+        self.executions.clear()
+        self.faults.clear()
+        self.config = Config()
+        self.requests.clear()
+        self.seq = 0
 
-    def fault_for(self, path: str, api_key: str | None) -> Fault | None:
-        for fault in self.faults:
-            if fault.claim(path, api_key):
-                return fault
-        return None
+    def add_account(
+        self, api_key: str, api_secret: str, balance: Decimal = DEFAULT_BALANCE
+    ) -> Account:
+        """Create or replace an account with a USDT wallet balance. A replaced account starts
+        afresh (balance, leverage, positions) but keeps its orders: an orderLinkId it used is
+        never accepted again."""
+        account = Account(api_key=api_key, api_secret=api_secret, wallet_balance=balance)
+        previous = self.accounts.get(api_key)
+        if previous is not None:
+            account.order_link_ids = previous.order_link_ids
+        self.accounts[api_key] = account
+        return account
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq

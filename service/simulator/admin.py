@@ -1,0 +1,161 @@
+"""The unsigned admin API under /sim/, which tests, `demo` and the benchmarks drive."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from service.simulator.errors import now_ms
+from service.simulator.instruments import LOT_SIZE_FIELDS
+from service.simulator.keys import STATE_KEY
+from service.simulator.state import DEFAULT_BALANCE
+from service.simulator.values import loose_decimal
+
+INSTRUMENT_STATUSES = ("PreLaunch", "Trading", "Delivering", "Closed")
+
+
+def _bad(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=message)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except ValueError:
+        raise _bad("the body must be JSON") from None
+    if not isinstance(data, dict):
+        raise _bad("the body must be a JSON object")
+    return data
+
+
+def _decimal(data: dict[str, Any], name: str, *, positive: bool = False) -> Decimal:
+    try:
+        value = loose_decimal(data.get(name), name)
+    except ValueError as error:
+        raise _bad(str(error)) from None
+    if value < 0 or (positive and value == 0):
+        raise _bad(f"{name} must be {'positive' if positive else 'non-negative'}")
+    return value
+
+
+def _integer(data: dict[str, Any], name: str) -> int:
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(f"{name} must be a non-negative integer")
+    return value
+
+
+async def post_account(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    data = await _json_object(request)
+    key, secret = data.get("api_key"), data.get("api_secret")
+    if not isinstance(key, str) or not isinstance(secret, str) or not key or not secret:
+        raise _bad("api_key and api_secret are required strings")
+    balance = _decimal(data, "balance") if "balance" in data else DEFAULT_BALANCE
+    state.add_account(key, secret, balance)
+    return web.json_response({"api_key": key})
+
+
+async def get_orders(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    key = request.query.get("api_key")
+    orders = [o.record() for o in state.orders if key is None or o.api_key == key]
+    return web.json_response({"orders": orders})
+
+
+async def get_requests(request: web.Request) -> web.Response:
+    return web.json_response({"counts": dict(request.app[STATE_KEY].requests)})
+
+
+async def put_ticker(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    instrument = state.instruments.get(request.match_info["symbol"])
+    if instrument is None:
+        raise web.HTTPNotFound(text="unknown symbol")
+    data = await _json_object(request)
+    state.prices[instrument.symbol] = instrument.price(_decimal(data, "lastPrice", positive=True))
+    return web.json_response(instrument.ticker(state.prices[instrument.symbol], now_ms()))
+
+
+async def put_instrument(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    instrument = state.instruments.get(request.match_info["symbol"])
+    if instrument is None:
+        raise web.HTTPNotFound(text="unknown symbol")
+    data = await _json_object(request)
+    unknown = set(data) - {"status", "maxLeverage", *LOT_SIZE_FIELDS}
+    if unknown:
+        raise _bad(f"unknown fields: {', '.join(sorted(unknown))}")
+    if "status" in data:
+        if data["status"] not in INSTRUMENT_STATUSES:
+            raise _bad(f"status must be one of {', '.join(INSTRUMENT_STATUSES)}")
+        instrument.status = data["status"]
+    for name in LOT_SIZE_FIELDS:
+        if name in data:
+            instrument.set_lot_size(name, _decimal(data, name, positive=name != "minNotionalValue"))
+    if "maxLeverage" in data:
+        instrument.max_leverage = _decimal(data, "maxLeverage", positive=True)
+    return web.json_response(instrument.payload())
+
+
+async def get_config(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE_KEY].config.payload())
+
+
+async def put_config(request: web.Request) -> web.Response:
+    config = request.app[STATE_KEY].config
+    data = await _json_object(request)
+    unknown = set(data) - {"latency_ms", "slippage_bps", "order_rate_limit", "fill_ratio"}
+    if unknown:
+        raise _bad(f"unknown fields: {', '.join(sorted(unknown))}")
+    if "fill_ratio" in data and _decimal(data, "fill_ratio") > 1:
+        raise _bad("fill_ratio must be between 0 and 1")
+    if "latency_ms" in data:
+        config.latency_ms = _integer(data, "latency_ms")
+    if "order_rate_limit" in data:
+        config.order_rate_limit = _integer(data, "order_rate_limit")
+    if "slippage_bps" in data:
+        config.slippage_bps = _decimal(data, "slippage_bps")
+    if "fill_ratio" in data:
+        config.fill_ratio = _decimal(data, "fill_ratio")
+    return web.json_response(config.payload())
+
+
+async def post_fault(request: web.Request) -> web.Response:
+    data = await _json_object(request)
+    try:
+        fault = request.app[STATE_KEY].faults.add(data)
+    except ValueError as error:
+        raise _bad(str(error)) from None
+    return web.json_response({"id": fault.id})
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    faults = request.app[STATE_KEY].faults.faults
+    return web.json_response({"faults": [f.payload() for f in faults]})
+
+
+async def delete_faults(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].faults.clear()
+    return web.json_response({"faults": []})
+
+
+async def post_reset(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].reset()
+    return web.json_response({"reset": True})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/sim/accounts", post_account)
+    app.router.add_get("/sim/orders", get_orders)
+    app.router.add_get("/sim/requests", get_requests)
+    app.router.add_put("/sim/tickers/{symbol}", put_ticker)
+    app.router.add_put("/sim/instruments/{symbol}", put_instrument)
+    app.router.add_get("/sim/config", get_config)
+    app.router.add_put("/sim/config", put_config)
+    app.router.add_post("/sim/faults", post_fault)
+    app.router.add_get("/sim/faults", get_faults)
+    app.router.add_delete("/sim/faults", delete_faults)
+    app.router.add_post("/sim/reset", post_reset)

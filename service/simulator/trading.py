@@ -1,0 +1,254 @@
+"""The two calls that change an account: set-leverage and a market order (category linear).
+
+Checks follow Bybit's order: parameters (10001), the instrument's status (110074), the lot-size
+filters (10001), the minimum order value (110094), reduce-only (110017), the orderLinkId
+(110072), then the margin (110007). A market order fills at once at the last price, moved by
+the configured slippage, or partly (fill_ratio) and then ends Cancelled, as Bybit's IOC does.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from decimal import ROUND_DOWN, ROUND_UP, Decimal
+from typing import Any
+
+from service.simulator.errors import BybitError, now_ms, params_error
+from service.simulator.instruments import Instrument
+from service.simulator.state import (
+    TAKER_FEE_RATE,
+    Account,
+    Execution,
+    Order,
+    Position,
+    SimulatorState,
+)
+from service.simulator.values import decimal_string, floor_to_step, plain
+
+ORDER_LINK_ID = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
+LEVERAGE_STEP = Decimal("0.01")
+FEE_PLACES = Decimal("0.00000001")
+QTY_SCALE = Decimal(100_000_000)  # Bybit quotes qty limits in its messages x 1e8
+
+
+def require_linear(params: dict[str, Any]) -> None:
+    if params.get("category") != "linear":
+        raise params_error("category only support linear in the simulator")
+
+
+def instrument_of(state: SimulatorState, params: dict[str, Any]) -> Instrument:
+    symbol = params.get("symbol")
+    instrument = state.instruments.get(symbol) if isinstance(symbol, str) else None
+    if instrument is None:
+        raise params_error("symbol invalid")
+    return instrument
+
+
+def set_leverage(state: SimulatorState, account: Account, body: dict[str, Any]) -> dict[str, Any]:
+    require_linear(body)
+    instrument = instrument_of(state, body)
+    buy = decimal_string(body.get("buyLeverage"), "buyLeverage")
+    sell = decimal_string(body.get("sellLeverage"), "sellLeverage")
+    if buy != sell:
+        raise params_error("buyLeverage must equal sellLeverage in one-way mode")
+    if not Decimal(1) <= buy <= instrument.max_leverage or buy % LEVERAGE_STEP:
+        raise BybitError(
+            10001, f"leverage invalid: must be in [1, {instrument.max_leverage}] step 0.01"
+        )
+    if account.leverage_for(instrument.symbol) == buy:
+        raise BybitError(110043, "Set leverage has not been modified.")
+    position = account.positions.get(instrument.symbol)
+    if position is not None and position.size:
+        margin = abs(position.size) * position.avg_price / buy
+        if margin - position.initial_margin > account.available_balance():
+            raise BybitError(110044, "Available margin is insufficient.")
+        position.initial_margin = margin
+    account.leverage[instrument.symbol] = buy
+    return {}
+
+
+def _flag(raw: object, name: str) -> bool:
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    if raw in ("true", "false"):
+        return raw == "true"
+    raise params_error(f"{name} invalid")
+
+
+def _fill_price(state: SimulatorState, instrument: Instrument, side: str) -> Decimal:
+    last = state.prices[instrument.symbol]
+    slip = last * state.config.slippage_bps / Decimal(10_000)
+    if side == "Buy":
+        return (last + slip).quantize(instrument.tick_size, rounding=ROUND_UP)
+    return max(
+        (last - slip).quantize(instrument.tick_size, rounding=ROUND_DOWN), instrument.tick_size
+    )
+
+
+def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) -> dict[str, Any]:
+    require_linear(body)
+    instrument = instrument_of(state, body)
+    side = body.get("side")
+    if side not in ("Buy", "Sell"):
+        raise params_error("side invalid")
+    order_type = body.get("orderType")
+    if order_type not in ("Market", "Limit"):
+        raise params_error("orderType invalid")
+    if order_type != "Market":
+        raise params_error("the simulator accepts Market orders only")
+    if body.get("positionIdx", 0) not in (0, "0"):
+        raise BybitError(10001, "position idx not match position mode")
+    reduce_only = _flag(body.get("reduceOnly"), "reduceOnly")
+    link = body.get("orderLinkId", "")
+    if not isinstance(link, str) or (link and not ORDER_LINK_ID.match(link)):
+        raise params_error("orderLinkId invalid")
+    qty = decimal_string(body.get("qty"), "qty")
+    if qty <= 0:
+        raise params_error("qty invalid")
+    if instrument.status != "Trading":
+        raise BybitError(110074, "This contract is not live")
+    _check_lot_size(instrument, qty)
+    last = state.prices[instrument.symbol]
+    if qty * last < instrument.min_notional_value:
+        raise BybitError(
+            110094,
+            f"Order does not meet minimum order value {plain(instrument.min_notional_value)}USDT",
+        )
+    position = account.positions.get(instrument.symbol)
+    size = position.size if position is not None else Decimal(0)
+    signed = qty if side == "Buy" else -qty
+    if reduce_only:
+        if size == 0 or (size > 0) == (signed > 0):
+            raise BybitError(110017, "Reduce-only rule not satisfied")
+        qty = min(qty, abs(size))  # Bybit cuts a reduce-only order to the position
+        signed = qty if side == "Buy" else -qty
+    if link and link in account.order_link_ids:
+        raise BybitError(110072, "OrderLinkedID is duplicate")
+    price = _fill_price(state, instrument, side)
+    leverage = account.leverage_for(instrument.symbol)
+    opening = _opening_qty(size, signed)
+    required = opening * price / leverage + qty * price * TAKER_FEE_RATE
+    if required > account.available_balance():
+        raise BybitError(110007, "ab not enough for new order")
+    filled = floor_to_step(qty * state.config.fill_ratio, instrument.qty_step)
+    filled = min(max(filled, Decimal(0)), qty)
+    return _execute(state, account, instrument, side, qty, filled, price, link, reduce_only)
+
+
+def _check_lot_size(instrument: Instrument, qty: Decimal) -> None:
+    if qty % instrument.qty_step:
+        raise BybitError(10001, f"Qty invalid: must be a multiple of qtyStep {instrument.qty_step}")
+    if qty < instrument.min_order_qty:
+        raise BybitError(
+            10001,
+            "The number of contracts exceeds minimum limit allowed: too small, "
+            f"order_qty:{plain(qty * QTY_SCALE)} < "
+            f"min_qty:{plain(instrument.min_order_qty * QTY_SCALE)}",
+        )
+    if qty > instrument.max_mkt_order_qty:
+        raise BybitError(
+            10001,
+            "The number of contracts exceeds maximum limit allowed: too large, "
+            f"order_qty:{plain(qty * QTY_SCALE)} > "
+            f"max_qty:{plain(instrument.max_mkt_order_qty * QTY_SCALE)}",
+        )
+
+
+def _opening_qty(size: Decimal, signed: Decimal) -> Decimal:
+    """How much of an order adds to the position (the rest closes it)."""
+    if size == 0 or (size > 0) == (signed > 0):
+        return abs(signed)
+    return max(abs(signed) - abs(size), Decimal(0))
+
+
+def _execute(
+    state: SimulatorState,
+    account: Account,
+    instrument: Instrument,
+    side: str,
+    qty: Decimal,
+    filled: Decimal,
+    price: Decimal,
+    link: str,
+    reduce_only: bool,
+) -> dict[str, Any]:
+    now = now_ms()
+    order_id = str(uuid.uuid4())
+    fee = (filled * price * TAKER_FEE_RATE).quantize(FEE_PLACES, rounding=ROUND_UP)
+    order = Order(
+        api_key=account.api_key,
+        order_id=order_id,
+        order_link_id=link,
+        symbol=instrument.symbol,
+        side=side,
+        qty=qty,
+        cum_exec_qty=filled,
+        cum_exec_value=filled * price,
+        cum_exec_fee=fee,
+        avg_price=price if filled else None,
+        order_status="Filled" if filled == qty else "Cancelled",
+        reduce_only=reduce_only,
+        last_price=state.prices[instrument.symbol],
+        created_ms=now,
+        qty_step=instrument.qty_step,
+        tick_size=instrument.tick_size,
+    )
+    state.orders.append(order)
+    if link:
+        account.order_link_ids.add(link)
+    if filled:
+        position = account.position(instrument.symbol)
+        closed = _apply_fill(account, position, filled if side == "Buy" else -filled, price, now)
+        account.wallet_balance -= fee
+        position.seq = state.next_seq()
+        state.executions.append(
+            Execution(
+                api_key=account.api_key,
+                exec_id=str(uuid.uuid4()),
+                order_id=order_id,
+                order_link_id=link,
+                symbol=instrument.symbol,
+                side=side,
+                exec_price=price,
+                exec_qty=filled,
+                exec_fee=fee,
+                order_qty=qty,
+                exec_ms=now,
+                seq=position.seq,
+                closed_size=closed,
+                qty_step=instrument.qty_step,
+                tick_size=instrument.tick_size,
+            )
+        )
+    return {"orderId": order_id, "orderLinkId": link}
+
+
+def _apply_fill(
+    account: Account, position: Position, signed: Decimal, price: Decimal, now: int
+) -> Decimal:
+    """Move the position by a fill; returns the size it closed. Realised PnL goes to the
+    wallet, the margin of the closed part is released, the opened part takes new margin."""
+    leverage = account.leverage_for(position.symbol)
+    closed = Decimal(0)
+    if position.size and (position.size > 0) != (signed > 0):
+        closed = min(abs(signed), abs(position.size))
+        direction = Decimal(1) if position.size > 0 else Decimal(-1)
+        pnl = closed * (price - position.avg_price) * direction
+        released = position.initial_margin * closed / abs(position.size)
+        account.wallet_balance += pnl
+        position.cum_realised_pnl += pnl
+        position.initial_margin -= released
+        position.size += closed * -direction
+        signed += closed * direction
+        if position.size == 0:
+            position.avg_price = Decimal(0)
+            position.initial_margin = Decimal(0)
+    if signed:
+        total = abs(position.size) + abs(signed)
+        position.avg_price = (abs(position.size) * position.avg_price + abs(signed) * price) / total
+        position.size += signed
+        position.initial_margin += abs(signed) * price / leverage
+    if not position.created_ms:
+        position.created_ms = now
+    position.updated_ms = now
+    return closed
