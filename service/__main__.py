@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1)
+    api.add_argument(
+        "--app",
+        default="service.api:create_app",
+        help="the app factory to serve (benchmarks serve their baseline app the same way)",
+    )
     # worker and beat pass every further argument to Celery (see main()).
     commands.add_parser("worker", help="a Celery worker; extra arguments go to Celery")
     commands.add_parser("beat", help="Celery Beat (the recovery sweep); extra args go to Celery")

@@ -20,6 +20,7 @@ from service.config import Settings, get_settings
 from service.credentials.endpoints import router as credentials_router
 from service.db import create_engine, create_session_factory
 from service.errors import DomainError
+from service.indices.cache import IndexCache
 from service.indices.endpoints import router as indices_router
 from service.market_cache import MarketCache
 from service.metrics import CONTENT_TYPE, render_api_metrics
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings.database_url, pool_size=10)
         app.state.session_factory = create_session_factory(engine)
         app.state.cipher = cipher
+        app.state.index_cache = IndexCache()
         app.state.publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
         app.state.redis = aioredis.from_url(
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2

@@ -99,7 +99,7 @@ def api(args: argparse.Namespace) -> int:
     _configure()
     get_settings()  # fail fast on bad settings, before uvicorn starts
     uvicorn.run(
-        "service.api:create_app",
+        args.app,
         factory=True,
         host=args.host,
         port=args.port,

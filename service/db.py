@@ -27,7 +27,10 @@ def create_engine(database_url: str, *, pool_size: int = 5) -> AsyncEngine:
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip on every checkout. A connection that turns out
+        # dead fails its statement (a 503 in the API, a retried run in a worker) and, being a
+        # disconnect, makes the pool replace every connection older than it.
+        pool_pre_ping=False,
         # asyncpg's prepared-statement cache is per connection and safe with our pool.
         connect_args={"server_settings": {"application_name": "synthetic-index-trader"}},
     )

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.indices.cache import IndexCache
 from service.market_cache import MarketCache, MarketSnapshot
 from service.models import User
 from service.queue import CeleryPublisher
@@ -57,5 +58,11 @@ def get_cipher(request: Request) -> CredentialCipher:
     return cipher
 
 
+def get_index_cache(request: Request) -> IndexCache:
+    indices: IndexCache = request.app.state.index_cache
+    return indices
+
+
 Publisher = Annotated[CeleryPublisher, Depends(get_publisher)]
+Indices = Annotated[IndexCache, Depends(get_index_cache)]
 Cipher = Annotated[CredentialCipher, Depends(get_cipher)]

@@ -3,8 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from service.dependencies import Session
-from service.indices import repository
+from service.dependencies import Indices, Session
 from service.positions.schemas import DecimalString
 
 router = APIRouter(prefix="/api/indices", tags=["indices"])
@@ -23,7 +22,7 @@ class IndexOut(BaseModel):
 
 
 @router.get("", response_model=list[IndexOut])
-async def list_indices(session: Session) -> list[IndexOut]:
+async def list_indices(session: Session, indices: Indices) -> list[IndexOut]:
     return [
         IndexOut(
             code=i.code,
@@ -31,5 +30,5 @@ async def list_indices(session: Session) -> list[IndexOut]:
             description=i.description,
             components=[ComponentOut(symbol=c.symbol, weight=c.weight) for c in i.components],
         )
-        for i in await repository.list_indices(session)
+        for i in await indices.all(session)
     ]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from service.dependencies import CurrentUser, Market, Publisher, Session
+from service.dependencies import CurrentUser, Indices, Market, Publisher, Session
 from service.errors import error_responses
 from service.models import PositionStatus
 from service.positions import service
@@ -102,6 +102,7 @@ async def create_position(
     session: Session,
     publisher: Publisher,
     market: Market,
+    indices: Indices,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -120,18 +121,20 @@ async def create_position(
         size=body.size,
         direction=body.direction,
         market=market,
+        indices=indices,
         idempotency_key=idempotency_key,
     )
     await session.commit()
     position = opened.position
-    if opened.created:
-        # After the commit, so the worker always finds the row. If this publish is lost,
-        # the recovery sweep re-sends the PENDING position.
-        await publisher.try_publish(position.id)
-    else:
-        response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/api/positions/{position.id}"
-    return _out(await service.load_detail(session, position))
+    if not opened.created:
+        response.headers["Idempotent-Replayed"] = "true"
+        return _out(await service.load_detail(session, position))
+    # After the commit, so the worker always finds the row. If this publish is lost,
+    # the recovery sweep re-sends the PENDING position.
+    await publisher.try_publish(position.id)
+    # A position this request created has no components, trades or issues yet.
+    return _out(service.PositionDetail(position=position, components=[], trades=[]))
 
 
 @router.get(

@@ -8,11 +8,24 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import func, select, text, tuple_, update
+from sqlalchemy import (
+    Integer,
+    Numeric,
+    String,
+    Uuid,
+    exists,
+    func,
+    literal,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.models import (
+    ExchangeCredential,
     PositionComponent,
     PositionLeg,
     PositionStatus,
@@ -60,23 +73,40 @@ async def add_position(
     idempotency_key: str | None = None,
     request_fingerprint: str | None = None,
 ) -> SyntheticPosition | None:
-    """Insert a PENDING position; None when the user's Idempotency-Key is taken already.
+    """Insert a PENDING position, in the same statement as the check that the user has
+    credentials stored (so a delete racing with it cannot leave a position no worker can
+    trade). None when nothing was inserted: no credentials, or the user's Idempotency-Key
+    is taken already.
 
     With a concurrent insert of the same key, PostgreSQL makes this wait for the other
     transaction and then answers "taken", so a following read sees the winner's row.
     """
+    row = select(
+        literal(uuid.uuid4(), Uuid),
+        literal(user_id, Uuid),
+        literal(index_code, String),
+        literal(size, Numeric),
+        literal(direction, String),
+        literal(PositionStatus.PENDING.value, String),
+        literal(0, Integer),
+        literal(idempotency_key, String),
+        literal(request_fingerprint, String),
+    ).where(exists().where(ExchangeCredential.user_id == user_id))
     result = await session.execute(
         insert(SyntheticPosition)
-        .values(
-            id=uuid.uuid4(),
-            user_id=user_id,
-            index_code=index_code,
-            size=size,
-            direction=direction,
-            status=PositionStatus.PENDING,
-            attempts=0,
-            idempotency_key=idempotency_key,
-            request_fingerprint=request_fingerprint,
+        .from_select(
+            [
+                "id",
+                "user_id",
+                "index_code",
+                "size",
+                "direction",
+                "status",
+                "attempts",
+                "idempotency_key",
+                "request_fingerprint",
+            ],
+            row,
         )
         .on_conflict_do_nothing(index_elements=["user_id", "idempotency_key"])
         .returning(SyntheticPosition)

@@ -22,7 +22,7 @@ from service.errors import (
     ServiceUnavailableError,
     ValidationError,
 )
-from service.indices import repository as indices_repository
+from service.indices.cache import IndexCache
 from service.market_cache import MarketSnapshot
 from service.models import (
     Index,
@@ -111,6 +111,7 @@ async def open_position(
     size: Decimal,
     direction: Direction,
     market: MarketSnapshot | None,
+    indices: IndexCache,
     idempotency_key: str | None = None,
 ) -> OpenedPosition:
     fingerprint = request_fingerprint(index_code, size, direction) if idempotency_key else None
@@ -118,13 +119,11 @@ async def open_position(
         existing = await repository.get_by_idempotency_key(session, user.id, idempotency_key)
         if existing is not None:
             return _replay(existing, fingerprint, idempotency_key)
-    index = await indices_repository.get_index(session, index_code)
+    index = await indices.get(session, index_code)
     if index is None:
-        known = ", ".join(i.code for i in await indices_repository.list_indices(session))
+        known = ", ".join(i.code for i in await indices.all(session))
         raise ValidationError(f"unknown index {index_code!r}; known indices: {known}")
     check_tradeable(index, size, direction, market)
-    if not await has_credentials(session, user.id):
-        raise ConflictError("no Bybit credentials stored: PUT /api/credentials first")
     position = await repository.add_position(
         session,
         user_id=user.id,
@@ -136,6 +135,8 @@ async def open_position(
     )
     if position is not None:
         return OpenedPosition(position=position, created=True)
+    if not await has_credentials(session, user.id):
+        raise ConflictError("no Bybit credentials stored: PUT /api/credentials first")
     # A concurrent request with the same key won the insert.
     if idempotency_key is None or fingerprint is None:  # pragma: no cover - no key, no conflict
         raise ConflictError("position could not be created; retry")

@@ -1,0 +1,96 @@
+"""A closed-loop HTTP load generator in its own process (so its CPU is its own and measured):
+`concurrency` clients, each sending its next request when the previous answer arrived, until
+`requests` answers are in. Prints one JSON object: latencies, wall time, its own CPU time and
+the status codes seen.
+
+    python -m tests.benchmarks.loadgen --url URL --method POST --body '{...}' \
+        --header 'Authorization: Bearer ...' --concurrency 8 --requests 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from collections import Counter
+
+import aiohttp
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _run(args: argparse.Namespace) -> dict[str, object]:
+    headers = dict(h.split(": ", 1) for h in args.header)
+    body = args.body.encode() if args.body else None
+    if body:
+        headers.setdefault("Content-Type", "application/json")
+    latencies: list[float] = []
+    statuses: Counter[int] = Counter()
+    remaining = 0
+    etag: str | None = None
+
+    connector = aiohttp.TCPConnector(limit=args.concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def client(record: bool) -> None:
+            nonlocal remaining, etag
+            while remaining > 0:
+                remaining -= 1
+                sent = dict(headers)
+                if args.conditional and etag:
+                    sent["If-None-Match"] = etag
+                started = time.perf_counter()
+                async with session.request(args.method, args.url, data=body, headers=sent) as r:
+                    await r.read()
+                    elapsed = time.perf_counter() - started
+                    if args.conditional and r.status == 200:
+                        etag = r.headers.get("ETag")
+                if record:
+                    latencies.append(elapsed)
+                    statuses[r.status] += 1
+
+        # Warm-up requests open the connections and are not counted.
+        remaining = max(args.warmup, args.concurrency)
+        await asyncio.gather(*(client(False) for _ in range(args.concurrency)))
+        remaining = args.requests
+        cpu_before = _cpu_seconds()
+        wall_before = time.perf_counter()
+        await asyncio.gather(*(client(True) for _ in range(args.concurrency)))
+        wall = time.perf_counter() - wall_before
+        cpu = _cpu_seconds() - cpu_before
+    return {
+        "latencies": latencies,
+        "wall": wall,
+        "cpu": cpu,
+        "statuses": {str(k): v for k, v in statuses.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.loadgen")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--method", default="GET")
+    parser.add_argument("--body", default="")
+    parser.add_argument("--header", action="append", default=[])
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--conditional", action="store_true", help="send If-None-Match")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+        pass
+    json.dump(asyncio.run(_run(args)), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""A private stack for one benchmark run: its own database on the machine's PostgreSQL, its own
+Redis database number and queue, the simulator, and the API and workers as real processes,
+all on loopback. Everything it creates is removed when the run ends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from cryptography.fernet import Fernet
+
+from tests.support import ServiceProcess, free_port, wait_for_port
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchUser:
+    user_id: uuid.UUID
+    token: str
+    api_key: str
+    api_secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    database_url: str
+    simulator_url: str
+    queue: str
+    tmp: Path
+    processes: list[ServiceProcess] = field(default_factory=list)
+
+    def start(self, name: str, *args: str) -> ServiceProcess:
+        process = ServiceProcess(list(args), self.env, self.tmp / f"{name}.log")
+        self.processes.append(process)
+        return process
+
+    def start_api(self, *, app: str = "service.api:create_app") -> tuple[ServiceProcess, str]:
+        port = free_port()
+        process = self.start(f"api-{port}", "api", "--port", str(port), "--app", app)
+        wait_for_port(port, process.process)
+        return process, f"http://127.0.0.1:{port}"
+
+    def start_worker(self, *, processes: int) -> ServiceProcess:
+        name = f"bench-{secrets.token_hex(3)}"
+        return self.start(
+            name, "worker", "--pool", "prefork", "--concurrency", str(processes), "-n", f"{name}@%h"
+        )
+
+    def configure_simulator(self, **config: object) -> None:
+        httpx.put(f"{self.simulator_url}/sim/config", json=config).raise_for_status()
+
+    def new_user(self, *, balance: str = "1000000000") -> BenchUser:
+        return asyncio.run(self._new_user(balance))
+
+    async def _new_user(self, balance: str) -> BenchUser:
+        from service.config import Settings
+        from service.credentials.service import store_credentials
+        from service.db import create_engine, create_session_factory
+        from service.security import CredentialCipher
+        from service.users.service import authenticate, create_user_with_token
+
+        api_key, api_secret = f"BN{secrets.token_hex(8).upper()}", secrets.token_hex(16)
+        httpx.post(
+            f"{self.simulator_url}/sim/accounts",
+            json={"api_key": api_key, "api_secret": api_secret, "balance": balance},
+        ).raise_for_status()
+        settings = Settings(database_url=self.database_url)
+        engine = create_engine(self.database_url, pool_size=1)
+        try:
+            async with create_session_factory(engine)() as session:
+                issued = await create_user_with_token(
+                    session, f"bench-{secrets.token_hex(6)}@example.com"
+                )
+                user = await authenticate(session, issued.token)
+                await store_credentials(
+                    session,
+                    CredentialCipher(settings.credentials_keys.get_secret_value()),
+                    user.id,
+                    api_key=api_key,
+                    api_secret=api_secret,
+                )
+                await session.commit()
+        finally:
+            await engine.dispose()
+        return BenchUser(user.id, issued.token, api_key, api_secret)
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+
+
+async def _create_database(url: str) -> None:
+    from service.db import create_engine, create_session_factory, scope_for
+    from service.migrations import ensure_database, upgrade
+    from service.seed import seed_indices
+
+    await ensure_database(url)
+    await asyncio.to_thread(upgrade, url)
+    engine = create_engine(url, pool_size=1)
+    try:
+        await seed_indices(scope_for(create_session_factory(engine)))
+    finally:
+        await engine.dispose()
+
+
+async def _drop_database(name: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(host="127.0.0.1", user="postgres", database="postgres")
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+async def warm_market(stack: Stack) -> None:
+    """What Beat's refresh job does: filters and prices of every catalogue symbol in Redis."""
+    import redis.asyncio as aioredis
+
+    from service.bybit.client import BybitClient, create_http_session
+    from service.db import create_engine, create_session_factory, scope_for
+    from service.market_cache import MarketCache, refresh_market_cache
+    from service.market_data import MarketData
+
+    engine = create_engine(stack.database_url, pool_size=1)
+    redis = aioredis.from_url(REDIS_URL)
+    try:
+        async with create_http_session(connect_timeout=2, read_timeout=5) as http:
+            await refresh_market_cache(
+                scope_for(create_session_factory(engine)),
+                MarketData(BybitClient(http, stack.simulator_url)),
+                MarketCache(redis, max_age_seconds=24 * 3600),
+            )
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+
+
+def _clean_redis(queue: str) -> None:
+    import redis
+
+    from service.market_cache import CACHE_KEY
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for key in [*client.scan_iter(match=f"*{queue}*"), CACHE_KEY]:
+            client.delete(key)
+        remaining = list(client.scan_iter(count=1000))
+        if all(key.startswith((b"_kombu.binding", b"unacked")) for key in remaining):
+            for key in remaining:
+                client.delete(key)
+    finally:
+        client.close()
+
+
+@contextmanager
+def bench_stack(**settings: str) -> Iterator[Stack]:
+    run_id = uuid.uuid4().hex[:8]
+    name = f"trader_bench_{run_id}"
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    queue = f"trades-bench-{run_id}"
+    with tempfile.TemporaryDirectory(prefix="trader-bench-") as tmp:
+        sim_port = free_port()
+        env = dict(os.environ)
+        env.update(
+            {
+                "DATABASE_URL": url,
+                "REDIS_URL": REDIS_URL,
+                "CELERY_QUEUE": queue,
+                "CREDENTIALS_KEYS": Fernet.generate_key().decode(),
+                "BYBIT_BASE_URL": f"http://127.0.0.1:{sim_port}",
+                "LOG_FORMAT": "json",
+                "LOG_LEVEL": "INFO",
+                "WORKER_METRICS_PORT": "0",
+                **settings,
+            }
+        )
+        # This process reads the same settings as the ones it starts.
+        saved = dict(os.environ)
+        os.environ.update(env)
+        from service.config import get_settings
+
+        get_settings.cache_clear()
+        stack = Stack(env, url, f"http://127.0.0.1:{sim_port}", queue, Path(tmp))
+        try:
+            simulator = stack.start("simulator", "simulator", "--port", str(sim_port))
+            wait_for_port(sim_port, simulator.process)
+            stack.configure_simulator(order_rate_limit=0, latency_ms=0)
+            asyncio.run(_create_database(url))
+            asyncio.run(warm_market(stack))
+            yield stack
+        finally:
+            stack.stop_all()
+            asyncio.run(_drop_database(name))
+            _clean_redis(queue)
+            os.environ.clear()
+            os.environ.update(saved)
+            get_settings.cache_clear()
