@@ -1,8 +1,9 @@
 """The execution flow of one position, as plain async functions that take their dependencies.
 
 claim (PENDING -> EXECUTING, or the claim holder resumes) -> plan once (stored before the first
-order) -> each leg in order: decrypt the key, leverage 1x, look the leg up if it may have been
-sent, place the market order with its orderLinkId, read the outcome, record the fill at once
+order) -> decrypt the key (once per run) -> each leg in order: leverage 1x, look the leg up if
+it may have been sent, place the market order with its orderLinkId, read the outcome, record
+the fill at once
 -> all filled: snapshot + ACTIVE in one transaction. A permanent error fails the position at
 once; a transient one asks the caller (the Celery task) to run again after the next delay.
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import structlog
 from tenacity import (
@@ -35,7 +36,7 @@ from tenacity import (
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient
 from service.bybit.errors import BybitError, BybitRateLimitError, DuplicateOrderLinkIdError
-from service.bybit.types import Order
+from service.bybit.types import Instrument, Order, WalletBalance
 from service.credentials.service import load_decrypted
 from service.db import SessionScope
 from service.indices import repository as indices_repository
@@ -186,12 +187,15 @@ async def _run_claimed(
     try:
         plan = await _ensure_plan(deps, position, log)
         recorded = await _recorded_links(deps, position.id)
+        # Decrypted once per run, kept only in this run's memory; a rotation of the
+        # encryption keys meanwhile changes the stored ciphertext, not the key itself.
+        credentials = await _credentials(deps, position, None)
         if not recorded and all(leg.submitted_at is None for leg in plan):
-            await _preflight(deps, position, plan, log)
+            await _preflight(deps, credentials, plan, log)
         for leg in plan:
             if leg.order_link_id in recorded:
                 continue
-            await _execute_leg(deps, position, leg, log)
+            await _execute_leg(deps, credentials, position, leg, log)
         await _finish(deps, position, plan, task_id, log)
         return RunResult(Outcome.ACTIVE)
     except PermanentLegError as error:
@@ -277,7 +281,7 @@ async def _recorded_links(deps: ExecutionDeps, position_id: uuid.UUID) -> set[st
 
 async def _preflight(
     deps: ExecutionDeps,
-    position: SyntheticPosition,
+    credentials: ApiCredentials,
     plan: Sequence[PositionLeg],
     log: structlog.stdlib.BoundLogger,
 ) -> None:
@@ -286,13 +290,23 @@ async def _preflight(
     every symbol. A basket that fails half-way leaves the user holding part of an index, so
     whatever can be known before the first order is checked here."""
     symbols = [leg.symbol for leg in plan]
-    try:
-        instruments = await _call(deps, deps.market.instruments, symbols, fresh=True)
-        prices = await _call(deps, deps.market.prices, symbols)
-    except MarketDataUnavailableError as error:
-        raise _preflight_failure(log, f"market data: {error}", None) from None
-    except BybitError as error:
-        raise _classify(error, None, "pre-flight market data") from None
+    # Filters, prices and the balance are independent reads: one round trip, not three.
+    reads = await asyncio.gather(
+        _call(deps, deps.market.instruments, symbols, fresh=True),
+        _call(deps, deps.market.prices, symbols),
+        _call(deps, deps.exchange.get_wallet_balance, credentials),
+        return_exceptions=True,
+    )
+    for result in reads:
+        if isinstance(result, MarketDataUnavailableError):
+            raise _preflight_failure(log, f"market data: {result}", None) from None
+        if isinstance(result, BybitError):
+            raise _classify(result, None, "pre-flight market data and balance", log) from None
+        if isinstance(result, BaseException):
+            raise result
+    instruments, prices, wallet = cast(
+        tuple[dict[str, Instrument], dict[str, Decimal], WalletBalance], tuple(reads)
+    )
     required = Decimal(0)
     for leg in plan:
         rules, price = instruments[leg.symbol], prices[leg.symbol]
@@ -313,11 +327,6 @@ async def _preflight(
             )
         if problem:
             raise _preflight_failure(log, _leg_reason(leg, problem), leg.leg)
-    credentials = await _credentials(deps, position, None)
-    try:
-        wallet = await _call(deps, deps.exchange.get_wallet_balance, credentials)
-    except BybitError as error:
-        raise _classify(error, None, "pre-flight balance", log) from None
     needed = (required * (1 + deps.preflight_margin)).quantize(Decimal("0.01"))
     if wallet.total_available_balance < needed:
         raise _preflight_failure(
@@ -327,8 +336,13 @@ async def _preflight(
             f"+ {deps.preflight_margin:%} for fees and slippage)",
             None,
         )
-    for leg in plan:
-        await _ensure_leverage(deps, credentials, leg, log)
+    # Leverage is per symbol: set on every symbol at once (each is cached once confirmed).
+    outcomes = await asyncio.gather(
+        *(_ensure_leverage(deps, credentials, leg, log) for leg in plan), return_exceptions=True
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
     log.info(
         "preflight.passed",
         required_usdt=str(needed),
@@ -349,6 +363,7 @@ def _preflight_failure(
 
 async def _execute_leg(
     deps: ExecutionDeps,
+    credentials: ApiCredentials,
     position: SyntheticPosition,
     leg: PositionLeg,
     run_log: structlog.stdlib.BoundLogger,
@@ -360,7 +375,6 @@ async def _execute_leg(
         qty=str(leg.quantity),
         order_link_id=leg.order_link_id,
     )
-    credentials = await _credentials(deps, position, leg.leg)
     await _ensure_leverage(deps, credentials, leg, log)
     started = time.perf_counter()
     order: Order | None = None
@@ -371,8 +385,8 @@ async def _execute_leg(
             log.info("leg.found_existing", bybit_order_id=order.order_id)
     if order is None:
         async with deps.sessions() as session:
+            # The heartbeat moves with every recorded fill; the run lock says the run lives.
             await repository.mark_leg_submitted(session, position.id, leg.leg)
-            await repository.touch_heartbeat(session, position.id)
         log.info("leg.submitted")
         await _place(deps, credentials, leg, log)
     order = await _await_outcome(deps, credentials, leg)

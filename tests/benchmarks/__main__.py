@@ -1,20 +1,23 @@
 """Benchmarks (not part of the test command): `scripts/dev bench`.
 
 Runs every benchmark in one go and rewrites docs/benchmarks.md with the machine, the command
-and the figures.
+and the figures, each against its goal.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.benchmarks import client_orders, worker_overhead
+from tests.benchmarks import api_load, client_orders, profiles, worker_overhead, worker_runs
+from tests.benchmarks.stack import bench_stack
 
 ROOT = Path(__file__).resolve().parents[2]
+DEFAULTS = {"orders": 500, "tasks": 1000, "requests": 2000, "positions": 20, "scale": 40}
 
 
 def _machine() -> str:
@@ -32,20 +35,41 @@ def _machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks")
-    parser.add_argument("--orders", type=int, default=500)
-    parser.add_argument("--tasks", type=int, default=300)
+    parser.add_argument("--orders", type=int, default=DEFAULTS["orders"])
+    parser.add_argument("--tasks", type=int, default=DEFAULTS["tasks"])
+    parser.add_argument("--requests", type=int, default=DEFAULTS["requests"])
+    parser.add_argument("--positions", type=int, default=DEFAULTS["positions"])
+    parser.add_argument("--scale", type=int, default=DEFAULTS["scale"])
+    parser.add_argument("--memory", type=int, default=10_000)
     args = parser.parse_args()
-    sections = [client_orders.run(orders=args.orders), worker_overhead.run(tasks=args.tasks)]
+    sections = [client_orders.run(orders=args.orders)]
+    with bench_stack() as stack:
+        sections.append(api_load.run(stack, requests=args.requests))
+        sections.append(profiles.profile_api(stack))
+    with bench_stack() as stack:
+        sections.append(
+            worker_runs.run(
+                stack,
+                latency_positions=args.positions,
+                scale_positions=args.scale,
+                memory_positions=args.memory,
+            )
+        )
+    sections.append(worker_overhead.run(tasks=args.tasks))
+    options = " ".join(
+        f"--{name} {value}" for name, value in vars(args).items() if DEFAULTS.get(name) != value
+    )
+    options = options.replace("--memory 10000", "").strip()
     text = "\n".join(
         [
             "# Benchmarks",
             "",
             f"- Machine: {_machine()}",
-            "- Command: `scripts/dev bench` (`python -m tests.benchmarks"
-            + (f" --orders {args.orders}" if args.orders != 500 else "")
-            + (f" --tasks {args.tasks}" if args.tasks != 300 else "")
-            + "`)",
+            f"- Command: `scripts/dev bench{' ' + options if options else ''}` "
+            "(`python -m tests.benchmarks`), every figure below from that one run",
             f"- Run: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- Load: PostgreSQL, Redis, simulator, API, workers and load generator all share "
+            f"the machine's {os.cpu_count()} cores",
             "",
             "Ratios are the result; absolute times depend on the machine and are context.",
             "",

@@ -1,0 +1,391 @@
+"""The worker end to end, on real processes: POST to ACTIVE for a 10-leg index against the
+floor (the exchange round trips a run cannot avoid), positions per second with one and with
+two worker processes, and resident memory of the API and a worker after many positions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import secrets
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from service.bybit.auth import ApiCredentials
+from service.bybit.client import BybitClient, create_http_session
+from tests.benchmarks.api_load import load
+from tests.benchmarks.stack import BenchUser, Stack
+
+TOP10 = {"index": "TOP10", "size": "20000", "direction": "long"}
+BLUECHIP = {"index": "BLUECHIP", "size": "1000", "direction": "long"}
+FINAL = ("ACTIVE", "FAILED")
+
+
+def _dsn(stack: Stack) -> str:
+    return stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def _wait_final(
+    dsn: str, ids: list[str], timeout: float, on_poll: Callable[[int], None] | None = None
+) -> dict[str, tuple[str, float]]:
+    """Poll the database until every position is final: {id: (status, updated_at epoch)}."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = await connection.fetch(
+                "SELECT id::text, status, extract(epoch FROM updated_at)::float8 AS at "
+                "FROM synthetic_positions WHERE id = ANY($1::uuid[])",
+                ids,
+            )
+            done = {r["id"]: (r["status"], r["at"]) for r in rows if r["status"] in FINAL}
+            if on_poll:
+                on_poll(len(done))
+            if len(done) == len(ids):
+                return done
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(ids) - len(done)} positions not final after {timeout}s")
+            await asyncio.sleep(0.005 if len(ids) == 1 else 0.2)
+    finally:
+        await connection.close()
+
+
+def _post(api: httpx.Client, user: BenchUser, body: dict[str, str]) -> str:
+    response = api.post("/api/positions", json=body, headers=user.headers)
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+def _sim_calls(stack: Stack) -> dict[str, int]:
+    counts = httpx.get(f"{stack.simulator_url}/sim/requests").json()["counts"]
+    return {k: int(v) for k, v in counts.items()}
+
+
+# ---- POST to ACTIVE against the floor -----------------------------------------------------
+
+
+async def _floor_run(stack: Stack, user: BenchUser, symbols: list[str], qty: list[str]) -> float:
+    """The unavoidable round trips of one basket with our client, nothing else: one
+    concurrent pre-flight read (filters, prices, balance), then per leg the order and the
+    read of its outcome, one leg after the other."""
+    credentials = ApiCredentials(api_key=user.api_key, api_secret=user.api_secret)
+    async with create_http_session(connect_timeout=5, read_timeout=10) as http:
+        client = BybitClient(http, stack.simulator_url)
+        await client.get_wallet_balance(credentials)  # connection set up outside the timing
+        started = time.perf_counter()
+        await asyncio.gather(
+            client.get_instruments(symbols[0]),
+            client.get_tickers(symbols[0]),
+            client.get_wallet_balance(credentials),
+        )
+        for symbol, amount in zip(symbols, qty, strict=True):
+            link = f"floor-{secrets.token_hex(8)}"
+            await client.create_market_order(
+                credentials, symbol=symbol, side="Buy", qty=Decimal(amount), order_link_id=link
+            )
+            await client.get_order(credentials, symbol=symbol, order_link_id=link)
+        return time.perf_counter() - started
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyFigures:
+    runs: list[float]
+    floors: list[float]
+    calls_per_position: float
+    phases: dict[str, float]  # mean ms per phase, from the worker's own log events
+
+
+PHASES = (
+    ("POST sent -> claimed by a worker (API, broker, task start, claim)", "sent", "claimed"),
+    ("claimed -> plan stored", "claimed", "planned"),
+    ("plan stored -> pre-flight passed (1 exchange round trip)", "planned", "preflight"),
+    ("per leg: order sent -> accepted (1 round trip)", "submitted", "accepted"),
+    ("per leg: accepted -> fill read and recorded (1 round trip + INSERT)", "accepted", "filled"),
+    ("per leg: previous leg recorded -> next order marked sent (UPDATE)", "filled", "submitted"),
+    ("last leg recorded -> ACTIVE (snapshot + status, one transaction)", "filled", "active"),
+)
+
+
+def _phases(log: str, sent_at: dict[str, float]) -> dict[str, float]:
+    """Mean duration of each phase of a run, from the JSON events the worker logs."""
+    events: dict[str, list[tuple[str, float]]] = {p: [] for p in sent_at}
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        position = event.get("position_id")
+        if position not in events:
+            continue
+        name = event["event"]
+        key = {
+            "position.planned": "planned",
+            "preflight.passed": "preflight",
+            "leg.submitted": "submitted",
+            "leg.accepted": "accepted",
+            "leg.filled": "filled",
+        }.get(name)
+        if name == "position.status_changed":
+            key = "claimed" if event["to_status"] == "EXECUTING" else "active"
+        if key:
+            at = datetime.fromisoformat(event["timestamp"]).timestamp()
+            events[position].append((key, at))
+    spans: dict[str, list[float]] = {label: [] for label, _, _ in PHASES}
+    for position, sequence in events.items():
+        sequence = [("sent", sent_at[position]), *sequence]
+        for (before, t0), (after, t1) in itertools.pairwise(sequence):
+            for label, start, end in PHASES:
+                if (before, after) == (start, end):
+                    spans[label].append((t1 - t0) * 1000)
+    return {label: statistics.fmean(v) for label, v in spans.items() if v}
+
+
+def _post_to_active(
+    stack: Stack, api: httpx.Client, user: BenchUser, positions: int, worker_log: Callable[[], str]
+) -> LatencyFigures:
+    dsn = _dsn(stack)
+    asyncio.run(_wait_final(dsn, [_post(api, user, TOP10)], 60))  # warm-up: leverage, pools
+    before = _sim_calls(stack)
+    runs = []
+    sent_at: dict[str, float] = {}
+    for _ in range(positions):
+        sent = time.time()
+        position_id = _post(api, user, TOP10)
+        sent_at[position_id] = sent
+        final = asyncio.run(_wait_final(dsn, [position_id], 60))
+        status, finished = final[position_id]
+        assert status == "ACTIVE", status
+        runs.append(finished - sent)
+    after = _sim_calls(stack)
+    calls = sum(after.values()) - sum(before.values())
+    # The same legs, placed by the floor run.
+    detail = api.get(f"/api/positions/{position_id}", headers=user.headers).json()
+    legs = [(t["symbol"], t["quantity"]) for t in detail["trades"]]
+    floors = [
+        asyncio.run(_floor_run(stack, user, [s for s, _ in legs], [q for _, q in legs]))
+        for _ in range(positions)
+    ]
+    return LatencyFigures(runs, floors, calls / positions, _phases(worker_log(), sent_at))
+
+
+# ---- scaling ------------------------------------------------------------------------------
+
+
+def _throughput(stack: Stack, api: httpx.Client, user: BenchUser, positions: int) -> float:
+    """Positions per second while a backlog of positions is worked off."""
+    ids = [_post(api, user, TOP10) for _ in range(positions)]
+    final = asyncio.run(_wait_final(_dsn(stack), ids, 600))
+    assert all(s == "ACTIVE" for s, _ in final.values())
+    times = sorted(at for _, at in final.values())
+    # From the first finished to the last: the steady state, without start-up or queueing.
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def _purge_queue(stack: Stack) -> None:
+    import redis
+
+    from tests.benchmarks.stack import REDIS_URL
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.delete(stack.queue)
+    finally:
+        client.close()
+
+
+# ---- memory -------------------------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _memory(
+    stack: Stack, api_pid: int, url: str, user: BenchUser, worker_pid: int, positions: int
+) -> list[tuple[int, float, float]]:
+    """Post `positions` two-leg positions through the API (8 clients) while the worker runs
+    them; sample RSS of the API and of the worker's pool processes as they complete."""
+    samples: list[tuple[int, float, float]] = []
+    marks = {positions * k // 10 for k in range(1, 11)}
+
+    loader = threading.Thread(
+        target=load,
+        args=(api_pid, f"{url}/api/positions"),
+        kwargs={
+            "method": "POST",
+            "concurrency": 8,
+            "requests": positions,
+            "headers": user.headers,
+            "body": json.dumps(BLUECHIP),
+        },
+    )
+    dsn = _dsn(stack)
+    loader.start()
+
+    async def watch() -> None:
+        connection = await asyncpg.connect(dsn)
+        try:
+            last = -1
+            deadline = time.monotonic() + 1800
+            while time.monotonic() < deadline:
+                done = int(
+                    await connection.fetchval(
+                        "SELECT count(*) FROM synthetic_positions "
+                        "WHERE user_id = $1 AND status IN ('ACTIVE', 'FAILED')",
+                        user.user_id,
+                    )
+                )
+                if done != last:
+                    # Sample when a mark is crossed, not only when hit exactly.
+                    for mark in sorted(m for m in marks if m <= done):
+                        marks.discard(mark)
+                        pool = _children(worker_pid)
+                        samples.append(
+                            (
+                                mark,
+                                _rss_mib(api_pid),
+                                max((_rss_mib(p) for p in pool), default=0.0),
+                            )
+                        )
+                    last = done
+                if done >= positions and not loader.is_alive():
+                    return
+                await asyncio.sleep(0.5)
+            raise TimeoutError("memory run did not finish")
+        finally:
+            await connection.close()
+
+    asyncio.run(watch())
+    loader.join()
+    return samples
+
+
+# ---- the section ----------------------------------------------------------------------------
+
+
+def run(
+    stack: Stack, *, latency_positions: int, scale_positions: int, memory_positions: int
+) -> str:
+    stack.configure_simulator(latency_ms=20, order_rate_limit=0)
+    user = stack.new_user()
+    server, url = stack.start_api()
+    api = httpx.Client(base_url=url, timeout=10)  # one keep-alive client, like a frontend
+    worker = stack.start_worker(processes=1)
+    latency = _post_to_active(stack, api, user, latency_positions, worker.output)
+    one = _throughput(stack, api, user, scale_positions)
+    worker.stop()
+    _purge_queue(stack)
+    worker = stack.start_worker(processes=2)
+    asyncio.run(_wait_final(_dsn(stack), [_post(api, user, TOP10)], 60))  # both warm
+    two = _throughput(stack, api, user, scale_positions)
+    stack.configure_simulator(latency_ms=0, order_rate_limit=0)
+    memory = _memory(stack, server.pid, url, user, worker.pid, memory_positions)
+    worker.stop()
+    api.close()
+    server.stop()
+
+    run_mean = statistics.fmean(latency.runs) * 1000
+    floor_mean = statistics.fmean(latency.floors) * 1000
+    ratio = run_mean / floor_mean
+    scaling = two / one
+    warm = memory[1] if len(memory) > 1 else memory[0]
+    api_growth = memory[-1][1] - warm[1]
+    worker_growth = memory[-1][2] - warm[2]
+    return "\n".join(
+        [
+            "## Worker: POST to ACTIVE for a 10-leg index, against the floor",
+            "",
+            f"Simulator latency 20 ms on every call. `TOP10` (10 legs), {latency_positions} "
+            "positions one after another, one worker process (after one warm-up position). "
+            "The time runs from just before `POST /api/positions` to the ACTIVE row's "
+            "`updated_at` (set by `clock_timestamp()` in the transaction that marks it "
+            "ACTIVE). The floor is the same basket's unavoidable exchange round trips with "
+            "our client and nothing else: one concurrent pre-flight read (filters, prices, "
+            "balance), then per leg the order and the read of its fill, leg after leg.",
+            "",
+            "| | mean ms | p50 ms | max ms |",
+            "|---|---|---|---|",
+            f"| POST to ACTIVE | {run_mean:.1f} | {statistics.median(latency.runs) * 1000:.1f} "
+            f"| {max(latency.runs) * 1000:.1f} |",
+            f"| floor (21 round trips) | {floor_mean:.1f} | "
+            f"{statistics.median(latency.floors) * 1000:.1f} | {max(latency.floors) * 1000:.1f} |",
+            "",
+            f"POST to ACTIVE is **{ratio:.3f}x** the floor (goal: within 1.1x: "
+            f"{'met' if ratio <= 1.1 else 'not met'}); the service adds "
+            f"{run_mean - floor_mean:.1f} ms to a {floor_mean:.0f} ms basket (API, queue, "
+            "database writes before and after every order). Exchange calls per position: "
+            f"{latency.calls_per_position:.1f} (the 21 round trips of the floor: the "
+            "pre-flight's filters, prices and balance go out side by side, one request per "
+            "symbol).",
+            "",
+            "Where the time of a run goes (means over the measured positions, from the "
+            "timestamps of the worker's own log events; one exchange round trip in the floor "
+            f"run costs {floor_mean / 21:.1f} ms):",
+            "",
+            "| phase | mean ms |",
+            "|---|---|",
+            *[f"| {label} | {ms:.1f} |" for label, ms in latency.phases.items()],
+            "",
+            "## Scale: one and two worker processes",
+            "",
+            f"{scale_positions} TOP10 positions posted at once, simulator latency 20 ms; "
+            "positions per second from the first to the last one finished.",
+            "",
+            "| worker processes | positions/s |",
+            "|---|---|",
+            f"| 1 | {one:.2f} |",
+            f"| 2 | {two:.2f} |",
+            "",
+            f"Two processes give **{scaling:.2f}x** one (goal at least 1.8x: "
+            f"{'met' if scaling >= 1.8 else 'not met'}).",
+            "",
+            "## Memory after many positions",
+            "",
+            f"{memory_positions} BLUECHIP positions (2 legs) posted through the API by 8 "
+            "clients while a worker with 2 pool processes runs them (simulator latency 0). "
+            "Resident size (VmRSS) of the API process and of the larger pool process, "
+            "sampled as positions completed.",
+            "",
+            "| positions final | API MiB | worker pool process MiB |",
+            "|---|---|---|",
+            *[
+                f"| {done} | {api_mib:.1f} | {worker_mib:.1f} |"
+                for done, api_mib, worker_mib in memory
+            ],
+            "",
+            f"From the second sample ({warm[0]} positions, after warm-up) to the last: API "
+            f"{api_growth:+.1f} MiB, worker {worker_growth:+.1f} MiB.",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover - a quick look at one section
+    from tests.benchmarks.stack import bench_stack
+
+    with bench_stack() as stack:
+        print(
+            run(
+                stack,
+                latency_positions=int(os.environ.get("N", "5")),
+                scale_positions=int(os.environ.get("S", "20")),
+                memory_positions=int(os.environ.get("M", "500")),
+            )
+        )
