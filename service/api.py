@@ -176,6 +176,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             headers = {"WWW-Authenticate": "Bearer"}
         elif error.status_code == 503:
             headers = {"Retry-After": "5"}
+            logger.warning("api.unavailable", detail=error.message)
         return JSONResponse({"detail": error.message}, error.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -130,7 +130,9 @@ class MarketCache:
         except RedisError:
             return self._fresh(self._last)
         if raw is None:
-            return None
+            # Gone from Redis: expired (then the copy in memory is too old as well), or
+            # Redis restarted empty, when the copy in memory still serves until its max age.
+            return self._fresh(self._last)
         try:
             snapshot = MarketSnapshot.from_json(raw)
         except (ValueError, KeyError, TypeError, ArithmeticError):

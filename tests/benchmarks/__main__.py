@@ -42,12 +42,18 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=DEFAULTS["scale"])
     parser.add_argument("--memory", type=int, default=10_000)
     args = parser.parse_args()
-    sections = [client_orders.run(orders=args.orders)]
+    sections: list[str] = []
+
+    def add(section: str) -> None:
+        sections.append(section)
+        print(section, flush=True)  # a section at a time: a long run shows its progress
+
+    add(client_orders.run(orders=args.orders))
     with bench_stack() as stack:
-        sections.append(api_load.run(stack, requests=args.requests))
-        sections.append(profiles.profile_api(stack))
+        add(api_load.run(stack, requests=args.requests))
+        add(profiles.profile_api(stack))
     with bench_stack() as stack:
-        sections.append(
+        add(
             worker_runs.run(
                 stack,
                 latency_positions=args.positions,
@@ -55,7 +61,7 @@ def main() -> None:
                 memory_positions=args.memory,
             )
         )
-    sections.append(worker_overhead.run(tasks=args.tasks))
+    add(worker_overhead.run(tasks=args.tasks))
     options = " ".join(
         f"--{name} {value}" for name, value in vars(args).items() if DEFAULTS.get(name) != value
     )
@@ -78,7 +84,7 @@ def main() -> None:
     )
     out = ROOT / "docs" / "benchmarks.md"
     out.write_text(text + "\n")
-    print(text)
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

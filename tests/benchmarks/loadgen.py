@@ -56,7 +56,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
                     statuses[r.status] += 1
 
         # Warm-up requests open the connections and are not counted.
-        remaining = max(args.warmup, args.concurrency)
+        remaining = args.warmup  # 0: every request counts, none is sent beforehand
         await asyncio.gather(*(client(False) for _ in range(args.concurrency)))
         remaining = args.requests
         cpu_before = _cpu_seconds()

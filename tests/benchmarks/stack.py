@@ -187,6 +187,8 @@ def bench_stack(**settings: str) -> Iterator[Stack]:
                 "LOG_FORMAT": "json",
                 "LOG_LEVEL": "INFO",
                 "WORKER_METRICS_PORT": "0",
+                # No Beat here to refresh the snapshot; the simulator's prices do not move.
+                "MARKET_MAX_AGE_SECONDS": "86400",
                 **settings,
             }
         )

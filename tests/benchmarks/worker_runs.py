@@ -23,7 +23,7 @@ import httpx
 
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient, create_http_session
-from tests.benchmarks.api_load import load
+from tests.benchmarks.api_load import LoadResult, load
 from tests.benchmarks.stack import BenchUser, Stack
 
 TOP10 = {"index": "TOP10", "size": "20000", "direction": "long"}
@@ -225,16 +225,19 @@ def _memory(
     samples: list[tuple[int, float, float]] = []
     marks = {positions * k // 10 for k in range(1, 11)}
 
+    posted: list[LoadResult] = []
     loader = threading.Thread(
-        target=load,
-        args=(api_pid, f"{url}/api/positions"),
-        kwargs={
-            "method": "POST",
-            "concurrency": 8,
-            "requests": positions,
-            "headers": user.headers,
-            "body": json.dumps(BLUECHIP),
-        },
+        target=lambda: posted.append(
+            load(
+                api_pid,
+                f"{url}/api/positions",
+                method="POST",
+                concurrency=8,
+                requests=positions,
+                headers=user.headers,
+                body=json.dumps(BLUECHIP),
+            )
+        )
     )
     dsn = _dsn(stack)
     loader.start()
@@ -265,8 +268,14 @@ def _memory(
                             )
                         )
                     last = done
-                if done >= positions and not loader.is_alive():
-                    return
+                if not loader.is_alive():
+                    if not posted:
+                        raise RuntimeError("the load generator failed")
+                    accepted = posted[0].statuses.get("202", 0)
+                    if accepted != positions:
+                        raise RuntimeError(f"only {accepted} of {positions} POSTs accepted")
+                    if done >= accepted:
+                        return
                 await asyncio.sleep(0.5)
             raise TimeoutError("memory run did not finish")
         finally:

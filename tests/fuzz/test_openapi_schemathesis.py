@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -72,4 +73,35 @@ def test_no_server_errors(api_url: str, token: str, authenticated: bool, tmp_pat
         command += ["--header", f"Authorization: Bearer {token}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, check=False)
     print(result.stdout[-5000:])
+    _record("with a valid token" if authenticated else "without a token", result.stdout)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+_runs: dict[str, str] = {}
+
+
+def _record(label: str, output: str) -> None:
+    """The summary lines of schemathesis's report, per run, into docs/reliability.md."""
+    summary = [
+        line.strip()
+        for line in output.splitlines()
+        if re.search(r"\b(passed|failed|errors?|generated|operations?|cases?)\b", line, re.I)
+        and not line.lstrip().startswith(("GET", "POST", "PUT", "DELETE", "HEAD"))
+    ]
+    _runs[label] = "<br>".join(summary[-6:]) or "(no summary)"
+    from tests.reliability.report import write_section
+
+    rows = "\n".join(f"| {run} | {text} |" for run, text in _runs.items())
+    write_section(
+        "fuzz",
+        "Bad input: schemathesis over the OpenAPI schema",
+        f"""
+Command: `scripts/dev reliability -k schemathesis` (also `scripts/dev fuzz`;
+`FUZZ_EXAMPLES={MAX_EXAMPLES}` examples per operation, seed `FUZZ_SEED`, check
+`not_a_server_error`: any 5xx fails the run). The API process is fuzzed over HTTP.
+
+| run | schemathesis summary |
+|---|---|
+{rows}
+""",
+    )
