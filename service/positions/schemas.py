@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from decimal import Decimal
@@ -10,17 +11,20 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 from service.trading_logic import Direction
 
 MAX_SIZE = Decimal("1000000000")
+# ASCII digits only: Decimal() also reads other scripts' digits (Arabic-Indic ones make a
+# valid 1000), which no client means to send to a trading API.
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 def _parse_size(value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
         raise ValueError('size must be a decimal string such as "1000" or a number')
-    try:
-        size = Decimal(str(value).strip())
-    except ArithmeticError:
-        raise ValueError(f"size must be a decimal number, got {str(value)[:40]!r}") from None
-    if not size.is_finite():
+    text = str(value).strip()
+    if text.lower().lstrip("+-") in ("nan", "snan", "inf", "infinity"):
         raise ValueError("size must be a finite number")
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(f"size must be a decimal number, got {text[:40]!r}")
+    size = Decimal(text)
     if size <= 0:
         raise ValueError("size must be greater than 0")
     if size > MAX_SIZE:

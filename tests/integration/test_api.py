@@ -91,8 +91,10 @@ async def test_post_writes_pending_and_sends_the_task_after_commit(
         ({"index": "NOPE", "size": "1000", "direction": "long"}, "unknown index"),
         ({"index": "BLUECHIP", "size": "-5", "direction": "long"}, "greater than 0"),
         ({"index": "BLUECHIP", "size": "0", "direction": "long"}, "greater than 0"),
-        ({"index": "BLUECHIP", "size": "NaN", "direction": "long"}, "finite"),
         ({"index": "BLUECHIP", "size": "abc", "direction": "long"}, "decimal"),
+        # Found by the hostile-input scenario: Decimal() reads Arabic-Indic digits.
+        ({"index": "BLUECHIP", "size": "\u0661\u0660\u0660\u0660", "direction": "long"}, "decimal"),
+        ({"index": "BLUECHIP", "size": "NaN", "direction": "long"}, "finite"),
         ({"index": "BLUECHIP", "size": "1e40", "direction": "long"}, "at most"),
         ({"index": "BLUECHIP", "size": "1000", "direction": "sideways"}, "long"),
         ({"index": "BLUECHIP", "size": "100"}, "direction"),

@@ -12,6 +12,7 @@ import random
 import secrets
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -33,7 +34,7 @@ def _body(size: object = "1000", index: object = "BLUECHIP", direction: object =
 
 
 # (label, method, path, body, content type, extra headers)
-CASES: list[tuple[str, str, str, bytes | None, str | None, dict[str, str]]] = [
+CASES: list[tuple[str, str, str, bytes | None, str | None, dict[str, Any]]] = [
     *[
         (f"size {label}", "POST", "/api/positions", _body(size=value), JSON, {})
         for label, value in [
@@ -101,7 +102,7 @@ CASES: list[tuple[str, str, str, bytes | None, str | None, dict[str, str]]] = [
         "/api/positions",
         _body(),
         JSON,
-        {"Idempotency-Key": "ключ-💥"},
+        {"Idempotency-Key": "ключ-💥".encode()},
     ),
     ("Idempotency-Key empty", "POST", "/api/positions", _body(), JSON, {"Idempotency-Key": ""}),
     ("position id not a UUID", "GET", "/api/positions/not-a-uuid", None, None, {}),
@@ -139,11 +140,11 @@ CASES: list[tuple[str, str, str, bytes | None, str | None, dict[str, str]]] = [
     ),
     ("method TRACE", "TRACE", "/api/positions", None, None, {}),
 ]
-AUTH_CASES: list[tuple[str, dict[str, str]]] = [
+AUTH_CASES: list[tuple[str, dict[str, Any]]] = [
     ("Authorization: Bearer (no token)", {"Authorization": "Bearer"}),
     ("Authorization: Basic", {"Authorization": "Basic dXNlcjpwYXNz"}),
     ("Authorization: 10 KB token", {"Authorization": "Bearer " + "t" * 10_000}),
-    ("Authorization: unicode token", {"Authorization": "Bearer тест"}),
+    ("Authorization: unicode token", {"Authorization": "Bearer тест".encode()}),
 ]
 
 # Malformed replies a broken proxy or a changed API could send, on every call of a run.
