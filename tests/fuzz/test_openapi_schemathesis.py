@@ -22,7 +22,7 @@ import pytest
 from service.db import create_engine, create_session_factory, scope_for
 from service.users.service import create_user_with_token
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 MAX_EXAMPLES = os.environ.get("FUZZ_EXAMPLES", "100")
 

@@ -23,7 +23,7 @@ from tests.reliability.helpers import duplicate_links, funded_trader, orders_of,
 from tests.reliability.report import table, write_section
 from tests.support import ServiceProcess, free_port, wait_for_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 JSON = "application/json"
 UUID = "6f1c2d3e-0000-4000-8000-000000000000"

@@ -25,7 +25,7 @@ from tests.integration.conftest import ApiUser, api_client, new_user, start_work
 from tests.reliability.report import table, write_section
 from tests.support import ServiceProcess, eventually
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 ROUNDS = int(os.environ.get("CRASH_ROUNDS", "10"))
 PER_ROUND = int(os.environ.get("CRASH_POSITIONS", "5"))

@@ -21,7 +21,7 @@ from tests.integration.conftest import api_client, start_worker
 from tests.reliability.helpers import duplicate_links, funded_trader, orders_of, wait_final
 from tests.reliability.report import table, write_section
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 POSITIONS = int(os.environ.get("DUPLICATE_POSITIONS", "20"))
 COPIES = int(os.environ.get("DUPLICATE_COPIES", "5"))

@@ -23,7 +23,7 @@ from tests.reliability.report import table, write_section
 from tests.reliability.servers import PrivatePostgres, PrivateRedis
 from tests.support import ServiceProcess, eventually, free_port, wait_for_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 L1 = {"index": "L1", "size": "3000", "direction": "long"}  # 5 legs
 PER_PHASE = 10

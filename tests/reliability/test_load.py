@@ -21,7 +21,7 @@ from tests.reliability.helpers import duplicate_links, funded_trader, orders_of
 from tests.reliability.report import table, write_section
 from tests.support import ROOT, ServiceProcess, eventually, free_port, wait_for_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 POSITIONS = int(os.environ.get("LOAD_POSITIONS", "1000"))
 CLIENTS = int(os.environ.get("LOAD_CLIENTS", "50"))

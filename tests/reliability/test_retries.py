@@ -22,7 +22,7 @@ from tests.integration.conftest import ApiUser, api_client, start_worker
 from tests.reliability.helpers import duplicate_links, funded_trader, orders_of, wait_final
 from tests.reliability.report import table, write_section
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 POSITIONS = int(os.environ.get("RETRY_POSITIONS", "48"))
 L1 = {"index": "L1", "size": "3000", "direction": "long"}  # 5 legs

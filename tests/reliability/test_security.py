@@ -24,7 +24,7 @@ from tests.reliability.helpers import duplicate_links, orders_of, wait_final
 from tests.reliability.report import table, write_section
 from tests.support import ROOT, ServiceProcess, free_port, wait_for_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 TOP10 = {"index": "TOP10", "size": "5000", "direction": "long"}
 # A signature is an HMAC-SHA256 in hex; nothing else we log is 64 hex characters long.
