@@ -61,6 +61,7 @@ def main() -> None:
                 memory_positions=args.memory,
             )
         )
+        add(profiles.profile_worker(stack))
     add(worker_overhead.run(tasks=args.tasks))
     options = " ".join(
         f"--{name} {value}" for name, value in vars(args).items() if DEFAULTS.get(name) != value

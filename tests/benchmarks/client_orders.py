@@ -146,7 +146,7 @@ def run(*, orders: int) -> str:
             f"`POST /v5/order/create` for a market order, {orders} orders one after another, "
             "each client on its own keep-alive connection, simulator in its own process "
             f"(`{Path(sys.executable).name} -m service simulator`). The time includes the "
-            "simulator's own work, the same for both clients.",
+            "simulator's own work, the same for every client.",
             "",
             "| client | orders | mean ms | p50 ms | p99 ms |",
             "|---|---|---|---|---|",

@@ -1,6 +1,6 @@
-"""Where the API's CPU goes under POST load: py-spy samples the API process (only threads
-holding the GIL, i.e. on CPU) while the load generator runs, and the samples are grouped by
-the frames they pass through."""
+"""Where the CPU goes: py-spy samples a process (only threads holding the GIL, that is on the
+CPU) while it works, and the samples are grouped by the frames they pass through. The API is
+profiled under POST load, a worker process while it executes 10-leg positions."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from tests.benchmarks.api_load import BODY, load
 from tests.benchmarks.stack import Stack
 
-# (label, frame substrings): a sample counts for the first group one of its frames matches.
-GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+# (label, frame substrings) by which the samples are grouped.
+Groups = tuple[tuple[str, tuple[str, ...]], ...]
+API_GROUPS: Groups = (
     ("Celery publish (kombu, in a worker thread)", ("Celery.send_task",)),
     ("token check (SELECT user by token hash)", ("authenticate (service/users",)),
     ("INSERT of the position (with the credentials check)", ("add_position (service/",)),
@@ -24,27 +29,42 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("request parsing and validation, routing, response", ("fastapi/", "starlette/")),
     ("event loop and sockets (uvloop, httptools: C code)", ("Runner.run (",)),
 )
+WORKER_GROUPS: Groups = (
+    ("database: SQLAlchemy and asyncpg (claim, plan, leg writes, finish)", ("sqlalchemy/",)),
+    ("exchange client: signing, aiohttp, parsing replies", ("service/bybit/", "aiohttp/")),
+    ("audit log lines (structlog JSON)", ("structlog/", "service/logging.py")),
+    ("credentials decryption (Fernet)", ("cryptography/",)),
+    ("Celery: receiving the task, acks, retries", ("celery/", "kombu/", "billiard/")),
+    ("execution flow itself (service/execution.py)", ("service/execution.py",)),
+    ("event loop (asyncio: selectors, callbacks)", ("asyncio/",)),
+)
 
 
-def _group(stack: list[str]) -> str:
-    # The order of GROUPS decides: a statement inside authenticate counts for the token check.
-    for label, needles in GROUPS:
-        if any(needle in frame for frame in stack for needle in needles):
-            return label
+def _group(stack: list[str], groups: Groups) -> str:
+    # From the innermost frame outwards, the first frame that belongs to a group decides: a
+    # statement inside authenticate counts for the token check, a database call made by the
+    # execution flow for the database, the loop itself only when nothing inside it runs.
+    for frame in reversed(stack):
+        for label, needles in groups:
+            if any(needle in frame for needle in needles):
+                return label
     return "other"
 
 
-def profile_api(stack: Stack, *, seconds: int = 10) -> str:
+def _py_spy() -> str | None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(spy).exists():
-        return "## Profile\n\npy-spy is not installed (`pip install -e '.[bench]'`).\n"
-    user = stack.new_user()
-    api, url = stack.start_api()
-    out = Path(tempfile.mkdtemp(prefix="trader-profile-")) / "api.txt"
+    return spy if Path(spy).exists() else None
+
+
+def _record(pid: int, seconds: int, work: Callable[[], None], groups: Groups) -> list[str]:
+    spy = _py_spy()
+    if spy is None:
+        return ["py-spy is not installed (`pip install -e '.[bench]'`)."]
+    out = Path(tempfile.mkdtemp(prefix="trader-profile-")) / "profile.txt"
     try:
         recorder = subprocess.Popen(
             [
-                *(spy, "record", "--pid", str(api.pid), "--duration", str(seconds), "--gil"),
+                *(spy, "record", "--pid", str(pid), "--duration", str(seconds), "--gil"),
                 *("--rate", "250", "--format", "raw", "-o", str(out)),
             ],
             stdout=subprocess.DEVNULL,
@@ -53,7 +73,32 @@ def profile_api(stack: Stack, *, seconds: int = 10) -> str:
         time.sleep(1)  # py-spy attached
         deadline = time.monotonic() + seconds - 1
         while time.monotonic() < deadline:
-            load(
+            work()
+        recorder.wait(timeout=seconds + 30)
+        counts: dict[str, int] = {}
+        total = 0
+        for line in out.read_text().splitlines():
+            frames, _, n = line.rpartition(" ")
+            label = _group(frames.split(";"), groups)
+            counts[label] = counts.get(label, 0) + int(n)
+            total += int(n)
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    rows = [
+        f"| {label} | {count / total:.0%} |"
+        for label, count in sorted(counts.items(), key=lambda item: -item[1])
+    ]
+    return ["| group | share of CPU samples |", "|---|---|", *rows, "", f"{total} samples."]
+
+
+def profile_api(stack: Stack, *, seconds: int = 10) -> str:
+    user = stack.new_user()
+    api, url = stack.start_api()
+    try:
+        table = _record(
+            api.pid,
+            seconds,
+            lambda: load(
                 api.pid,
                 f"{url}/api/positions",
                 method="POST",
@@ -61,35 +106,67 @@ def profile_api(stack: Stack, *, seconds: int = 10) -> str:
                 requests=300,
                 headers=user.headers,
                 body=BODY,
-            )
-        recorder.wait(timeout=seconds + 30)
-        counts: dict[str, int] = {}
-        total = 0
-        for line in out.read_text().splitlines():
-            frames, _, n = line.rpartition(" ")
-            label = _group(frames.split(";"))
-            counts[label] = counts.get(label, 0) + int(n)
-            total += int(n)
+            ),
+            API_GROUPS,
+        )
     finally:
         api.stop()
-        shutil.rmtree(out.parent, ignore_errors=True)
-    rows = [
-        f"| {label} | {count / total:.0%} |"
-        for label, count in sorted(counts.items(), key=lambda item: -item[1])
-    ]
     return "\n".join(
         [
             "### Profile: where a POST's CPU goes",
             "",
             f"py-spy ({seconds} s, 250 Hz, `--gil`: only samples on the CPU) on the API "
             "process under `POST /api/positions` with 8 clients. Each sample counts for the "
-            "first group (in this order) one of its frames belongs to.",
+            "group of its innermost frame that belongs to one.",
             "",
-            "| group | share of CPU samples |",
-            "|---|---|",
-            *rows,
+            *table,
             "",
-            f"{total} samples.",
+        ]
+    )
+
+
+def profile_worker(stack: Stack, *, seconds: int = 15) -> str:
+    """One worker pool process executing TOP10 positions one after another, 20 ms latency."""
+    stack.configure_simulator(latency_ms=20, order_rate_limit=0)
+    user = stack.new_user()
+    server, url = stack.start_api()
+    worker = stack.start_worker(processes=1)
+    api = httpx.Client(base_url=url, timeout=10)
+    body = {"index": "TOP10", "size": "20000", "direction": "long"}
+    stop = threading.Event()
+
+    def feed() -> None:
+        # Keep the worker busy: a new position whenever fewer than two are waiting.
+        while not stop.is_set():
+            api.post("/api/positions", json=body, headers=user.headers).raise_for_status()
+            time.sleep(0.3)
+
+    try:
+        deadline = time.monotonic() + 30
+        pool: list[int] = []
+        while not pool and time.monotonic() < deadline:
+            path = Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
+            pool = [int(p) for p in path.read_text().split()] if path.exists() else []
+            time.sleep(0.1)
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        table = _record(pool[0], seconds, lambda: time.sleep(0.5), WORKER_GROUPS)
+        stop.set()
+        feeder.join()
+    finally:
+        api.close()
+        worker.stop()
+        server.stop()
+    return "\n".join(
+        [
+            "### Profile: where a worker's CPU goes",
+            "",
+            f"py-spy ({seconds} s, 250 Hz, `--gil`) on the worker's pool process while it "
+            "executes TOP10 positions one after another (simulator latency 20 ms). Only CPU "
+            "time is sampled; the waits on the exchange are not in this table (they are the "
+            "floor above).",
+            "",
+            *table,
             "",
         ]
     )
