@@ -108,3 +108,18 @@ class ServiceProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
+
+
+async def prepare_database(url: str) -> None:
+    """Create the database if missing, apply the real migrations and load the catalogue."""
+    from service.db import create_engine, create_session_factory, scope_for
+    from service.migrations import ensure_database, upgrade
+    from service.seed import seed_indices
+
+    await ensure_database(url)
+    await asyncio.to_thread(upgrade, url)
+    engine = create_engine(url, pool_size=1)
+    try:
+        await seed_indices(scope_for(create_session_factory(engine)))
+    finally:
+        await engine.dispose()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from cryptography.fernet import Fernet
 
-from tests.support import ServiceProcess, free_port, wait_for_port
+from tests.support import ServiceProcess, free_port, prepare_database, wait_for_port
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
@@ -102,20 +102,6 @@ class Stack:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
-
-
-async def _create_database(url: str) -> None:
-    from service.db import create_engine, create_session_factory, scope_for
-    from service.migrations import ensure_database, upgrade
-    from service.seed import seed_indices
-
-    await ensure_database(url)
-    await asyncio.to_thread(upgrade, url)
-    engine = create_engine(url, pool_size=1)
-    try:
-        await seed_indices(scope_for(create_session_factory(engine)))
-    finally:
-        await engine.dispose()
 
 
 async def _drop_database(name: str) -> None:
@@ -203,7 +189,7 @@ def bench_stack(**settings: str) -> Iterator[Stack]:
             simulator = stack.start("simulator", "simulator", "--port", str(sim_port))
             wait_for_port(sim_port, simulator.process)
             stack.configure_simulator(order_rate_limit=0, latency_ms=0)
-            asyncio.run(_create_database(url))
+            asyncio.run(prepare_database(url))
             asyncio.run(warm_market(stack))
             yield stack
         finally:

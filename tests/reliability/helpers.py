@@ -18,9 +18,10 @@ FINAL = ("ACTIVE", "FAILED")
 async def funded_trader(
     sessions: object, sim: httpx.AsyncClient, api: httpx.AsyncClient, balance: str = "10000000"
 ) -> ApiUser:
-    _, token = await new_user(sessions)
+    """A new user with a token, a funded simulator account and its credentials stored."""
+    email, token = await new_user(sessions)
     user = ApiUser(
-        email="",
+        email=email,
         token=token,
         api_key=f"RL{secrets.token_hex(8).upper()}",
         api_secret=secrets.token_hex(16),

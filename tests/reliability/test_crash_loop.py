@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import secrets
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,8 @@ import httpx
 import pytest
 
 from service.config import get_settings
-from tests.integration.conftest import ApiUser, api_client, new_user, start_worker
+from tests.integration.conftest import ApiUser, api_client, start_worker
+from tests.reliability.helpers import funded_trader
 from tests.reliability.report import table, write_section
 from tests.support import ServiceProcess, eventually
 
@@ -30,26 +30,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenar
 ROUNDS = int(os.environ.get("CRASH_ROUNDS", "10"))
 PER_ROUND = int(os.environ.get("CRASH_POSITIONS", "5"))
 BASKET = {"index": "TOP10", "size": "5000", "direction": "long"}
-
-
-async def _user(sessions: object, sim: httpx.AsyncClient, api: httpx.AsyncClient) -> ApiUser:
-    _, token = await new_user(sessions)
-    user = ApiUser(
-        email="",
-        token=token,
-        api_key=f"CR{secrets.token_hex(8).upper()}",
-        api_secret=secrets.token_hex(16),
-    )
-    await sim.post(
-        "/sim/accounts",
-        json={"api_key": user.api_key, "api_secret": user.api_secret, "balance": "10000000"},
-    )
-    await api.put(
-        "/api/credentials",
-        json={"api_key": user.api_key, "api_secret": user.api_secret},
-        headers=user.headers,
-    )
-    return user
 
 
 @pytest.mark.asyncio
@@ -71,7 +51,7 @@ async def test_random_worker_kills_lose_and_double_nothing(
     try:
         async with api_client(get_settings()) as api:
             for round_number in range(ROUNDS):
-                user = await _user(sessions, sim, api)
+                user = await funded_trader(sessions, sim, api)
                 worker = start_worker(service_env, tmp_path)
                 ids = []
                 for _ in range(PER_ROUND):

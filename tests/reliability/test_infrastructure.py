@@ -21,26 +21,12 @@ from tests.integration.conftest import ApiUser
 from tests.reliability.helpers import duplicate_links, orders_of
 from tests.reliability.report import table, write_section
 from tests.reliability.servers import PrivatePostgres, PrivateRedis
-from tests.support import ServiceProcess, eventually, free_port, wait_for_port
+from tests.support import ServiceProcess, eventually, free_port, prepare_database, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 L1 = {"index": "L1", "size": "3000", "direction": "long"}  # 5 legs
 PER_PHASE = 10
-
-
-async def _prepare_database(url: str) -> None:
-    from service.db import create_engine, create_session_factory, scope_for
-    from service.migrations import ensure_database, upgrade
-    from service.seed import seed_indices
-
-    await ensure_database(url)
-    await asyncio.to_thread(upgrade, url)
-    engine = create_engine(url, pool_size=1)
-    try:
-        await seed_indices(scope_for(create_session_factory(engine)))
-    finally:
-        await engine.dispose()
 
 
 async def _new_token(url: str) -> str:
@@ -107,7 +93,7 @@ async def test_redis_and_postgres_outages_lose_and_double_nothing(
         redis.start()
         postgres.start()
         database = postgres.url("trader")
-        await _prepare_database(database)
+        await prepare_database(database)
         env = {
             **service_env,
             "DATABASE_URL": database,

@@ -19,8 +19,8 @@ import pytest
 from cryptography.fernet import Fernet
 
 from tests.conftest import PG_HOST, PG_PORT, TEST_DATABASE, TEST_ENV
-from tests.integration.conftest import ApiUser, new_user, start_worker
-from tests.reliability.helpers import duplicate_links, orders_of, wait_final
+from tests.integration.conftest import ApiUser, start_worker
+from tests.reliability.helpers import duplicate_links, funded_trader, orders_of, wait_final
 from tests.reliability.report import table, write_section
 from tests.support import ROOT, ServiceProcess, free_port, wait_for_port
 
@@ -43,27 +43,8 @@ class RecordingClient:
         self.bodies.append(f"{dict(response.headers)!r} {response.text}")
         return response
 
-
-async def _trader(sessions: object, sim: httpx.AsyncClient, api: RecordingClient) -> ApiUser:
-    email, token = await new_user(sessions)
-    user = ApiUser(
-        email=email,
-        token=token,
-        api_key=f"SC{secrets.token_hex(8).upper()}",
-        api_secret=secrets.token_hex(16),
-    )
-    await sim.post(
-        "/sim/accounts",
-        json={"api_key": user.api_key, "api_secret": user.api_secret, "balance": "10000000"},
-    )
-    response = await api.request(
-        "PUT",
-        "/api/credentials",
-        json={"api_key": user.api_key, "api_secret": user.api_secret},
-        headers=user.headers,
-    )
-    assert response.status_code == 200, response.text
-    return user
+    async def put(self, path: str, **kwargs: Any) -> httpx.Response:
+        return await self.request("PUT", path, **kwargs)
 
 
 def _cli(env: dict[str, str], *args: str) -> str:
@@ -95,9 +76,9 @@ async def test_no_cross_user_access_and_no_secret_anywhere(
     api = RecordingClient(f"http://127.0.0.1:{port}")
     cli_output: list[str] = []
     try:
-        traders = [await _trader(sessions, sim, api) for _ in range(5)]
-        intruder = await _trader(sessions, sim, api)
-        revoked_user = await _trader(sessions, sim, api)
+        traders = [await funded_trader(sessions, sim, api) for _ in range(5)]
+        intruder = await funded_trader(sessions, sim, api)
+        revoked_user = await funded_trader(sessions, sim, api)
         users = [*traders, intruder, revoked_user]
         owner = traders[0]
         owners: dict[str, ApiUser] = {}
