@@ -26,6 +26,7 @@ API_GROUPS: Groups = (
     ("INSERT of the position (with the credentials check)", ("add_position (service/",)),
     ("size check against the exchange filters", ("check_tradeable (service/",)),
     ("session open, commit and close (BEGIN/COMMIT)", ("get_session (", "Session.commit (")),
+    ("the endpoint's own code and its other statements", ("create_position (service/",)),
     ("request parsing and validation, routing, response", ("fastapi/", "starlette/")),
     ("event loop and sockets (uvloop, httptools: C code)", ("Runner.run (",)),
 )
@@ -40,14 +41,21 @@ WORKER_GROUPS: Groups = (
 )
 
 
-def _group(stack: list[str], groups: Groups) -> str:
-    # From the innermost frame outwards, the first frame that belongs to a group decides: a
-    # statement inside authenticate counts for the token check, a database call made by the
-    # execution flow for the database, the loop itself only when nothing inside it runs.
-    for frame in reversed(stack):
-        for label, needles in groups:
-            if any(needle in frame for needle in needles):
-                return label
+def _group(stack: list[str], groups: Groups, *, innermost: bool) -> str:
+    """The group a sample counts for. innermost=False: the first group (in their order) one
+    of its frames belongs to, so a statement inside authenticate counts for the token check.
+    innermost=True: the group of the innermost frame that belongs to one, so a database call
+    made by the execution flow counts for the database and the loop only when nothing inside
+    it runs."""
+    if innermost:
+        for frame in reversed(stack):
+            for label, needles in groups:
+                if any(needle in frame for needle in needles):
+                    return label
+        return "other"
+    for label, needles in groups:
+        if any(needle in frame for frame in stack for needle in needles):
+            return label
     return "other"
 
 
@@ -56,7 +64,9 @@ def _py_spy() -> str | None:
     return spy if Path(spy).exists() else None
 
 
-def _record(pid: int, seconds: int, work: Callable[[], None], groups: Groups) -> list[str]:
+def _record(
+    pid: int, seconds: int, work: Callable[[], None], groups: Groups, *, innermost: bool
+) -> list[str]:
     spy = _py_spy()
     if spy is None:
         return ["py-spy is not installed (`pip install -e '.[bench]'`)."]
@@ -79,7 +89,7 @@ def _record(pid: int, seconds: int, work: Callable[[], None], groups: Groups) ->
         total = 0
         for line in out.read_text().splitlines():
             frames, _, n = line.rpartition(" ")
-            label = _group(frames.split(";"), groups)
+            label = _group(frames.split(";"), groups, innermost=innermost)
             counts[label] = counts.get(label, 0) + int(n)
             total += int(n)
     finally:
@@ -108,6 +118,7 @@ def profile_api(stack: Stack, *, seconds: int = 10) -> str:
                 body=BODY,
             ),
             API_GROUPS,
+            innermost=False,
         )
     finally:
         api.stop()
@@ -117,7 +128,8 @@ def profile_api(stack: Stack, *, seconds: int = 10) -> str:
             "",
             f"py-spy ({seconds} s, 250 Hz, `--gil`: only samples on the CPU) on the API "
             "process under `POST /api/positions` with 8 clients. Each sample counts for the "
-            "group of its innermost frame that belongs to one.",
+            "first group in this order that one of its frames belongs to (a statement made by "
+            "the token check counts there, not as a database statement in general).",
             "",
             *table,
             "",
@@ -150,7 +162,7 @@ def profile_worker(stack: Stack, *, seconds: int = 15) -> str:
             time.sleep(0.1)
         feeder = threading.Thread(target=feed)
         feeder.start()
-        table = _record(pool[0], seconds, lambda: time.sleep(0.5), WORKER_GROUPS)
+        table = _record(pool[0], seconds, lambda: time.sleep(0.5), WORKER_GROUPS, innermost=True)
         stop.set()
         feeder.join()
     finally:
@@ -162,7 +174,8 @@ def profile_worker(stack: Stack, *, seconds: int = 15) -> str:
             "### Profile: where a worker's CPU goes",
             "",
             f"py-spy ({seconds} s, 250 Hz, `--gil`) on the worker's pool process while it "
-            "executes TOP10 positions one after another (simulator latency 20 ms). Only CPU "
+            "executes TOP10 positions one after another (simulator latency 20 ms); each sample "
+            "counts for the group of its innermost frame that belongs to one. Only CPU "
             "time is sampled; the waits on the exchange are not in this table (they are the "
             "floor above).",
             "",
