@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the request's session, the caller, the app's shared objects."""
+"""FastAPI dependencies: the request's session, the caller, the app's shared objects.
+
+All are `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread
+hand-off on every request for what is an attribute read.
+"""
 
 from __future__ import annotations
 
@@ -48,17 +52,17 @@ async def get_market_snapshot(request: Request) -> MarketSnapshot | None:
 Market = Annotated[MarketSnapshot | None, Depends(get_market_snapshot)]
 
 
-def get_publisher(request: Request) -> CeleryPublisher:
+async def get_publisher(request: Request) -> CeleryPublisher:
     publisher: CeleryPublisher = request.app.state.publisher
     return publisher
 
 
-def get_cipher(request: Request) -> CredentialCipher:
+async def get_cipher(request: Request) -> CredentialCipher:
     cipher: CredentialCipher = request.app.state.cipher
     return cipher
 
 
-def get_index_cache(request: Request) -> IndexCache:
+async def get_index_cache(request: Request) -> IndexCache:
     indices: IndexCache = request.app.state.index_cache
     return indices
 

@@ -27,6 +27,11 @@ API_GROUPS: Groups = (
     ("size check against the exchange filters", ("check_tradeable (service/",)),
     ("session open, commit and close (BEGIN/COMMIT)", ("get_session (", "Session.commit (")),
     ("the endpoint's own code and its other statements", ("create_position (service/",)),
+    (
+        "SQLAlchemy executing statements (own greenlet stacks: cache keys, compiling, rows)",
+        ("sqlalchemy/",),
+    ),
+    ("thread pool hand-offs (anyio worker threads)", ("WorkerThread.run",)),
     ("request parsing and validation, routing, response", ("fastapi/", "starlette/")),
     ("event loop and sockets (uvloop, httptools: C code)", ("Runner.run (",)),
 )

@@ -33,9 +33,11 @@ async def _database(url: str, name: str, *, drop: bool) -> None:
 
 
 async def _active_position(url: str) -> uuid.UUID:
+    from service.credentials.service import store_credentials
     from service.db import create_engine, create_session_factory, scope_for
     from service.models import PositionStatus
     from service.positions import repository
+    from service.security import CredentialCipher
     from service.seed import seed_indices
     from service.users.repository import add_user
 
@@ -45,6 +47,14 @@ async def _active_position(url: str) -> uuid.UUID:
         await seed_indices(sessions)
         async with sessions() as session:
             user = await add_user(session, f"bench-{uuid.uuid4().hex[:8]}@example.com")
+            # A position is only written for a user with credentials stored.
+            await store_credentials(
+                session,
+                CredentialCipher(os.environ["CREDENTIALS_KEYS"]),
+                user.id,
+                api_key="BENCHKEY0001",
+                api_secret="bench-secret-0001",
+            )
             position = await repository.add_position(
                 session,
                 user_id=user.id,
