@@ -10,13 +10,30 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ApiUser:
+    """A user as the API sees it: the bearer token, and the Bybit key stored for it."""
+
+    email: str
+    token: str
+    api_key: str
+    api_secret: str
+    user_id: uuid.UUID | None = None  # when the caller needs it (the benchmarks do)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
 
 def free_port() -> int:
@@ -123,3 +140,18 @@ async def prepare_database(url: str) -> None:
         await seed_indices(scope_for(create_session_factory(engine)))
     finally:
         await engine.dispose()
+
+
+def run_command(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m service ARGS` to completion, failing on a non-zero exit."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from service.simulator.errors import now_ms
-from service.simulator.instruments import LOT_SIZE_FIELDS
+from service.simulator.instruments import LOT_SIZE_FIELDS, Instrument
 from service.simulator.keys import STATE_KEY
 from service.simulator.state import DEFAULT_BALANCE
 from service.simulator.values import loose_decimal
@@ -69,21 +69,24 @@ async def get_requests(request: web.Request) -> web.Response:
     return web.json_response({"counts": dict(request.app[STATE_KEY].requests)})
 
 
-async def put_ticker(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
-    instrument = state.instruments.get(request.match_info["symbol"])
+def _instrument(request: web.Request) -> Instrument:
+    """The instrument named in the path, or 404."""
+    instrument = request.app[STATE_KEY].instruments.get(request.match_info["symbol"])
     if instrument is None:
         raise web.HTTPNotFound(text="unknown symbol")
+    return instrument
+
+
+async def put_ticker(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    instrument = _instrument(request)
     data = await _json_object(request)
     state.prices[instrument.symbol] = instrument.price(_decimal(data, "lastPrice", positive=True))
     return web.json_response(instrument.ticker(state.prices[instrument.symbol], now_ms()))
 
 
 async def put_instrument(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
-    instrument = state.instruments.get(request.match_info["symbol"])
-    if instrument is None:
-        raise web.HTTPNotFound(text="unknown symbol")
+    instrument = _instrument(request)
     data = await _json_object(request)
     unknown = set(data) - {"status", "maxLeverage", *LOT_SIZE_FIELDS}
     if unknown:

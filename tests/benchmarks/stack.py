@@ -17,21 +17,9 @@ from pathlib import Path
 import httpx
 from cryptography.fernet import Fernet
 
-from tests.support import ServiceProcess, free_port, prepare_database, wait_for_port
+from tests.support import ApiUser, ServiceProcess, free_port, prepare_database, wait_for_port
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-
-
-@dataclass(frozen=True, slots=True)
-class BenchUser:
-    user_id: uuid.UUID
-    token: str
-    api_key: str
-    api_secret: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
 
 
 @dataclass
@@ -63,16 +51,17 @@ class Stack:
     def configure_simulator(self, **config: object) -> None:
         httpx.put(f"{self.simulator_url}/sim/config", json=config).raise_for_status()
 
-    def new_user(self, *, balance: str = "1000000000") -> BenchUser:
+    def new_user(self, *, balance: str = "1000000000") -> ApiUser:
         return asyncio.run(self._new_user(balance))
 
-    async def _new_user(self, balance: str) -> BenchUser:
+    async def _new_user(self, balance: str) -> ApiUser:
         from service.config import Settings
         from service.credentials.service import store_credentials
         from service.db import create_engine, create_session_factory
         from service.security import CredentialCipher
         from service.users.service import authenticate, create_user_with_token
 
+        email = f"bench-{secrets.token_hex(6)}@example.com"
         api_key, api_secret = f"BN{secrets.token_hex(8).upper()}", secrets.token_hex(16)
         httpx.post(
             f"{self.simulator_url}/sim/accounts",
@@ -82,9 +71,7 @@ class Stack:
         engine = create_engine(self.database_url, pool_size=1)
         try:
             async with create_session_factory(engine)() as session:
-                issued = await create_user_with_token(
-                    session, f"bench-{secrets.token_hex(6)}@example.com"
-                )
+                issued = await create_user_with_token(session, email)
                 user = await authenticate(session, issued.token)
                 await store_credentials(
                     session,
@@ -96,7 +83,7 @@ class Stack:
                 await session.commit()
         finally:
             await engine.dispose()
-        return BenchUser(user.id, issued.token, api_key, api_secret)
+        return ApiUser(email, issued.token, api_key, api_secret, user_id=user.id)
 
     def stop_all(self) -> None:
         for process in reversed(self.processes):

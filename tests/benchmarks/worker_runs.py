@@ -24,7 +24,8 @@ import httpx
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient, create_http_session
 from tests.benchmarks.api_load import LoadResult, load
-from tests.benchmarks.stack import BenchUser, Stack
+from tests.benchmarks.stack import Stack
+from tests.support import ApiUser
 
 TOP10 = {"index": "TOP10", "size": "20000", "direction": "long"}
 BLUECHIP = {"index": "BLUECHIP", "size": "1000", "direction": "long"}
@@ -60,7 +61,7 @@ async def _wait_final(
         await connection.close()
 
 
-def _post(api: httpx.Client, user: BenchUser, body: dict[str, str]) -> str:
+def _post(api: httpx.Client, user: ApiUser, body: dict[str, str]) -> str:
     response = api.post("/api/positions", json=body, headers=user.headers)
     response.raise_for_status()
     return str(response.json()["id"])
@@ -74,7 +75,7 @@ def _sim_calls(stack: Stack) -> dict[str, int]:
 # ---- POST to ACTIVE against the floor -----------------------------------------------------
 
 
-async def _floor_run(stack: Stack, user: BenchUser, symbols: list[str], qty: list[str]) -> float:
+async def _floor_run(stack: Stack, user: ApiUser, symbols: list[str], qty: list[str]) -> float:
     """The unavoidable round trips of one basket with our client, nothing else: one
     concurrent pre-flight read (filters, prices, balance), then per leg the order and the
     read of its outcome, one leg after the other."""
@@ -150,7 +151,7 @@ def _phases(log: str, sent_at: dict[str, float]) -> dict[str, float]:
 
 
 def _post_to_active(
-    stack: Stack, api: httpx.Client, user: BenchUser, positions: int, worker_log: Callable[[], str]
+    stack: Stack, api: httpx.Client, user: ApiUser, positions: int, worker_log: Callable[[], str]
 ) -> LatencyFigures:
     dsn = _dsn(stack)
     asyncio.run(_wait_final(dsn, [_post(api, user, TOP10)], 60))  # warm-up: leverage, pools
@@ -180,7 +181,7 @@ def _post_to_active(
 # ---- scaling ------------------------------------------------------------------------------
 
 
-def _throughput(stack: Stack, api: httpx.Client, user: BenchUser, positions: int) -> float:
+def _throughput(stack: Stack, api: httpx.Client, user: ApiUser, positions: int) -> float:
     """Positions per second while a backlog of positions is worked off."""
     ids = [_post(api, user, TOP10) for _ in range(positions)]
     final = asyncio.run(_wait_final(_dsn(stack), ids, 600))
@@ -218,7 +219,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _memory(
-    stack: Stack, api_pid: int, url: str, user: BenchUser, worker_pid: int, positions: int
+    stack: Stack, api_pid: int, url: str, user: ApiUser, worker_pid: int, positions: int
 ) -> list[tuple[int, float, float]]:
     """Post `positions` two-leg positions through the API (8 clients) while the worker runs
     them; sample RSS of the API and of the worker's pool processes as they complete."""

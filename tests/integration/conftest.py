@@ -4,7 +4,6 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ import pytest_asyncio
 from service.api import create_app
 from service.config import Settings
 from tests.conftest import TEST_ENV
-from tests.support import ServiceProcess, free_port, wait_for_port
+from tests.support import ApiUser, ServiceProcess, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -104,18 +103,6 @@ async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
             yield http
-
-
-@dataclass
-class ApiUser:
-    email: str
-    token: str
-    api_key: str
-    api_secret: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
 
 
 async def new_user(sessions: object) -> tuple[str, str]:

@@ -9,7 +9,7 @@ import pytest
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient, create_http_session
 from service.bybit.errors import BybitAuthError
-from tests.integration.conftest import ApiUser
+from tests.support import ApiUser
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 

@@ -21,8 +21,8 @@ from service.config import get_settings
 from service.models import PositionComponent, Trade
 from service.queue import CeleryPublisher
 from tests.conftest import TEST_ENV
-from tests.integration.conftest import ApiUser, api_client, start_worker
-from tests.support import ServiceProcess, eventually
+from tests.integration.conftest import api_client, start_worker
+from tests.support import ApiUser, ServiceProcess, eventually
 
 pytestmark = pytest.mark.integration
 

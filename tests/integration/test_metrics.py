@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import get_settings
-from tests.integration.conftest import ApiUser, api_client, start_worker
-from tests.support import eventually, free_port
+from tests.integration.conftest import api_client, start_worker
+from tests.support import ApiUser, eventually, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ from service.recovery import recover_stale_positions
 from service.security import CredentialCipher
 from service.users.service import revoke_user_tokens
 from tests.conftest import TEST_ENV
-from tests.integration.conftest import ApiUser, api_client, new_user, start_worker
-from tests.support import eventually, free_port
+from tests.integration.conftest import api_client, new_user, start_worker
+from tests.support import ApiUser, eventually, free_port
 
 pytestmark = [pytest.mark.integration]
 

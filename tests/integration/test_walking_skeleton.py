@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from decimal import Decimal
 
@@ -12,8 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from service.models import PositionComponent, Trade
-from tests.integration.conftest import ApiUser
-from tests.support import ROOT, ServiceProcess, eventually
+from tests.support import ApiUser, ServiceProcess, eventually, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -142,15 +139,7 @@ async def test_permanent_error_fails_the_position(
 
 
 def test_users_create_prints_the_token_on_the_last_line(service_env: dict[str, str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "users", "create", "cli-user@example.com"],
-        cwd=ROOT,
-        env=service_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    result = run_command(service_env, "users", "create", "cli-user@example.com")
     token = result.stdout.strip().splitlines()[-1]
     assert token.startswith("sit_")
     assert len(token) > 30

@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 
-from tests.integration.conftest import ApiUser, new_user
-from tests.support import eventually
+from tests.integration.conftest import new_user
+from tests.support import ApiUser, eventually
 
 FINAL = ("ACTIVE", "FAILED")
 

@@ -20,10 +20,10 @@ import httpx
 import pytest
 
 from service.config import get_settings
-from tests.integration.conftest import ApiUser, api_client, start_worker
+from tests.integration.conftest import api_client, start_worker
 from tests.reliability.helpers import funded_trader
 from tests.reliability.report import table, write_section
-from tests.support import ServiceProcess, eventually
+from tests.support import ApiUser, ServiceProcess, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 

@@ -7,7 +7,6 @@ recover by itself."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -17,32 +16,23 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import ApiUser
-from tests.reliability.helpers import duplicate_links, orders_of
+from service.db import create_engine, create_session_factory, scope_for
+from tests.reliability.helpers import duplicate_links, funded_trader, orders_of
 from tests.reliability.report import table, write_section
 from tests.reliability.servers import PrivatePostgres, PrivateRedis
-from tests.support import ServiceProcess, eventually, free_port, prepare_database, wait_for_port
+from tests.support import (
+    ApiUser,
+    ServiceProcess,
+    eventually,
+    free_port,
+    prepare_database,
+    wait_for_port,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
 L1 = {"index": "L1", "size": "3000", "direction": "long"}  # 5 legs
 PER_PHASE = 10
-
-
-async def _new_token(url: str) -> str:
-    from service.db import create_engine, create_session_factory
-    from service.users.service import create_user_with_token
-
-    engine = create_engine(url, pool_size=1)
-    try:
-        async with create_session_factory(engine)() as session:
-            issued = await create_user_with_token(
-                session, f"infra-{secrets.token_hex(5)}@example.com"
-            )
-            await session.commit()
-            return issued.token
-    finally:
-        await engine.dispose()
 
 
 class Traffic:
@@ -122,27 +112,12 @@ async def test_redis_and_postgres_outages_lose_and_double_nothing(
         await sim.put("/sim/config", json={"latency_ms": 40, "order_rate_limit": 0})
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15) as api:
             traffic = Traffic(api)
-            users = []
-            for _ in range(3):
-                token = await _new_token(database)
-                user = ApiUser(
-                    "", token, f"IN{secrets.token_hex(8).upper()}", secrets.token_hex(16)
-                )
-                await sim.post(
-                    "/sim/accounts",
-                    json={
-                        "api_key": user.api_key,
-                        "api_secret": user.api_secret,
-                        "balance": "10000000",
-                    },
-                )
-                response = await api.put(
-                    "/api/credentials",
-                    json={"api_key": user.api_key, "api_secret": user.api_secret},
-                    headers=user.headers,
-                )
-                assert response.status_code == 200, response.text
-                users.append(user)
+            engine = create_engine(database, pool_size=1)
+            try:
+                sessions = scope_for(create_session_factory(engine))
+                users = [await funded_trader(sessions, sim, api) for _ in range(3)]
+            finally:
+                await engine.dispose()
 
             async def market_ready() -> bool:
                 response = await api.post("/api/positions", json=L1, headers=users[0].headers)

@@ -18,9 +18,10 @@ import pytest
 
 from service.config import get_settings
 from tests.conftest import TEST_ENV
-from tests.integration.conftest import ApiUser, api_client, start_worker
+from tests.integration.conftest import api_client, start_worker
 from tests.reliability.helpers import duplicate_links, funded_trader, orders_of, wait_final
 from tests.reliability.report import table, write_section
+from tests.support import ApiUser
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 

@@ -9,7 +9,6 @@ import asyncio
 import re
 import secrets
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,10 @@ import pytest
 from cryptography.fernet import Fernet
 
 from tests.conftest import PG_HOST, PG_PORT, TEST_DATABASE, TEST_ENV
-from tests.integration.conftest import ApiUser, start_worker
+from tests.integration.conftest import start_worker
 from tests.reliability.helpers import duplicate_links, funded_trader, orders_of, wait_final
 from tests.reliability.report import table, write_section
-from tests.support import ROOT, ServiceProcess, free_port, wait_for_port
+from tests.support import ApiUser, ServiceProcess, free_port, run_command, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
@@ -45,19 +44,6 @@ class RecordingClient:
 
     async def put(self, path: str, **kwargs: Any) -> httpx.Response:
         return await self.request("PUT", path, **kwargs)
-
-
-def _cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return done.stdout + done.stderr
 
 
 @pytest.mark.asyncio
@@ -88,7 +74,8 @@ async def test_no_cross_user_access_and_no_secret_anywhere(
             assert response.status_code == 202, response.text
             owners[response.json()["id"]] = user
         # Step 2 while the positions execute: re-encrypt every stored credential.
-        cli_output.append(_cli(env, "credentials", "rotate"))
+        rotated = run_command(env, "credentials", "rotate")
+        cli_output.append(rotated.stdout + rotated.stderr)
 
         # Cross-user matrix: the intruder on each of the owner's positions and credentials.
         mine = [pid for pid, u in owners.items() if u is owner]
@@ -130,7 +117,8 @@ async def test_no_cross_user_access_and_no_secret_anywhere(
             ("PUT", "/api/credentials", {"api_key": "X" * 12, "api_secret": "Y" * 16}),
             ("DELETE", "/api/credentials", None),
         ]
-        cli_output.append(_cli(env, "users", "revoke", revoked_user.email))
+        revoked = run_command(env, "users", "revoke", revoked_user.email)
+        cli_output.append(revoked.stdout + revoked.stderr)
         for label, headers in (
             ("no token", {}),
             ("made-up token", {"Authorization": "Bearer sit_" + secrets.token_urlsafe(32)}),

@@ -9,159 +9,30 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
 import pytest
-import pytest_asyncio
-import yarl
-from aiohttp.test_utils import TestServer
 from pybit._http_manager import generate_signature
 
 from service.simulator import STATE_KEY, SimulatorState, create_app
 from service.simulator.auth import sign
+from tests.unit.simulator_support import (
+    CREATE,
+    OTHER_KEY,
+    OTHER_SECRET,
+    Simulator,
+    leverage_body,
+    now_ms,
+    order_body,
+)
 
 pytestmark = pytest.mark.asyncio
 
-KEY, SECRET = "SIMTESTKEY000001", "sim-test-secret-000001"
-OTHER_KEY, OTHER_SECRET = "SIMTESTKEY000002", "sim-test-secret-000002"
-CREATE = "/v5/order/create"
 LEVERAGE = "/v5/position/set-leverage"
 WALLET = "/v5/account/wallet-balance"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    text: str
-
-    @property
-    def body(self) -> Any:
-        return json.loads(self.text)
-
-    @property
-    def code(self) -> int:
-        return int(self.body["retCode"])
-
-
-@dataclass
-class Sim:
-    url: str
-    http: aiohttp.ClientSession
-    state: SimulatorState
-
-    async def admin(self, method: str, path: str, body: object = None) -> Any:
-        async with self.http.request(method, f"{self.url}{path}", json=body) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
-
-    async def orders(self, key: str | None = KEY) -> list[dict[str, Any]]:
-        query = f"?api_key={key}" if key else ""
-        return list((await self.admin("GET", f"/sim/orders{query}"))["orders"])
-
-    async def signed(
-        self,
-        method: str,
-        path: str,
-        params: dict[str, Any] | None = None,
-        *,
-        key: str = KEY,
-        secret: str = SECRET,
-        timestamp: int | None = None,
-        window: str | None = "5000",
-        raw_query: str | None = None,
-        raw_body: str | None = None,
-        signed_payload: str | None = None,
-        omit: tuple[str, ...] = (),
-        timeout: float | None = None,
-    ) -> Reply:
-        """Sign with pybit's function and send exactly the bytes that were signed."""
-        ts = str(timestamp if timestamp is not None else now_ms())
-        data: bytes | None = None
-        if method == "GET":
-            payload = (
-                raw_query
-                if raw_query is not None
-                else "&".join(f"{k}={v}" for k, v in sorted((params or {}).items()))
-            )
-            url = yarl.URL(
-                f"{self.url}{path}?{payload}" if payload else f"{self.url}{path}", encoded=True
-            )
-        else:
-            payload = raw_body if raw_body is not None else json.dumps(params or {})
-            url = yarl.URL(f"{self.url}{path}", encoded=True)
-            data = payload.encode()
-        to_sign = signed_payload if signed_payload is not None else payload
-        signature = generate_signature(False, secret, f"{ts}{key}{window or ''}{to_sign}")
-        headers = {
-            "X-BAPI-API-KEY": key,
-            "X-BAPI-TIMESTAMP": ts,
-            "X-BAPI-SIGN": signature,
-            "X-BAPI-SIGN-TYPE": "2",
-            "Content-Type": "application/json",
-        }
-        if window is not None:
-            headers["X-BAPI-RECV-WINDOW"] = window
-        for name in omit:
-            headers.pop(name)
-        client_timeout = aiohttp.ClientTimeout(total=timeout) if timeout else None
-        async with self.http.request(
-            method, url, data=data, headers=headers, timeout=client_timeout
-        ) as response:
-            return Reply(response.status, dict(response.headers), await response.text())
-
-    async def public(self, path_and_query: str) -> Reply:
-        url = yarl.URL(f"{self.url}{path_and_query}", encoded=True)
-        async with self.http.get(url) as response:
-            return Reply(response.status, dict(response.headers), await response.text())
-
-    async def order(self, link: str, qty: str = "0.001", **fields: Any) -> Reply:
-        return await self.signed("POST", CREATE, order_body(link, qty, **fields))
-
-
-def order_body(link: str, qty: str = "0.001", **fields: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "category": "linear",
-        "symbol": "BTCUSDT",
-        "side": "Buy",
-        "orderType": "Market",
-        "qty": qty,
-        "orderLinkId": link,
-    }
-    body.update(fields)
-    return body
-
-
-def leverage_body(value: str, symbol: str = "BTCUSDT") -> dict[str, str]:
-    return {"category": "linear", "symbol": symbol, "buyLeverage": value, "sellLeverage": value}
-
-
-@pytest_asyncio.fixture
-async def sim() -> AsyncIterator[Sim]:
-    state = SimulatorState()
-    server = TestServer(create_app(state), host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as http:
-            simulator = Sim(str(server.make_url("")).rstrip("/"), http, state)
-            for key, secret in ((KEY, SECRET), (OTHER_KEY, OTHER_SECRET)):
-                await simulator.admin(
-                    "POST",
-                    "/sim/accounts",
-                    {"api_key": key, "api_secret": secret, "balance": "100000"},
-                )
-            yield simulator
-    finally:
-        await server.close()
 
 
 # ---- the verifier ------------------------------------------------------------------------
@@ -186,49 +57,51 @@ async def test_the_verifier_agrees_with_pybit_on_known_answers() -> None:
         assert pybit == ours == signature
 
 
-async def test_signed_get_and_post_succeed(sim: Sim) -> None:
-    wallet = await sim.signed("GET", WALLET, {"accountType": "UNIFIED"})
+async def test_signed_get_and_post_succeed(simulator: Simulator) -> None:
+    wallet = await simulator.signed("GET", WALLET, {"accountType": "UNIFIED"})
     assert (wallet.status, wallet.code, wallet.body["retMsg"]) == (200, 0, "OK")
     assert set(wallet.body) == {"retCode", "retMsg", "result", "retExtInfo", "time"}
     account = wallet.body["result"]["list"][0]
     assert (account["totalEquity"], account["totalAvailableBalance"]) == ("100000", "100000")
     for header in ("X-Bapi-Limit", "X-Bapi-Limit-Status", "X-Bapi-Limit-Reset-Timestamp"):
         assert header in wallet.headers
-    placed = await sim.order("a-1")
+    placed = await simulator.order("a-1")
     assert placed.code == 0
     assert placed.body["result"]["orderLinkId"] == "a-1"
     assert len(placed.body["result"]["orderId"]) == 36
     # Compact JSON (Bybit's samples, ccxt) is verified over its own bytes and accepted too.
     compact = json.dumps(order_body("a-2"), separators=(",", ":"))
-    assert (await sim.signed("POST", CREATE, raw_body=compact)).code == 0
+    assert (await simulator.signed("POST", CREATE, raw_body=compact)).code == 0
     # Signing one text and sending another is refused.
-    mismatch = await sim.signed("POST", CREATE, order_body("a-3"), signed_payload=compact)
+    mismatch = await simulator.signed("POST", CREATE, order_body("a-3"), signed_payload=compact)
     assert mismatch.code == 10004
 
 
-async def test_wrong_secret_is_10004_and_unknown_key_10003(sim: Sim) -> None:
-    wrong = await sim.signed("GET", WALLET, {"accountType": "UNIFIED"}, secret="not-the-secret")
+async def test_wrong_secret_is_10004_and_unknown_key_10003(simulator: Simulator) -> None:
+    wrong = await simulator.signed(
+        "GET", WALLET, {"accountType": "UNIFIED"}, secret="not-the-secret"
+    )
     assert wrong.code == 10004
     assert wrong.body["retMsg"].startswith("error sign!")
-    unknown = await sim.signed("GET", WALLET, {"accountType": "UNIFIED"}, key="NOBODY")
+    unknown = await simulator.signed("GET", WALLET, {"accountType": "UNIFIED"}, key="NOBODY")
     assert (unknown.code, unknown.body["retMsg"]) == (10003, "API key is invalid.")
     assert "X-Bapi-Limit" not in unknown.headers
     # The wrong account is not charged, the right one never sees the call.
-    assert await sim.orders() == []
+    assert await simulator.orders() == []
 
 
 @pytest.mark.parametrize(
     ("missing", "code"),
     [("X-BAPI-API-KEY", 10003), ("X-BAPI-SIGN", 10004), ("X-BAPI-TIMESTAMP", 10002)],
 )
-async def test_missing_headers(sim: Sim, missing: str, code: int) -> None:
-    reply = await sim.signed("GET", WALLET, {"accountType": "UNIFIED"}, omit=(missing,))
+async def test_missing_headers(simulator: Simulator, missing: str, code: int) -> None:
+    reply = await simulator.signed("GET", WALLET, {"accountType": "UNIFIED"}, omit=(missing,))
     assert reply.code == code
 
 
 @pytest.mark.parametrize("offset_ms", [-6000, 1500])
-async def test_timestamp_outside_the_window_is_10002(sim: Sim, offset_ms: int) -> None:
-    reply = await sim.signed(
+async def test_timestamp_outside_the_window_is_10002(simulator: Simulator, offset_ms: int) -> None:
+    reply = await simulator.signed(
         "GET", WALLET, {"accountType": "UNIFIED"}, timestamp=now_ms() + offset_ms
     )
     assert reply.code == 10002
@@ -236,39 +109,43 @@ async def test_timestamp_outside_the_window_is_10002(sim: Sim, offset_ms: int) -
     assert "server_timestamp[" in reply.body["retMsg"]
 
 
-async def test_the_window_is_the_clients_and_defaults_to_5000(sim: Sim) -> None:
+async def test_the_window_is_the_clients_and_defaults_to_5000(simulator: Simulator) -> None:
     old = now_ms() - 6000
-    assert (await sim.signed("GET", WALLET, {"accountType": "UNIFIED"}, timestamp=old)).code == (
-        10002
-    )
-    wide = await sim.signed(
+    assert (
+        await simulator.signed("GET", WALLET, {"accountType": "UNIFIED"}, timestamp=old)
+    ).code == (10002)
+    wide = await simulator.signed(
         "GET", WALLET, {"accountType": "UNIFIED"}, timestamp=old, window="10000"
     )
     assert wide.code == 0
     # No X-BAPI-RECV-WINDOW header: 5000 ms, and nothing for it in the signed string.
-    absent = await sim.signed(
+    absent = await simulator.signed(
         "GET", WALLET, {"accountType": "UNIFIED"}, timestamp=now_ms() - 4000, window=None
     )
     assert absent.code == 0
     # A timestamp just under one second ahead is still accepted.
-    ahead = await sim.signed("GET", WALLET, {"accountType": "UNIFIED"}, timestamp=now_ms() + 500)
+    ahead = await simulator.signed(
+        "GET", WALLET, {"accountType": "UNIFIED"}, timestamp=now_ms() + 500
+    )
     assert ahead.code == 0
 
 
-async def test_percent_encoded_query_is_verified_as_sent(sim: Sim) -> None:
+async def test_percent_encoded_query_is_verified_as_sent(simulator: Simulator) -> None:
     raw = "category=linear&cursor=132766%3A2%2C132766%3A2&symbol=BTCUSDT"
-    accepted = await sim.signed("GET", "/v5/execution/list", raw_query=raw)
+    accepted = await simulator.signed("GET", "/v5/execution/list", raw_query=raw)
     assert accepted.code == 0
     # Signing the decoded string but sending the encoded one is refused: Bybit checks bytes.
-    refused = await sim.signed(
+    refused = await simulator.signed(
         "GET", "/v5/execution/list", raw_query=raw, signed_payload=unquote(raw)
     )
     assert refused.code == 10004
 
 
-async def test_a_get_with_a_body_is_403(sim: Sim) -> None:
-    async with sim.http.get(
-        f"{sim.url}/v5/market/time", data=b'{"x": 1}', headers={"Content-Type": "application/json"}
+async def test_a_get_with_a_body_is_403(simulator: Simulator) -> None:
+    async with simulator.http.get(
+        f"{simulator.url}/v5/market/time",
+        data=b'{"x": 1}',
+        headers={"Content-Type": "application/json"},
     ) as response:
         assert response.status == 403
 
@@ -276,13 +153,13 @@ async def test_a_get_with_a_body_is_403(sim: Sim) -> None:
 # ---- orders ------------------------------------------------------------------------------
 
 
-async def test_duplicate_order_link_id_is_110072_and_placed_once(sim: Sim) -> None:
-    assert (await sim.order("dup-1")).code == 0
-    again = await sim.order("dup-1")
+async def test_duplicate_order_link_id_is_110072_and_placed_once(simulator: Simulator) -> None:
+    assert (await simulator.order("dup-1")).code == 0
+    again = await simulator.order("dup-1")
     assert (again.code, again.body["retMsg"]) == (110072, "OrderLinkedID is duplicate")
-    assert [o["orderLinkId"] for o in await sim.orders()] == ["dup-1"]
+    assert [o["orderLinkId"] for o in await simulator.orders()] == ["dup-1"]
     # Unique per account: another account may use the same id.
-    other = await sim.signed(
+    other = await simulator.signed(
         "POST", CREATE, order_body("dup-1"), key=OTHER_KEY, secret=OTHER_SECRET
     )
     assert other.code == 0
@@ -299,15 +176,15 @@ async def test_duplicate_order_link_id_is_110072_and_placed_once(sim: Sim) -> No
         ("0", 10001, "qty invalid"),
     ],
 )
-async def test_quantity_filters(sim: Sim, qty: str, code: int, message: str) -> None:
-    await sim.admin("PUT", "/sim/instruments/BTCUSDT", {"minOrderQty": "0.005"})
-    reply = await sim.order("q-1", qty=qty)
+async def test_quantity_filters(simulator: Simulator, qty: str, code: int, message: str) -> None:
+    await simulator.admin("PUT", "/sim/instruments/BTCUSDT", {"minOrderQty": "0.005"})
+    reply = await simulator.order("q-1", qty=qty)
     assert reply.code == code
     assert message in reply.body["retMsg"]
-    assert await sim.orders() == []
+    assert await simulator.orders() == []
 
 
-async def test_order_parameters(sim: Sim) -> None:
+async def test_order_parameters(simulator: Simulator) -> None:
     cases: list[tuple[dict[str, Any], int]] = [
         ({"category": "spot"}, 10001),
         ({"symbol": "NOPEUSDT"}, 10001),
@@ -320,52 +197,52 @@ async def test_order_parameters(sim: Sim) -> None:
     ]
     for n, (fields, code) in enumerate(cases):
         body = {**order_body(f"p-{n}"), **fields}
-        assert (await sim.signed("POST", CREATE, body)).code == code, fields
-    ok = await sim.order("x" * 36, reduceOnly=False, positionIdx=0, timeInForce="IOC")
+        assert (await simulator.signed("POST", CREATE, body)).code == code, fields
+    ok = await simulator.order("x" * 36, reduceOnly=False, positionIdx=0, timeInForce="IOC")
     assert ok.code == 0
-    assert len(await sim.orders()) == 1
+    assert len(await simulator.orders()) == 1
 
 
-async def test_minimum_order_value_is_110094(sim: Sim) -> None:
-    await sim.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "1000"})
-    reply = await sim.order("n-1")
+async def test_minimum_order_value_is_110094(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "1000"})
+    reply = await simulator.order("n-1")
     assert reply.code == 110094
-    assert await sim.orders() == []
+    assert await simulator.orders() == []
 
 
-async def test_margin_at_the_accounts_leverage_or_110007(sim: Sim) -> None:
+async def test_margin_at_the_accounts_leverage_or_110007(simulator: Simulator) -> None:
     # Bybit's default leverage is 10: 0.5 BTC at 95,000 takes 4,750 of margin.
-    assert (await sim.order("m-1", qty="0.5")).code == 0
-    assert (await sim.signed("POST", LEVERAGE, leverage_body("1"))).code == 0
+    assert (await simulator.order("m-1", qty="0.5")).code == 0
+    assert (await simulator.signed("POST", LEVERAGE, leverage_body("1"))).code == 0
     # At 1x the position takes 47,500 of margin; 1.2 BTC more would need 114,000 (plus fee).
-    refused = await sim.order("m-2", qty="1.2")
+    refused = await simulator.order("m-2", qty="1.2")
     assert (refused.code, refused.body["retMsg"]) == (110007, "ab not enough for new order")
-    assert [o["orderLinkId"] for o in await sim.orders()] == ["m-1"]
-    wallet = (await sim.signed("GET", WALLET, {"accountType": "UNIFIED"})).body["result"]
+    assert [o["orderLinkId"] for o in await simulator.orders()] == ["m-1"]
+    wallet = (await simulator.signed("GET", WALLET, {"accountType": "UNIFIED"})).body["result"]
     available = Decimal(wallet["list"][0]["totalAvailableBalance"])
     margin = Decimal("0.5") * Decimal(95000) / 1  # re-margined at 1x
     fee = Decimal("0.5") * Decimal(95000) * Decimal("0.00055")
     assert available == Decimal(100000) - margin - fee
 
 
-async def test_leverage(sim: Sim) -> None:
-    first = await sim.signed("POST", LEVERAGE, leverage_body("1"))
-    second = await sim.signed("POST", LEVERAGE, leverage_body("1"))
+async def test_leverage(simulator: Simulator) -> None:
+    first = await simulator.signed("POST", LEVERAGE, leverage_body("1"))
+    second = await simulator.signed("POST", LEVERAGE, leverage_body("1"))
     assert (first.code, second.code) == (0, 110043)
     assert second.body["retMsg"] == "Set leverage has not been modified."
     # Bybit's default is 10: setting 10 on a fresh symbol is "not modified".
-    assert (await sim.signed("POST", LEVERAGE, leverage_body("10", "ETHUSDT"))).code == 110043
+    assert (await simulator.signed("POST", LEVERAGE, leverage_body("10", "ETHUSDT"))).code == 110043
     uneven = {**leverage_body("2"), "sellLeverage": "3"}
-    assert (await sim.signed("POST", LEVERAGE, uneven)).code == 10001
-    assert (await sim.signed("POST", LEVERAGE, leverage_body("101"))).code == 10001
-    assert (await sim.signed("POST", LEVERAGE, leverage_body("0.5"))).code == 10001
+    assert (await simulator.signed("POST", LEVERAGE, uneven)).code == 10001
+    assert (await simulator.signed("POST", LEVERAGE, leverage_body("101"))).code == 10001
+    assert (await simulator.signed("POST", LEVERAGE, leverage_body("0.5"))).code == 10001
 
 
-async def test_an_order_is_found_by_order_link_id(sim: Sim) -> None:
-    placed = await sim.order("look-1", qty="0.002")
+async def test_an_order_is_found_by_order_link_id(simulator: Simulator) -> None:
+    placed = await simulator.order("look-1", qty="0.002")
     order_id = placed.body["result"]["orderId"]
     for path in ("/v5/order/realtime", "/v5/order/history"):
-        found = await sim.signed("GET", path, {"category": "linear", "orderLinkId": "look-1"})
+        found = await simulator.signed("GET", path, {"category": "linear", "orderLinkId": "look-1"})
         (item,) = found.body["result"]["list"]
         assert (item["orderId"], item["orderStatus"], item["cumExecQty"], item["qty"]) == (
             order_id,
@@ -376,7 +253,7 @@ async def test_an_order_is_found_by_order_link_id(sim: Sim) -> None:
         assert item["avgPrice"] == "95000.00"
         assert item["timeInForce"] == "IOC"
         assert Decimal(item["cumExecFee"]) == Decimal("0.002") * 95000 * Decimal("0.00055")
-    fills = await sim.signed(
+    fills = await simulator.signed(
         "GET", "/v5/execution/list", {"category": "linear", "orderLinkId": "look-1"}
     )
     (fill,) = fills.body["result"]["list"]
@@ -389,26 +266,28 @@ async def test_an_order_is_found_by_order_link_id(sim: Sim) -> None:
     assert Decimal(fill["execValue"]) == Decimal(190)
     # Without an id or a symbol, a linear realtime query is refused; by symbol it lists
     # open orders only (a market order never stays open).
-    assert (await sim.signed("GET", "/v5/order/realtime", {"category": "linear"})).code == 10001
-    by_symbol = await sim.signed(
+    assert (
+        await simulator.signed("GET", "/v5/order/realtime", {"category": "linear"})
+    ).code == 10001
+    by_symbol = await simulator.signed(
         "GET", "/v5/order/realtime", {"category": "linear", "symbol": "BTCUSDT"}
     )
     assert by_symbol.body["result"]["list"] == []
-    missing = await sim.signed(
+    missing = await simulator.signed(
         "GET", "/v5/order/realtime", {"category": "linear", "orderLinkId": "never"}
     )
     assert (missing.code, missing.body["result"]["list"]) == (0, [])
 
 
-async def test_history_pages_with_a_percent_encoded_cursor(sim: Sim) -> None:
-    await sim.admin("PUT", "/sim/config", {"order_rate_limit": 0})
+async def test_history_pages_with_a_percent_encoded_cursor(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/config", {"order_rate_limit": 0})
     for n in range(5):
-        assert (await sim.order(f"h-{n}")).code == 0
+        assert (await simulator.order(f"h-{n}")).code == 0
     seen: list[str] = []
     cursor = ""
     while True:
         query = f"category=linear&limit=2&symbol=BTCUSDT{'&cursor=' + cursor if cursor else ''}"
-        page = (await sim.signed("GET", "/v5/order/history", raw_query=query)).body["result"]
+        page = (await simulator.signed("GET", "/v5/order/history", raw_query=query)).body["result"]
         seen += [o["orderLinkId"] for o in page["list"]]
         cursor = page["nextPageCursor"]
         if not cursor:
@@ -417,10 +296,10 @@ async def test_history_pages_with_a_percent_encoded_cursor(sim: Sim) -> None:
     assert seen == [f"h-{n}" for n in reversed(range(5))]  # newest first
 
 
-async def test_positions_and_wallet_follow_the_fills(sim: Sim) -> None:
-    assert (await sim.signed("POST", LEVERAGE, leverage_body("1", "ETHUSDT"))).code == 0
-    assert (await sim.order("e-1", qty="1.00", symbol="ETHUSDT")).code == 0
-    positions = await sim.signed(
+async def test_positions_and_wallet_follow_the_fills(simulator: Simulator) -> None:
+    assert (await simulator.signed("POST", LEVERAGE, leverage_body("1", "ETHUSDT"))).code == 0
+    assert (await simulator.order("e-1", qty="1.00", symbol="ETHUSDT")).code == 0
+    positions = await simulator.signed(
         "GET", "/v5/position/list", {"category": "linear", "symbol": "ETHUSDT"}
     )
     (position,) = positions.body["result"]["list"]
@@ -430,133 +309,143 @@ async def test_positions_and_wallet_follow_the_fills(sim: Sim) -> None:
         "3500",
         "1",
     )
-    assert (await sim.order("e-2", qty="1.00", symbol="ETHUSDT", side="Sell")).code == 0
-    flat = await sim.signed("GET", "/v5/position/list", {"category": "linear", "symbol": "ETHUSDT"})
+    assert (await simulator.order("e-2", qty="1.00", symbol="ETHUSDT", side="Sell")).code == 0
+    flat = await simulator.signed(
+        "GET", "/v5/position/list", {"category": "linear", "symbol": "ETHUSDT"}
+    )
     assert (flat.body["result"]["list"][0]["side"], flat.body["result"]["list"][0]["size"]) == (
         "",
         "0.00",
     )
-    open_ones = await sim.signed(
+    open_ones = await simulator.signed(
         "GET", "/v5/position/list", {"category": "linear", "settleCoin": "USDT"}
     )
     assert open_ones.body["result"]["list"] == []
-    assert (await sim.signed("GET", "/v5/position/list", {"category": "linear"})).code == 10001
-    wallet = (await sim.signed("GET", WALLET, {"accountType": "UNIFIED"})).body["result"]["list"][0]
+    assert (
+        await simulator.signed("GET", "/v5/position/list", {"category": "linear"})
+    ).code == 10001
+    wallet = (await simulator.signed("GET", WALLET, {"accountType": "UNIFIED"})).body["result"][
+        "list"
+    ][0]
     fees = 2 * Decimal(3500) * Decimal("0.00055")
     assert Decimal(wallet["totalWalletBalance"]) == Decimal(100000) - fees
     assert Decimal(wallet["totalAvailableBalance"]) == Decimal(100000) - fees
-    assert (await sim.signed("GET", WALLET, {"accountType": "SPOT"})).code == 10001
+    assert (await simulator.signed("GET", WALLET, {"accountType": "SPOT"})).code == 10001
 
 
-async def test_slippage_moves_fills_against_the_taker(sim: Sim) -> None:
-    await sim.admin("PUT", "/sim/config", {"slippage_bps": "10"})
-    await sim.order("s-buy", qty="0.010")
-    await sim.order("s-sell", qty="0.010", side="Sell")
-    orders = {o["orderLinkId"]: o for o in await sim.orders()}
+async def test_slippage_moves_fills_against_the_taker(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/config", {"slippage_bps": "10"})
+    await simulator.order("s-buy", qty="0.010")
+    await simulator.order("s-sell", qty="0.010", side="Sell")
+    orders = {o["orderLinkId"]: o for o in await simulator.orders()}
     assert orders["s-buy"]["avgPrice"] == "95095.00"
     assert orders["s-sell"]["avgPrice"] == "94905.00"
 
 
-async def test_partial_and_empty_fills_end_cancelled(sim: Sim) -> None:
-    await sim.admin("PUT", "/sim/config", {"fill_ratio": "0.5"})
-    assert (await sim.order("p-1", qty="0.005")).code == 0
-    await sim.admin("PUT", "/sim/config", {"fill_ratio": "0"})
-    assert (await sim.order("p-2", qty="0.005")).code == 0
-    orders = {o["orderLinkId"]: o for o in await sim.orders()}
+async def test_partial_and_empty_fills_end_cancelled(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/config", {"fill_ratio": "0.5"})
+    assert (await simulator.order("p-1", qty="0.005")).code == 0
+    await simulator.admin("PUT", "/sim/config", {"fill_ratio": "0"})
+    assert (await simulator.order("p-2", qty="0.005")).code == 0
+    orders = {o["orderLinkId"]: o for o in await simulator.orders()}
     assert (orders["p-1"]["orderStatus"], orders["p-1"]["cumExecQty"]) == ("Cancelled", "0.002")
     assert orders["p-1"]["avgPrice"] == "95000.00"
     assert (orders["p-2"]["orderStatus"], orders["p-2"]["cumExecQty"]) == ("Cancelled", "0.000")
     assert orders["p-2"]["avgPrice"] == ""
-    fills = await sim.signed("GET", "/v5/execution/list", {"category": "linear"})
+    fills = await simulator.signed("GET", "/v5/execution/list", {"category": "linear"})
     assert [f["orderLinkId"] for f in fills.body["result"]["list"]] == ["p-1"]
 
 
-async def test_a_halted_instrument_refuses_orders(sim: Sim) -> None:
-    await sim.admin("PUT", "/sim/instruments/ETHUSDT", {"status": "Closed"})
-    reply = await sim.order("h-1", qty="0.01", symbol="ETHUSDT")
+async def test_a_halted_instrument_refuses_orders(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/instruments/ETHUSDT", {"status": "Closed"})
+    reply = await simulator.order("h-1", qty="0.01", symbol="ETHUSDT")
     assert (reply.code, reply.body["retMsg"]) == (110074, "This contract is not live")
-    listed = (await sim.public("/v5/market/instruments-info?category=linear")).body["result"]
+    listed = (await simulator.public("/v5/market/instruments-info?category=linear")).body["result"]
     assert "ETHUSDT" not in [i["symbol"] for i in listed["list"]]
-    one = await sim.public("/v5/market/instruments-info?category=linear&symbol=ETHUSDT")
+    one = await simulator.public("/v5/market/instruments-info?category=linear&symbol=ETHUSDT")
     assert one.body["result"]["list"][0]["status"] == "Closed"
 
 
-async def test_rate_limit_is_10006_with_bybits_headers(sim: Sim) -> None:
-    await sim.admin("PUT", "/sim/config", {"order_rate_limit": 2})
-    replies = [await sim.order(f"r-{n}") for n in range(3)]
+async def test_rate_limit_is_10006_with_bybits_headers(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/config", {"order_rate_limit": 2})
+    replies = [await simulator.order(f"r-{n}") for n in range(3)]
     assert [r.code for r in replies] == [0, 0, 10006]
     assert replies[2].body["retMsg"] == "Too many visits!"
     assert [r.headers["X-Bapi-Limit-Status"] for r in replies] == ["1", "0", "0"]
     assert replies[2].headers["X-Bapi-Limit"] == "2"
     reset = int(replies[2].headers["X-Bapi-Limit-Reset-Timestamp"])
     assert now_ms() - 100 < reset <= now_ms() + 1000
-    assert len(await sim.orders()) == 2
+    assert len(await simulator.orders()) == 2
     # Per account: the other account is not limited by this one's calls.
-    other = await sim.signed("POST", CREATE, order_body("r-x"), key=OTHER_KEY, secret=OTHER_SECRET)
+    other = await simulator.signed(
+        "POST", CREATE, order_body("r-x"), key=OTHER_KEY, secret=OTHER_SECRET
+    )
     assert other.code == 0
-    await sim.admin("PUT", "/sim/config", {"order_rate_limit": 0})
-    assert [(await sim.order(f"u-{n}")).code for n in range(4)] == [0, 0, 0, 0]
+    await simulator.admin("PUT", "/sim/config", {"order_rate_limit": 0})
+    assert [(await simulator.order(f"u-{n}")).code for n in range(4)] == [0, 0, 0, 0]
 
 
 # ---- faults ------------------------------------------------------------------------------
 
 
-async def _fault(sim: Sim, **fault: Any) -> int:
+async def _fault(simulator: Simulator, **fault: Any) -> int:
     fault.setdefault("path", CREATE)
-    return int((await sim.admin("POST", "/sim/faults", fault))["id"])
+    return int((await simulator.admin("POST", "/sim/faults", fault))["id"])
 
 
-async def test_http_status_fault_counts_skip_and_times(sim: Sim) -> None:
-    await _fault(sim, path="/v5/market/tickers", kind="http_status", status=503, skip=1, times=2)
+async def test_http_status_fault_counts_skip_and_times(simulator: Simulator) -> None:
+    await _fault(
+        simulator, path="/v5/market/tickers", kind="http_status", status=503, skip=1, times=2
+    )
     statuses = [
-        (await sim.public("/v5/market/tickers?category=linear&symbol=BTCUSDT")).status
+        (await simulator.public("/v5/market/tickers?category=linear&symbol=BTCUSDT")).status
         for _ in range(4)
     ]
     assert statuses == [200, 503, 503, 200]
-    counts = (await sim.admin("GET", "/sim/requests"))["counts"]
+    counts = (await simulator.admin("GET", "/sim/requests"))["counts"]
     assert counts["/v5/market/tickers"] == 4
-    await _fault(sim, kind="http_status", body="<html>oops</html>")
-    page = await sim.order("f-1")
+    await _fault(simulator, kind="http_status", body="<html>oops</html>")
+    page = await simulator.order("f-1")
     assert (page.status, page.text, page.headers["Content-Type"].split(";")[0]) == (
         502,
         "<html>oops</html>",
         "text/html",
     )
-    assert await sim.orders() == []
+    assert await simulator.orders() == []
 
 
-async def test_retcode_fault_is_a_bybit_envelope(sim: Sim) -> None:
-    await _fault(sim, kind="retcode", retCode=10016, retMsg="Request timeout")
-    reply = await sim.order("f-1")
+async def test_retcode_fault_is_a_bybit_envelope(simulator: Simulator) -> None:
+    await _fault(simulator, kind="retcode", retCode=10016, retMsg="Request timeout")
+    reply = await simulator.order("f-1")
     assert (reply.status, reply.code, reply.body["retMsg"]) == (200, 10016, "Request timeout")
-    assert await sim.orders() == []
-    assert (await sim.order("f-2")).code == 0  # times defaults to 1
+    assert await simulator.orders() == []
+    assert (await simulator.order("f-2")).code == 0  # times defaults to 1
 
 
-async def test_malformed_and_empty_faults(sim: Sim) -> None:
-    await _fault(sim, kind="malformed")
-    await _fault(sim, kind="malformed", body="<html>gateway</html>")
-    await _fault(sim, kind="empty")
-    texts = [(await sim.order(f"f-{n}")).text for n in range(3)]
+async def test_malformed_and_empty_faults(simulator: Simulator) -> None:
+    await _fault(simulator, kind="malformed")
+    await _fault(simulator, kind="malformed", body="<html>gateway</html>")
+    await _fault(simulator, kind="empty")
+    texts = [(await simulator.order(f"f-{n}")).text for n in range(3)]
     with pytest.raises(json.JSONDecodeError):
         json.loads(texts[0])
     assert texts[1:] == ["<html>gateway</html>", ""]
-    assert await sim.orders() == []
+    assert await simulator.orders() == []
 
 
-async def test_delay_fault_answers_late_and_carries_the_call_out(sim: Sim) -> None:
-    await _fault(sim, kind="delay", delay_ms=300)
+async def test_delay_fault_answers_late_and_carries_the_call_out(simulator: Simulator) -> None:
+    await _fault(simulator, kind="delay", delay_ms=300)
     started = time.monotonic()
-    reply = await sim.order("d-1")
+    reply = await simulator.order("d-1")
     assert reply.code == 0
     assert time.monotonic() - started >= 0.3
     # A client that gives up first still gets its order placed.
-    await _fault(sim, kind="delay", delay_ms=400)
+    await _fault(simulator, kind="delay", delay_ms=400)
     with pytest.raises(asyncio.TimeoutError):
-        await sim.signed("POST", CREATE, order_body("d-2"), timeout=0.1)
+        await simulator.signed("POST", CREATE, order_body("d-2"), timeout=0.1)
 
     async def landed() -> bool:
-        return any(o["orderLinkId"] == "d-2" for o in await sim.orders())
+        return any(o["orderLinkId"] == "d-2" for o in await simulator.orders())
 
     deadline = time.monotonic() + 5
     while not await landed():
@@ -564,80 +453,82 @@ async def test_delay_fault_answers_late_and_carries_the_call_out(sim: Sim) -> No
         await asyncio.sleep(0.02)
 
 
-async def test_hang_fault_never_answers_and_places_nothing(sim: Sim) -> None:
-    await _fault(sim, kind="hang")
+async def test_hang_fault_never_answers_and_places_nothing(simulator: Simulator) -> None:
+    await _fault(simulator, kind="hang")
     with pytest.raises(asyncio.TimeoutError):
-        await sim.signed("POST", CREATE, order_body("hang-1"), timeout=0.3)
-    assert await sim.orders() == []
-    assert sim.state.faults.faults[0].delay_ms == 60_000
+        await simulator.signed("POST", CREATE, order_body("hang-1"), timeout=0.3)
+    assert await simulator.orders() == []
+    assert simulator.state.faults.faults[0].delay_ms == 60_000
 
 
-async def test_drop_after_fill_places_the_order_and_loses_the_reply(sim: Sim) -> None:
-    await _fault(sim, kind="drop_after_fill")
+async def test_drop_after_fill_places_the_order_and_loses_the_reply(simulator: Simulator) -> None:
+    await _fault(simulator, kind="drop_after_fill")
     with pytest.raises(aiohttp.ServerDisconnectedError):
-        await sim.order("lost-1")
-    (order,) = await sim.orders()
+        await simulator.order("lost-1")
+    (order,) = await simulator.orders()
     assert (order["orderLinkId"], order["orderStatus"]) == ("lost-1", "Filled")
-    found = await sim.signed(
+    found = await simulator.signed(
         "GET", "/v5/order/realtime", {"category": "linear", "orderLinkId": "lost-1"}
     )
     assert found.body["result"]["list"][0]["orderId"] == order["orderId"]
     # Sending it again is refused: the first attempt landed.
-    assert (await sim.order("lost-1")).code == 110072
-    assert len(await sim.orders()) == 1
+    assert (await simulator.order("lost-1")).code == 110072
+    assert len(await simulator.orders()) == 1
 
 
-async def test_faults_filter_by_api_key_and_can_last_for_ever(sim: Sim) -> None:
-    await _fault(sim, kind="retcode", retCode=10016, times=None, api_key=OTHER_KEY)
-    assert (await sim.order("k-1")).code == 0
+async def test_faults_filter_by_api_key_and_can_last_for_ever(simulator: Simulator) -> None:
+    await _fault(simulator, kind="retcode", retCode=10016, times=None, api_key=OTHER_KEY)
+    assert (await simulator.order("k-1")).code == 0
     for n in range(3):
-        other = await sim.signed(
+        other = await simulator.signed(
             "POST", CREATE, order_body(f"o-{n}"), key=OTHER_KEY, secret=OTHER_SECRET
         )
         assert other.code == 10016
-    faults = (await sim.admin("GET", "/sim/faults"))["faults"]
+    faults = (await simulator.admin("GET", "/sim/faults"))["faults"]
     assert (faults[0]["seen"], faults[0]["applied"]) == (3, 3)
-    await sim.admin("DELETE", "/sim/faults")
-    cleared = await sim.signed(
+    await simulator.admin("DELETE", "/sim/faults")
+    cleared = await simulator.signed(
         "POST", CREATE, order_body("o-9"), key=OTHER_KEY, secret=OTHER_SECRET
     )
     assert cleared.code == 0
 
 
-async def test_bad_fault_scripts_are_refused(sim: Sim) -> None:
+async def test_bad_fault_scripts_are_refused(simulator: Simulator) -> None:
     for bad in (
         {"path": CREATE, "kind": "explode"},
         {"kind": "empty"},
         {"path": CREATE, "kind": "empty", "times": -1},
     ):
-        async with sim.http.post(f"{sim.url}/sim/faults", json=bad) as response:
+        async with simulator.http.post(f"{simulator.url}/sim/faults", json=bad) as response:
             assert response.status == 400
 
 
 # ---- market data, knobs, reset -------------------------------------------------------------
 
 
-async def test_market_data(sim: Sim) -> None:
-    server_time = (await sim.public("/v5/market/time")).body["result"]
+async def test_market_data(simulator: Simulator) -> None:
+    server_time = (await simulator.public("/v5/market/time")).body["result"]
     assert abs(int(server_time["timeSecond"]) - now_ms() // 1000) <= 2
-    first = (await sim.public("/v5/market/instruments-info?category=linear&limit=7")).body
+    first = (await simulator.public("/v5/market/instruments-info?category=linear&limit=7")).body
     assert len(first["result"]["list"]) == 7
     symbols = [i["symbol"] for i in first["result"]["list"]]
     cursor = first["result"]["nextPageCursor"]
     while cursor:
-        page = await sim.public(
+        page = await simulator.public(
             f"/v5/market/instruments-info?category=linear&limit=7&cursor={cursor}"
         )
         symbols += [i["symbol"] for i in page.body["result"]["list"]]
         cursor = page.body["result"]["nextPageCursor"]
     assert len(symbols) == len(set(symbols)) == 20
-    one_page = (await sim.public("/v5/market/instruments-info?category=linear")).body["result"]
+    one_page = (await simulator.public("/v5/market/instruments-info?category=linear")).body[
+        "result"
+    ]
     assert (len(one_page["list"]), one_page["nextPageCursor"]) == (20, "")
     btc = next(i for i in one_page["list"] if i["symbol"] == "BTCUSDT")
     assert btc["lotSizeFilter"]["qtyStep"] == "0.001"
     assert btc["leverageFilter"]["maxLeverage"] == "100.00"
-    await sim.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "90000"})
-    ticker = (await sim.public("/v5/market/tickers?category=linear&symbol=BTCUSDT")).body
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "90000"})
+    ticker = (await simulator.public("/v5/market/tickers?category=linear&symbol=BTCUSDT")).body
     (item,) = ticker["result"]["list"]
     assert (item["lastPrice"], item["markPrice"], item["bid1Price"], item["ask1Price"]) == (
         "90000.00",
@@ -645,38 +536,38 @@ async def test_market_data(sim: Sim) -> None:
         "89999.90",
         "90000.10",
     )
-    assert (await sim.public("/v5/market/tickers?category=linear&symbol=NOPE")).code == 10001
-    assert (await sim.public("/v5/market/tickers?category=spot")).code == 10001
-    assert (await sim.public("/v5/nothing-here")).status == 404
+    assert (await simulator.public("/v5/market/tickers?category=linear&symbol=NOPE")).code == 10001
+    assert (await simulator.public("/v5/market/tickers?category=spot")).code == 10001
+    assert (await simulator.public("/v5/nothing-here")).status == 404
 
 
-async def test_latency_is_added_to_every_v5_reply(sim: Sim) -> None:
-    await sim.admin("PUT", "/sim/config", {"latency_ms": 150})
+async def test_latency_is_added_to_every_v5_reply(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/config", {"latency_ms": 150})
     started = time.monotonic()
-    assert (await sim.public("/v5/market/time")).status == 200
+    assert (await simulator.public("/v5/market/time")).status == 200
     assert time.monotonic() - started >= 0.15
-    config = await sim.admin("GET", "/sim/config")
+    config = await simulator.admin("GET", "/sim/config")
     assert config["latency_ms"] == 150
 
 
-async def test_reset_restores_the_start(sim: Sim) -> None:
-    await sim.order("z-1")
-    await sim.admin("PUT", "/sim/instruments/BTCUSDT", {"status": "Closed"})
-    await sim.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "1"})
-    await sim.admin("PUT", "/sim/config", {"latency_ms": 5})
-    await _fault(sim, kind="empty")
-    await sim.admin("POST", "/sim/reset")
-    state = sim.state
+async def test_reset_restores_the_start(simulator: Simulator) -> None:
+    await simulator.order("z-1")
+    await simulator.admin("PUT", "/sim/instruments/BTCUSDT", {"status": "Closed"})
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "1"})
+    await simulator.admin("PUT", "/sim/config", {"latency_ms": 5})
+    await _fault(simulator, kind="empty")
+    await simulator.admin("POST", "/sim/reset")
+    state = simulator.state
     assert state.orders == []
     assert state.accounts == {}
     assert state.faults.faults == []
     assert state.instruments["BTCUSDT"].status == "Trading"
     assert state.prices["BTCUSDT"] == Decimal("95000.00")
     assert state.config.latency_ms == 0
-    assert (await sim.order("z-2")).code == 10003  # accounts are gone too
+    assert (await simulator.order("z-2")).code == 10003  # accounts are gone too
 
 
-async def test_admin_refuses_bad_input(sim: Sim) -> None:
+async def test_admin_refuses_bad_input(simulator: Simulator) -> None:
     for method, path, body in [
         ("POST", "/sim/accounts", {"api_key": "k"}),
         ("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "-1"}),
@@ -684,9 +575,11 @@ async def test_admin_refuses_bad_input(sim: Sim) -> None:
         ("PUT", "/sim/config", {"nonsense": 1}),
         ("PUT", "/sim/instruments/BTCUSDT", {"status": "Sleeping"}),
     ]:
-        async with sim.http.request(method, f"{sim.url}{path}", json=body) as response:
+        async with simulator.http.request(method, f"{simulator.url}{path}", json=body) as response:
             assert response.status == 400, (path, body)
-    async with sim.http.put(f"{sim.url}/sim/tickers/NOPE", json={"lastPrice": "1"}) as response:
+    async with simulator.http.put(
+        f"{simulator.url}/sim/tickers/NOPE", json={"lastPrice": "1"}
+    ) as response:
         assert response.status == 404
 
 

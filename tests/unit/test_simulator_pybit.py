@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -16,14 +15,9 @@ from pybit.exceptions import InvalidRequestError
 from pybit.unified_trading import HTTP
 
 from service.simulator import create_app
+from tests.support import free_port
 
 KEY, SECRET = "PYBITSIMKEY00001", "pybit-sim-secret-0001"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _admin(url: str, method: str, path: str, body: object) -> object:
@@ -41,7 +35,7 @@ def _admin(url: str, method: str, path: str, body: object) -> object:
 def simulator_url() -> Iterator[str]:
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(create_app(), access_log=None)
-    port = _free_port()
+    port = free_port()
     started = threading.Event()
 
     def serve() -> None:
