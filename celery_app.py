@@ -48,7 +48,9 @@ def create_celery_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_seconds,
-        task_soft_time_limit=max(settings.task_time_limit_seconds - 30, 10),
+        # A backstop only: each run stops itself at its deadline inside its event loop
+        # (workers/runtime.py), well before this, and the runtime drains whatever is left.
+        task_soft_time_limit=settings.soft_time_limit_seconds,
         broker_transport_options=transport_options,
         result_backend_transport_options=transport_options,
         visibility_timeout=timeout,

@@ -6,7 +6,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -40,19 +40,39 @@ class Settings(BaseSettings):
     # Beat refreshes the market snapshot the API validates sizes with; older is refused.
     market_refresh_seconds: float = Field(default=15.0, gt=0)
     market_max_age_seconds: float = Field(default=120.0, gt=0)
-    # Reconciliation of recent final positions against the exchange's records.
+    # Reconciliation of every position with legs on the exchange, changed since it was last
+    # reconciled and within the window (Bybit keeps filled orders' history for 7 days).
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
-    reconcile_window_seconds: float = Field(default=86400.0, gt=0)
+    reconcile_window_seconds: float = Field(default=6 * 86400.0, gt=0)
+    reconcile_page_size: int = Field(default=100, gt=0, le=10_000)
+    # A position is reconciled once its last change is this old: Bybit's order history can lag
+    # a moment behind, and an order not visible yet must not pass for one never placed.
+    reconcile_settle_seconds: float = Field(default=30.0, ge=0)
     # The worker's Prometheus endpoint (served by its main process); 0 turns it off.
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"
     # Pre-flight: the available balance must cover the basket at 1x plus this share.
     preflight_margin: Decimal = Field(default=Decimal("0.01"), ge=0, le=1)
     # Hard limit of one task run; with the longest retry countdown it bounds the
-    # Redis visibility timeout (see celery_app.py).
+    # Redis visibility timeout (see celery_app.py). The run's own deadline, enforced inside
+    # its event loop, and Celery's soft limit are derived from it (properties below).
     task_time_limit_seconds: int = Field(default=300, gt=0)
     http_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     http_read_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Database connections: a statement that hangs fails after this many seconds, and TCP
+    # keepalives (set on both ends of every connection) find a dead peer within
+    # idle + interval x count seconds, which must stay well under STALE_EXECUTING_SECONDS.
+    db_statement_timeout_seconds: float = Field(default=30.0, gt=0)
+    db_keepalive_idle_seconds: int = Field(default=10, ge=1)
+    db_keepalive_interval_seconds: int = Field(default=5, ge=1)
+    db_keepalive_count: int = Field(default=3, ge=1)
+    # One basket at a time per exchange account. A run waits this long for the account,
+    # then gives its worker slot back and is sent again after ACCOUNT_RETRY_SECONDS (no
+    # attempt used); a position that has waited ACCOUNT_WAIT_LIMIT_SECONDS in all fails
+    # with nothing sent.
+    account_wait_seconds: float = Field(default=20.0, gt=0)
+    account_retry_seconds: float = Field(default=1.0, ge=0)
+    account_wait_limit_seconds: float = Field(default=900.0, gt=0)
 
     @field_validator("trade_retry_delays", mode="before")
     @classmethod
@@ -74,6 +94,44 @@ class Settings(BaseSettings):
         if any(delay < 0 for delay in value):
             raise ValueError("TRADE_RETRY_DELAYS must not contain negative delays")
         return value
+
+    @property
+    def run_deadline_seconds(self) -> float:
+        """A run stops placing orders and winds down at this point (inside its loop)."""
+        return 0.8 * self.task_time_limit_seconds
+
+    @property
+    def run_grace_seconds(self) -> float:
+        """Time after the deadline for the run's own clean-up (release locks, schedule the
+        retry); then the runtime cancels whatever is left, and drains it for as long again."""
+        return 0.05 * self.task_time_limit_seconds
+
+    @property
+    def soft_time_limit_seconds(self) -> float:
+        """Celery's soft limit: a backstop after the deadline, its grace and the drain."""
+        return 0.9 * self.task_time_limit_seconds
+
+    @property
+    def db_dead_peer_seconds(self) -> int:
+        return self.db_keepalive_idle_seconds + (
+            self.db_keepalive_interval_seconds * self.db_keepalive_count
+        )
+
+    @model_validator(mode="after")
+    def _check_timings(self) -> Settings:
+        if self.db_dead_peer_seconds >= self.stale_executing_seconds:
+            raise ValueError(
+                f"DB_KEEPALIVE_IDLE_SECONDS + DB_KEEPALIVE_INTERVAL_SECONDS x DB_KEEPALIVE_COUNT "
+                f"({self.db_dead_peer_seconds} s) must be below STALE_EXECUTING_SECONDS "
+                f"({self.stale_executing_seconds:g} s): a run whose database connection died "
+                "must be recognised as dead before the recovery sweep may resume it"
+            )
+        if self.account_wait_seconds >= self.run_deadline_seconds:
+            raise ValueError(
+                f"ACCOUNT_WAIT_SECONDS ({self.account_wait_seconds:g}) must be below the run "
+                f"deadline, 0.8 x TASK_TIME_LIMIT_SECONDS ({self.run_deadline_seconds:g} s)"
+            )
+        return self
 
     @field_validator("credentials_keys")
     @classmethod

@@ -7,9 +7,13 @@ Nothing here runs at import time.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -17,13 +21,84 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from service.config import Settings
+
 SessionFactory = async_sessionmaker[AsyncSession]
 # A callable that opens one unit of work: commit on success, roll back on error.
 SessionScope = Callable[[], AbstractAsyncContextManager[AsyncSession]]
 
 
-def create_engine(database_url: str, *, pool_size: int = 5) -> AsyncEngine:
-    return create_async_engine(
+APPLICATION_NAME = "synthetic-index-trader"
+
+
+def _default(name: str) -> Any:
+    return Settings.model_fields[name].default
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionHealth:
+    """How a connection notices that its peer is gone, on both ends.
+
+    A run holds its locks on a connection for its whole length; if that connection's peer
+    vanishes (node loss, partition), PostgreSQL would keep the locks until the kernel's TCP
+    keepalive gives up (about 2 h 11 min with the defaults), and the client would wait as
+    long for a reply. So every connection sets keepalives and a user timeout on the client
+    socket and, per connection, on the server; a statement has a client-side timeout; and
+    the server checks during a long statement whether the client is still there.
+    """
+
+    statement_timeout: float = _default("db_statement_timeout_seconds")
+    keepalive_idle: int = _default("db_keepalive_idle_seconds")
+    keepalive_interval: int = _default("db_keepalive_interval_seconds")
+    keepalive_count: int = _default("db_keepalive_count")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionHealth:
+        return cls(
+            statement_timeout=settings.db_statement_timeout_seconds,
+            keepalive_idle=settings.db_keepalive_idle_seconds,
+            keepalive_interval=settings.db_keepalive_interval_seconds,
+            keepalive_count=settings.db_keepalive_count,
+        )
+
+    @property
+    def dead_peer_seconds(self) -> int:
+        return self.keepalive_idle + self.keepalive_interval * self.keepalive_count
+
+    def server_settings(self) -> dict[str, str]:
+        return {
+            "application_name": APPLICATION_NAME,
+            "tcp_keepalives_idle": str(self.keepalive_idle),
+            "tcp_keepalives_interval": str(self.keepalive_interval),
+            "tcp_keepalives_count": str(self.keepalive_count),
+            # Unacknowledged data to a vanished client is given up on as fast (PostgreSQL 12+).
+            "tcp_user_timeout": str(self.dead_peer_seconds * 1000),
+            # During a long statement, check every few seconds that the client still exists
+            # (PostgreSQL 14+).
+            "client_connection_check_interval": str(self.keepalive_interval * 1000),
+        }
+
+    def configure_socket(self, sock: Any) -> None:
+        """The client's end: keepalives and a user timeout on a TCP socket (Unix sockets have
+        no peer to lose)."""
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (
+            ("TCP_KEEPIDLE", self.keepalive_idle),
+            ("TCP_KEEPINTVL", self.keepalive_interval),
+            ("TCP_KEEPCNT", self.keepalive_count),
+            ("TCP_USER_TIMEOUT", self.dead_peer_seconds * 1000),
+        ):
+            if hasattr(socket, option):  # Linux names; other systems keep their defaults
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def create_engine(
+    database_url: str, *, pool_size: int = 5, health: ConnectionHealth | None = None
+) -> AsyncEngine:
+    health = health or ConnectionHealth()
+    engine = create_async_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -32,8 +107,21 @@ def create_engine(database_url: str, *, pool_size: int = 5) -> AsyncEngine:
         # disconnect, makes the pool replace every connection older than it.
         pool_pre_ping=False,
         # asyncpg's prepared-statement cache is per connection and safe with our pool.
-        connect_args={"server_settings": {"application_name": "synthetic-index-trader"}},
+        connect_args={
+            "server_settings": health.server_settings(),
+            # A statement that hangs (a dead server, a lock never granted) fails with a
+            # TimeoutError after this long instead of waiting forever.
+            "command_timeout": health.statement_timeout,
+        },
     )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _client_keepalive(dbapi_connection: Any, _record: Any) -> None:
+        # asyncpg offers no keepalive option: set it on the connection's own socket.
+        transport = getattr(dbapi_connection.driver_connection, "_transport", None)
+        health.configure_socket(transport.get_extra_info("socket") if transport else None)
+
+    return engine
 
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:

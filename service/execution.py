@@ -1,11 +1,14 @@
 """The execution flow of one position, as plain async functions that take their dependencies.
 
-claim (PENDING -> EXECUTING, or the claim holder resumes) -> plan once (stored before the first
-order) -> decrypt the key (once per run) -> each leg in order: leverage 1x, look the leg up if
-it may have been sent, place the market order with its orderLinkId, read the outcome, record
-the fill at once
+A run holds the position's lock (serialising deliveries of one task), then its exchange
+account's lock (one basket at a time per account, waited for in PostgreSQL's queue), then
+claims the position (PENDING -> EXECUTING, or the claim holder resumes) -> plans once (stored
+before the first order) -> each leg in order: leverage 1x, look the leg up if it may have been
+sent, prove ownership (on the lock's own connection) and mark the leg submitted, place the
+market order with its orderLinkId, read the outcome, record the fill at once
 -> all filled: snapshot + ACTIVE in one transaction. A permanent error fails the position at
 once; a transient one asks the caller (the Celery task) to run again after the next delay.
+The run has one deadline: past it nothing more is sent, and the run winds down.
 
 This module imports neither Celery nor FastAPI.
 """
@@ -13,7 +16,6 @@ This module imports neither Celery nor FastAPI.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,9 +24,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -55,7 +58,26 @@ from service.trading_logic import (
 T = TypeVar("T")
 logger = structlog.stdlib.get_logger("service.execution")
 
-RunLock = Callable[[uuid.UUID], AbstractAsyncContextManager[bool]]
+
+class RunLease(Protocol):
+    """What a run holds while it lasts (service/run_lock.py): the position's lock, and
+    through it the account's lock and the proof of ownership."""
+
+    async def confirm(self, claim: str, *, submitting_leg: int | None = None) -> bool:
+        """True when the run still holds the position's lock and its claim (then, with
+        `submitting_leg`, that leg is marked submitted in the same round trip)."""
+        ...
+
+    def account(
+        self, account: str, *, wait_seconds: float, on_wait: Callable[[], Awaitable[None]]
+    ) -> AbstractAsyncContextManager[bool]:
+        """Hold the exchange account's lock; wait at most `wait_seconds` (calling `on_wait`
+        first when it is taken); yields False when it was not granted in that time."""
+        ...
+
+
+# Opens the position's lock; yields None when another run holds it.
+RunLock = Callable[[uuid.UUID], AbstractAsyncContextManager[RunLease | None]]
 
 
 class Outcome(StrEnum):
@@ -64,6 +86,9 @@ class Outcome(StrEnum):
     RETRY = "RETRY"
     DISCARDED = "DISCARDED"
     NOT_FOUND = "NOT_FOUND"
+    # The run could not reach the database: nothing decided, the position is left to its
+    # next attempt or the recovery sweep.
+    ABORTED = "ABORTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +120,14 @@ class ExecutionDeps:
     early_tolerance_seconds: float = 2.0
     # Pre-flight: the available balance must cover the basket at 1x plus this share.
     preflight_margin: Decimal = Decimal("0.01")
+    # One basket at a time per account: one run's wait, the pause before it asks again, and
+    # the longest a position may wait in all (settings ACCOUNT_*).
+    account_wait_seconds: float = 20.0
+    account_retry_seconds: float = 1.0
+    account_wait_limit_seconds: float = 900.0
+    # An order is not started with less than this left before the run's deadline (the HTTP
+    # read timeout and a margin): it could not be seen through.
+    order_time_reserve: float = 11.0
 
 
 class LegError(Exception):
@@ -113,112 +146,255 @@ class TransientLegError(LegError):
     """The run stops; the position is tried again after the next delay."""
 
 
+class OwnershipLostError(Exception):
+    """The run can no longer prove it holds the position: it stops without another write."""
+
+
 def order_link_id(position_id: uuid.UUID, leg: int) -> str:
     """Deterministic per position and leg: 32 hex + '-' + leg, at most 36 characters."""
     return f"{position_id.hex}-{leg}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One run of a claimed position: what every step of it needs."""
+
+    position: SyntheticPosition
+    claim: str
+    credentials: ApiCredentials
+    lease: RunLease
+    deadline: float | None  # event-loop time; None: no deadline (tests awaiting directly)
 
 
 # ---- entry point --------------------------------------------------------------------------
 
 
 async def execute_position(
-    deps: ExecutionDeps, position_id: uuid.UUID, *, task_id: str
+    deps: ExecutionDeps, position_id: uuid.UUID, *, task_id: str, deadline: float | None = None
 ) -> RunResult:
     """Run (or resume) one position. Every run counts as an attempt, a crashed one too, so
-    `TRADE_RETRY_DELAYS` bounds the number of runs whatever happens to the messages."""
+    `TRADE_RETRY_DELAYS` bounds the number of runs whatever happens to the messages; waiting
+    for the account does not count. `deadline` is the event-loop time past which nothing more
+    is sent."""
     structlog.contextvars.bind_contextvars(position_id=str(position_id), task_id=task_id)
     log = logger.bind()
-    async with deps.run_lock(position_id) as held:
-        if not held:
+    try:
+        return await _execute(deps, position_id, task_id, deadline, log)
+    except (SQLAlchemyError, OSError) as error:
+        # asyncpg's statement timeout is a bare TimeoutError: say what it means.
+        detail = (
+            "the database did not answer within DB_STATEMENT_TIMEOUT_SECONDS"
+            if isinstance(error, TimeoutError)
+            else f"{type(error).__name__}: {error}"
+        )
+        log.error("run.database_unavailable", error=detail)
+        return RunResult(Outcome.ABORTED, detail=detail)
+
+
+async def _execute(
+    deps: ExecutionDeps,
+    position_id: uuid.UUID,
+    task_id: str,
+    deadline: float | None,
+    log: structlog.stdlib.BoundLogger,
+) -> RunResult:
+    async with deps.run_lock(position_id) as lease:
+        if lease is None:
             log.warning("position.discarded", reason="another run holds the position")
             return RunResult(Outcome.DISCARDED, detail="locked")
-        position = await _claim(deps, position_id, task_id, log)
+        position = await _eligible(deps, position_id, task_id, log)
         if isinstance(position, RunResult):
             return position
-        structlog.contextvars.bind_contextvars(attempt=position.attempts)
-        return await _run_claimed(deps, position, task_id, position.attempts - 1, log)
+        try:
+            # Decrypted once per run, kept only in this run's memory; a rotation of the
+            # encryption keys meanwhile changes the stored ciphertext, not the key itself.
+            credentials = await _credentials(deps, position)
+        except PermanentLegError as error:
+            claimed = await _claim(deps, position, task_id, log)
+            if isinstance(claimed, RunResult):
+                return claimed
+            await _fail(deps, position.id, task_id, error.reason, None, log)
+            return RunResult(Outcome.FAILED, detail=error.reason)
+
+        async def waiting() -> None:
+            await _start_waiting(deps, position, credentials.account, log)
+
+        async with lease.account(
+            credentials.account, wait_seconds=deps.account_wait_seconds, on_wait=waiting
+        ) as account_held:
+            if not account_held:
+                return await _account_busy(deps, position, task_id, log)
+            claimed = await _claim(deps, position, task_id, log)
+            if isinstance(claimed, RunResult):
+                return claimed
+            structlog.contextvars.bind_contextvars(attempt=claimed.attempts)
+            run = _Run(claimed, task_id, credentials, lease, deadline)
+            return await _run_claimed(deps, run, claimed.attempts - 1, log)
+
+
+async def _eligible(
+    deps: ExecutionDeps, position_id: uuid.UUID, task_id: str, log: structlog.stdlib.BoundLogger
+) -> SyntheticPosition | RunResult:
+    """May this task run the position? PENDING, or EXECUTING under this task's claim with its
+    retry due. Only read: the claim is written once the account is held."""
+    async with deps.sessions() as session:
+        current = await repository.get_position(session, position_id)
+    if current is None:
+        log.warning("position.not_found")
+        return RunResult(Outcome.NOT_FOUND)
+    if current.status == PositionStatus.PENDING:
+        return current
+    if current.status != PositionStatus.EXECUTING or current.claim != task_id:
+        log.info("position.discarded", status=current.status, reason="not this task's claim")
+        return RunResult(Outcome.DISCARDED, detail=current.status)
+    if current.next_attempt_at is not None:
+        remaining = (current.next_attempt_at - datetime.now(UTC)).total_seconds()
+        if remaining > deps.early_tolerance_seconds:
+            # A stray copy (e.g. redelivered) arrived before the scheduled retry is due.
+            log.info("position.discarded", reason="retry not yet due", due_in_s=remaining)
+            return RunResult(Outcome.DISCARDED, detail="early")
+    return current
 
 
 async def _claim(
-    deps: ExecutionDeps, position_id: uuid.UUID, task_id: str, log: structlog.stdlib.BoundLogger
-) -> SyntheticPosition | RunResult:
-    async with deps.sessions() as session:
-        claimed = await repository.compare_and_set_status(
-            session,
-            position_id,
-            expected=PositionStatus.PENDING,
-            new=PositionStatus.EXECUTING,
-            claim=task_id,
-        )
-        if claimed is not None:
-            log.info(
-                "position.status_changed",
-                from_status=PositionStatus.PENDING,
-                to_status=PositionStatus.EXECUTING,
-            )
-            return claimed
-        current = await repository.get_position(session, position_id)
-        if current is None:
-            log.warning("position.not_found")
-            return RunResult(Outcome.NOT_FOUND)
-        if current.status != PositionStatus.EXECUTING or current.claim != task_id:
-            log.info("position.discarded", status=current.status, reason="not this task's claim")
-            return RunResult(Outcome.DISCARDED, detail=current.status)
-        if current.next_attempt_at is not None:
-            remaining = (current.next_attempt_at - datetime.now(UTC)).total_seconds()
-            if remaining > deps.early_tolerance_seconds:
-                # A stray copy (e.g. redelivered) arrived before the scheduled retry is due.
-                log.info("position.discarded", reason="retry not yet due", due_in_s=remaining)
-                return RunResult(Outcome.DISCARDED, detail="early")
-        resumed = await repository.resume_claimed(session, position_id, task_id)
-        if resumed is None:
-            return RunResult(Outcome.DISCARDED, detail="claim lost")
-        log.info("position.resumed", attempts=resumed.attempts)
-        return resumed
-
-
-async def _run_claimed(
     deps: ExecutionDeps,
     position: SyntheticPosition,
     task_id: str,
-    retries_done: int,
+    log: structlog.stdlib.BoundLogger,
+) -> SyntheticPosition | RunResult:
+    async with deps.sessions() as session:
+        if position.status == PositionStatus.PENDING:
+            claimed = await repository.compare_and_set_status(
+                session,
+                position.id,
+                expected=PositionStatus.PENDING,
+                new=PositionStatus.EXECUTING,
+                claim=task_id,
+            )
+            if claimed is not None:
+                log.info(
+                    "position.status_changed",
+                    from_status=PositionStatus.PENDING,
+                    to_status=PositionStatus.EXECUTING,
+                )
+                return claimed
+        else:
+            resumed = await repository.resume_claimed(session, position.id, task_id)
+            if resumed is not None:
+                log.info("position.resumed", attempts=resumed.attempts)
+                return resumed
+    log.info("position.discarded", reason="the claim changed before this run could take it")
+    return RunResult(Outcome.DISCARDED, detail="claim lost")
+
+
+async def _start_waiting(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    account: str,
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    """Another basket of the same account is running: show it on the position, and wait."""
+    async with deps.sessions() as session:
+        since = await repository.mark_waiting_for_account(session, position.id)
+    waited = (datetime.now(UTC) - since).total_seconds() if since else 0.0
+    log.info(
+        "position.waiting_for_account",
+        account=account,
+        waited_s=round(waited, 1),
+        wait_up_to_s=deps.account_wait_seconds,
+    )
+
+
+async def _account_busy(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    task_id: str,
     log: structlog.stdlib.BoundLogger,
 ) -> RunResult:
+    """The account stayed busy for this run's whole wait: give the worker slot back and ask
+    again shortly (no attempt used), unless the position has waited too long in all."""
+    async with deps.sessions() as session:
+        current = await repository.get_position(session, position.id)
+    since = current.account_wait_since if current is not None else None
+    waited = (datetime.now(UTC) - since).total_seconds() if since else 0.0
+    if waited < deps.account_wait_limit_seconds:
+        log.info(
+            "position.account_busy",
+            waited_s=round(waited, 1),
+            retry_in_s=deps.account_retry_seconds,
+        )
+        return RunResult(Outcome.RETRY, retry_in=deps.account_retry_seconds, detail="account busy")
+    reason = (
+        f"waited {waited:.0f} s for the other baskets of the same exchange account to finish "
+        f"(limit {deps.account_wait_limit_seconds:g} s); no order was sent"
+    )
+    claimed = await _claim(deps, position, task_id, log)
+    if isinstance(claimed, RunResult):
+        return claimed
+    await _fail(deps, position.id, task_id, reason, None, log)
+    return RunResult(Outcome.FAILED, detail=reason)
+
+
+async def _run_claimed(
+    deps: ExecutionDeps, run: _Run, retries_done: int, log: structlog.stdlib.BoundLogger
+) -> RunResult:
+    position, task_id = run.position, run.claim
+    deadline = asyncio.timeout_at(run.deadline)
     try:
-        plan = await _ensure_plan(deps, position, log)
-        recorded = await _recorded_links(deps, position.id)
-        # Decrypted once per run, kept only in this run's memory; a rotation of the
-        # encryption keys meanwhile changes the stored ciphertext, not the key itself.
-        credentials = await _credentials(deps, position, None)
-        if not recorded and all(leg.submitted_at is None for leg in plan):
-            await _preflight(deps, credentials, plan, log)
-        for leg in plan:
-            if leg.order_link_id in recorded:
-                continue
-            await _execute_leg(deps, credentials, position, leg, log)
-        await _finish(deps, position, plan, task_id, log)
-        return RunResult(Outcome.ACTIVE)
+        async with deadline:
+            plan = await _ensure_plan(deps, position, log)
+            recorded = await _recorded_links(deps, position.id)
+            if not recorded and all(leg.submitted_at is None for leg in plan):
+                await _preflight(deps, run.credentials, plan, log)
+            for leg in plan:
+                if leg.order_link_id in recorded:
+                    continue
+                await _execute_leg(deps, run, leg, log)
+            await _finish(deps, position, plan, task_id, log)
+            return RunResult(Outcome.ACTIVE)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        # Cancelled where it was: an order in flight was sent before the deadline and is
+        # looked up by the next run; nothing is sent after it.
+        log.warning("run.deadline_passed")
+        error = TransientLegError("the run's deadline passed before it finished", label="deadline")
+        return await _retry_later(deps, position, task_id, retries_done, error, log)
+    except OwnershipLostError as error:
+        log.error("position.ownership_lost", error=str(error))
+        return RunResult(Outcome.DISCARDED, detail="ownership lost")
     except PermanentLegError as error:
         await _fail(deps, position.id, task_id, error.reason, error.leg, log)
         return RunResult(Outcome.FAILED, detail=error.reason)
     except TransientLegError as error:
-        if retries_done >= len(deps.retry_delays):
-            reason = f"gave up after {retries_done + 1} attempts: {error.reason}"
-            log.error("leg.failed", leg=error.leg, error=reason)
-            await _fail(deps, position.id, task_id, reason, error.leg, log)
-            return RunResult(Outcome.FAILED, detail=reason)
-        delay = float(deps.retry_delays[retries_done])
-        RETRIES.labels(error.label).inc()
-        async with deps.sessions() as session:
-            due = await repository.set_next_attempt(session, position.id, task_id, delay)
-        log.warning(
-            "leg.retry_scheduled",
-            leg=error.leg,
-            error=error.reason,
-            retry_in_s=delay,
-            next_attempt_at=due.isoformat() if due else None,
-        )
-        return RunResult(Outcome.RETRY, retry_in=delay, detail=error.reason)
+        return await _retry_later(deps, position, task_id, retries_done, error, log)
+
+
+async def _retry_later(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    task_id: str,
+    retries_done: int,
+    error: TransientLegError,
+    log: structlog.stdlib.BoundLogger,
+) -> RunResult:
+    if retries_done >= len(deps.retry_delays):
+        reason = f"gave up after {retries_done + 1} attempts: {error.reason}"
+        log.error("leg.failed", leg=error.leg, error=reason)
+        await _fail(deps, position.id, task_id, reason, error.leg, log)
+        return RunResult(Outcome.FAILED, detail=reason)
+    delay = float(deps.retry_delays[retries_done])
+    RETRIES.labels(error.label).inc()
+    async with deps.sessions() as session:
+        due = await repository.set_next_attempt(session, position.id, task_id, delay)
+    log.warning(
+        "leg.retry_scheduled",
+        leg=error.leg,
+        error=error.reason,
+        retry_in_s=delay,
+        next_attempt_at=due.isoformat() if due else None,
+    )
+    return RunResult(Outcome.RETRY, retry_in=delay, detail=error.reason)
 
 
 # ---- plan -------------------------------------------------------------------------------
@@ -362,12 +538,9 @@ def _preflight_failure(
 
 
 async def _execute_leg(
-    deps: ExecutionDeps,
-    credentials: ApiCredentials,
-    position: SyntheticPosition,
-    leg: PositionLeg,
-    run_log: structlog.stdlib.BoundLogger,
+    deps: ExecutionDeps, run: _Run, leg: PositionLeg, run_log: structlog.stdlib.BoundLogger
 ) -> None:
+    position, credentials = run.position, run.credentials
     log = run_log.bind(
         leg=leg.leg,
         symbol=leg.symbol,
@@ -384,9 +557,7 @@ async def _execute_leg(
         if order is not None:
             log.info("leg.found_existing", bybit_order_id=order.order_id)
     if order is None:
-        async with deps.sessions() as session:
-            # The heartbeat moves with every recorded fill; the run lock says the run lives.
-            await repository.mark_leg_submitted(session, position.id, leg.leg)
+        await _prove_ownership(deps, run, leg)
         log.info("leg.submitted")
         await _place(deps, credentials, leg, log)
     order = await _await_outcome(deps, credentials, leg)
@@ -427,16 +598,40 @@ async def _execute_leg(
     )
 
 
-async def _credentials(
-    deps: ExecutionDeps, position: SyntheticPosition, leg: int | None
-) -> ApiCredentials:
+async def _prove_ownership(deps: ExecutionDeps, run: _Run, leg: PositionLeg) -> None:
+    """Right before an order: enough time left to see it through, and proof, on the lock's
+    own connection, that this run still holds the position (the same round trip marks the
+    leg submitted, so a later run looks it up before placing anything)."""
+    if run.deadline is not None:
+        left = run.deadline - asyncio.get_running_loop().time()
+        if left < deps.order_time_reserve:
+            raise TransientLegError(
+                _leg_reason(
+                    leg,
+                    f"only {max(left, 0):.1f} s left before the run's deadline, less than an "
+                    f"order may take ({deps.order_time_reserve:g} s); left for the next attempt",
+                ),
+                leg=leg.leg,
+                label="deadline",
+            )
+    if not await run.lease.confirm(run.claim, submitting_leg=leg.leg):
+        raise OwnershipLostError(
+            _leg_reason(
+                leg,
+                "the run could not prove it still holds the position (its lock connection "
+                "was lost, or the claim changed); nothing was sent",
+            )
+        )
+
+
+async def _credentials(deps: ExecutionDeps, position: SyntheticPosition) -> ApiCredentials:
     try:
         async with deps.sessions() as session:
             credentials = await load_decrypted(session, deps.cipher, position.user_id)
     except CredentialDecryptionError as error:
-        raise PermanentLegError(str(error), leg=leg) from None
+        raise PermanentLegError(str(error)) from None
     if credentials is None:
-        raise PermanentLegError("the user has no Bybit credentials stored", leg=leg)
+        raise PermanentLegError("the user has no Bybit credentials stored")
     return credentials
 
 
@@ -446,7 +641,7 @@ async def _ensure_leverage(
     leg: PositionLeg,
     log: structlog.stdlib.BoundLogger,
 ) -> None:
-    account = hashlib.sha256(credentials.api_key.encode()).hexdigest()[:16]
+    account = credentials.account
     confirmed = deps.leverage_done.get((account, leg.symbol))
     if confirmed is not None and time.monotonic() - confirmed < deps.leverage_ttl_seconds:
         return

@@ -1,29 +1,39 @@
 """Reconciliation (a Beat job): our recorded fills against the exchange's own records.
 
-For every recent ACTIVE or FAILED position, each leg that was sent is looked up on the
-exchange by its orderLinkId and compared with `trades`:
+Every position that may have legs on the exchange (EXECUTING, ACTIVE, FAILED) and changed since
+it was last reconciled is covered once that change has settled (RECONCILE_SETTLE_SECONDS: the
+exchange's history may lag a moment), oldest change first, in pages, until none is left or the
+run's deadline comes (the next run goes on where this one stopped: `reconciled_at` on each
+position is the durable bookmark). A position whose run is alive right now is left to that run
+and looked at after it. For each leg that was sent, the exchange's order (by orderLinkId) is
+compared with `trades`:
 - the exchange filled it and we have no trade: `missing_fill` (the fill is recorded now, never
-  dropped);
+  dropped; on an EXECUTING position this is what a run that died after the fill left behind);
 - quantities or prices differ: `quantity_mismatch` / `price_mismatch`;
 - we have a trade the exchange does not know: `unknown_order`.
 Each difference is logged as `reconciliation.mismatch` with both sides and stored once per leg
-and kind (shown on the position), so running again records nothing twice.
+and kind (shown on the position), so running again records nothing twice. A position is
+marked reconciled without touching its `updated_at` (or ETag) unless something it shows
+changed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.bybit.errors import BybitError
 from service.bybit.types import Order
 from service.credentials.service import load_decrypted
 from service.execution import ExecutionDeps
 from service.metrics import RECONCILIATION_MISMATCHES
-from service.models import PositionLeg, SyntheticPosition, Trade
+from service.models import PositionLeg, PositionStatus, SyntheticPosition, Trade
 from service.positions import repository
 from service.security import CredentialDecryptionError
 
@@ -36,6 +46,16 @@ class ReconciliationReport:
     legs: int = 0
     mismatches: list[tuple[str, str]] = field(default_factory=list)  # (order_link_id, kind)
     errors: int = 0
+    live: int = 0  # EXECUTING with their run alive: left to the run, looked at later
+    finished: bool = True  # False: the deadline came first; the next run goes on
+
+
+@dataclass(frozen=True, slots=True)
+class _Difference:
+    leg: PositionLeg
+    kind: str
+    order: Order | None
+    trade: Trade | None
 
 
 def _order_view(order: Order | None) -> dict[str, Any] | None:
@@ -59,44 +79,95 @@ def _trade_view(trade: Trade | None) -> dict[str, Any] | None:
     }
 
 
-async def reconcile_recent(
-    deps: ExecutionDeps, *, window_seconds: float = 24 * 3600, limit: int = 200
+async def reconcile_positions(
+    deps: ExecutionDeps,
+    *,
+    window_seconds: float = 6 * 86400,
+    settle_seconds: float = 0.0,
+    page_size: int = 100,
+    deadline: float | None = None,
 ) -> ReconciliationReport:
+    """Reconcile every due position (see the module's docstring). `deadline` is the event-loop
+    time by which to stop; what is left is due on the next run."""
     report = ReconciliationReport()
-    async with deps.sessions() as session:
-        positions = await repository.recent_final_positions(
-            session, window_seconds=window_seconds, limit=limit
-        )
-    for position in positions:
-        try:
-            await _reconcile_position(deps, position, report)
-        except (BybitError, CredentialDecryptionError) as error:
-            report.errors += 1
-            logger.warning("reconciliation.skipped", position_id=str(position.id), error=str(error))
-    return report
+    loop = asyncio.get_running_loop()
+    after: tuple[datetime, uuid.UUID] | None = None
+    while True:
+        async with deps.sessions() as session:
+            page = await repository.unreconciled_positions(
+                session,
+                window_seconds=window_seconds,
+                settle_seconds=settle_seconds,
+                limit=page_size,
+                after=after,
+            )
+        if not page:
+            return report
+        for position in page:
+            if deadline is not None and loop.time() >= deadline:
+                report.finished = False
+                return report
+            await _reconcile_one(deps, position, report)
+        after = (page[-1].updated_at, page[-1].id)
 
 
-async def _reconcile_position(
+async def _reconcile_one(
     deps: ExecutionDeps, position: SyntheticPosition, report: ReconciliationReport
 ) -> None:
+    if position.status == PositionStatus.EXECUTING:
+        async with deps.sessions() as session:
+            if await repository.is_run_alive(session, position.id):
+                report.live += 1
+                return
+    try:
+        differences = await _compare(deps, position, report)
+    except (BybitError, CredentialDecryptionError) as error:
+        report.errors += 1
+        logger.warning("reconciliation.skipped", position_id=str(position.id), error=str(error))
+        return
+    async with deps.sessions() as session:
+        recorded = [d for d in differences if await _record(session, position, d)]
+        await repository.mark_reconciled(
+            session, position.id, seen=position.updated_at, changed=bool(recorded)
+        )
+    for difference in recorded:
+        RECONCILIATION_MISMATCHES.labels(difference.kind).inc()
+        report.mismatches.append((difference.leg.order_link_id, difference.kind))
+        logger.error(
+            "reconciliation.mismatch",
+            position_id=str(position.id),
+            position_status=position.status,
+            leg=difference.leg.leg,
+            symbol=difference.leg.symbol,
+            order_link_id=difference.leg.order_link_id,
+            kind=difference.kind,
+            exchange=_order_view(difference.order),
+            recorded=_trade_view(difference.trade),
+        )
+
+
+async def _compare(
+    deps: ExecutionDeps, position: SyntheticPosition, report: ReconciliationReport
+) -> list[_Difference]:
     async with deps.sessions() as session:
         legs = [leg for leg in await repository.get_plan(session, position.id) if leg.submitted_at]
         trades = {t.order_link_id: t for t in await repository.get_trades(session, position.id)}
-        credentials = await load_decrypted(session, deps.cipher, position.user_id)
+        credentials = await load_decrypted(session, deps.cipher, position.user_id) if legs else None
     report.positions += 1
     if not legs or credentials is None:
-        return
+        return []
+    differences: list[_Difference] = []
     for leg in legs:
         report.legs += 1
         order = await deps.exchange.get_order(
             credentials, symbol=leg.symbol, order_link_id=leg.order_link_id
         )
         trade = trades.get(leg.order_link_id)
-        for kind in _differences(order, trade):
-            await _record(deps, position, leg, kind, order, trade, report)
+        differences.extend(_Difference(leg, kind, order, trade) for kind in _kinds(order, trade))
+    return differences
 
 
-def _differences(order: Order | None, trade: Trade | None) -> list[str]:
+def _kinds(order: Order | None, trade: Trade | None) -> list[str]:
     filled = order is not None and order.cum_exec_qty > 0
     if trade is None:
         return ["missing_fill"] if filled else []
@@ -111,53 +182,36 @@ def _differences(order: Order | None, trade: Trade | None) -> list[str]:
 
 
 async def _record(
-    deps: ExecutionDeps,
-    position: SyntheticPosition,
-    leg: PositionLeg,
-    kind: str,
-    order: Order | None,
-    trade: Trade | None,
-    report: ReconciliationReport,
-) -> None:
-    async with deps.sessions() as session:
-        if kind == "missing_fill" and order is not None and order.avg_price is not None:
-            # The exchange filled it and we never recorded it: record it now.
-            await repository.record_trade(
-                session,
-                {
-                    "position_id": position.id,
-                    "leg": leg.leg,
-                    "symbol": leg.symbol,
-                    "side": leg.side,
-                    "bybit_order_id": order.order_id,
-                    "order_link_id": leg.order_link_id,
-                    "price": order.avg_price,
-                    "quantity": order.cum_exec_qty,
-                    "fee": order.cum_exec_fee,
-                    "order_status": order.order_status,
-                    "executed_at": order.updated_at or datetime.now(UTC),
-                },
-            )
-        new = await repository.add_reconciliation_issue(
+    session: AsyncSession, position: SyntheticPosition, difference: _Difference
+) -> bool:
+    """Store one difference (and a missing fill itself); False when it was known already."""
+    leg, order = difference.leg, difference.order
+    if difference.kind == "missing_fill" and order is not None and order.avg_price is not None:
+        # The exchange filled it and we never recorded it: record it now.
+        await repository.record_trade(
             session,
             {
                 "position_id": position.id,
+                "leg": leg.leg,
+                "symbol": leg.symbol,
+                "side": leg.side,
+                "bybit_order_id": order.order_id,
                 "order_link_id": leg.order_link_id,
-                "kind": kind,
-                "exchange": _order_view(order),
-                "recorded": _trade_view(trade),
+                "price": order.avg_price,
+                "quantity": order.cum_exec_qty,
+                "fee": order.cum_exec_fee,
+                "order_status": order.order_status,
+                "executed_at": order.updated_at or datetime.now(UTC),
             },
+            touch=False,
         )
-    if new:
-        RECONCILIATION_MISMATCHES.labels(kind).inc()
-        report.mismatches.append((leg.order_link_id, kind))
-        logger.error(
-            "reconciliation.mismatch",
-            position_id=str(position.id),
-            leg=leg.leg,
-            symbol=leg.symbol,
-            order_link_id=leg.order_link_id,
-            kind=kind,
-            exchange=_order_view(order),
-            recorded=_trade_view(trade),
-        )
+    return await repository.add_reconciliation_issue(
+        session,
+        {
+            "position_id": position.id,
+            "order_link_id": leg.order_link_id,
+            "kind": difference.kind,
+            "exchange": _order_view(order),
+            "recorded": _trade_view(difference.trade),
+        },
+    )

@@ -1,37 +1,104 @@
-"""The per-position run lock: a PostgreSQL advisory lock held on its own connection.
+"""What a run holds for its whole length: PostgreSQL advisory locks on a connection of its own.
 
-Two deliveries of one task can run at once (Redis redelivery, a duplicated retry message);
-the lock serialises them. If the worker dies, PostgreSQL drops the connection and the lock
-with it, which is also how the recovery job tells a dead run from a slow one.
+- The position's lock: two deliveries of one task can run at once (Redis redelivery, a
+  duplicated retry message); the lock serialises them. If the worker dies, PostgreSQL drops
+  the connection and the lock with it, which is how the recovery sweep tells a dead run from a
+  slow one.
+- The exchange account's lock: one basket at a time per account, so each basket's pre-flight
+  sees the balance the one before it left. Waiting for it is PostgreSQL's own queue.
+- The ownership proof: before each order the run asks, on this same connection, whether it
+  still holds the lock and the claim. A session-level lock lives exactly as long as its
+  connection, so a connection that answers still holds it; one that was terminated, or whose
+  server vanished, cannot answer, and the run stops without placing the order.
+
+The connection is in autocommit mode: the locks are session-level, and every statement on it
+is one round trip.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.execution import RunLock
+from service.execution import RunLease, RunLock
 from service.positions import repository
 
+logger = structlog.stdlib.get_logger("service.run_lock")
 
-def advisory_run_lock(engine: AsyncEngine) -> RunLock:
+# Errors that mean the lock connection cannot prove anything any more.
+_CONNECTION_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+
+
+class AdvisoryRunLease:
+    def __init__(
+        self, connection: AsyncConnection, position_id: uuid.UUID, *, confirm_timeout: float
+    ) -> None:
+        self._connection = connection
+        self._position_id = position_id
+        self._confirm_timeout = confirm_timeout
+
+    async def confirm(self, claim: str, *, submitting_leg: int | None = None) -> bool:
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                return await repository.confirm_run(
+                    self._connection, self._position_id, claim, submitting_leg=submitting_leg
+                )
+        except _CONNECTION_ERRORS as error:
+            logger.warning("run.lock_connection_lost", error=f"{type(error).__name__}: {error}")
+            return False
+
     @asynccontextmanager
-    async def hold(position_id: uuid.UUID) -> AsyncIterator[bool]:
-        async with engine.connect() as connection:
-            acquired = await repository.try_advisory_lock(connection, position_id)
-            # The lock is session-level: end the implicit transaction, keep the connection.
-            await connection.commit()
-            try:
-                yield acquired
-            finally:
-                if acquired:
-                    await repository.advisory_unlock(connection, position_id)
-                    await connection.commit()
+    async def account(
+        self, account: str, *, wait_seconds: float, on_wait: Callable[[], Awaitable[None]]
+    ) -> AsyncIterator[bool]:
+        acquired = await repository.try_account_lock(self._connection, account)
+        if not acquired:
+            await on_wait()
+            acquired = await repository.wait_account_lock(
+                self._connection, account, timeout_seconds=wait_seconds
+            )
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                await self._release(repository.account_unlock(self._connection, account))
 
-    def open_lock(position_id: uuid.UUID) -> AbstractAsyncContextManager[bool]:
+    async def release(self) -> None:
+        await self._release(repository.advisory_unlock(self._connection, self._position_id))
+
+    async def _release(self, unlock: Awaitable[None]) -> None:
+        # A dead connection has released everything already; a live one answers quickly.
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                await unlock
+        except _CONNECTION_ERRORS as error:
+            logger.warning("run.lock_connection_lost", error=f"{type(error).__name__}: {error}")
+
+
+def advisory_run_lock(engine: AsyncEngine, *, confirm_timeout: float = 5.0) -> RunLock:
+    """`confirm_timeout` bounds each ownership check and each release: a lock connection that
+    does not answer in that time proves nothing."""
+
+    @asynccontextmanager
+    async def hold(position_id: uuid.UUID) -> AsyncIterator[RunLease | None]:
+        async with engine.connect() as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            if not await repository.try_advisory_lock(connection, position_id):
+                yield None
+                return
+            lease = AdvisoryRunLease(connection, position_id, confirm_timeout=confirm_timeout)
+            try:
+                yield lease
+            finally:
+                await lease.release()
+
+    def open_lock(position_id: uuid.UUID) -> AbstractAsyncContextManager[RunLease | None]:
         return hold(position_id)
 
     return open_lock

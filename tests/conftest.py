@@ -31,6 +31,11 @@ TEST_ENV = {
     "LOG_LEVEL": "INFO",
     "STALE_PENDING_SECONDS": "2",
     "STALE_EXECUTING_SECONDS": "3",
+    # A dead database peer found within 2 s, under STALE_EXECUTING_SECONDS (the settings
+    # refuse anything else).
+    "DB_KEEPALIVE_IDLE_SECONDS": "1",
+    "DB_KEEPALIVE_INTERVAL_SECONDS": "1",
+    "DB_KEEPALIVE_COUNT": "1",
     "RECOVERY_INTERVAL_SECONDS": "1",
     "TASK_TIME_LIMIT_SECONDS": "60",
     "HTTP_READ_TIMEOUT_SECONDS": "2",

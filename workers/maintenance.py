@@ -9,7 +9,7 @@ from celery.signals import worker_ready
 from celery_app import app
 from service.config import get_settings
 from service.market_cache import refresh_market_cache
-from service.reconciliation import reconcile_recent
+from service.reconciliation import reconcile_positions
 from service.recovery import recover_stale_positions
 from workers.trade_executor import runtime
 
@@ -21,7 +21,7 @@ _CRASH_ALLOWANCE = 2
 def recover_stale_positions_task() -> dict[str, int]:
     settings = get_settings()
     report = runtime.run(
-        lambda r: recover_stale_positions(
+        lambda r, _deadline: recover_stale_positions(
             r.sessions,
             r.publisher,
             stale_pending_seconds=settings.stale_pending_seconds,
@@ -42,7 +42,7 @@ REFRESH_MARKET_DATA = "workers.maintenance.refresh_market_data"
 @app.task(name=REFRESH_MARKET_DATA)
 def refresh_market_data_task() -> int:
     snapshot = runtime.run(
-        lambda r: refresh_market_cache(r.sessions, r.deps.market, r.market_cache)
+        lambda r, _deadline: refresh_market_cache(r.sessions, r.deps.market, r.market_cache)
     )
     return len(snapshot.instruments)
 
@@ -58,7 +58,13 @@ def _warm_market_cache(sender: Any = None, **_: object) -> None:
 def reconcile_positions_task() -> dict[str, int]:
     settings = get_settings()
     report = runtime.run(
-        lambda r: reconcile_recent(r.deps, window_seconds=settings.reconcile_window_seconds)
+        lambda r, deadline: reconcile_positions(
+            r.deps,
+            window_seconds=settings.reconcile_window_seconds,
+            settle_seconds=settings.reconcile_settle_seconds,
+            page_size=settings.reconcile_page_size,
+            deadline=deadline,
+        )
     )
     return {
         "positions": report.positions,

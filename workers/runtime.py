@@ -5,6 +5,15 @@ database engine (pooled) and the aiohttp session are created lazily on first use
 prefork pool has forked, live as long as the process, and are closed on the same loop at
 process shutdown. Reusing one loop keeps pooled connections and keep-alive HTTP connections
 valid across tasks (a second `asyncio.run` would strand them on a dead loop).
+
+Reusing a loop has one danger: a coroutine left pending on it comes back to life the next time
+the loop runs, inside another task's run. Celery's soft time limit does exactly that (billiard
+raises it from a signal handler, so it leaves `run_until_complete` while the run's coroutine
+stays pending, still holding its locks). So each task run has a deadline inside the loop (the
+work sees it and winds down by itself), a hard stop a grace period later, and whatever way the
+loop call ends (result, exception, soft limit), every task still on the loop is cancelled and
+drained before the process takes its next message. What cannot be drained ends the process:
+the pool replaces it, and closing its sockets releases its locks.
 """
 
 from __future__ import annotations
@@ -23,7 +32,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.bybit.client import BybitClient, create_http_session
 from service.config import Settings
-from service.db import SessionScope, create_engine, create_session_factory, scope_for
+from service.db import (
+    ConnectionHealth,
+    SessionScope,
+    create_engine,
+    create_session_factory,
+    scope_for,
+)
 from service.execution import ExecutionDeps
 from service.market_cache import MarketCache
 from service.market_data import MarketData
@@ -32,6 +47,9 @@ from service.run_lock import advisory_run_lock
 from service.security import CredentialCipher
 
 T = TypeVar("T")
+logger = structlog.stdlib.get_logger("workers.runtime")
+# The exit status of a process that could not drain a run (the pool starts a new one).
+UNDRAINABLE_EXIT = 70
 
 
 @dataclass
@@ -48,7 +66,9 @@ class Resources:
     async def open(cls, settings: Settings) -> Resources:
         from celery_app import app as celery_app
 
-        engine = create_engine(settings.database_url, pool_size=4)
+        engine = create_engine(
+            settings.database_url, pool_size=4, health=ConnectionHealth.from_settings(settings)
+        )
         sessions = scope_for(create_session_factory(engine))
         http = create_http_session(
             connect_timeout=settings.http_connect_timeout_seconds,
@@ -65,6 +85,10 @@ class Resources:
             cipher=CredentialCipher(settings.credentials_keys.get_secret_value()),
             retry_delays=settings.trade_retry_delays,
             preflight_margin=settings.preflight_margin,
+            account_wait_seconds=settings.account_wait_seconds,
+            account_retry_seconds=settings.account_retry_seconds,
+            account_wait_limit_seconds=settings.account_wait_limit_seconds,
+            order_time_reserve=settings.http_read_timeout_seconds + 1,
         )
         publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
         redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
@@ -84,23 +108,77 @@ class Resources:
         await self.engine.dispose()
 
 
+class RunOverranError(Exception):
+    """The work did not end within the grace period after its deadline and was cancelled."""
+
+
+Work = Callable[[Resources, float], Awaitable[T]]
+
+
 class WorkerRuntime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        open_resources: Callable[[Settings], Awaitable[Resources]] = Resources.open,
+    ) -> None:
         self._settings = settings
+        self._open_resources = open_resources
         self._runner: asyncio.Runner | None = None
         self._resources: Resources | None = None
         self._pid: int | None = None
 
-    def run(self, work: Callable[[Resources], Awaitable[T]]) -> T:
+    def run(self, work: Work[T]) -> T:
+        """Run `work(resources, deadline)` on this process's loop. `deadline` is the loop time
+        by which the work must have stopped sending anything and begun to wind down."""
         runner = self._ensure_runner()
+        loop = runner.get_loop()
+        deadline = loop.time() + self._settings.run_deadline_seconds
         # Each task starts with empty log context; the run binds its own ids in a copy.
         structlog.contextvars.clear_contextvars()
-        return runner.run(self._call(work), context=contextvars.copy_context())
+        try:
+            return runner.run(self._call(work, deadline), context=contextvars.copy_context())
+        finally:
+            # However the loop call ended (a result, an exception, Celery's soft limit raised
+            # from a signal handler), nothing of this run may stay on the loop.
+            self._drain(loop)
 
-    async def _call(self, work: Callable[[Resources], Awaitable[T]]) -> T:
-        if self._resources is None:
-            self._resources = await Resources.open(self._settings)
-        return await work(self._resources)
+    async def _call(self, work: Work[T], deadline: float) -> T:
+        stop = asyncio.timeout_at(deadline + self._settings.run_grace_seconds)
+        try:
+            async with stop:
+                if self._resources is None:
+                    self._resources = await self._open_resources(self._settings)
+                return await work(self._resources, deadline)
+        except TimeoutError:
+            if not stop.expired():
+                raise
+            logger.error(
+                "run.cancelled",
+                reason="the run did not wind down within its grace period after the deadline",
+                grace_s=self._settings.run_grace_seconds,
+            )
+            raise RunOverranError(
+                f"the run was cancelled {self._settings.run_grace_seconds:g} s after its "
+                "deadline; the position is left to its next attempt or the recovery sweep"
+            ) from None
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending = asyncio.all_tasks(loop)
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        # The cancelled tasks run their clean-up (release locks, return connections) now.
+        done, still = loop.run_until_complete(
+            asyncio.wait(pending, timeout=self._settings.run_grace_seconds)
+        )
+        logger.warning("run.drained", cancelled=len(done), left=len(still))
+        if still:
+            # A coroutine that ignores cancellation would wake up inside the next task's run:
+            # end the process instead (its sockets close, PostgreSQL releases its locks, and
+            # the message, not acknowledged, is delivered again).
+            logger.error("run.undrainable", tasks=[repr(t) for t in still][:5])
+            os._exit(UNDRAINABLE_EXIT)
 
     def _ensure_runner(self) -> asyncio.Runner:
         if self._runner is not None and self._pid != os.getpid():

@@ -27,7 +27,9 @@ def execute_trade_task(self: Task[[str], str], position_id: str) -> str:
         logger.error("position.invalid_id", position_id=repr(position_id))
         return Outcome.NOT_FOUND.value
     task_id = str(self.request.id)
-    result = runtime.run(lambda r: execute_position(r.deps, parsed, task_id=task_id))
+    result = runtime.run(
+        lambda r, deadline: execute_position(r.deps, parsed, task_id=task_id, deadline=deadline)
+    )
     if result.outcome is Outcome.RETRY and result.retry_in is not None:
         # Same task id on the new message: the claim holder continues after the countdown.
         raise self.retry(countdown=result.retry_in, max_retries=None)

@@ -26,6 +26,12 @@ class ApiCredentials:
     api_key: str
     api_secret: str
 
+    @property
+    def account(self) -> str:
+        """A fingerprint of the key, naming the exchange account it trades: safe to log, and
+        what per-account state (locks, confirmed leverage) is keyed by."""
+        return hashlib.sha256(self.api_key.encode()).hexdigest()[:16]
+
     def __repr__(self) -> str:
         shown = f"{self.api_key[:4]}…" if len(self.api_key) > 8 else "***"
         return f"ApiCredentials(api_key={shown!r}, api_secret='***')"

@@ -51,6 +51,16 @@ class SyntheticPosition(TimestampMixin, Base):
             "updated_at",
             postgresql_where="status IN ('PENDING', 'EXECUTING')",
         ),
+        # Reconciliation pages through the positions changed since they were last reconciled.
+        Index(
+            "ix_synthetic_positions_unreconciled",
+            "updated_at",
+            "id",
+            postgresql_where=(
+                "status IN ('EXECUTING', 'ACTIVE', 'FAILED') "
+                "AND (reconciled_at IS NULL OR reconciled_at < updated_at)"
+            ),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -71,6 +81,11 @@ class SyntheticPosition(TimestampMixin, Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Last sign of life of the run holding the claim; the sweeper tells dead runs by it.
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set while a run waits for another basket of the same exchange account (GET shows it).
+    account_wait_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When reconciliation last compared this position with the exchange; it is due again
+    # once `updated_at` moves past it.
+    reconciled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # SHA-256 of the canonical request body sent with the Idempotency-Key.
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))

@@ -68,6 +68,8 @@ def _out(detail: service.PositionDetail) -> PositionOut:
         failed_leg=p.failed_leg,
         attempts=p.attempts,
         next_attempt_at=p.next_attempt_at,
+        waiting_for_account=p.account_wait_since is not None,
+        waiting_since=p.account_wait_since,
         created_at=p.created_at,
         updated_at=p.updated_at,
         components=[

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Uuid,
+    case,
     exists,
     func,
     literal,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.models import (
@@ -33,6 +35,8 @@ from service.models import (
     SyntheticPosition,
     Trade,
 )
+
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock not granted within lock_timeout
 
 
 def advisory_lock_key(position_id: uuid.UUID) -> int:
@@ -54,13 +58,111 @@ async def advisory_unlock(connection: AsyncConnection, position_id: uuid.UUID) -
     )
 
 
-async def is_run_alive(session: AsyncSession, position_id: uuid.UUID) -> bool:
-    """True when some connection holds the position's run lock (a run is in progress)."""
-    result = await session.execute(
-        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": advisory_lock_key(position_id)}
+def account_lock_keys(account: str) -> tuple[int, int]:
+    """The two-int advisory lock key of an exchange account (its 16-hex fingerprint).
+
+    PostgreSQL keeps two-int keys apart from the bigint keys of positions (`objsubid` 2
+    against 1), so an account's lock can never collide with a position's."""
+    raw = bytes.fromhex(account)[:8].rjust(8, b"\0")
+    return (
+        int.from_bytes(raw[:4], "big", signed=True),
+        int.from_bytes(raw[4:], "big", signed=True),
     )
-    # Acquiring it means nobody held it; the xact lock is released at commit.
-    return not bool(result.scalar_one())
+
+
+async def try_account_lock(connection: AsyncConnection, account: str) -> bool:
+    first, second = account_lock_keys(account)
+    result = await connection.execute(
+        text("SELECT pg_try_advisory_lock(:first, :second)"), {"first": first, "second": second}
+    )
+    return bool(result.scalar_one())
+
+
+async def wait_account_lock(
+    connection: AsyncConnection, account: str, *, timeout_seconds: float
+) -> bool:
+    """Wait in PostgreSQL's queue for the account's lock (first come, first served), at most
+    `timeout_seconds`; False when it was not granted in that time. The connection must be in
+    autocommit mode (the lock is session-level)."""
+    first, second = account_lock_keys(account)
+    await connection.execute(
+        text("SELECT set_config('lock_timeout', :ms, false)"),
+        {"ms": str(max(1, int(timeout_seconds * 1000)))},
+    )
+    try:
+        await connection.execute(
+            text("SELECT pg_advisory_lock(:first, :second)"), {"first": first, "second": second}
+        )
+        return True
+    except DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        return False
+    finally:
+        await connection.execute(text("SELECT set_config('lock_timeout', '0', false)"))
+
+
+async def account_unlock(connection: AsyncConnection, account: str) -> None:
+    first, second = account_lock_keys(account)
+    await connection.execute(
+        text("SELECT pg_advisory_unlock(:first, :second)"), {"first": first, "second": second}
+    )
+
+
+async def confirm_run(
+    connection: AsyncConnection,
+    position_id: uuid.UUID,
+    claim: str,
+    *,
+    submitting_leg: int | None = None,
+) -> bool:
+    """One round trip on the connection that holds the run's lock: True when this connection
+    still holds the position's lock and the position is still EXECUTING under `claim`. Then
+    the heartbeat is renewed (the recovery sweep waits STALE_EXECUTING_SECONDS after it before
+    it may resume the position elsewhere) and `submitting_leg`, if given, is marked submitted
+    (before its order is sent: a later run looks it up before placing anything)."""
+    key = advisory_lock_key(position_id)
+    result = await connection.execute(
+        text(
+            "WITH owner AS ("
+            " UPDATE synthetic_positions SET heartbeat_at = now()"
+            " WHERE id = :id AND status = 'EXECUTING' AND claim = :claim AND EXISTS ("
+            "  SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            "  AND pid = pg_backend_pid() AND objsubid = 1"
+            "  AND classid::bigint = :high AND objid::bigint = :low)"
+            " RETURNING id), "
+            "submitted AS ("
+            " UPDATE position_legs SET submitted_at = coalesce(submitted_at, now())"
+            " WHERE position_id IN (SELECT id FROM owner) AND leg = CAST(:leg AS integer)"
+            " RETURNING leg) "
+            "SELECT count(*) FROM owner"
+        ),
+        {
+            "id": position_id,
+            "claim": claim,
+            "high": (key >> 32) & 0xFFFFFFFF,
+            "low": key & 0xFFFFFFFF,
+            "leg": submitting_leg,
+        },
+    )
+    return bool(result.scalar_one())
+
+
+async def is_run_alive(session: AsyncSession, position_id: uuid.UUID) -> bool:
+    """True when some connection holds the position's run lock (a run is in progress).
+
+    Read from pg_locks rather than by trying the lock: taking it, even for an instant, would
+    turn away a run that starts at that moment."""
+    key = advisory_lock_key(position_id)
+    result = await session.execute(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objsubid = 1 AND classid::bigint = :high AND objid::bigint = :low"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+        ),
+        {"high": (key >> 32) & 0xFFFFFFFF, "low": key & 0xFFFFFFFF},
+    )
+    return bool(result.scalar_one())
 
 
 async def add_position(
@@ -186,6 +288,7 @@ async def compare_and_set_status(
             heartbeat_at=func.now(),
             attempts=SyntheticPosition.attempts + 1,
             next_attempt_at=None,
+            account_wait_since=None,
         )
     if new.is_final:
         values.update(next_attempt_at=None)
@@ -217,6 +320,7 @@ async def resume_claimed(
             heartbeat_at=func.now(),
             attempts=SyntheticPosition.attempts + 1,
             next_attempt_at=None,
+            account_wait_since=None,
             updated_at=func.clock_timestamp(),
         )
         .returning(SyntheticPosition)
@@ -242,6 +346,31 @@ async def _touch(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
+
+
+async def mark_waiting_for_account(
+    session: AsyncSession, position_id: uuid.UUID
+) -> datetime | None:
+    """The position waits for another basket of its exchange account: note since when (the
+    first time only: that is what GET shows, and what the total wait is measured from) and
+    show a sign of life to the recovery sweep. Returns when the wait began."""
+    waiting = SyntheticPosition.account_wait_since.is_not(None)
+    result = await session.execute(
+        update(SyntheticPosition)
+        .where(
+            SyntheticPosition.id == position_id,
+            SyntheticPosition.status.in_([PositionStatus.PENDING, PositionStatus.EXECUTING]),
+        )
+        .values(
+            account_wait_since=func.coalesce(SyntheticPosition.account_wait_since, func.now()),
+            heartbeat_at=func.now(),
+            # A new wait changes what GET shows; a continued one does not.
+            updated_at=case((waiting, SyntheticPosition.updated_at), else_=func.clock_timestamp()),
+        )
+        .returning(SyntheticPosition.account_wait_since)
+        .execution_options(synchronize_session=False)
+    )
+    return result.scalar_one_or_none()
 
 
 async def touch_heartbeat(session: AsyncSession, position_id: uuid.UUID) -> None:
@@ -284,19 +413,6 @@ async def add_plan(session: AsyncSession, legs: Sequence[PositionLeg]) -> None:
     await session.flush()
 
 
-async def mark_leg_submitted(session: AsyncSession, position_id: uuid.UUID, leg: int) -> None:
-    await session.execute(
-        update(PositionLeg)
-        .where(
-            PositionLeg.position_id == position_id,
-            PositionLeg.leg == leg,
-            PositionLeg.submitted_at.is_(None),
-        )
-        .values(submitted_at=func.now())
-        .execution_options(synchronize_session=False)
-    )
-
-
 async def get_trades(session: AsyncSession, position_id: uuid.UUID) -> Sequence[Trade]:
     result = await session.execute(
         select(Trade).where(Trade.position_id == position_id).order_by(Trade.leg)
@@ -324,8 +440,12 @@ async def get_components_of(
     return result.scalars().all()
 
 
-async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool:
-    """Insert a fill once; a second report of the same orderLinkId changes nothing."""
+async def record_trade(
+    session: AsyncSession, values: dict[str, object], *, touch: bool = True
+) -> bool:
+    """Insert a fill once; a second report of the same orderLinkId changes nothing. With
+    `touch`, a new fill moves `updated_at` (and the heartbeat); reconciliation moves
+    `updated_at` itself, in the statement that marks the position reconciled."""
     result = await session.execute(
         insert(Trade)
         .values(id=uuid.uuid4(), **values)
@@ -333,7 +453,7 @@ async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool
         .returning(Trade.id)
     )
     inserted = result.scalar_one_or_none() is not None
-    if inserted:
+    if inserted and touch:
         # A new fill changes what GET shows: move updated_at, which the ETag follows.
         await _touch(
             session,
@@ -404,19 +524,55 @@ async def touch_pending(session: AsyncSession, position_id: uuid.UUID) -> None:
     )
 
 
-async def recent_final_positions(
-    session: AsyncSession, *, window_seconds: float, limit: int
+async def unreconciled_positions(
+    session: AsyncSession,
+    *,
+    window_seconds: float,
+    settle_seconds: float,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None = None,
 ) -> Sequence[SyntheticPosition]:
-    result = await session.execute(
-        select(SyntheticPosition)
-        .where(
-            SyntheticPosition.status.in_([PositionStatus.ACTIVE, PositionStatus.FAILED]),
-            SyntheticPosition.updated_at > func.now() - timedelta(seconds=window_seconds),
+    """Positions that may have legs on the exchange (EXECUTING, ACTIVE, FAILED) and changed
+    since they were last reconciled, between `window_seconds` and `settle_seconds` ago, oldest
+    change first; `after` is the (updated_at, id) of the last row of the previous page."""
+    query = select(SyntheticPosition).where(
+        SyntheticPosition.status.in_(
+            [PositionStatus.EXECUTING, PositionStatus.ACTIVE, PositionStatus.FAILED]
+        ),
+        SyntheticPosition.reconciled_at.is_(None)
+        | (SyntheticPosition.reconciled_at < SyntheticPosition.updated_at),
+        SyntheticPosition.updated_at > func.now() - timedelta(seconds=window_seconds),
+        SyntheticPosition.updated_at <= func.now() - timedelta(seconds=settle_seconds),
+    )
+    if after is not None:
+        query = query.where(
+            tuple_(SyntheticPosition.updated_at, SyntheticPosition.id) > tuple_(*after)
         )
-        .order_by(SyntheticPosition.updated_at.desc())
-        .limit(limit)
+    result = await session.execute(
+        query.order_by(SyntheticPosition.updated_at, SyntheticPosition.id).limit(limit)
     )
     return result.scalars().all()
+
+
+async def mark_reconciled(
+    session: AsyncSession, position_id: uuid.UUID, *, seen: datetime, changed: bool
+) -> bool:
+    """Note that the position, as it was at `seen` (its updated_at), has been reconciled.
+    `changed`: reconciliation recorded something GET shows, so updated_at (and the ETag) move
+    too; otherwise they stay as they are. False when the position changed meanwhile: it is
+    reconciled again later."""
+    stamp = func.statement_timestamp()
+    result = await session.execute(
+        update(SyntheticPosition)
+        .where(SyntheticPosition.id == position_id, SyntheticPosition.updated_at == seen)
+        .values(
+            reconciled_at=stamp,
+            updated_at=stamp if changed else SyntheticPosition.updated_at,
+        )
+        .returning(SyntheticPosition.id)
+        .execution_options(synchronize_session=False)
+    )
+    return result.scalar_one_or_none() is not None
 
 
 async def add_reconciliation_issue(session: AsyncSession, values: dict[str, object]) -> bool:
@@ -427,14 +583,7 @@ async def add_reconciliation_issue(session: AsyncSession, values: dict[str, obje
         .on_conflict_do_nothing(index_elements=["order_link_id", "kind"])
         .returning(ReconciliationIssue.id)
     )
-    inserted = result.scalar_one_or_none() is not None
-    if inserted:
-        await _touch(
-            session,
-            values["position_id"],  # type: ignore[arg-type]
-            {"updated_at": func.clock_timestamp()},
-        )
-    return inserted
+    return result.scalar_one_or_none() is not None
 
 
 async def get_reconciliation_issues(

@@ -107,6 +107,14 @@ class PositionOut(BaseModel):
     failed_leg: int | None
     attempts: int
     next_attempt_at: datetime | None
+    waiting_for_account: bool = Field(
+        default=False,
+        description="true while the position waits for another basket of the same exchange "
+        "account to finish (baskets of one account run one at a time); not a failure",
+    )
+    waiting_since: datetime | None = Field(
+        default=None, description="when the wait for the account began"
+    )
     created_at: datetime
     updated_at: datetime
     components: list[ComponentOut]

@@ -69,6 +69,17 @@ async def get_requests(request: web.Request) -> web.Response:
     return web.json_response({"counts": dict(request.app[STATE_KEY].requests)})
 
 
+async def get_calls(request: web.Request) -> web.Response:
+    """The journal of /v5 calls as they arrived, filtered by `api_key` and `path`."""
+    key, path = request.query.get("api_key"), request.query.get("path")
+    calls = [
+        c
+        for c in request.app[STATE_KEY].journal
+        if (key is None or c["api_key"] == key) and (path is None or c["path"] == path)
+    ]
+    return web.json_response({"calls": calls})
+
+
 def _instrument(request: web.Request) -> Instrument:
     """The instrument named in the path, or 404."""
     instrument = request.app[STATE_KEY].instruments.get(request.match_info["symbol"])
@@ -154,6 +165,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/sim/accounts", post_account)
     app.router.add_get("/sim/orders", get_orders)
     app.router.add_get("/sim/requests", get_requests)
+    app.router.add_get("/sim/calls", get_calls)
     app.router.add_put("/sim/tickers/{symbol}", put_ticker)
     app.router.add_put("/sim/instruments/{symbol}", put_instrument)
     app.router.add_get("/sim/config", get_config)

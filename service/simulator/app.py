@@ -66,9 +66,19 @@ async def _v5(request: web.Request) -> web.StreamResponse:
     closing = request.app[CLOSING_KEY]
     path = request.path
     state.requests[path] += 1
+    arrived = now_ms()
+    raw = await request.read()
+    state.journal.append(
+        {
+            "method": request.method,
+            "path": path,
+            "api_key": request.headers.get("X-BAPI-API-KEY"),
+            "arrived_ms": arrived,
+            "order_link_id": _order_link_id(raw) if request.method == "POST" else None,
+        }
+    )
     if state.config.latency_ms:
         await pause(state.config.latency_ms / 1000, closing.is_set)
-    raw = await request.read()
     if request.method == "GET" and raw:
         return web.Response(status=403, text="403 Forbidden")  # Bybit refuses a GET with a body
     fault = state.faults.claim(path, request.headers.get("X-BAPI-API-KEY"))
@@ -80,6 +90,15 @@ async def _v5(request: web.Request) -> web.StreamResponse:
     if fault is not None and fault.kind == "drop_after_fill":
         return drop(request)  # carried out and recorded; the reply is lost
     return response
+
+
+def _order_link_id(raw: bytes) -> str | None:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    link = body.get("orderLinkId") if isinstance(body, dict) else None
+    return link if isinstance(link, str) else None
 
 
 async def _early_fault(

@@ -15,6 +15,7 @@ from service.simulator.values import plain, scaled
 DEFAULT_LEVERAGE = Decimal(10)  # Bybit's leverage for a symbol the account never set
 TAKER_FEE_RATE = Decimal("0.00055")  # Bybit's base taker fee for perpetuals
 DEFAULT_BALANCE = Decimal(100_000)
+JOURNAL_SIZE = 200_000
 
 
 @dataclass
@@ -214,6 +215,8 @@ class SimulatorState:
     faults: FaultBook = field(default_factory=FaultBook)
     config: Config = field(default_factory=Config)
     requests: Counter[str] = field(default_factory=Counter)
+    # Every /v5 call as it arrived (before latency and faults): what tests check timing with.
+    journal: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=JOURNAL_SIZE))
     seq: int = 0
 
     def __post_init__(self) -> None:
@@ -229,6 +232,7 @@ class SimulatorState:
         self.faults.clear()
         self.config = Config()
         self.requests.clear()
+        self.journal.clear()
         self.seq = 0
 
     def add_account(

@@ -94,11 +94,11 @@ def run(*, tasks: int) -> str:
         from workers.runtime import Resources, WorkerRuntime
 
         runtime = WorkerRuntime(settings)
-        runtime.run(lambda r: execute_position(r.deps, position_id, task_id="warm-up"))
+        runtime.run(lambda r, _d: execute_position(r.deps, position_id, task_id="warm-up"))
         reused = []
         for _ in range(tasks):
             started = time.perf_counter()
-            result = runtime.run(lambda r: execute_position(r.deps, position_id, task_id="t"))
+            result = runtime.run(lambda r, _d: execute_position(r.deps, position_id, task_id="t"))
             reused.append(time.perf_counter() - started)
             assert result.outcome is Outcome.DISCARDED
         runtime.close()

@@ -23,7 +23,7 @@ from service.execution import ExecutionDeps, Outcome, execute_position
 from service.market_data import MarketData
 from service.models import ReconciliationIssue, Trade
 from service.positions import repository
-from service.reconciliation import reconcile_recent
+from service.reconciliation import reconcile_positions
 from service.run_lock import advisory_run_lock
 from service.security import CredentialCipher
 from service.users.service import create_user_with_token
@@ -68,6 +68,16 @@ async def _active_position(
     return position.id, issued.token
 
 
+async def _updated_at(sessions: SessionScope, position_id: uuid.UUID) -> object:
+    async with sessions() as session:
+        return (
+            await session.execute(
+                text("SELECT updated_at FROM synthetic_positions WHERE id = :id"),
+                {"id": position_id},
+            )
+        ).scalar_one()
+
+
 async def _issues(sessions: SessionScope, position_id: uuid.UUID) -> list[tuple[int, str]]:
     async with sessions() as session:
         rows = (
@@ -85,8 +95,11 @@ async def test_each_kind_of_difference_is_found_once(
     deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
 ) -> None:
     position_id, token = await _active_position(deps, sessions, sim)
-    clean = await reconcile_recent(deps)
+    before_clean = await _updated_at(sessions, position_id)
+    clean = await reconcile_positions(deps)
     assert not [m for m in clean.mismatches if m[0].startswith(position_id.hex)]
+    # Nothing found: the position (its updated_at, and so its ETag) is left as it was.
+    assert await _updated_at(sessions, position_id) == before_clean
 
     async with sessions() as session:
         params = {"id": position_id}
@@ -112,6 +125,11 @@ async def test_each_kind_of_difference_is_found_once(
             text("UPDATE trades SET order_link_id = :link WHERE position_id = :id AND leg = 2"),
             {"id": position_id, "link": f"{position_id.hex}-9"},
         )
+        # Every real write moves updated_at; so does this one, and the position is due again.
+        await session.execute(
+            text("UPDATE synthetic_positions SET updated_at = clock_timestamp() WHERE id = :id"),
+            params,
+        )
 
     before = (
         REGISTRY.get_sample_value(
@@ -119,7 +137,7 @@ async def test_each_kind_of_difference_is_found_once(
         )
         or 0.0
     )
-    await reconcile_recent(deps)
+    await reconcile_positions(deps)
     counted = REGISTRY.get_sample_value(
         "trader_reconciliation_mismatches_total", {"kind": "missing_fill"}
     )
@@ -139,7 +157,7 @@ async def test_each_kind_of_difference_is_found_once(
         ).scalar_one()
     assert restored.quantity > 0  # the missing fill is recorded, from the exchange's record
 
-    again = await reconcile_recent(deps)
+    again = await reconcile_positions(deps)
     assert not [m for m in again.mismatches if m[0].startswith(position_id.hex)]
     assert await _issues(sessions, position_id) == expected
     async with sessions() as session:
