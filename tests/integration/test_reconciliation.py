@@ -3,6 +3,7 @@ records, records a missing fill, and records nothing twice when run again."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -180,3 +181,67 @@ async def test_each_kind_of_difference_is_found_once(
     assert missing["recorded"] is None
     assert missing["exchange"]["quantity"] == format(restored.quantity, "f")
     assert len(body["trades"]) == 3
+
+
+async def _reconciled_at(sessions: SessionScope, ids: list[uuid.UUID]) -> dict[uuid.UUID, object]:
+    async with sessions() as session:
+        rows = await session.execute(
+            text(
+                "SELECT id, reconciled_at, updated_at FROM synthetic_positions WHERE id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        )
+        return {row.id: (row.reconciled_at, row.updated_at) for row in rows}
+
+
+@pytest.mark.asyncio
+async def test_every_changed_position_is_covered_in_pages_and_only_once(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> None:
+    # More positions than a page: a fixed top-N would leave some out for ever.
+    ids = [(await _active_position(deps, sessions, sim))[0] for _ in range(7)]
+    before = await _reconciled_at(sessions, ids)
+    assert all(reconciled is None for reconciled, _ in before.values())
+
+    # A run whose deadline has passed reconciles nothing and says it did not finish.
+    stopped = await reconcile_positions(
+        deps, page_size=3, deadline=asyncio.get_running_loop().time()
+    )
+    assert not stopped.finished
+    assert await _reconciled_at(sessions, ids) == before
+
+    report = await reconcile_positions(deps, page_size=3)
+    assert report.finished
+    after = await _reconciled_at(sessions, ids)
+    for position_id in ids:
+        reconciled, updated = after[position_id]
+        assert reconciled is not None
+        assert reconciled >= updated
+        # Nothing differed: updated_at (and so the ETag) did not move.
+        assert updated == before[position_id][1]
+
+    # Nothing changed since: not looked at again.
+    await reconcile_positions(deps, page_size=3)
+    assert await _reconciled_at(sessions, ids) == after
+
+    # One changes: that one, and only that one, is due again.
+    async with sessions() as session:
+        await session.execute(
+            text("UPDATE synthetic_positions SET updated_at = clock_timestamp() WHERE id = :id"),
+            {"id": ids[3]},
+        )
+    await reconcile_positions(deps, page_size=3)
+    again = await _reconciled_at(sessions, ids)
+    assert [i for i in ids if again[i] != after[i]] == [ids[3]]
+
+
+@pytest.mark.asyncio
+async def test_a_change_is_reconciled_only_once_it_has_settled(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> None:
+    # Bybit's history can lag a moment: a fresh change waits RECONCILE_SETTLE_SECONDS.
+    position_id, _ = await _active_position(deps, sessions, sim)
+    await reconcile_positions(deps, settle_seconds=3600)
+    assert (await _reconciled_at(sessions, [position_id]))[position_id][0] is None
+    await reconcile_positions(deps, settle_seconds=0)
+    assert (await _reconciled_at(sessions, [position_id]))[position_id][0] is not None
