@@ -14,6 +14,11 @@ REPORT = ROOT / "docs" / "reliability.md"
 ORDER = (
     "duplicates",
     "crashes",
+    "deadline",
+    "soft-limit",
+    "lost-lock",
+    "shared-account",
+    "dead-run-reconciliation",
     "retries",
     "infrastructure",
     "bad-requests",

@@ -45,6 +45,7 @@ async def test_random_worker_kills_lose_and_double_nothing(
     outcomes: Counter[str] = Counter()
     duplicates = 0
     resent = 0
+    waits = 0
     orders_placed = 0
     recoveries: list[float] = []
     kills_mid_basket = 0
@@ -100,6 +101,11 @@ async def test_random_worker_kills_lose_and_double_nothing(
                     p.output().count('"event": "leg.duplicate_order_link_id"')
                     for p in (worker, replacement)
                 )
+                # The round's baskets share one account: they run one at a time.
+                waits += sum(
+                    p.output().count('"event": "position.waiting_for_account"')
+                    for p in (worker, replacement)
+                )
                 recoveries.append(time.monotonic() - killed_at)
                 outcomes.update(final)
                 orders = (await sim.get("/sim/orders", params={"api_key": user.api_key})).json()[
@@ -113,7 +119,9 @@ async def test_random_worker_kills_lose_and_double_nothing(
         await sim.put("/sim/config", json={"latency_ms": 0, "order_rate_limit": 10})
 
     total = ROUNDS * PER_ROUND
-    _write_report(total, outcomes, duplicates, resent, orders_placed, kills_mid_basket, recoveries)
+    _write_report(
+        total, outcomes, duplicates, resent, orders_placed, kills_mid_basket, recoveries, waits
+    )
     assert duplicates == 0
     assert resent == 0
     assert orders_placed == 10 * outcomes["ACTIVE"]
@@ -129,21 +137,25 @@ def _write_report(
     orders_placed: int,
     kills_mid_basket: int,
     recoveries: list[float],
+    waits: int,
 ) -> None:
     body = f"""
 Command: `scripts/dev reliability -k crash` (`CRASH_ROUNDS={ROUNDS} CRASH_POSITIONS={PER_ROUND}`).
 Settings: `STALE_EXECUTING_SECONDS=3`, `RECOVERY_INTERVAL_SECONDS=1`, simulator latency 50 ms.
 
-{ROUNDS} rounds; each posts {PER_ROUND} ten-leg baskets to a worker (2 pool processes), kills
-the worker's whole process group with SIGKILL at a random point 0 to 1.5 s after it started
-its first basket (before, during or right after an order), starts a new worker, and lets
-Beat's recovery sweep resume what the dead one held.
+{ROUNDS} rounds; each posts {PER_ROUND} ten-leg baskets of one account to a worker (2 pool
+processes), kills the worker's whole process group with SIGKILL at a random point 0 to 1.5 s
+after it started its first basket (before, during or right after an order), starts a new
+worker, and lets Beat's recovery sweep resume what the dead one held. The baskets of one
+account run one at a time, so every kill lands on a run holding the account's lock (and
+usually on another waiting for it): PostgreSQL releases both locks with the dead connections.
 
 {
         table(
             [
                 ("positions", total),
                 ("still EXECUTING when the worker was killed", kills_mid_basket),
+                ("waits for the account (`position.waiting_for_account`)", waits),
                 ("ended ACTIVE", outcomes["ACTIVE"]),
                 ("ended FAILED", outcomes["FAILED"]),
                 ("left PENDING or EXECUTING", total - outcomes["ACTIVE"] - outcomes["FAILED"]),
