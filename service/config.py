@@ -66,13 +66,12 @@ class Settings(BaseSettings):
     db_keepalive_idle_seconds: int = Field(default=10, ge=1)
     db_keepalive_interval_seconds: int = Field(default=5, ge=1)
     db_keepalive_count: int = Field(default=3, ge=1)
-    # One basket at a time per exchange account. A run waits this long for the account,
-    # then gives its worker slot back and is sent again after ACCOUNT_RETRY_SECONDS (no
-    # attempt used); a position that has waited ACCOUNT_WAIT_LIMIT_SECONDS in all fails
-    # with nothing sent.
-    account_wait_seconds: float = Field(default=20.0, gt=0)
+    # One basket at a time per exchange account. A new basket whose account is busy gives its
+    # worker slot back at once and is sent again ACCOUNT_RETRY_SECONDS later (no attempt
+    # used); one that has waited ACCOUNT_WAIT_LIMIT_SECONDS in all (longer than a basket's
+    # whole retry schedule by default) fails with nothing sent.
     account_retry_seconds: float = Field(default=1.0, ge=0)
-    account_wait_limit_seconds: float = Field(default=900.0, gt=0)
+    account_wait_limit_seconds: float = Field(default=1800.0, gt=0)
 
     @field_validator("trade_retry_delays", mode="before")
     @classmethod
@@ -98,12 +97,13 @@ class Settings(BaseSettings):
     @property
     def run_deadline_seconds(self) -> float:
         """A run stops placing orders and winds down at this point (inside its loop)."""
-        return 0.8 * self.task_time_limit_seconds
+        return 0.75 * self.task_time_limit_seconds
 
     @property
     def run_grace_seconds(self) -> float:
         """Time after the deadline for the run's own clean-up (release locks, schedule the
-        retry); then the runtime cancels whatever is left, and drains it for as long again."""
+        retry); then the runtime cancels whatever is left, and drains it for as long again,
+        which still ends before Celery's soft limit (with 0.05 x the limit to spare)."""
         return 0.05 * self.task_time_limit_seconds
 
     @property
@@ -125,11 +125,6 @@ class Settings(BaseSettings):
                 f"({self.db_dead_peer_seconds} s) must be below STALE_EXECUTING_SECONDS "
                 f"({self.stale_executing_seconds:g} s): a run whose database connection died "
                 "must be recognised as dead before the recovery sweep may resume it"
-            )
-        if self.account_wait_seconds >= self.run_deadline_seconds:
-            raise ValueError(
-                f"ACCOUNT_WAIT_SECONDS ({self.account_wait_seconds:g}) must be below the run "
-                f"deadline, 0.8 x TASK_TIME_LIMIT_SECONDS ({self.run_deadline_seconds:g} s)"
             )
         return self
 

@@ -39,7 +39,7 @@ from tenacity import (
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient
 from service.bybit.errors import BybitError, BybitRateLimitError, DuplicateOrderLinkIdError
-from service.bybit.types import Instrument, Order, WalletBalance
+from service.bybit.types import Instrument, Order, OrderAck, WalletBalance
 from service.credentials.service import load_decrypted
 from service.db import SessionScope
 from service.indices import repository as indices_repository
@@ -63,16 +63,20 @@ class RunLease(Protocol):
     """What a run holds while it lasts (service/run_lock.py): the position's lock, and
     through it the account's lock and the proof of ownership."""
 
+    # The backend holding the position's lock: every status write of the run requires that
+    # this backend still holds it, so a run that lost its lock cannot write.
+    pid: int
+
     async def confirm(self, claim: str, *, submitting_leg: int | None = None) -> bool:
         """True when the run still holds the position's lock and its claim (then, with
         `submitting_leg`, that leg is marked submitted in the same round trip)."""
         ...
 
     def account(
-        self, account: str, *, wait_seconds: float, on_wait: Callable[[], Awaitable[None]]
+        self, user_id: uuid.UUID, *, wait_seconds: float
     ) -> AbstractAsyncContextManager[bool]:
-        """Hold the exchange account's lock; wait at most `wait_seconds` (calling `on_wait`
-        first when it is taken); yields False when it was not granted in that time."""
+        """Hold the account's lock: at once, or waiting at most `wait_seconds`; yields False
+        when it was not granted."""
         ...
 
 
@@ -120,11 +124,16 @@ class ExecutionDeps:
     early_tolerance_seconds: float = 2.0
     # Pre-flight: the available balance must cover the basket at 1x plus this share.
     preflight_margin: Decimal = Decimal("0.01")
-    # One basket at a time per account: one run's wait, the pause before it asks again, and
-    # the longest a position may wait in all (settings ACCOUNT_*).
-    account_wait_seconds: float = 20.0
+    # One basket at a time per account: a new basket whose account is busy gives its worker
+    # slot back and asks again after `account_retry_seconds` (or when the busy basket's next
+    # attempt is due, at most `account_retry_max_seconds` later), for at most
+    # `account_wait_limit_seconds` in all (settings ACCOUNT_*). A basket being resumed waits
+    # up to `account_lock_wait_seconds` in line for the account's lock (only held briefly
+    # by other baskets' checks): it goes first.
     account_retry_seconds: float = 1.0
-    account_wait_limit_seconds: float = 900.0
+    account_retry_max_seconds: float = 30.0
+    account_wait_limit_seconds: float = 1800.0
+    account_lock_wait_seconds: float = 2.0
     # An order is not started with less than this left before the run's deadline (the HTTP
     # read timeout and a margin): it could not be seen through.
     order_time_reserve: float = 11.0
@@ -148,6 +157,11 @@ class TransientLegError(LegError):
 
 class OwnershipLostError(Exception):
     """The run can no longer prove it holds the position: it stops without another write."""
+
+
+class CredentialsUnreadableError(Exception):
+    """The stored key cannot be decrypted here (a worker without the right CREDENTIALS_KEYS,
+    say): not the position's fault, so nothing about it is decided."""
 
 
 def order_link_id(position_id: uuid.UUID, leg: int) -> str:
@@ -205,26 +219,34 @@ async def _execute(
         position = await _eligible(deps, position_id, task_id, log)
         if isinstance(position, RunResult):
             return position
-        try:
-            # Decrypted once per run, kept only in this run's memory; a rotation of the
-            # encryption keys meanwhile changes the stored ciphertext, not the key itself.
-            credentials = await _credentials(deps, position)
-        except PermanentLegError as error:
-            claimed = await _claim(deps, position, task_id, log)
-            if isinstance(claimed, RunResult):
-                return claimed
-            await _fail(deps, position.id, task_id, error.reason, None, log)
-            return RunResult(Outcome.FAILED, detail=error.reason)
-
-        async def waiting() -> None:
-            await _start_waiting(deps, position, credentials.account, log)
-
+        resuming = position.status == PositionStatus.EXECUTING
         async with lease.account(
-            credentials.account, wait_seconds=deps.account_wait_seconds, on_wait=waiting
-        ) as account_held:
-            if not account_held:
-                return await _account_busy(deps, position, task_id, log)
-            claimed = await _claim(deps, position, task_id, log)
+            position.user_id, wait_seconds=deps.account_lock_wait_seconds if resuming else 0
+        ) as account_locked:
+            holder = None
+            if account_locked and not resuming:
+                # A basket of the account that has begun holds it until it is final, between
+                # its retries too: a new basket's pre-flight must not count on its balance.
+                async with deps.sessions() as session:
+                    holder = await repository.account_holder(
+                        session, position.user_id, other_than=position.id
+                    )
+            if not account_locked or holder is not None:
+                return await _wait_for_account(deps, position, holder, task_id, lease, log)
+            try:
+                # Decrypted once per run, kept only in this run's memory; a rotation of the
+                # encryption keys meanwhile changes the stored ciphertext, not the key itself.
+                credentials = await _credentials(deps, position)
+            except CredentialsUnreadableError as error:
+                log.error("run.credentials_unreadable", error=str(error))
+                return RunResult(Outcome.ABORTED, detail=str(error))
+            except PermanentLegError as error:
+                claimed = await _claim(deps, position, task_id, lease, log)
+                if isinstance(claimed, RunResult):
+                    return claimed
+                await _fail(deps, position.id, task_id, error.reason, None, log, lease.pid)
+                return RunResult(Outcome.FAILED, detail=error.reason)
+            claimed = await _claim(deps, position, task_id, lease, log)
             if isinstance(claimed, RunResult):
                 return claimed
             structlog.contextvars.bind_contextvars(attempt=claimed.attempts)
@@ -260,6 +282,7 @@ async def _claim(
     deps: ExecutionDeps,
     position: SyntheticPosition,
     task_id: str,
+    lease: RunLease,
     log: structlog.stdlib.BoundLogger,
 ) -> SyntheticPosition | RunResult:
     async with deps.sessions() as session:
@@ -270,6 +293,7 @@ async def _claim(
                 expected=PositionStatus.PENDING,
                 new=PositionStatus.EXECUTING,
                 claim=task_id,
+                lock_pid=lease.pid,
             )
             if claimed is not None:
                 log.info(
@@ -279,7 +303,9 @@ async def _claim(
                 )
                 return claimed
         else:
-            resumed = await repository.resume_claimed(session, position.id, task_id)
+            resumed = await repository.resume_claimed(
+                session, position.id, task_id, lock_pid=lease.pid
+            )
             if resumed is not None:
                 log.info("position.resumed", attempts=resumed.attempts)
                 return resumed
@@ -287,52 +313,44 @@ async def _claim(
     return RunResult(Outcome.DISCARDED, detail="claim lost")
 
 
-async def _start_waiting(
+async def _wait_for_account(
     deps: ExecutionDeps,
     position: SyntheticPosition,
-    account: str,
-    log: structlog.stdlib.BoundLogger,
-) -> None:
-    """Another basket of the same account is running: show it on the position, and wait."""
-    async with deps.sessions() as session:
-        since = await repository.mark_waiting_for_account(session, position.id)
-    waited = (datetime.now(UTC) - since).total_seconds() if since else 0.0
-    log.info(
-        "position.waiting_for_account",
-        account=account,
-        waited_s=round(waited, 1),
-        wait_up_to_s=deps.account_wait_seconds,
-    )
-
-
-async def _account_busy(
-    deps: ExecutionDeps,
-    position: SyntheticPosition,
+    holder: SyntheticPosition | None,
     task_id: str,
+    lease: RunLease,
     log: structlog.stdlib.BoundLogger,
 ) -> RunResult:
-    """The account stayed busy for this run's whole wait: give the worker slot back and ask
-    again shortly (no attempt used), unless the position has waited too long in all."""
+    """Another basket of the same account has begun and not ended (`holder`), or holds the
+    account's lock right now: give the worker slot back and ask again later, with no attempt
+    used and the wait shown on the position. A new basket that has waited too long in all
+    fails with nothing sent; a basket being resumed never fails for waiting."""
     async with deps.sessions() as session:
-        current = await repository.get_position(session, position.id)
-    since = current.account_wait_since if current is not None else None
-    waited = (datetime.now(UTC) - since).total_seconds() if since else 0.0
-    if waited < deps.account_wait_limit_seconds:
-        log.info(
-            "position.account_busy",
-            waited_s=round(waited, 1),
-            retry_in_s=deps.account_retry_seconds,
+        since = await repository.mark_waiting_for_account(session, position.id)
+    now = datetime.now(UTC)
+    waited = (now - since).total_seconds() if since else 0.0
+    if position.status == PositionStatus.PENDING and waited >= deps.account_wait_limit_seconds:
+        reason = (
+            f"waited {waited:.0f} s for the other baskets of the same exchange account to "
+            f"finish (limit {deps.account_wait_limit_seconds:g} s); no order was sent"
         )
-        return RunResult(Outcome.RETRY, retry_in=deps.account_retry_seconds, detail="account busy")
-    reason = (
-        f"waited {waited:.0f} s for the other baskets of the same exchange account to finish "
-        f"(limit {deps.account_wait_limit_seconds:g} s); no order was sent"
+        claimed = await _claim(deps, position, task_id, lease, log)
+        if isinstance(claimed, RunResult):
+            return claimed
+        await _fail(deps, position.id, task_id, reason, None, log, lease.pid)
+        return RunResult(Outcome.FAILED, detail=reason)
+    retry_in = deps.account_retry_seconds
+    if holder is not None and holder.next_attempt_at is not None:
+        # The busy basket sleeps until its next attempt: no use asking before.
+        due = (holder.next_attempt_at - now).total_seconds()
+        retry_in = min(max(due, retry_in), deps.account_retry_max_seconds)
+    log.info(
+        "position.waiting_for_account",
+        busy_with=str(holder.id) if holder is not None else "the account's lock",
+        waited_s=round(waited, 1),
+        retry_in_s=round(retry_in, 1),
     )
-    claimed = await _claim(deps, position, task_id, log)
-    if isinstance(claimed, RunResult):
-        return claimed
-    await _fail(deps, position.id, task_id, reason, None, log)
-    return RunResult(Outcome.FAILED, detail=reason)
+    return RunResult(Outcome.RETRY, retry_in=retry_in, detail="waiting for the account")
 
 
 async def _run_claimed(
@@ -350,7 +368,7 @@ async def _run_claimed(
                 if leg.order_link_id in recorded:
                     continue
                 await _execute_leg(deps, run, leg, log)
-            await _finish(deps, position, plan, task_id, log)
+            await _finish(deps, run, plan, log)
             return RunResult(Outcome.ACTIVE)
     except TimeoutError:
         if not deadline.expired():
@@ -359,34 +377,36 @@ async def _run_claimed(
         # looked up by the next run; nothing is sent after it.
         log.warning("run.deadline_passed")
         error = TransientLegError("the run's deadline passed before it finished", label="deadline")
-        return await _retry_later(deps, position, task_id, retries_done, error, log)
+        return await _retry_later(deps, run, retries_done, error, log)
     except OwnershipLostError as error:
         log.error("position.ownership_lost", error=str(error))
         return RunResult(Outcome.DISCARDED, detail="ownership lost")
     except PermanentLegError as error:
-        await _fail(deps, position.id, task_id, error.reason, error.leg, log)
+        await _fail(deps, position.id, task_id, error.reason, error.leg, log, run.lease.pid)
         return RunResult(Outcome.FAILED, detail=error.reason)
     except TransientLegError as error:
-        return await _retry_later(deps, position, task_id, retries_done, error, log)
+        return await _retry_later(deps, run, retries_done, error, log)
 
 
 async def _retry_later(
     deps: ExecutionDeps,
-    position: SyntheticPosition,
-    task_id: str,
+    run: _Run,
     retries_done: int,
     error: TransientLegError,
     log: structlog.stdlib.BoundLogger,
 ) -> RunResult:
+    position, task_id = run.position, run.claim
     if retries_done >= len(deps.retry_delays):
         reason = f"gave up after {retries_done + 1} attempts: {error.reason}"
         log.error("leg.failed", leg=error.leg, error=reason)
-        await _fail(deps, position.id, task_id, reason, error.leg, log)
+        await _fail(deps, position.id, task_id, reason, error.leg, log, run.lease.pid)
         return RunResult(Outcome.FAILED, detail=reason)
     delay = float(deps.retry_delays[retries_done])
     RETRIES.labels(error.label).inc()
     async with deps.sessions() as session:
-        due = await repository.set_next_attempt(session, position.id, task_id, delay)
+        due = await repository.set_next_attempt(
+            session, position.id, task_id, delay, lock_pid=run.lease.pid
+        )
     log.warning(
         "leg.retry_scheduled",
         leg=error.leg,
@@ -559,7 +579,7 @@ async def _execute_leg(
     if order is None:
         await _prove_ownership(deps, run, leg)
         log.info("leg.submitted")
-        await _place(deps, credentials, leg, log)
+        await _place(deps, run, leg, log)
     order = await _await_outcome(deps, credentials, leg)
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
     if order.cum_exec_qty <= 0:
@@ -629,7 +649,7 @@ async def _credentials(deps: ExecutionDeps, position: SyntheticPosition) -> ApiC
         async with deps.sessions() as session:
             credentials = await load_decrypted(session, deps.cipher, position.user_id)
     except CredentialDecryptionError as error:
-        raise PermanentLegError(str(error)) from None
+        raise CredentialsUnreadableError(str(error)) from None
     if credentials is None:
         raise PermanentLegError("the user has no Bybit credentials stored")
     return credentials
@@ -654,24 +674,30 @@ async def _ensure_leverage(
 
 
 async def _place(
-    deps: ExecutionDeps,
-    credentials: ApiCredentials,
-    leg: PositionLeg,
-    log: structlog.stdlib.BoundLogger,
+    deps: ExecutionDeps, run: _Run, leg: PositionLeg, log: structlog.stdlib.BoundLogger
 ) -> None:
-    try:
-        # Only a refusal that certainly placed nothing (the rate limit) is re-sent here;
-        # every other failure goes through the lookup or the next run.
-        ack = await _call(
-            deps,
-            deps.exchange.create_market_order,
+    credentials = run.credentials
+    sent = 0
+
+    async def send() -> OrderAck:
+        nonlocal sent
+        sent += 1
+        if sent > 1:
+            # A re-send after a rate-limit refusal is an order too: prove ownership again.
+            await _prove_ownership(deps, run, leg)
+        return await deps.exchange.create_market_order(
             credentials,
             symbol=leg.symbol,
             side=leg.side,
             qty=leg.quantity,
             order_link_id=leg.order_link_id,
-            _retry_if=_rate_limited(deps),
-            _attempts=deps.rate_limit_attempts,
+        )
+
+    try:
+        # Only a refusal that certainly placed nothing (the rate limit) is re-sent here;
+        # every other failure goes through the lookup or the next run.
+        ack = await _call(
+            deps, send, _retry_if=_rate_limited(deps), _attempts=deps.rate_limit_attempts
         )
         log.info("leg.accepted", bybit_order_id=ack.order_id)
     except DuplicateOrderLinkIdError:
@@ -752,11 +778,11 @@ async def _average_price(
 
 async def _finish(
     deps: ExecutionDeps,
-    position: SyntheticPosition,
+    run: _Run,
     plan: Sequence[PositionLeg],
-    task_id: str,
     log: structlog.stdlib.BoundLogger,
 ) -> None:
+    position = run.position
     async with deps.sessions() as session:
         await repository.add_components(
             session,
@@ -776,11 +802,13 @@ async def _finish(
             position.id,
             expected=PositionStatus.EXECUTING,
             new=PositionStatus.ACTIVE,
-            require_claim=task_id,
+            require_claim=run.claim,
+            lock_pid=run.lease.pid,
         )
         if done is None:
-            # Someone else finished or failed it: roll the snapshot back with the scope.
-            raise PermanentLegError("position left EXECUTING during the run")
+            # This run lost the position (its lock, or the state changed): the snapshot
+            # rolls back with the scope, and the one that holds it decides.
+            raise OwnershipLostError("the position was not this run's to finish any more")
     POSITIONS_FINISHED.labels(PositionStatus.ACTIVE.value).inc()
     log.info(
         "position.status_changed",
@@ -796,6 +824,7 @@ async def _fail(
     reason: str,
     leg: int | None,
     log: structlog.stdlib.BoundLogger,
+    lock_pid: int,
 ) -> None:
     async with deps.sessions() as session:
         failed = await repository.compare_and_set_status(
@@ -804,6 +833,7 @@ async def _fail(
             expected=PositionStatus.EXECUTING,
             new=PositionStatus.FAILED,
             require_claim=task_id,
+            lock_pid=lock_pid,
             error=reason,
             failed_leg=leg,
         )

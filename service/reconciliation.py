@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.bybit.auth import ApiCredentials
 from service.bybit.errors import BybitError
 from service.bybit.types import Order
 from service.credentials.service import load_decrypted
@@ -46,8 +48,14 @@ class ReconciliationReport:
     legs: int = 0
     mismatches: list[tuple[str, str]] = field(default_factory=list)  # (order_link_id, kind)
     errors: int = 0
-    live: int = 0  # EXECUTING with their run alive: left to the run, looked at later
+    # EXECUTING with a run alive, a retry ahead or a recent sign of life: left to the run.
+    live: int = 0
+    unsettled: int = 0  # an order not final yet, or its price not known yet: looked at later
     finished: bool = True  # False: the deadline came first; the next run goes on
+
+
+class _NotSettled(Exception):
+    """The exchange's record of a leg is not final yet: compare it on a later run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,28 +115,40 @@ async def reconcile_positions(
             if deadline is not None and loop.time() >= deadline:
                 report.finished = False
                 return report
-            await _reconcile_one(deps, position, report)
+            await _reconcile_one(deps, position, report, settle_seconds)
         after = (page[-1].updated_at, page[-1].id)
 
 
 async def _reconcile_one(
-    deps: ExecutionDeps, position: SyntheticPosition, report: ReconciliationReport
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    report: ReconciliationReport,
+    settle_seconds: float,
 ) -> None:
-    if position.status == PositionStatus.EXECUTING:
-        async with deps.sessions() as session:
-            if await repository.is_run_alive(session, position.id):
-                report.live += 1
-                return
+    if position.status == PositionStatus.EXECUTING and await _left_to_its_run(
+        deps, position, settle_seconds
+    ):
+        report.live += 1
+        return
     try:
         differences = await _compare(deps, position, report)
-    except (BybitError, CredentialDecryptionError) as error:
+    except _NotSettled:
+        report.unsettled += 1
+        return
+    except (BybitError, CredentialDecryptionError, _NoCredentialsError) as error:
         report.errors += 1
         logger.warning("reconciliation.skipped", position_id=str(position.id), error=str(error))
         return
     async with deps.sessions() as session:
-        recorded = [d for d in differences if await _record(session, position, d)]
+        recorded = []
+        changed = False
+        for difference in differences:
+            new_issue, new_trade = await _record(session, position, difference)
+            changed = changed or new_issue or new_trade
+            if new_issue:
+                recorded.append(difference)
         await repository.mark_reconciled(
-            session, position.id, seen=position.updated_at, changed=bool(recorded)
+            session, position.id, seen=position.updated_at, changed=changed
         )
     for difference in recorded:
         RECONCILIATION_MISMATCHES.labels(difference.kind).inc()
@@ -146,6 +166,26 @@ async def _reconcile_one(
         )
 
 
+async def _left_to_its_run(
+    deps: ExecutionDeps, position: SyntheticPosition, settle_seconds: float
+) -> bool:
+    """An EXECUTING position is its run's to record while that run is alive, has a retry
+    ahead, or showed a sign of life lately; only what a dead run left behind is ours."""
+    now = datetime.now(UTC)
+    if position.next_attempt_at is not None and position.next_attempt_at > now:
+        return True
+    if position.heartbeat_at is not None and (
+        (now - position.heartbeat_at).total_seconds() < settle_seconds
+    ):
+        return True
+    async with deps.sessions() as session:
+        return await repository.is_run_alive(session, position.id)
+
+
+class _NoCredentialsError(Exception):
+    """The user's key is gone: the position cannot be compared (it is tried again later)."""
+
+
 async def _compare(
     deps: ExecutionDeps, position: SyntheticPosition, report: ReconciliationReport
 ) -> list[_Difference]:
@@ -154,14 +194,20 @@ async def _compare(
         trades = {t.order_link_id: t for t in await repository.get_trades(session, position.id)}
         credentials = await load_decrypted(session, deps.cipher, position.user_id) if legs else None
     report.positions += 1
-    if not legs or credentials is None:
+    if not legs:
         return []
+    if credentials is None:
+        raise _NoCredentialsError("the user's Bybit key is no longer stored")
     differences: list[_Difference] = []
     for leg in legs:
         report.legs += 1
         order = await deps.exchange.get_order(
             credentials, symbol=leg.symbol, order_link_id=leg.order_link_id
         )
+        if order is not None and not order.is_final:
+            raise _NotSettled(leg.order_link_id)
+        if order is not None and order.cum_exec_qty > 0 and order.avg_price is None:
+            order = replace(order, avg_price=await _average_price(deps, credentials, order))
         trade = trades.get(leg.order_link_id)
         differences.extend(_Difference(leg, kind, order, trade) for kind in _kinds(order, trade))
     return differences
@@ -181,14 +227,25 @@ def _kinds(order: Order | None, trade: Trade | None) -> list[str]:
     return kinds
 
 
+async def _average_price(deps: ExecutionDeps, credentials: ApiCredentials, order: Order) -> Decimal:
+    executions = await deps.exchange.get_executions(
+        credentials, symbol=order.symbol, order_id=order.order_id
+    )
+    quantity = sum((e.exec_qty for e in executions), Decimal(0))
+    if quantity <= 0:
+        raise _NotSettled(order.order_link_id)
+    return sum((e.exec_price * e.exec_qty for e in executions), Decimal(0)) / quantity
+
+
 async def _record(
     session: AsyncSession, position: SyntheticPosition, difference: _Difference
-) -> bool:
-    """Store one difference (and a missing fill itself); False when it was known already."""
+) -> tuple[bool, bool]:
+    """Store one difference, and a missing fill itself; returns (new issue, new trade)."""
     leg, order = difference.leg, difference.order
+    new_trade = False
     if difference.kind == "missing_fill" and order is not None and order.avg_price is not None:
         # The exchange filled it and we never recorded it: record it now.
-        await repository.record_trade(
+        new_trade = await repository.record_trade(
             session,
             {
                 "position_id": position.id,
@@ -205,7 +262,7 @@ async def _record(
             },
             touch=False,
         )
-    return await repository.add_reconciliation_issue(
+    new_issue = await repository.add_reconciliation_issue(
         session,
         {
             "position_id": position.id,
@@ -215,3 +272,4 @@ async def _record(
             "recorded": _trade_view(difference.trade),
         },
     )
+    return new_issue, new_trade

@@ -4,8 +4,9 @@
   duplicated retry message); the lock serialises them. If the worker dies, PostgreSQL drops
   the connection and the lock with it, which is how the recovery sweep tells a dead run from a
   slow one.
-- The exchange account's lock: one basket at a time per account, so each basket's pre-flight
-  sees the balance the one before it left. Waiting for it is PostgreSQL's own queue.
+- The exchange account's lock: taken while a run checks that no other basket of the account
+  has begun and not ended, claims its own, and runs it (service/execution.py). With it, one
+  basket at a time per account.
 - The ownership proof: before each order the run asks, on this same connection, whether it
   still holds the lock and the claim. A session-level lock lives exactly as long as its
   connection, so a connection that answers still holds it; one that was terminated, or whose
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import structlog
@@ -31,17 +32,25 @@ from service.positions import repository
 
 logger = structlog.stdlib.get_logger("service.run_lock")
 
+# How long an ownership check or a release may take before it proves nothing.
+CONFIRM_TIMEOUT_SECONDS = 5.0
 # Errors that mean the lock connection cannot prove anything any more.
 _CONNECTION_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
 
 
 class AdvisoryRunLease:
     def __init__(
-        self, connection: AsyncConnection, position_id: uuid.UUID, *, confirm_timeout: float
+        self,
+        connection: AsyncConnection,
+        position_id: uuid.UUID,
+        pid: int,
+        *,
+        confirm_timeout: float,
     ) -> None:
         self._connection = connection
         self._position_id = position_id
         self._confirm_timeout = confirm_timeout
+        self.pid = pid  # the lock connection's backend: status writes are fenced with it
 
     async def confirm(self, claim: str, *, submitting_leg: int | None = None) -> bool:
         try:
@@ -54,20 +63,15 @@ class AdvisoryRunLease:
             return False
 
     @asynccontextmanager
-    async def account(
-        self, account: str, *, wait_seconds: float, on_wait: Callable[[], Awaitable[None]]
-    ) -> AsyncIterator[bool]:
-        acquired = await repository.try_account_lock(self._connection, account)
-        if not acquired:
-            await on_wait()
-            acquired = await repository.wait_account_lock(
-                self._connection, account, timeout_seconds=wait_seconds
-            )
+    async def account(self, user_id: uuid.UUID, *, wait_seconds: float) -> AsyncIterator[bool]:
+        acquired = await repository.lock_account(
+            self._connection, user_id, wait_seconds=wait_seconds
+        )
         try:
             yield acquired
         finally:
             if acquired:
-                await self._release(repository.account_unlock(self._connection, account))
+                await self._release(repository.unlock_account(self._connection, user_id))
 
     async def release(self) -> None:
         await self._release(repository.advisory_unlock(self._connection, self._position_id))
@@ -81,7 +85,9 @@ class AdvisoryRunLease:
             logger.warning("run.lock_connection_lost", error=f"{type(error).__name__}: {error}")
 
 
-def advisory_run_lock(engine: AsyncEngine, *, confirm_timeout: float = 5.0) -> RunLock:
+def advisory_run_lock(
+    engine: AsyncEngine, *, confirm_timeout: float = CONFIRM_TIMEOUT_SECONDS
+) -> RunLock:
     """`confirm_timeout` bounds each ownership check and each release: a lock connection that
     does not answer in that time proves nothing."""
 
@@ -89,10 +95,11 @@ def advisory_run_lock(engine: AsyncEngine, *, confirm_timeout: float = 5.0) -> R
     async def hold(position_id: uuid.UUID) -> AsyncIterator[RunLease | None]:
         async with engine.connect() as connection:
             await connection.execution_options(isolation_level="AUTOCOMMIT")
-            if not await repository.try_advisory_lock(connection, position_id):
+            pid = await repository.try_advisory_lock(connection, position_id)
+            if pid is None:
                 yield None
                 return
-            lease = AdvisoryRunLease(connection, position_id, confirm_timeout=confirm_timeout)
+            lease = AdvisoryRunLease(connection, position_id, pid, confirm_timeout=confirm_timeout)
             try:
                 yield lease
             finally:

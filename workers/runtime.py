@@ -85,7 +85,6 @@ class Resources:
             cipher=CredentialCipher(settings.credentials_keys.get_secret_value()),
             retry_delays=settings.trade_retry_delays,
             preflight_margin=settings.preflight_margin,
-            account_wait_seconds=settings.account_wait_seconds,
             account_retry_seconds=settings.account_retry_seconds,
             account_wait_limit_seconds=settings.account_wait_limit_seconds,
             order_time_reserve=settings.http_read_timeout_seconds + 1,
@@ -168,17 +167,19 @@ class WorkerRuntime:
             return
         for task in pending:
             task.cancel()
-        # The cancelled tasks run their clean-up (release locks, return connections) now.
-        done, still = loop.run_until_complete(
-            asyncio.wait(pending, timeout=self._settings.run_grace_seconds)
-        )
-        logger.warning("run.drained", cancelled=len(done), left=len(still))
-        if still:
-            # A coroutine that ignores cancellation would wake up inside the next task's run:
-            # end the process instead (its sockets close, PostgreSQL releases its locks, and
-            # the message, not acknowledged, is delivered again).
-            logger.error("run.undrainable", tasks=[repr(t) for t in still][:5])
-            os._exit(UNDRAINABLE_EXIT)
+        try:
+            # The cancelled tasks run their clean-up (release locks, return connections) now.
+            loop.run_until_complete(asyncio.wait(pending, timeout=self._settings.run_grace_seconds))
+        finally:
+            # Even if the soft limit strikes while draining, nothing may stay behind.
+            left = [t for t in pending if not t.done()]
+            logger.warning("run.drained", cancelled=len(pending) - len(left), left=len(left))
+            if left:
+                # A coroutine that ignores cancellation would wake up inside the next task's
+                # run: end the process instead (its sockets close, PostgreSQL releases its
+                # locks, and the message, not acknowledged, is delivered again).
+                logger.error("run.undrainable", tasks=[repr(t) for t in left][:5])
+                os._exit(UNDRAINABLE_EXIT)
 
     def _ensure_runner(self) -> asyncio.Runner:
         if self._runner is not None and self._pid != os.getpid():

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import (
+    ColumnElement,
     Integer,
     Numeric,
     String,
@@ -25,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.sql.elements import TextClause
 
 from service.models import (
     ExchangeCredential,
@@ -44,12 +46,51 @@ def advisory_lock_key(position_id: uuid.UUID) -> int:
     return int.from_bytes(position_id.bytes[:8], "big", signed=True)
 
 
-async def try_advisory_lock(connection: AsyncConnection, position_id: uuid.UUID) -> bool:
-    """Session-level lock held by the connection until released or the connection dies."""
-    result = await connection.execute(
-        text("SELECT pg_try_advisory_lock(:key)"), {"key": advisory_lock_key(position_id)}
+def _lock_params(position_id: uuid.UUID) -> dict[str, int]:
+    # pg_locks shows a bigint advisory key as two oids: its high and low 32 bits.
+    key = advisory_lock_key(position_id)
+    return {"lock_high": (key >> 32) & 0xFFFFFFFF, "lock_low": key & 0xFFFFFFFF}
+
+
+_LOCK_HELD = (
+    "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+    " AND classid::bigint = :lock_high AND objid::bigint = :lock_low{holder})"
+)
+
+
+# The run's ownership proof (confirm_run), on its lock connection: lock, status and claim.
+_CONFIRM_RUN = (
+    "WITH owner AS ("  # noqa: S608 - constants only; every value is a bound parameter
+    " UPDATE synthetic_positions SET heartbeat_at = now()"
+    " WHERE id = :id AND status = 'EXECUTING' AND claim = :claim AND "
+    + _LOCK_HELD.format(holder=" AND pid = pg_backend_pid()")
+    + " RETURNING id), "
+    "submitted AS ("
+    " UPDATE position_legs SET submitted_at = coalesce(submitted_at, now())"
+    " WHERE position_id IN (SELECT id FROM owner) AND leg = CAST(:leg AS integer)"
+    " RETURNING leg) "
+    "SELECT count(*) FROM owner"
+)
+
+
+def lock_held_by(position_id: uuid.UUID, pid: int) -> TextClause:
+    """A condition: the position's run lock is held by backend `pid` (the run's lock
+    connection). A status write with it cannot be made by a run that lost its lock."""
+    return text(_LOCK_HELD.format(holder=" AND pid = :lock_pid")).bindparams(
+        lock_pid=pid, **_lock_params(position_id)
     )
-    return bool(result.scalar_one())
+
+
+async def try_advisory_lock(connection: AsyncConnection, position_id: uuid.UUID) -> int | None:
+    """Take the position's session-level lock, held by the connection until released or the
+    connection dies. Returns the connection's backend pid (what its status writes are fenced
+    with), or None when another connection holds the lock."""
+    result = await connection.execute(
+        text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"),
+        {"key": advisory_lock_key(position_id)},
+    )
+    acquired, pid = result.one()
+    return int(pid) if acquired else None
 
 
 async def advisory_unlock(connection: AsyncConnection, position_id: uuid.UUID) -> None:
@@ -58,55 +99,71 @@ async def advisory_unlock(connection: AsyncConnection, position_id: uuid.UUID) -
     )
 
 
-def account_lock_keys(account: str) -> tuple[int, int]:
-    """The two-int advisory lock key of an exchange account (its 16-hex fingerprint).
+def account_lock_keys(user_id: uuid.UUID) -> tuple[int, int]:
+    """The two-int advisory lock key of a user's exchange account (the service keeps one
+    Bybit key per user, so a user is an account, whichever key it stores at the moment).
 
     PostgreSQL keeps two-int keys apart from the bigint keys of positions (`objsubid` 2
     against 1), so an account's lock can never collide with a position's."""
-    raw = bytes.fromhex(account)[:8].rjust(8, b"\0")
+    raw = user_id.bytes[:8]
     return (
         int.from_bytes(raw[:4], "big", signed=True),
         int.from_bytes(raw[4:], "big", signed=True),
     )
 
 
-async def try_account_lock(connection: AsyncConnection, account: str) -> bool:
-    first, second = account_lock_keys(account)
-    result = await connection.execute(
-        text("SELECT pg_try_advisory_lock(:first, :second)"), {"first": first, "second": second}
-    )
-    return bool(result.scalar_one())
-
-
-async def wait_account_lock(
-    connection: AsyncConnection, account: str, *, timeout_seconds: float
+async def lock_account(
+    connection: AsyncConnection, user_id: uuid.UUID, *, wait_seconds: float = 0.0
 ) -> bool:
-    """Wait in PostgreSQL's queue for the account's lock (first come, first served), at most
-    `timeout_seconds`; False when it was not granted in that time. The connection must be in
-    autocommit mode (the lock is session-level)."""
-    first, second = account_lock_keys(account)
-    await connection.execute(
-        text("SELECT set_config('lock_timeout', :ms, false)"),
-        {"ms": str(max(1, int(timeout_seconds * 1000)))},
-    )
+    """Take the account's session-level lock: at once, or waiting in PostgreSQL's queue (first
+    come, first served) at most `wait_seconds`. False when it was not granted. The connection
+    must be in autocommit mode; the wait's lock_timeout is local to its one statement."""
+    first, second = account_lock_keys(user_id)
+    keys = {"first": first, "second": second}
+    if wait_seconds <= 0:
+        result = await connection.execute(
+            text("SELECT pg_try_advisory_lock(:first, :second)"), keys
+        )
+        return bool(result.scalar_one())
     try:
         await connection.execute(
-            text("SELECT pg_advisory_lock(:first, :second)"), {"first": first, "second": second}
+            text(
+                "WITH wait AS MATERIALIZED (SELECT set_config('lock_timeout', :ms, true)) "
+                "SELECT pg_advisory_lock(:first, :second) FROM wait"
+            ),
+            {**keys, "ms": str(max(1, int(wait_seconds * 1000)))},
         )
         return True
     except DBAPIError as error:
         if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
             raise
         return False
-    finally:
-        await connection.execute(text("SELECT set_config('lock_timeout', '0', false)"))
 
 
-async def account_unlock(connection: AsyncConnection, account: str) -> None:
-    first, second = account_lock_keys(account)
+async def unlock_account(connection: AsyncConnection, user_id: uuid.UUID) -> None:
+    first, second = account_lock_keys(user_id)
     await connection.execute(
         text("SELECT pg_advisory_unlock(:first, :second)"), {"first": first, "second": second}
     )
+
+
+async def account_holder(
+    session: AsyncSession, user_id: uuid.UUID, *, other_than: uuid.UUID
+) -> SyntheticPosition | None:
+    """Another basket of the account that has begun and not ended (EXECUTING): the account is
+    its until it is final, between its retries too, so no other basket's pre-flight counts on
+    a balance that basket still needs."""
+    result = await session.execute(
+        select(SyntheticPosition)
+        .where(
+            SyntheticPosition.user_id == user_id,
+            SyntheticPosition.status == PositionStatus.EXECUTING,
+            SyntheticPosition.id != other_than,
+        )
+        .order_by(SyntheticPosition.created_at)
+        .limit(1)
+    )
+    return result.scalar_one_or_none()
 
 
 async def confirm_run(
@@ -121,29 +178,9 @@ async def confirm_run(
     the heartbeat is renewed (the recovery sweep waits STALE_EXECUTING_SECONDS after it before
     it may resume the position elsewhere) and `submitting_leg`, if given, is marked submitted
     (before its order is sent: a later run looks it up before placing anything)."""
-    key = advisory_lock_key(position_id)
     result = await connection.execute(
-        text(
-            "WITH owner AS ("
-            " UPDATE synthetic_positions SET heartbeat_at = now()"
-            " WHERE id = :id AND status = 'EXECUTING' AND claim = :claim AND EXISTS ("
-            "  SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            "  AND pid = pg_backend_pid() AND objsubid = 1"
-            "  AND classid::bigint = :high AND objid::bigint = :low)"
-            " RETURNING id), "
-            "submitted AS ("
-            " UPDATE position_legs SET submitted_at = coalesce(submitted_at, now())"
-            " WHERE position_id IN (SELECT id FROM owner) AND leg = CAST(:leg AS integer)"
-            " RETURNING leg) "
-            "SELECT count(*) FROM owner"
-        ),
-        {
-            "id": position_id,
-            "claim": claim,
-            "high": (key >> 32) & 0xFFFFFFFF,
-            "low": key & 0xFFFFFFFF,
-            "leg": submitting_leg,
-        },
+        text(_CONFIRM_RUN),
+        {"id": position_id, "claim": claim, "leg": submitting_leg, **_lock_params(position_id)},
     )
     return bool(result.scalar_one())
 
@@ -153,14 +190,11 @@ async def is_run_alive(session: AsyncSession, position_id: uuid.UUID) -> bool:
 
     Read from pg_locks rather than by trying the lock: taking it, even for an instant, would
     turn away a run that starts at that moment."""
-    key = advisory_lock_key(position_id)
+    this_database = (
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
     result = await session.execute(
-        text(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            " AND objsubid = 1 AND classid::bigint = :high AND objid::bigint = :low"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
-        ),
-        {"high": (key >> 32) & 0xFFFFFFFF, "low": key & 0xFFFFFFFF},
+        text("SELECT " + _LOCK_HELD.format(holder=this_database)), _lock_params(position_id)
     )
     return bool(result.scalar_one())
 
@@ -274,21 +308,32 @@ async def compare_and_set_status(
     new: PositionStatus,
     claim: str | None = None,
     require_claim: str | None = None,
+    lock_pid: int | None = None,
     error: str | None = None,
     failed_leg: int | None = None,
 ) -> SyntheticPosition | None:
-    """Move a position from `expected` to `new`; None when it was not in `expected`."""
-    conditions = [SyntheticPosition.id == position_id, SyntheticPosition.status == expected]
+    """Move a position from `expected` to `new`; None when it was not in `expected` (or not
+    under `require_claim`, or its run lock is not held by backend `lock_pid`)."""
+    conditions: list[ColumnElement[bool] | TextClause] = [
+        SyntheticPosition.id == position_id,
+        SyntheticPosition.status == expected,
+    ]
     if require_claim is not None:
         conditions.append(SyntheticPosition.claim == require_claim)
-    values: dict[str, object] = {"status": new, "updated_at": func.clock_timestamp()}
+    if lock_pid is not None:
+        conditions.append(lock_held_by(position_id, lock_pid))
+    # A position that changes state is no longer waiting for its account.
+    values: dict[str, object] = {
+        "status": new,
+        "updated_at": func.clock_timestamp(),
+        "account_wait_since": None,
+    }
     if new is PositionStatus.EXECUTING:
         values.update(
             claim=claim,
             heartbeat_at=func.now(),
             attempts=SyntheticPosition.attempts + 1,
             next_attempt_at=None,
-            account_wait_since=None,
         )
     if new.is_final:
         values.update(next_attempt_at=None)
@@ -306,7 +351,7 @@ async def compare_and_set_status(
 
 
 async def resume_claimed(
-    session: AsyncSession, position_id: uuid.UUID, claim: str
+    session: AsyncSession, position_id: uuid.UUID, claim: str, *, lock_pid: int | None = None
 ) -> SyntheticPosition | None:
     """The claim holder continues an EXECUTING position (a retry or a redelivery)."""
     result = await session.execute(
@@ -315,6 +360,7 @@ async def resume_claimed(
             SyntheticPosition.id == position_id,
             SyntheticPosition.status == PositionStatus.EXECUTING,
             SyntheticPosition.claim == claim,
+            *([lock_held_by(position_id, lock_pid)] if lock_pid is not None else []),
         )
         .values(
             heartbeat_at=func.now(),
@@ -380,7 +426,12 @@ async def touch_heartbeat(session: AsyncSession, position_id: uuid.UUID) -> None
 
 
 async def set_next_attempt(
-    session: AsyncSession, position_id: uuid.UUID, claim: str, delay_seconds: float
+    session: AsyncSession,
+    position_id: uuid.UUID,
+    claim: str,
+    delay_seconds: float,
+    *,
+    lock_pid: int | None = None,
 ) -> datetime | None:
     """Record when the claim holder's next run is due (the database clock decides)."""
     result = await session.execute(
@@ -389,6 +440,7 @@ async def set_next_attempt(
             SyntheticPosition.id == position_id,
             SyntheticPosition.status == PositionStatus.EXECUTING,
             SyntheticPosition.claim == claim,
+            *([lock_held_by(position_id, lock_pid)] if lock_pid is not None else []),
         )
         .values(
             next_attempt_at=func.now() + timedelta(seconds=delay_seconds),
@@ -488,6 +540,10 @@ async def stale_pending(
         .where(
             SyntheticPosition.status == PositionStatus.PENDING,
             SyntheticPosition.updated_at < older_than,
+            # One waiting for its account asks again by itself (and shows it in heartbeat_at);
+            # re-sending it would only add a second chain of messages.
+            SyntheticPosition.account_wait_since.is_(None)
+            | (SyntheticPosition.heartbeat_at < older_than),
         )
         .order_by(SyntheticPosition.updated_at)
         .limit(limit)

@@ -143,23 +143,24 @@ async def deadline_scenario(
     *,
     soft_limit: bool,
 ) -> DeadlineRun:
-    """A ten-leg basket whose fill reads turn slow, on a worker whose runs have 8 s
+    """A ten-leg basket whose fill reads turn slow, on a worker whose runs have 7.5 s
     (TASK_TIME_LIMIT_SECONDS=10). `soft_limit`: the task is sent with a soft limit of 3 s
     instead, so Celery's fires first, while the run awaits the exchange (billiard raises it
     from a signal handler, outside the run's coroutine); Beat's sweep then resumes it."""
-    env = {**service_env, "TASK_TIME_LIMIT_SECONDS": "10", "ACCOUNT_WAIT_SECONDS": "5"}
+    env = {**service_env, "TASK_TIME_LIMIT_SECONDS": "10"}
     user = await funded_trader(sessions, sim, api)
     if soft_limit:
         limit = 3.0
         # Fill reads of 1.5 s: the soft limit lands in the second leg's read.
         await fault(sim, user, path="/v5/order/realtime", kind="delay", delay_ms=1500, times=2)
     else:
-        limit = 0.8 * 10
-        # Four slow fill reads, then three that hang past the client's timeout: the fourth
-        # leg's read (retried by tenacity) is under way when the deadline comes.
-        await fault(sim, user, path="/v5/order/realtime", kind="delay", delay_ms=1500, times=3)
+        limit = 0.75 * 10
+        # Two slow fill reads, then three that hang past the client's timeout: the third
+        # leg's read (retried by tenacity, about 3.3 s to 9.6 s into the run) is under way
+        # when the deadline comes at 7.5 s.
+        await fault(sim, user, path="/v5/order/realtime", kind="delay", delay_ms=1500, times=2)
         await fault(
-            sim, user, path="/v5/order/realtime", kind="hang", delay_ms=5000, skip=3, times=3
+            sim, user, path="/v5/order/realtime", kind="hang", delay_ms=5000, skip=2, times=3
         )
     worker = start_worker(env, tmp_path)
     sweeper = beat(env, tmp_path) if soft_limit else None

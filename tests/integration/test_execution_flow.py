@@ -165,3 +165,122 @@ async def test_recovery_resumes_dead_runs_but_not_positions_waiting_for_a_retry(
     assert waiting not in report.resumed_executing
     assert (dead, "dead-task") in publisher.sent  # resumed under its claim
     assert all(position_id != waiting for position_id, _ in publisher.sent)
+
+
+async def _second_position(sessions: SessionScope, first: uuid.UUID) -> uuid.UUID:
+    """Another basket of the same user (the same exchange account)."""
+    async with sessions() as session:
+        owner = await session.get(SyntheticPosition, first)
+        assert owner is not None
+        position = await repository.add_position(
+            session,
+            user_id=owner.user_id,
+            index_code="BLUECHIP",
+            size=Decimal(1000),
+            direction=Direction.LONG.value,
+        )
+        assert position is not None
+        return position.id
+
+
+@pytest.mark.asyncio
+async def test_a_basket_holds_its_account_until_it_is_final(
+    unreachable_deps: ExecutionDeps, sessions: SessionScope
+) -> None:
+    first = await _pending_position(sessions, unreachable_deps.cipher)
+    second = await _second_position(sessions, first)
+    other_account = await _pending_position(sessions, unreachable_deps.cipher)
+
+    began = await execute_position(unreachable_deps, first, task_id="first")
+    assert began.outcome is Outcome.RETRY  # EXECUTING, between two attempts
+
+    # The same account's next basket waits (no attempt used, shown on the position)...
+    waiting = await execute_position(unreachable_deps, second, task_id="second")
+    assert waiting.outcome is Outcome.RETRY
+    assert waiting.detail == "waiting for the account"
+    assert waiting.retry_in == unreachable_deps.account_retry_seconds
+    async with sessions() as session:
+        waited = await repository.get_position(session, second)
+    assert waited is not None
+    assert waited.status == PositionStatus.PENDING
+    assert waited.attempts == 0
+    assert waited.account_wait_since is not None
+
+    # ...another account's does not.
+    unaffected = await execute_position(unreachable_deps, other_account, task_id="other")
+    assert unaffected.outcome is Outcome.RETRY
+    assert unaffected.detail != "waiting for the account"
+
+    # Once the first basket is final, the second one runs.
+    outcomes = [await execute_position(unreachable_deps, first, task_id="first") for _ in range(3)]
+    assert outcomes[-1].outcome is Outcome.FAILED
+    runs = await execute_position(unreachable_deps, second, task_id="second")
+    assert runs.detail != "waiting for the account"
+    async with sessions() as session:
+        claimed = await repository.get_position(session, second)
+    assert claimed is not None
+    assert claimed.status == PositionStatus.EXECUTING
+    assert claimed.attempts == 1
+    assert claimed.account_wait_since is None
+
+
+@pytest.mark.asyncio
+async def test_a_new_basket_that_waited_too_long_fails_with_nothing_sent(
+    unreachable_deps: ExecutionDeps, sessions: SessionScope
+) -> None:
+    from dataclasses import replace
+
+    first = await _pending_position(sessions, unreachable_deps.cipher)
+    second = await _second_position(sessions, first)
+    assert (await execute_position(unreachable_deps, first, task_id="a")).outcome is Outcome.RETRY
+    impatient = replace(unreachable_deps, account_wait_limit_seconds=0.0)
+    result = await execute_position(impatient, second, task_id="b")
+    assert result.outcome is Outcome.FAILED
+    assert result.detail is not None
+    assert result.detail.endswith("no order was sent")
+    async with sessions() as session:
+        failed = await repository.get_position(session, second)
+    assert failed is not None
+    assert failed.status == PositionStatus.FAILED
+    assert failed.account_wait_since is None  # GET no longer says it waits
+
+
+@pytest.mark.asyncio
+async def test_status_writes_need_the_run_lock_s_own_connection(
+    unreachable_deps: ExecutionDeps, sessions: SessionScope
+) -> None:
+    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    async with unreachable_deps.run_lock(position_id) as lease:
+        assert lease is not None
+        async with sessions() as session:
+            stranger = await repository.compare_and_set_status(
+                session,
+                position_id,
+                expected=PositionStatus.PENDING,
+                new=PositionStatus.EXECUTING,
+                claim="t",
+                lock_pid=lease.pid + 1,  # not the connection holding the lock
+            )
+            assert stranger is None
+            holder = await repository.compare_and_set_status(
+                session,
+                position_id,
+                expected=PositionStatus.PENDING,
+                new=PositionStatus.EXECUTING,
+                claim="t",
+                lock_pid=lease.pid,
+            )
+            assert holder is not None
+        pid = lease.pid
+    # The lock released (as when its connection dies): the run can no longer write.
+    async with sessions() as session:
+        late = await repository.compare_and_set_status(
+            session,
+            position_id,
+            expected=PositionStatus.EXECUTING,
+            new=PositionStatus.FAILED,
+            require_claim="t",
+            lock_pid=pid,
+            error="late",
+        )
+    assert late is None

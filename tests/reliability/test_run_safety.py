@@ -87,12 +87,12 @@ out whenever that process next ran a task.
             rows.insert(5, ("attempts per position", _counts([r.attempts for r in runs])))
             body = f"""
 Command: {COMMAND} (`RUN_SAFETY_ROUNDS={ROUNDS}`). Settings: `TASK_TIME_LIMIT_SECONDS=10`
-(the run's deadline at 8 s), `HTTP_READ_TIMEOUT_SECONDS=2`.
+(the run's deadline at 7.5 s), `HTTP_READ_TIMEOUT_SECONDS=2`.
 
-A ten-leg basket whose fill reads slow down (three of 1.5 s, then three that hang until the
-client gives up): the fourth leg's read is under way when the run's deadline comes. The run
+A ten-leg basket whose fill reads slow down (two of 1.5 s, then three that hang until the
+client gives up): the third leg's read is under way when the run's deadline comes. The run
 is cancelled where it is, schedules its retry, and releases its locks; the next attempt looks
-the fourth leg up (it was sent) and finishes. An order is sent only with at least
+the third leg up (it was sent) and finishes. An order is sent only with at least
 `HTTP_READ_TIMEOUT_SECONDS + 1` left before the deadline, and none after it.
 
 {table(rows)}

@@ -39,8 +39,8 @@ async def _no_resources(_: Settings) -> Any:
 
 @pytest.fixture
 def runtime() -> Iterator[WorkerRuntime]:
-    # A 2 s hard limit: the run's deadline at 1.6 s, then 0.1 s of grace.
-    settings = Settings(task_time_limit_seconds=2, account_wait_seconds=1)
+    # A 2 s hard limit: the run's deadline at 1.5 s, then 0.1 s of grace.
+    settings = Settings(task_time_limit_seconds=2)
     runtime = WorkerRuntime(settings, open_resources=_no_resources)
     yield runtime
     runtime.close()
@@ -98,7 +98,7 @@ def test_a_run_past_its_deadline_and_grace_is_cancelled(runtime: WorkerRuntime) 
         runtime.run(stubborn_run)
     assert probe.cleaned_up == 1
     assert not probe.resumed_after_interrupt
-    assert 1.5 < probe.deadlines[0] <= 1.6  # the deadline handed to the work
+    assert 1.4 < probe.deadlines[0] <= 1.5  # the deadline handed to the work
 
 
 def test_tasks_a_run_leaves_behind_are_cancelled_with_it(runtime: WorkerRuntime) -> None:

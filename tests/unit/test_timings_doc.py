@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 from celery_app import visibility_timeout
 from service.config import Settings
+from service.execution import ExecutionDeps
+from service.run_lock import CONFIRM_TIMEOUT_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,6 +19,10 @@ def _documented() -> dict[str, float]:
     table = text.split("<!-- timings -->", 1)[1].split("<!-- /timings -->", 1)[0]
     rows = re.findall(r"^\| (.+?) \| .+? \| ([\d,.]+) s \|$", table, re.MULTILINE)
     return {what: float(value.replace(",", "")) for what, value in rows}
+
+
+def _deps_default(name: str) -> float:
+    return float(next(f.default for f in fields(ExecutionDeps) if f.name == name))  # type: ignore[arg-type]
 
 
 def test_the_documented_timings_are_the_code_s() -> None:
@@ -31,10 +38,17 @@ def test_the_documented_timings_are_the_code_s() -> None:
         "Celery soft time limit (backstop)": settings.soft_time_limit_seconds,
         "Celery hard time limit": settings.task_time_limit_seconds,
         "least time left to start an order": settings.http_read_timeout_seconds + 1,
-        "ownership check and lock release timeout": 5.0,
-        "one run's wait for its account": settings.account_wait_seconds,
-        "pause before asking for the account again": settings.account_retry_seconds,
-        "longest total wait for the account": settings.account_wait_limit_seconds,
+        "ownership check and lock release timeout": CONFIRM_TIMEOUT_SECONDS,
+        "pause before a new basket asks for its busy account again": (
+            settings.account_retry_seconds
+        ),
+        "longest such pause (when the busy basket's next attempt is later)": _deps_default(
+            "account_retry_max_seconds"
+        ),
+        "a resumed basket waits in line for the account's lock": _deps_default(
+            "account_lock_wait_seconds"
+        ),
+        "longest total wait of a new basket for its account": (settings.account_wait_limit_seconds),
         "a database statement that hangs fails after": settings.db_statement_timeout_seconds,
         "a dead database peer is found after": settings.db_dead_peer_seconds,
         "a silent run may be resumed after": settings.stale_executing_seconds,

@@ -27,18 +27,29 @@ def upgrade() -> None:
         "synthetic_positions", sa.Column("account_wait_since", sa.DateTime(timezone=True))
     )
     op.add_column("synthetic_positions", sa.Column("reconciled_at", sa.DateTime(timezone=True)))
-    op.create_index(
-        "ix_synthetic_positions_unreconciled",
-        "synthetic_positions",
-        ["updated_at", "id"],
-        postgresql_where=sa.text(
-            "status IN ('EXECUTING', 'ACTIVE', 'FAILED') "
-            "AND (reconciled_at IS NULL OR reconciled_at < updated_at)"
-        ),
-    )
+    # Built without blocking writes: on a large table a plain CREATE INDEX would hold up
+    # every status change (and the runs' ownership checks) for as long as it takes.
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_synthetic_positions_unreconciled",
+            "synthetic_positions",
+            ["updated_at", "id"],
+            postgresql_where=sa.text(
+                "status IN ('EXECUTING', 'ACTIVE', 'FAILED') "
+                "AND (reconciled_at IS NULL OR reconciled_at < updated_at)"
+            ),
+            postgresql_concurrently=True,
+            if_not_exists=True,
+        )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_synthetic_positions_unreconciled", table_name="synthetic_positions")
+    with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_synthetic_positions_unreconciled",
+            table_name="synthetic_positions",
+            postgresql_concurrently=True,
+            if_exists=True,
+        )
     op.drop_column("synthetic_positions", "reconciled_at")
     op.drop_column("synthetic_positions", "account_wait_since")
