@@ -210,9 +210,10 @@ async def test_run_safety_shared_account(
 Command: {COMMAND} (`RUN_SAFETY_ROUNDS={ROUNDS}`). One worker, two pool processes; every
 order and fill read of the account takes 100 ms, so the two runs overlap.
 
-Two BLUECHIP 1,000 baskets of one account posted together. Runs of one exchange account are
-serialised by a PostgreSQL advisory lock per account (waited for in PostgreSQL's own queue),
-so the second basket's pre-flight sees the balance the first left. Before this, both passed
+Two BLUECHIP 1,000 baskets of one account posted together. A basket holds its account from
+its claim until it is final (the check and the claim under a PostgreSQL advisory lock per
+account); the other one gives its worker slot back and is sent again shortly, with no attempt
+used, so its pre-flight sees the balance the first left. Before this, both passed
 pre-flight on the same 1,500 USDT, their legs interleaved, and both failed at leg 1 (110007)
 holding only BTC.
 
