@@ -17,12 +17,14 @@ def visibility_timeout(settings: Settings) -> int:
     """Redis re-delivers any message not acked within this many seconds of being fetched.
 
     Countdown (retry) messages are fetched at once and held unacked until due, so the
-    timeout must exceed the longest countdown plus the longest run, or Redis would hand a
+    timeout must exceed the longest countdown (a scheduled delay, or an IP ban) plus the
+    longest run, or Redis would hand a
     waiting retry to a second worker and run it twice. It is also how long a message lost
     with a dead worker waits, so keep it no larger than needed: the recovery sweep, not
     redelivery, brings crashed positions back quickly.
     """
-    longest_delay = max(settings.trade_retry_delays, default=0.0)
+    # A retry after an IP ban waits for the ban to end, however short the schedule.
+    longest_delay = max((*settings.trade_retry_delays, settings.bybit_ip_ban_seconds))
     return int(longest_delay + 2 * settings.task_time_limit_seconds + 300)
 
 

@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("simulator", help="the Bybit V5 simulator (aiohttp)")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8999)
+    sim.add_argument(
+        "--ip-limit",
+        type=int,
+        default=None,
+        help="requests per 5 s from one address before HTTP 403 (Bybit: 600; 0: none)",
+    )
     api = commands.add_parser("api", help="the HTTP API (uvicorn)")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)

@@ -89,7 +89,7 @@ async def credentials(_: argparse.Namespace) -> int:
 def simulator(args: argparse.Namespace) -> int:
     from service.simulator import run
 
-    run(args.host, args.port)
+    run(args.host, args.port, ip_limit=args.ip_limit)
     return 0
 
 

@@ -23,6 +23,15 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     bybit_base_url: str = "http://127.0.0.1:8999"
     bybit_recv_window: int = Field(default=5000, gt=0, le=60000)
+    # How long Bybit bans an address that breached its IP limit (HTTP 403, retCode 10018):
+    # "at least 10 minutes". Every call from the address pauses that long.
+    bybit_ip_ban_seconds: float = Field(default=600.0, gt=0)
+    # Shared rate limits (service/rate_limits.py): the name of the address every process
+    # calls Bybit from (processes behind one NAT share one name), Bybit's IP limit per 5 s,
+    # and the share of Bybit's limits the service allows itself.
+    bybit_egress_id: str = Field(default="default", min_length=1, max_length=64)
+    bybit_ip_limit: int = Field(default=600, gt=0)
+    bybit_limit_share: float = Field(default=0.9, gt=0, le=1)
     # Required: the service refuses to start without it. Comma-separated Fernet keys,
     # the first encrypts, all decrypt.
     credentials_keys: SecretStr

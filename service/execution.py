@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from enum import StrEnum
 from typing import Protocol, TypeVar, cast
 
@@ -39,19 +39,28 @@ from tenacity import (
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient
 from service.bybit.errors import BybitError, BybitRateLimitError, DuplicateOrderLinkIdError
-from service.bybit.types import Instrument, Order, OrderAck, WalletBalance
+from service.bybit.types import Order, OrderAck, PositionInfo, WalletBalance
 from service.credentials.service import load_decrypted
 from service.db import SessionScope
 from service.indices import repository as indices_repository
+from service.leverage_memo import LeverageMemo, LocalLeverageMemo
 from service.market_data import MarketData, MarketDataUnavailableError
 from service.metrics import LEG_LATENCY, POSITIONS_FINISHED, RETRIES
-from service.models import PositionComponent, PositionLeg, PositionStatus, SyntheticPosition
+from service.models import (
+    PositionComponent,
+    PositionLeg,
+    PositionStatus,
+    SyntheticPosition,
+    Trade,
+)
 from service.positions import repository
+from service.queue import TaskPublisher
 from service.security import CredentialCipher, CredentialDecryptionError
 from service.trading_logic import (
     CompositionError,
     Direction,
     IndexComponent,
+    InstrumentFilters,
     calculate_trade_composition,
 )
 
@@ -67,9 +76,16 @@ class RunLease(Protocol):
     # this backend still holds it, so a run that lost its lock cannot write.
     pid: int
 
-    async def confirm(self, claim: str, *, submitting_leg: int | None = None) -> bool:
+    async def confirm(
+        self,
+        claim: str,
+        *,
+        submitting_leg: int | None = None,
+        submitting_remainder: int = 0,
+    ) -> bool:
         """True when the run still holds the position's lock and its claim (then, with
-        `submitting_leg`, that leg is marked submitted in the same round trip)."""
+        `submitting_leg`, that leg's order, the first or remainder number
+        `submitting_remainder`, is marked submitted in the same round trip)."""
         ...
 
     def account(
@@ -93,6 +109,9 @@ class Outcome(StrEnum):
     # The run could not reach the database: nothing decided, the position is left to its
     # next attempt or the recovery sweep.
     ABORTED = "ABORTED"
+    # A new basket whose account is busy with another: marked waiting, sent again when that
+    # one is final (or by the recovery sweep).
+    WAITING = "WAITING"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +129,11 @@ class ExecutionDeps:
     market: MarketData
     cipher: CredentialCipher
     retry_delays: Sequence[float]
-    # (account fingerprint, symbol) → when 1x was last confirmed in this process. Trusted for
-    # `leverage_ttl_seconds`, so a change made by hand on the exchange is noticed soon.
-    leverage_done: dict[tuple[str, str], float] = field(default_factory=dict)
-    leverage_ttl_seconds: float = 300.0
+    # Which (account, symbol) pairs are known to be at 1x (shared by the workers in Redis).
+    leverage: LeverageMemo = field(default_factory=LocalLeverageMemo)
+    # How old the market data a basket is planned and checked with may be (the shared
+    # snapshot is rewritten every MARKET_REFRESH_SECONDS).
+    market_max_age_seconds: float = 30.0
     call_attempts: int = 3
     call_wait_max: float = 1.0
     # A rate-limited call waits for Bybit's reset time, if that is this close, and tries again.
@@ -124,26 +144,38 @@ class ExecutionDeps:
     early_tolerance_seconds: float = 2.0
     # Pre-flight: the available balance must cover the basket at 1x plus this share.
     preflight_margin: Decimal = Decimal("0.01")
-    # One basket at a time per account: a new basket whose account is busy gives its worker
-    # slot back and asks again after `account_retry_seconds` (or when the busy basket's next
-    # attempt is due, at most `account_retry_max_seconds` later), for at most
-    # `account_wait_limit_seconds` in all (settings ACCOUNT_*). A basket being resumed waits
-    # up to `account_lock_wait_seconds` in line for the account's lock (only held briefly
-    # by other baskets' checks): it goes first.
+    # One basket at a time per account: a new basket whose account is busy is marked waiting
+    # and gives its worker slot back; the basket holding the account sends the one that has
+    # waited longest when it is final (through `publisher`), the recovery sweep any it
+    # missed. A new basket that has waited `account_wait_limit_seconds` in all fails. A basket
+    # being resumed waits up to `account_lock_wait_seconds` in line for the account's lock
+    # (other baskets hold it only for their check), then asks again after
+    # `account_retry_seconds`: it goes first.
+    publisher: TaskPublisher | None = None
     account_retry_seconds: float = 1.0
-    account_retry_max_seconds: float = 30.0
     account_wait_limit_seconds: float = 1800.0
     account_lock_wait_seconds: float = 2.0
     # An order is not started with less than this left before the run's deadline (the HTTP
     # read timeout and a margin): it could not be seen through.
     order_time_reserve: float = 11.0
+    # A leg that filled only in part gets at most this many more orders for its remainder.
+    remainder_attempts: int = 3
 
 
 class LegError(Exception):
-    def __init__(self, reason: str, *, leg: int | None = None, label: str = "other") -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        leg: int | None = None,
+        label: str = "other",
+        retry_after: float | None = None,
+    ) -> None:
         self.reason = reason
         self.leg = leg
         self.label = label  # a short cause for metrics: retcode_10016, http_502, fill_timeout
+        # The exchange said when to come back (an IP ban): no attempt is scheduled before.
+        self.retry_after = retry_after
         super().__init__(reason)
 
 
@@ -233,25 +265,58 @@ async def _execute(
                     )
             if not account_locked or holder is not None:
                 return await _wait_for_account(deps, position, holder, task_id, lease, log)
-            try:
-                # Decrypted once per run, kept only in this run's memory; a rotation of the
-                # encryption keys meanwhile changes the stored ciphertext, not the key itself.
-                credentials = await _credentials(deps, position)
-            except CredentialsUnreadableError as error:
-                log.error("run.credentials_unreadable", error=str(error))
-                return RunResult(Outcome.ABORTED, detail=str(error))
-            except PermanentLegError as error:
-                claimed = await _claim(deps, position, task_id, lease, log)
-                if isinstance(claimed, RunResult):
-                    return claimed
-                await _fail(deps, position.id, task_id, error.reason, None, log, lease.pid)
-                return RunResult(Outcome.FAILED, detail=error.reason)
-            claimed = await _claim(deps, position, task_id, lease, log)
-            if isinstance(claimed, RunResult):
-                return claimed
-            structlog.contextvars.bind_contextvars(attempt=claimed.attempts)
-            run = _Run(claimed, task_id, credentials, lease, deadline)
-            return await _run_claimed(deps, run, claimed.attempts - 1, log)
+            result = await _run_holding_account(deps, position, task_id, lease, deadline, log)
+        if result.outcome in (Outcome.ACTIVE, Outcome.FAILED):
+            # The account is free: its next basket need not wait for the recovery sweep.
+            await _hand_off(deps, position.user_id, log)
+        return result
+
+
+async def _run_holding_account(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    task_id: str,
+    lease: RunLease,
+    deadline: float | None,
+    log: structlog.stdlib.BoundLogger,
+) -> RunResult:
+    try:
+        # Decrypted once per run, kept only in this run's memory; a rotation of the
+        # encryption keys meanwhile changes the stored ciphertext, not the key itself.
+        credentials = await _credentials(deps, position)
+    except CredentialsUnreadableError as error:
+        log.error("run.credentials_unreadable", error=str(error))
+        return RunResult(Outcome.ABORTED, detail=str(error))
+    except PermanentLegError as error:
+        claimed = await _claim(deps, position, task_id, lease, log)
+        if isinstance(claimed, RunResult):
+            return claimed
+        await _fail(deps, position.id, task_id, error.reason, None, log, lease.pid)
+        return RunResult(Outcome.FAILED, detail=error.reason)
+    claimed = await _claim(deps, position, task_id, lease, log)
+    if isinstance(claimed, RunResult):
+        return claimed
+    structlog.contextvars.bind_contextvars(attempt=claimed.attempts)
+    run = _Run(claimed, task_id, credentials, lease, deadline)
+    return await _run_claimed(deps, run, claimed.attempts - 1, log)
+
+
+async def _hand_off(
+    deps: ExecutionDeps, user_id: uuid.UUID, log: structlog.stdlib.BoundLogger
+) -> None:
+    """Send the account's basket that has waited longest (if any): its turn has come."""
+    if deps.publisher is None:
+        return
+    async with deps.sessions() as session:
+        waiting = await repository.next_waiting(session, user_id)
+    if waiting is None:
+        return
+    try:
+        await deps.publisher.publish(waiting)
+    except Exception as error:  # the broker's errors are many; the sweep sends it anyway
+        log.warning("account.hand_off_failed", next_position_id=str(waiting), error=str(error))
+        return
+    log.info("account.handed_off", next_position_id=str(waiting))
 
 
 async def _eligible(
@@ -322,14 +387,26 @@ async def _wait_for_account(
     log: structlog.stdlib.BoundLogger,
 ) -> RunResult:
     """Another basket of the same account has begun and not ended (`holder`), or holds the
-    account's lock right now: give the worker slot back and ask again later, with no attempt
-    used and the wait shown on the position. A new basket that has waited too long in all
-    fails with nothing sent; a basket being resumed never fails for waiting."""
+    account's lock this instant. A new basket is marked waiting and gives its worker slot
+    back, with no attempt used and nothing polling: the holder sends it when it is final (the
+    recovery sweep, if that send is lost). One that has waited too long in all fails with
+    nothing sent. A basket being resumed goes first: it asks again shortly, and never fails
+    for waiting."""
     async with deps.sessions() as session:
         since = await repository.mark_waiting_for_account(session, position.id)
-    now = datetime.now(UTC)
-    waited = (now - since).total_seconds() if since else 0.0
-    if position.status == PositionStatus.PENDING and waited >= deps.account_wait_limit_seconds:
+    waited = (datetime.now(UTC) - since).total_seconds() if since else 0.0
+    busy_with = str(holder.id) if holder is not None else "the account's lock"
+    if position.status == PositionStatus.EXECUTING:
+        log.info(
+            "position.waiting_for_account",
+            busy_with=busy_with,
+            waited_s=round(waited, 1),
+            retry_in_s=deps.account_retry_seconds,
+        )
+        return RunResult(
+            Outcome.RETRY, retry_in=deps.account_retry_seconds, detail="waiting for the account"
+        )
+    if waited >= deps.account_wait_limit_seconds:
         reason = (
             f"waited {waited:.0f} s for the other baskets of the same exchange account to "
             f"finish (limit {deps.account_wait_limit_seconds:g} s); no order was sent"
@@ -339,18 +416,8 @@ async def _wait_for_account(
             return claimed
         await _fail(deps, position.id, task_id, reason, None, log, lease.pid)
         return RunResult(Outcome.FAILED, detail=reason)
-    retry_in = deps.account_retry_seconds
-    if holder is not None and holder.next_attempt_at is not None:
-        # The busy basket sleeps until its next attempt: no use asking before.
-        due = (holder.next_attempt_at - now).total_seconds()
-        retry_in = min(max(due, retry_in), deps.account_retry_max_seconds)
-    log.info(
-        "position.waiting_for_account",
-        busy_with=str(holder.id) if holder is not None else "the account's lock",
-        waited_s=round(waited, 1),
-        retry_in_s=round(retry_in, 1),
-    )
-    return RunResult(Outcome.RETRY, retry_in=retry_in, detail="waiting for the account")
+    log.info("position.waiting_for_account", busy_with=busy_with, waited_s=round(waited, 1))
+    return RunResult(Outcome.WAITING, detail="waiting for the account")
 
 
 async def _run_claimed(
@@ -361,13 +428,11 @@ async def _run_claimed(
     try:
         async with deadline:
             plan = await _ensure_plan(deps, position, log)
-            recorded = await _recorded_links(deps, position.id)
+            recorded = await _recorded_trades(deps, position.id)
             if not recorded and all(leg.submitted_at is None for leg in plan):
-                await _preflight(deps, run.credentials, plan, log)
+                await _preflight(deps, run, plan, log)
             for leg in plan:
-                if leg.order_link_id in recorded:
-                    continue
-                await _execute_leg(deps, run, leg, log)
+                await _execute_leg(deps, run, leg, [t for t in recorded if t.leg == leg.leg], log)
             await _finish(deps, run, plan, log)
             return RunResult(Outcome.ACTIVE)
     except TimeoutError:
@@ -401,7 +466,8 @@ async def _retry_later(
         log.error("leg.failed", leg=error.leg, error=reason)
         await _fail(deps, position.id, task_id, reason, error.leg, log, run.lease.pid)
         return RunResult(Outcome.FAILED, detail=reason)
-    delay = float(deps.retry_delays[retries_done])
+    # Never before the exchange said (an IP ban lasts ten minutes or more).
+    delay = max(float(deps.retry_delays[retries_done]), error.retry_after or 0.0)
     RETRIES.labels(error.label).inc()
     async with deps.sessions() as session:
         due = await repository.set_next_attempt(
@@ -434,7 +500,7 @@ async def _ensure_plan(
     symbols = [c.symbol for c in components]
     try:
         instruments = await _call(deps, deps.market.instruments, symbols)
-        prices = await _call(deps, deps.market.prices, symbols)
+        prices = await _call(deps, deps.market.prices, symbols, max_age=deps.market_max_age_seconds)
         legs = calculate_trade_composition(
             components, position.size, Direction(position.direction), instruments, prices
         )
@@ -467,9 +533,9 @@ async def _ensure_plan(
     return rows
 
 
-async def _recorded_links(deps: ExecutionDeps, position_id: uuid.UUID) -> set[str]:
+async def _recorded_trades(deps: ExecutionDeps, position_id: uuid.UUID) -> list[Trade]:
     async with deps.sessions() as session:
-        return {t.order_link_id for t in await repository.get_trades(session, position_id)}
+        return list(await repository.get_trades(session, position_id))
 
 
 # ---- pre-flight: everything that can fail is checked before the first order ---------------
@@ -477,32 +543,98 @@ async def _recorded_links(deps: ExecutionDeps, position_id: uuid.UUID) -> set[st
 
 async def _preflight(
     deps: ExecutionDeps,
-    credentials: ApiCredentials,
+    run: _Run,
     plan: Sequence[PositionLeg],
     log: structlog.stdlib.BoundLogger,
 ) -> None:
     """No order is sent unless every instrument trades, every leg passes its filters at the
-    current price, the account holds the basket at 1x plus a margin, and leverage is 1x on
-    every symbol. A basket that fails half-way leaves the user holding part of an index, so
-    whatever can be known before the first order is checked here."""
+    current price, the account holds the basket at 1x plus a margin, no position the user
+    already holds would be netted or re-margined by the basket, and leverage is 1x on every
+    symbol. A basket that fails half-way leaves the user holding part of an index, so whatever
+    can be known before the first order is checked here, in as few exchange calls as can be,
+    side by side: every trading instrument's status and filters (one request), prices from
+    the shared snapshot, the balance, and the open positions (and, when the account holds
+    none, one symbol's row for the position mode)."""
+    credentials = run.credentials
     symbols = [leg.symbol for leg in plan]
-    # Filters, prices and the balance are independent reads: one round trip, not three.
+    fresh = deps.market_max_age_seconds
     reads = await asyncio.gather(
-        _call(deps, deps.market.instruments, symbols, fresh=True),
-        _call(deps, deps.market.prices, symbols),
+        # The status now (a halt must be seen before the first order), in one request.
+        _call(deps, deps.market.current, symbols),
+        _call(deps, deps.market.prices, symbols, max_age=fresh),
         _call(deps, deps.exchange.get_wallet_balance, credentials),
+        _call(deps, deps.exchange.get_positions, credentials),
         return_exceptions=True,
     )
     for result in reads:
         if isinstance(result, MarketDataUnavailableError):
             raise _preflight_failure(log, f"market data: {result}", None) from None
         if isinstance(result, BybitError):
-            raise _classify(result, None, "pre-flight market data and balance", log) from None
+            raise _classify(result, None, "pre-flight reads", log) from None
         if isinstance(result, BaseException):
             raise result
-    instruments, prices, wallet = cast(
-        tuple[dict[str, Instrument], dict[str, Decimal], WalletBalance], tuple(reads)
+    instruments, prices, wallet, held = cast(
+        tuple[
+            dict[str, InstrumentFilters],
+            dict[str, Decimal],
+            WalletBalance,
+            list[PositionInfo],
+        ],
+        tuple(reads),
     )
+    required = _check_filters(plan, instruments, prices, log)
+    needed = (required * (1 + deps.preflight_margin)).quantize(Decimal("0.01"))
+    if wallet.total_available_balance < needed:
+        margin_mode = " (isolated margin: the USDT balance not held by positions)"
+        raise _preflight_failure(
+            log,
+            f"available balance {wallet.total_available_balance} USDT"
+            f"{margin_mode if wallet.isolated else ''} does not cover the basket's {needed} "
+            f"USDT at 1x (notional {required.quantize(Decimal('0.01'))} + "
+            f"{deps.preflight_margin:%} for fees and slippage)",
+            None,
+        )
+    rows = held
+    if not rows:
+        # No open position tells the mode (one-way or hedge, per settle coin): one row does.
+        try:
+            rows = await _call(deps, deps.exchange.get_positions, credentials, symbol=symbols[0])
+        except BybitError as error:
+            raise _classify(error, None, "read the position mode", log) from None
+    hedge = any(row.hedge_mode for row in rows)
+    _check_held_positions(plan, held, hedge, log)
+    for row in rows:
+        if row.leverage == 1:
+            await deps.leverage.remember(credentials.account, row.symbol)
+    outcomes = await asyncio.gather(
+        *(_ensure_leverage(deps, credentials, leg, log) for leg in plan), return_exceptions=True
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    side = plan[0].side
+    position_idx = (1 if side == "Buy" else 2) if hedge else 0
+    async with deps.sessions() as session:
+        await repository.set_position_idx(session, run.position.id, position_idx)
+    for leg in plan:
+        leg.position_idx = position_idx
+    log.info(
+        "preflight.passed",
+        required_usdt=str(needed),
+        available_usdt=str(wallet.total_available_balance),
+        position_mode="hedge" if hedge else "one-way",
+        isolated_margin=wallet.isolated,
+        symbols=symbols,
+    )
+
+
+def _check_filters(
+    plan: Sequence[PositionLeg],
+    instruments: Mapping[str, InstrumentFilters],
+    prices: Mapping[str, Decimal],
+    log: structlog.stdlib.BoundLogger,
+) -> Decimal:
+    """Every leg against its instrument at the current price; returns the basket's notional."""
     required = Decimal(0)
     for leg in plan:
         rules, price = instruments[leg.symbol], prices[leg.symbol]
@@ -523,28 +655,46 @@ async def _preflight(
             )
         if problem:
             raise _preflight_failure(log, _leg_reason(leg, problem), leg.leg)
-    needed = (required * (1 + deps.preflight_margin)).quantize(Decimal("0.01"))
-    if wallet.total_available_balance < needed:
-        raise _preflight_failure(
-            log,
-            f"available balance {wallet.total_available_balance} USDT does not cover the "
-            f"basket's {needed} USDT at 1x (notional {required.quantize(Decimal('0.01'))} "
-            f"+ {deps.preflight_margin:%} for fees and slippage)",
-            None,
-        )
-    # Leverage is per symbol: set on every symbol at once (each is cached once confirmed).
-    outcomes = await asyncio.gather(
-        *(_ensure_leverage(deps, credentials, leg, log) for leg in plan), return_exceptions=True
-    )
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-    log.info(
-        "preflight.passed",
-        required_usdt=str(needed),
-        available_usdt=str(wallet.total_available_balance),
-        symbols=symbols,
-    )
+    return required
+
+
+def _check_held_positions(
+    plan: Sequence[PositionLeg],
+    held: Sequence[PositionInfo],
+    hedge: bool,
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    """A position the user already holds on a basket symbol must come through untouched: in
+    one-way mode an order of the other side would net it (reduce or flip it, not open the
+    basket's leg); and setting 1x would change the margin of one held at other leverage."""
+    legs = {leg.symbol: leg for leg in plan}
+    for row in held:
+        leg = legs.get(row.symbol)
+        if leg is None or row.size <= 0:
+            continue
+        if not hedge and row.side and row.side != leg.side:
+            raise _preflight_failure(
+                log,
+                _leg_reason(
+                    leg,
+                    f"you hold a {row.side} position of {row.size} {row.symbol}; in one-way "
+                    f"mode this basket's {leg.side} order would reduce it instead of opening "
+                    "its own. Close it first, or switch the account to hedge mode (Bybit: "
+                    "position mode, per settle coin), where both sides are held apart",
+                ),
+                leg.leg,
+            )
+        if row.leverage is not None and row.leverage != 1:
+            raise _preflight_failure(
+                log,
+                _leg_reason(
+                    leg,
+                    f"you hold a {row.side} position of {row.size} {row.symbol} at "
+                    f"{row.leverage.normalize():f}x; the basket trades at 1x, and setting 1x "
+                    "would change that position's margin. Set it to 1x or close it first",
+                ),
+                leg.leg,
+            )
 
 
 def _preflight_failure(
@@ -557,54 +707,133 @@ def _preflight_failure(
 # ---- one leg ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _LegOrder:
+    """One order of a leg: the first (`remainder` 0), or one for a partial fill's remainder."""
+
+    leg: PositionLeg
+    remainder: int
+    link: str
+    qty: Decimal
+
+    @property
+    def may_have_been_sent(self) -> bool:
+        if self.remainder == 0:
+            return self.leg.submitted_at is not None
+        return self.remainder <= self.leg.remainders_submitted
+
+
 async def _execute_leg(
-    deps: ExecutionDeps, run: _Run, leg: PositionLeg, run_log: structlog.stdlib.BoundLogger
+    deps: ExecutionDeps,
+    run: _Run,
+    leg: PositionLeg,
+    recorded: Sequence[Trade],
+    run_log: structlog.stdlib.BoundLogger,
 ) -> None:
-    position, credentials = run.position, run.credentials
+    """The leg's first order, then, while it falls short of the plan and the rest can be
+    traded, up to `remainder_attempts` more for the remainder. A market order is an IOC within
+    a price band: on a thin book it fills only in part, and the rest is cancelled."""
+    log = run_log.bind(leg=leg.leg, symbol=leg.symbol, side=leg.side)
+    links = {t.order_link_id for t in recorded}
+    filled = sum((t.quantity for t in recorded), Decimal(0))
+    if leg.order_link_id not in links:
+        await _ensure_leverage(deps, run.credentials, leg, log)
+        first = _LegOrder(leg, 0, leg.order_link_id, leg.quantity)
+        order = await _send_and_record(deps, run, first, log)
+        if order.cum_exec_qty <= 0:
+            reason = f"order ended {order.order_status} with nothing filled"
+            log.error(
+                "leg.failed",
+                qty=str(leg.quantity),
+                order_link_id=leg.order_link_id,
+                bybit_order_id=order.order_id,
+                error=reason,
+            )
+            raise PermanentLegError(_leg_reason(leg, reason), leg=leg.leg)
+        filled += order.cum_exec_qty
+    for remainder in range(1, deps.remainder_attempts + 1):
+        if filled >= leg.quantity:
+            return
+        link = remainder_link_id(run.position.id, leg.leg, remainder)
+        if link in links:
+            continue  # recorded by an earlier run: already counted in `filled`
+        qty = await _tradeable_remainder(deps, leg, leg.quantity - filled)
+        if qty is None:
+            break
+        order = await _send_and_record(deps, run, _LegOrder(leg, remainder, link, qty), log)
+        filled += order.cum_exec_qty
+    if filled < leg.quantity:
+        log.warning(
+            "leg.shortfall",
+            planned_qty=str(leg.quantity),
+            filled_qty=str(filled),
+            shortfall_qty=str(leg.quantity - filled),
+        )
+
+
+def remainder_link_id(position_id: uuid.UUID, leg: int, remainder: int) -> str:
+    """Deterministic per position, leg and remainder order, within Bybit's 36 characters:
+    28 hex of the position (112 bits) + '-' + leg + '-r' + the remainder's number."""
+    return f"{position_id.hex[:28]}-{leg}-r{remainder}"
+
+
+async def _tradeable_remainder(
+    deps: ExecutionDeps, leg: PositionLeg, remainder: Decimal
+) -> Decimal | None:
+    """The remainder as an order the exchange accepts now (a multiple of qtyStep, at least
+    minOrderQty and minNotionalValue at the current price), or None: it is the shortfall."""
+    try:
+        instruments = await _call(deps, deps.market.instruments, [leg.symbol])
+        prices = await _call(
+            deps, deps.market.prices, [leg.symbol], max_age=deps.market_max_age_seconds
+        )
+    except MarketDataUnavailableError:
+        return None
+    except BybitError as error:
+        raise _classify(error, leg, "market data for the remainder") from None
+    rules, price = instruments[leg.symbol], prices[leg.symbol]
+    steps = (remainder / rules.qty_step).to_integral_value(rounding=ROUND_FLOOR)
+    qty = (steps * rules.qty_step).quantize(rules.qty_step)
+    if qty <= 0 or qty < rules.min_order_qty or qty * price < rules.min_notional_value:
+        return None
+    return min(qty, rules.max_mkt_order_qty)
+
+
+async def _send_and_record(
+    deps: ExecutionDeps, run: _Run, leg_order: _LegOrder, run_log: structlog.stdlib.BoundLogger
+) -> Order:
+    """Place one order of a leg (looked up first if it may have been sent), wait until it is
+    final, and record its fill at once."""
+    credentials = run.credentials
     log = run_log.bind(
-        leg=leg.leg,
-        symbol=leg.symbol,
-        side=leg.side,
-        qty=str(leg.quantity),
-        order_link_id=leg.order_link_id,
+        qty=str(leg_order.qty), order_link_id=leg_order.link, remainder=leg_order.remainder
     )
-    await _ensure_leverage(deps, credentials, leg, log)
     started = time.perf_counter()
     order: Order | None = None
-    if leg.submitted_at is not None:
+    if leg_order.may_have_been_sent:
         # A previous run may have sent it (and died, or lost the reply): look before placing.
-        order = await _lookup(deps, credentials, leg)
+        order = await _lookup(deps, credentials, leg_order)
         if order is not None:
             log.info("leg.found_existing", bybit_order_id=order.order_id)
     if order is None:
-        await _prove_ownership(deps, run, leg)
+        await _prove_ownership(deps, run, leg_order)
         log.info("leg.submitted")
-        await _place(deps, run, leg, log)
-    order = await _await_outcome(deps, credentials, leg)
+        await _place(deps, run, leg_order, log)
+    order = await _await_outcome(deps, credentials, leg_order)
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
     if order.cum_exec_qty <= 0:
-        reason = f"order ended {order.order_status} with nothing filled"
-        log.error("leg.failed", bybit_order_id=order.order_id, error=reason, latency_ms=latency_ms)
         LEG_LATENCY.labels("failed").observe(latency_ms / 1000)
-        raise PermanentLegError(_leg_reason(leg, reason), leg=leg.leg)
-    price = order.avg_price or await _average_price(deps, credentials, leg, order)
-    partial = order.cum_exec_qty < leg.quantity
+        log.warning(
+            "leg.nothing_filled",
+            bybit_order_id=order.order_id,
+            order_status=order.order_status,
+            latency_ms=latency_ms,
+        )
+        return order
+    price = order.avg_price or await _average_price(deps, credentials, leg_order, order)
     async with deps.sessions() as session:
         await repository.record_trade(
-            session,
-            {
-                "position_id": position.id,
-                "leg": leg.leg,
-                "symbol": leg.symbol,
-                "side": leg.side,
-                "bybit_order_id": order.order_id,
-                "order_link_id": leg.order_link_id,
-                "price": price,
-                "quantity": order.cum_exec_qty,
-                "fee": order.cum_exec_fee,
-                "order_status": order.order_status,
-                "executed_at": order.updated_at or datetime.now(UTC),
-            },
+            session, trade_values(run.position.id, leg_order, order, price)
         )
     LEG_LATENCY.labels("filled").observe(latency_ms / 1000)
     log.info(
@@ -612,16 +841,46 @@ async def _execute_leg(
         bybit_order_id=order.order_id,
         price=str(price),
         filled_qty=str(order.cum_exec_qty),
-        partial=partial,
+        partial=order.cum_exec_qty < leg_order.qty,
         order_status=order.order_status,
+        fee=str(order.cum_exec_fee) if order.cum_exec_fee is not None else None,
+        fee_coin=order.fee_coin,
         latency_ms=latency_ms,
     )
+    return order
 
 
-async def _prove_ownership(deps: ExecutionDeps, run: _Run, leg: PositionLeg) -> None:
+def trade_values(
+    position_id: uuid.UUID, leg_order: _LegOrder | PositionLeg, order: Order, price: Decimal
+) -> dict[str, object]:
+    """The `trades` row of one filled order."""
+    leg = leg_order.leg if isinstance(leg_order, _LegOrder) else leg_order
+    return {
+        "position_id": position_id,
+        "leg": leg.leg,
+        "symbol": leg.symbol,
+        "side": leg.side,
+        "bybit_order_id": order.order_id,
+        "order_link_id": order.order_link_id,
+        "price": price,
+        "quantity": order.cum_exec_qty,
+        "fee": order.cum_exec_fee,
+        "fee_coin": order.fee_coin,
+        "fee_detail": (
+            {coin: format(amount, "f") for coin, amount in order.fee_detail.items()}
+            if order.fee_detail
+            else None
+        ),
+        "order_status": order.order_status,
+        "executed_at": order.updated_at or datetime.now(UTC),
+    }
+
+
+async def _prove_ownership(deps: ExecutionDeps, run: _Run, leg_order: _LegOrder) -> None:
     """Right before an order: enough time left to see it through, and proof, on the lock's
     own connection, that this run still holds the position (the same round trip marks the
-    leg submitted, so a later run looks it up before placing anything)."""
+    order submitted, so a later run looks it up before placing anything)."""
+    leg = leg_order.leg
     if run.deadline is not None:
         left = run.deadline - asyncio.get_running_loop().time()
         if left < deps.order_time_reserve:
@@ -634,7 +893,9 @@ async def _prove_ownership(deps: ExecutionDeps, run: _Run, leg: PositionLeg) -> 
                 leg=leg.leg,
                 label="deadline",
             )
-    if not await run.lease.confirm(run.claim, submitting_leg=leg.leg):
+    if not await run.lease.confirm(
+        run.claim, submitting_leg=leg.leg, submitting_remainder=leg_order.remainder
+    ):
         raise OwnershipLostError(
             _leg_reason(
                 leg,
@@ -662,21 +923,20 @@ async def _ensure_leverage(
     log: structlog.stdlib.BoundLogger,
 ) -> None:
     account = credentials.account
-    confirmed = deps.leverage_done.get((account, leg.symbol))
-    if confirmed is not None and time.monotonic() - confirmed < deps.leverage_ttl_seconds:
+    if await deps.leverage.confirmed(account, leg.symbol):
         return
     try:
         changed = await _call(deps, deps.exchange.set_leverage, credentials, leg.symbol)
     except BybitError as error:
         raise _classify(error, leg, "set leverage 1x", log) from None
-    deps.leverage_done[(account, leg.symbol)] = time.monotonic()
-    log.info("leverage.set", leverage="1", changed=changed)
+    await deps.leverage.remember(account, leg.symbol)
+    log.info("leverage.set", symbol=leg.symbol, leverage="1", changed=changed)
 
 
 async def _place(
-    deps: ExecutionDeps, run: _Run, leg: PositionLeg, log: structlog.stdlib.BoundLogger
+    deps: ExecutionDeps, run: _Run, leg_order: _LegOrder, log: structlog.stdlib.BoundLogger
 ) -> None:
-    credentials = run.credentials
+    leg, credentials = leg_order.leg, run.credentials
     sent = 0
 
     async def send() -> OrderAck:
@@ -684,13 +944,14 @@ async def _place(
         sent += 1
         if sent > 1:
             # A re-send after a rate-limit refusal is an order too: prove ownership again.
-            await _prove_ownership(deps, run, leg)
+            await _prove_ownership(deps, run, leg_order)
         return await deps.exchange.create_market_order(
             credentials,
             symbol=leg.symbol,
             side=leg.side,
-            qty=leg.quantity,
-            order_link_id=leg.order_link_id,
+            qty=leg_order.qty,
+            order_link_id=leg_order.link,
+            position_idx=leg.position_idx,
         )
 
     try:
@@ -707,7 +968,10 @@ async def _place(
         if not error.ambiguous:
             raise _classify(error, leg, "place order", log) from None
         log.warning("leg.outcome_unknown", error=str(error))
-        if await _lookup(deps, credentials, leg) is None:
+        if await _lookup(deps, credentials, leg_order) is None:
+            if not error.transient:
+                # A retCode Bybit does not document, and no order took: the leg fails with it.
+                raise _classify(error, leg, "place order", log) from None
             # Absent now; it may still appear. The next run looks again before re-sending.
             raise TransientLegError(
                 _leg_reason(leg, f"order outcome unknown: {error}"),
@@ -717,28 +981,30 @@ async def _place(
 
 
 async def _lookup(
-    deps: ExecutionDeps, credentials: ApiCredentials, leg: PositionLeg
+    deps: ExecutionDeps, credentials: ApiCredentials, leg_order: _LegOrder
 ) -> Order | None:
     try:
         return await _call(
             deps,
             deps.exchange.get_order,
             credentials,
-            symbol=leg.symbol,
-            order_link_id=leg.order_link_id,
+            symbol=leg_order.leg.symbol,
+            order_link_id=leg_order.link,
         )
     except BybitError as error:
-        raise _classify(error, leg, "look up order") from None
+        raise _classify(error, leg_order.leg, "look up order") from None
 
 
 async def _await_outcome(
-    deps: ExecutionDeps, credentials: ApiCredentials, leg: PositionLeg
+    deps: ExecutionDeps, credentials: ApiCredentials, leg_order: _LegOrder
 ) -> Order:
-    """Bybit acknowledges before it fills: poll the order until it is final."""
+    """Bybit acknowledges before it fills, and lists the order a moment later: poll it until
+    it is final."""
+    leg = leg_order.leg
     deadline = time.monotonic() + deps.fill_timeout
     pause = 0.02
     while True:
-        order = await _lookup(deps, credentials, leg)
+        order = await _lookup(deps, credentials, leg_order)
         if order is not None and order.is_final:
             return order
         if time.monotonic() >= deadline:
@@ -753,8 +1019,9 @@ async def _await_outcome(
 
 
 async def _average_price(
-    deps: ExecutionDeps, credentials: ApiCredentials, leg: PositionLeg, order: Order
+    deps: ExecutionDeps, credentials: ApiCredentials, leg_order: _LegOrder, order: Order
 ) -> Decimal:
+    leg = leg_order.leg
     try:
         executions = await _call(
             deps,
@@ -784,6 +1051,10 @@ async def _finish(
 ) -> None:
     position = run.position
     async with deps.sessions() as session:
+        filled: dict[int, Decimal] = {leg.leg: Decimal(0) for leg in plan}
+        for trade in await repository.get_trades(session, position.id):
+            filled[trade.leg] += trade.quantity
+        # The snapshot is what the position holds: what filled, not what was planned.
         await repository.add_components(
             session,
             [
@@ -792,7 +1063,7 @@ async def _finish(
                     position_id=position.id,
                     symbol=leg.symbol,
                     side=leg.side,
-                    expected_quantity=leg.quantity,
+                    expected_quantity=filled[leg.leg],
                 )
                 for leg in plan
             ],
@@ -815,6 +1086,22 @@ async def _finish(
         from_status=PositionStatus.EXECUTING,
         to_status=PositionStatus.ACTIVE,
     )
+    short = [leg for leg in plan if filled[leg.leg] < leg.quantity]
+    if short:
+        # Held, but not all of the basket: the book was too thin for some legs.
+        log.warning(
+            "position.partial",
+            legs=[
+                {
+                    "leg": leg.leg,
+                    "symbol": leg.symbol,
+                    "planned_qty": str(leg.quantity),
+                    "filled_qty": str(filled[leg.leg]),
+                    "shortfall_qty": str(leg.quantity - filled[leg.leg]),
+                }
+                for leg in short
+            ],
+        )
 
 
 async def _fail(
@@ -930,7 +1217,9 @@ def _classify(
         reason = _leg_reason(leg, reason)
     number = leg.leg if leg is not None else None
     if error.transient:
-        return TransientLegError(reason, leg=number, label=error.reason)
+        return TransientLegError(
+            reason, leg=number, label=error.reason, retry_after=error.retry_after
+        )
     if log is not None:
         log.error("leg.failed", error=str(error), retcode=error.retcode, action=action)
     return PermanentLegError(reason, leg=number)

@@ -69,9 +69,11 @@ class MarketSnapshot:
 
 
 async def fetch_snapshot(market: MarketData, symbols: Iterable[str]) -> MarketSnapshot:
+    """Read every symbol's filters and price from the exchange now (never from a snapshot:
+    this is what makes the next one)."""
     wanted = sorted(set(symbols))
-    instruments = await market.instruments(wanted)
-    prices = await market.prices(wanted)
+    instruments = await market.instruments(wanted, max_age=0)
+    prices = await market.prices(wanted, max_age=0)
     return MarketSnapshot(
         instruments={
             s: CachedInstrument(

@@ -1,26 +1,47 @@
-"""Instrument filters and reference prices from the exchange, cached in-process.
+"""Instrument filters and reference prices: from the shared snapshot when it is fresh enough,
+else from the exchange (cached in-process).
 
-Filters change rarely (cached for hours); prices are only a sizing reference (seconds).
-Missing data is an error, never a guess.
+Beat's refresh job writes a snapshot of every catalogue symbol's filters and prices to Redis
+(service/market_cache.py) every MARKET_REFRESH_SECONDS. A worker planning a basket reads it
+instead of asking the exchange once per symbol: Bybit counts every request against the
+address's limit, and a ten-leg basket asking per symbol spent twenty of them on data the
+snapshot already had. Missing data is an error, never a guess.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from service.bybit.client import BybitClient
-from service.bybit.types import Instrument
+from service.trading_logic import InstrumentFilters
 
 T = TypeVar("T")
+
+FILTERS_TTL_SECONDS = 6 * 3600.0
+PRICES_TTL_SECONDS = 5.0
 
 
 class MarketDataUnavailableError(Exception):
     pass
+
+
+class Snapshot(Protocol):
+    """What the shared snapshot offers (service.market_cache.MarketSnapshot)."""
+
+    @property
+    def instruments(self) -> Mapping[str, InstrumentFilters]: ...
+    @property
+    def prices(self) -> Mapping[str, Decimal]: ...
+    @property
+    def fetched_at(self) -> float: ...  # epoch seconds
+
+
+SnapshotSource = Callable[[], Awaitable[Snapshot | None]]
 
 
 @dataclass(slots=True)
@@ -34,29 +55,34 @@ class MarketData:
         self,
         client: BybitClient,
         *,
-        filters_ttl_seconds: float = 6 * 3600,
-        prices_ttl_seconds: float = 5.0,
+        snapshot: SnapshotSource | None = None,
+        filters_ttl_seconds: float = FILTERS_TTL_SECONDS,
+        prices_ttl_seconds: float = PRICES_TTL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
+        self._snapshot = snapshot
         self._filters_ttl = filters_ttl_seconds
         self._prices_ttl = prices_ttl_seconds
         self._clock = clock
-        self._instruments: dict[str, _Entry[Instrument]] = {}
+        self._instruments: dict[str, _Entry[InstrumentFilters]] = {}
         self._prices: dict[str, _Entry[Decimal]] = {}
 
     async def instruments(
-        self, symbols: Iterable[str], *, fresh: bool = False
-    ) -> dict[str, Instrument]:
-        """Filters per symbol; `fresh` re-reads them (a halt must be seen before trading)."""
+        self, symbols: Iterable[str], *, max_age: float | None = None
+    ) -> dict[str, InstrumentFilters]:
+        """Filters per symbol, no older than `max_age` seconds (default: hours; 0: read from
+        the exchange now, as the refresh job does)."""
         wanted = list(dict.fromkeys(symbols))
+        limit = self._filters_ttl if max_age is None else max_age
+        shared = await self._shared(limit)
+        if shared is not None and all(s in shared.instruments for s in wanted):
+            return {s: shared.instruments[s] for s in wanted}
         now = self._clock()
         stale = [
             s
             for s in wanted
-            if fresh
-            or s not in self._instruments
-            or now - self._instruments[s].fetched_at > self._filters_ttl
+            if s not in self._instruments or now - self._instruments[s].fetched_at > limit
         ]
         if stale:
             fetched = await asyncio.gather(*(self._client.get_instruments(s) for s in stale))
@@ -67,13 +93,35 @@ class MarketData:
                 self._instruments[symbol] = _Entry(match[0], self._clock())
         return {s: self._instruments[s].value for s in wanted}
 
-    async def prices(self, symbols: Iterable[str]) -> dict[str, Decimal]:
+    async def current(self, symbols: Iterable[str]) -> dict[str, InstrumentFilters]:
+        """Filters and status of `symbols` as the exchange has them now, in one request: the
+        list of every trading instrument (a halted one is not in it: it alone is then asked
+        for, to say what its status is)."""
         wanted = list(dict.fromkeys(symbols))
+        trading = {i.symbol: i for i in await self._client.get_instruments()}
+        found: dict[str, InstrumentFilters] = {s: trading[s] for s in wanted if s in trading}
+        for symbol in (s for s in wanted if s not in trading):
+            match = [i for i in await self._client.get_instruments(symbol) if i.symbol == symbol]
+            if not match:
+                raise MarketDataUnavailableError(f"exchange does not list symbol {symbol}")
+            found[symbol] = match[0]
+        for symbol, instrument in found.items():
+            self._instruments[symbol] = _Entry(instrument, self._clock())
+        return found
+
+    async def prices(
+        self, symbols: Iterable[str], *, max_age: float | None = None
+    ) -> dict[str, Decimal]:
+        """Last prices per symbol, no older than `max_age` seconds (default: a few seconds;
+        0: read from the exchange now)."""
+        wanted = list(dict.fromkeys(symbols))
+        limit = self._prices_ttl if max_age is None else max_age
+        shared = await self._shared(limit)
+        if shared is not None and all(s in shared.prices for s in wanted):
+            return {s: shared.prices[s] for s in wanted}
         now = self._clock()
         stale = [
-            s
-            for s in wanted
-            if s not in self._prices or now - self._prices[s].fetched_at > self._prices_ttl
+            s for s in wanted if s not in self._prices or now - self._prices[s].fetched_at > limit
         ]
         if stale:
             fetched = await asyncio.gather(*(self._client.get_tickers(s) for s in stale))
@@ -83,3 +131,11 @@ class MarketData:
                     raise MarketDataUnavailableError(f"exchange has no ticker for {symbol}")
                 self._prices[symbol] = _Entry(match[0].last_price, self._clock())
         return {s: self._prices[s].value for s in wanted}
+
+    async def _shared(self, max_age: float) -> Snapshot | None:
+        if self._snapshot is None or max_age <= 0:
+            return None
+        snapshot = await self._snapshot()
+        if snapshot is None or time.time() - snapshot.fetched_at > max_age:
+            return None
+        return snapshot

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -22,6 +22,12 @@ logger = structlog.stdlib.get_logger("service.queue")
 
 # Give up quickly: the recovery sweep is the safety net, not publish retries.
 _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
+
+
+class TaskPublisher(Protocol):
+    """Sends execute_trade_task for a position (CeleryPublisher; tests record instead)."""
+
+    async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None: ...
 
 
 class CeleryPublisher:

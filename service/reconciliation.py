@@ -33,7 +33,7 @@ from service.bybit.auth import ApiCredentials
 from service.bybit.errors import BybitError
 from service.bybit.types import Order
 from service.credentials.service import load_decrypted
-from service.execution import ExecutionDeps
+from service.execution import ExecutionDeps, remainder_link_id, trade_values
 from service.metrics import RECONCILIATION_MISMATCHES
 from service.models import PositionLeg, PositionStatus, SyntheticPosition, Trade
 from service.positions import repository
@@ -61,6 +61,7 @@ class _NotSettled(Exception):
 @dataclass(frozen=True, slots=True)
 class _Difference:
     leg: PositionLeg
+    link: str  # the order's orderLinkId: the leg's first, or one for its remainder
     kind: str
     order: Order | None
     trade: Trade | None
@@ -152,14 +153,14 @@ async def _reconcile_one(
         )
     for difference in recorded:
         RECONCILIATION_MISMATCHES.labels(difference.kind).inc()
-        report.mismatches.append((difference.leg.order_link_id, difference.kind))
+        report.mismatches.append((difference.link, difference.kind))
         logger.error(
             "reconciliation.mismatch",
             position_id=str(position.id),
             position_status=position.status,
             leg=difference.leg.leg,
             symbol=difference.leg.symbol,
-            order_link_id=difference.leg.order_link_id,
+            order_link_id=difference.link,
             kind=difference.kind,
             exchange=_order_view(difference.order),
             recorded=_trade_view(difference.trade),
@@ -201,15 +202,23 @@ async def _compare(
     differences: list[_Difference] = []
     for leg in legs:
         report.legs += 1
-        order = await deps.exchange.get_order(
-            credentials, symbol=leg.symbol, order_link_id=leg.order_link_id
-        )
-        if order is not None and not order.is_final:
-            raise _NotSettled(leg.order_link_id)
-        if order is not None and order.cum_exec_qty > 0 and order.avg_price is None:
-            order = replace(order, avg_price=await _average_price(deps, credentials, order))
-        trade = trades.get(leg.order_link_id)
-        differences.extend(_Difference(leg, kind, order, trade) for kind in _kinds(order, trade))
+        # Every order of the leg: the first, and those sent for a partial fill's remainder.
+        links = [leg.order_link_id] + [
+            remainder_link_id(position.id, leg.leg, number)
+            for number in range(1, leg.remainders_submitted + 1)
+        ]
+        for link in links:
+            order = await deps.exchange.get_order(
+                credentials, symbol=leg.symbol, order_link_id=link
+            )
+            if order is not None and not order.is_final:
+                raise _NotSettled(link)
+            if order is not None and order.cum_exec_qty > 0 and order.avg_price is None:
+                order = replace(order, avg_price=await _average_price(deps, credentials, order))
+            trade = trades.get(link)
+            differences.extend(
+                _Difference(leg, link, kind, order, trade) for kind in _kinds(order, trade)
+            )
     return differences
 
 
@@ -241,32 +250,20 @@ async def _record(
     session: AsyncSession, position: SyntheticPosition, difference: _Difference
 ) -> tuple[bool, bool]:
     """Store one difference, and a missing fill itself; returns (new issue, new trade)."""
-    leg, order = difference.leg, difference.order
+    order = difference.order
     new_trade = False
     if difference.kind == "missing_fill" and order is not None and order.avg_price is not None:
         # The exchange filled it and we never recorded it: record it now.
         new_trade = await repository.record_trade(
             session,
-            {
-                "position_id": position.id,
-                "leg": leg.leg,
-                "symbol": leg.symbol,
-                "side": leg.side,
-                "bybit_order_id": order.order_id,
-                "order_link_id": leg.order_link_id,
-                "price": order.avg_price,
-                "quantity": order.cum_exec_qty,
-                "fee": order.cum_exec_fee,
-                "order_status": order.order_status,
-                "executed_at": order.updated_at or datetime.now(UTC),
-            },
+            trade_values(position.id, difference.leg, order, order.avg_price),
             touch=False,
         )
     new_issue = await repository.add_reconciliation_issue(
         session,
         {
             "position_id": position.id,
-            "order_link_id": leg.order_link_id,
+            "order_link_id": difference.link,
             "kind": difference.kind,
             "exchange": _order_view(order),
             "recorded": _trade_view(difference.trade),

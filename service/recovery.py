@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import structlog
 
@@ -19,12 +18,9 @@ from service.db import SessionScope
 from service.metrics import POSITIONS_FINISHED
 from service.models import PositionStatus
 from service.positions import repository
+from service.queue import TaskPublisher
 
 logger = structlog.stdlib.get_logger("service.recovery")
-
-
-class TaskPublisher(Protocol):
-    async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None: ...
 
 
 @dataclass

@@ -52,11 +52,17 @@ class AdvisoryRunLease:
         self._confirm_timeout = confirm_timeout
         self.pid = pid  # the lock connection's backend: status writes are fenced with it
 
-    async def confirm(self, claim: str, *, submitting_leg: int | None = None) -> bool:
+    async def confirm(
+        self, claim: str, *, submitting_leg: int | None = None, submitting_remainder: int = 0
+    ) -> bool:
         try:
             async with asyncio.timeout(self._confirm_timeout):
                 return await repository.confirm_run(
-                    self._connection, self._position_id, claim, submitting_leg=submitting_leg
+                    self._connection,
+                    self._position_id,
+                    claim,
+                    submitting_leg=submitting_leg,
+                    submitting_remainder=submitting_remainder,
                 )
         except _CONNECTION_ERRORS as error:
             logger.warning("run.lock_connection_lost", error=f"{type(error).__name__}: {error}")

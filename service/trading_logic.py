@@ -19,6 +19,10 @@ from typing import Protocol
 
 _CONTEXT = decimal.Context(prec=50, rounding=decimal.ROUND_HALF_EVEN)
 _CENT = Decimal("0.01")
+# A leg is planned at least this share above minNotionalValue, so that the price moving a
+# little between planning and the leg's turn (or a partial fill's remainder) does not make it
+# untradeable (Bybit refuses an order below the minimum with 110094).
+NOTIONAL_HEADROOM = Decimal("0.05")
 
 
 class Direction(StrEnum):
@@ -124,6 +128,10 @@ def _ceil_to_step(value: Decimal, step: Decimal) -> Decimal:
     return _CONTEXT.multiply(steps, step).quantize(step)
 
 
+def _min_notional(instrument: InstrumentFilters) -> Decimal:
+    return _CONTEXT.multiply(instrument.min_notional_value, 1 + NOTIONAL_HEADROOM)
+
+
 def _check_size(size: object) -> Decimal:
     if not isinstance(size, Decimal):
         raise InvalidSizeError(f"size must be a Decimal, got {type(size).__name__}")
@@ -172,9 +180,10 @@ def _market(
 def _min_size_for(
     component: IndexComponent, instrument: InstrumentFilters, price: Decimal
 ) -> Decimal:
-    """The smallest size at which this leg meets minOrderQty and minNotionalValue."""
+    """The smallest size at which this leg meets minOrderQty and minNotionalValue (with its
+    headroom)."""
     by_notional = _ceil_to_step(
-        _CONTEXT.divide(instrument.min_notional_value, price), instrument.qty_step
+        _CONTEXT.divide(_min_notional(instrument), price), instrument.qty_step
     )
     needed = max(instrument.min_order_qty, by_notional, instrument.qty_step)
     needed = _ceil_to_step(needed, instrument.qty_step)
@@ -247,7 +256,7 @@ def _check_leg(
     too_small = None
     if leg.quantity < instrument.min_order_qty or leg.quantity <= 0:
         too_small = ("minOrderQty", instrument.min_order_qty, f"quantity {leg.quantity}")
-    elif leg.notional < instrument.min_notional_value:
+    elif leg.notional < _min_notional(instrument):
         too_small = (
             "minNotionalValue",
             instrument.min_notional_value,
@@ -255,9 +264,15 @@ def _check_leg(
         )
     if too_small is not None:
         limit, value, what = too_small
+        kept = ""
+        if limit == "minNotionalValue":
+            kept = (
+                f" plus the {NOTIONAL_HEADROOM:.0%} kept for price moves "
+                f"({_min_notional(instrument).normalize():f})"
+            )
         suggested = tradeable_size_range(components, instruments, prices).min_size
         raise LegOutOfRangeError(
-            f"size {size} is too small for {name}: {what} is below {limit} {value}; "
+            f"size {size} is too small for {name}: {what} is below {limit} {value}{kept}; "
             f"the smallest size that can be traded is {suggested}",
             leg=leg.leg,
             symbol=leg.symbol,

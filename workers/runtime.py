@@ -40,9 +40,11 @@ from service.db import (
     scope_for,
 )
 from service.execution import ExecutionDeps
+from service.leverage_memo import RedisLeverageMemo
 from service.market_cache import MarketCache
 from service.market_data import MarketData
 from service.queue import CeleryPublisher
+from service.rate_limits import RedisCallGate
 from service.run_lock import advisory_run_lock
 from service.security import CredentialCipher
 
@@ -70,27 +72,46 @@ class Resources:
             settings.database_url, pool_size=4, health=ConnectionHealth.from_settings(settings)
         )
         sessions = scope_for(create_session_factory(engine))
+        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         http = create_http_session(
             connect_timeout=settings.http_connect_timeout_seconds,
             read_timeout=settings.http_read_timeout_seconds,
         )
         exchange = BybitClient(
-            http, settings.bybit_base_url, recv_window=settings.bybit_recv_window
+            http,
+            settings.bybit_base_url,
+            recv_window=settings.bybit_recv_window,
+            ip_ban_seconds=settings.bybit_ip_ban_seconds,
+            # Bybit's limits are per account and per address, not per process: counted in
+            # Redis by every worker.
+            gate=RedisCallGate(
+                redis,
+                egress=settings.bybit_egress_id,
+                share=settings.bybit_limit_share,
+                ip_limit=settings.bybit_ip_limit,
+            ),
         )
+        market_cache = MarketCache(redis, max_age_seconds=settings.market_max_age_seconds)
+        publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
         deps = ExecutionDeps(
             sessions=sessions,
             run_lock=advisory_run_lock(engine),
             exchange=exchange,
-            market=MarketData(exchange),
+            # Filters and prices from Beat's shared snapshot, not a call per symbol.
+            market=MarketData(exchange, snapshot=market_cache.load),
+            leverage=RedisLeverageMemo(redis),
+            # Two refreshes' worth: one late refresh does not send every basket to the
+            # exchange for its market data.
+            market_max_age_seconds=2 * settings.market_refresh_seconds,
             cipher=CredentialCipher(settings.credentials_keys.get_secret_value()),
             retry_delays=settings.trade_retry_delays,
             preflight_margin=settings.preflight_margin,
+            # The basket holding an account sends the next one waiting for it.
+            publisher=publisher,
             account_retry_seconds=settings.account_retry_seconds,
             account_wait_limit_seconds=settings.account_wait_limit_seconds,
             order_time_reserve=settings.http_read_timeout_seconds + 1,
         )
-        publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
-        redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         return cls(
             engine=engine,
             http=http,
@@ -98,7 +119,7 @@ class Resources:
             deps=deps,
             publisher=publisher,
             redis=redis,
-            market_cache=MarketCache(redis, max_age_seconds=settings.market_max_age_seconds),
+            market_cache=market_cache,
         )
 
     async def close(self) -> None:

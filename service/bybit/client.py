@@ -7,10 +7,11 @@ signed here and sent byte for byte (no `params=`/`json=`, which would re-encode 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -19,19 +20,24 @@ import yarl
 from service.bybit import constants
 from service.bybit.auth import ApiCredentials, Clock, auth_headers, system_clock_ms
 from service.bybit.errors import (
+    BybitAuthError,
+    BybitClockError,
     BybitError,
+    BybitIpBanError,
     BybitNetworkError,
     BybitRateLimitError,
     BybitServerError,
     PermanentBybitError,
     error_for_retcode,
 )
+from service.bybit.retcodes import Handling, lookup
 from service.bybit.types import (
     Execution,
     Instrument,
     Order,
     OrderAck,
     PayloadError,
+    PositionInfo,
     Ticker,
     WalletBalance,
 )
@@ -39,8 +45,50 @@ from service.metrics import EXCHANGE_ERRORS
 
 T = TypeVar("T")
 
-# Bybit says an IP limit (HTTP 403) needs at least ten minutes.
-IP_LIMIT_BACKOFF_SECONDS = 600.0
+# Signed timestamps are set this far behind the exchange's clock as measured: Bybit refuses
+# one more than 1 s ahead of its clock whatever the window, but accepts one a whole recv
+# window behind, and the measurement is only as good as half a round trip.
+CLOCK_SAFETY_MS = 250
+
+
+class CallGate(Protocol):
+    """Rate limits shared by every process that calls Bybit (service/rate_limits.py): asked
+    before each call, told what Bybit answered."""
+
+    async def before(self, path: str, account: str | None) -> None: ...
+
+    async def after(
+        self,
+        path: str,
+        account: str | None,
+        headers: Mapping[str, str],
+        *,
+        rate_limited: bool = False,
+        reset_in_seconds: float | None = None,
+    ) -> None: ...
+
+    async def ban(self, seconds: float) -> None: ...
+
+
+class OpenGate:
+    """No shared limits: for one-off commands and tests that count nothing."""
+
+    async def before(self, path: str, account: str | None) -> None:
+        return None
+
+    async def after(
+        self,
+        path: str,
+        account: str | None,
+        headers: Mapping[str, str],
+        *,
+        rate_limited: bool = False,
+        reset_in_seconds: float | None = None,
+    ) -> None:
+        return None
+
+    async def ban(self, seconds: float) -> None:
+        return None
 
 
 def create_http_session(
@@ -84,11 +132,46 @@ class BybitClient:
         *,
         recv_window: int = 5000,
         clock: Clock = system_clock_ms,
+        ip_ban_seconds: float = constants.IP_BAN_SECONDS,
+        gate: CallGate | None = None,
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._recv_window = recv_window
         self._clock = clock
+        self._ip_ban_seconds = ip_ban_seconds
+        self._gate: CallGate = gate or OpenGate()
+        # The exchange's clock minus ours, measured before the first signed call and again
+        # whenever Bybit refuses a timestamp (10002); None until measured.
+        self._offset_ms: int | None = None
+        self._offset_lock = asyncio.Lock()
+
+    @property
+    def clock_offset_ms(self) -> int | None:
+        return self._offset_ms
+
+    def exchange_time_ms(self) -> int:
+        """Now, by the exchange's clock as last measured (ours until measured)."""
+        return self._clock() + (self._offset_ms or 0)
+
+    async def sync_clock(self) -> int:
+        """Measure the exchange's clock against ours (`/v5/market/time`, public)."""
+        sent = self._clock()
+        result = await self._get("/v5/market/time", {})
+        received = self._clock()
+        try:
+            server_ms = int(str(result["timeNano"])) // 1_000_000
+        except (KeyError, ValueError):
+            try:
+                server_ms = int(str(result["timeSecond"])) * 1000
+            except (KeyError, ValueError):
+                raise BybitServerError(
+                    "market/time without timeNano or timeSecond",
+                    path="/v5/market/time",
+                    http_status=200,
+                ) from None
+        self._offset_ms = server_ms - (sent + received) // 2
+        return self._offset_ms
 
     # ---- public market data -------------------------------------------------------------
 
@@ -134,7 +217,9 @@ class BybitClient:
         try:
             await self._post("/v5/position/set-leverage", body, credentials)
         except PermanentBybitError as error:
-            if error.retcode == constants.RETCODE_LEVERAGE_NOT_MODIFIED:
+            if error.retcode is not None and lookup(error.retcode).handling is (
+                Handling.NOT_MODIFIED
+            ):
                 return False
             raise
         return True
@@ -147,7 +232,9 @@ class BybitClient:
         side: str,
         qty: Decimal,
         order_link_id: str,
+        position_idx: int = 0,
     ) -> OrderAck:
+        """`position_idx`: 0 in one-way mode; in hedge mode 1 (Buy side) or 2 (Sell side)."""
         if len(order_link_id) > constants.ORDER_LINK_ID_MAX_LENGTH:
             raise ValueError("orderLinkId is longer than 36 characters")
         body = {
@@ -157,7 +244,7 @@ class BybitClient:
             "orderType": "Market",
             "qty": _decimal_str(qty),
             "orderLinkId": order_link_id,
-            "positionIdx": 0,
+            "positionIdx": position_idx,
         }
         result = await self._post("/v5/order/create", body, credentials)
         return self._parse(result, OrderAck.from_payload, "/v5/order/create")
@@ -185,17 +272,58 @@ class BybitClient:
     async def get_executions(
         self, credentials: ApiCredentials, *, symbol: str, order_id: str
     ) -> list[Execution]:
-        result = await self._get(
-            "/v5/execution/list",
-            {"category": constants.CATEGORY_LINEAR, "symbol": symbol, "orderId": order_id},
-            credentials,
-        )
-        return self._parse_list(result, Execution.from_payload, "/v5/execution/list")
+        """Every fill of an order, across all pages (an order can have many)."""
+        executions: list[Execution] = []
+        cursor: str | None = None
+        while True:
+            result = await self._get(
+                "/v5/execution/list",
+                {
+                    "category": constants.CATEGORY_LINEAR,
+                    "symbol": symbol,
+                    "orderId": order_id,
+                    "limit": 100,
+                    "cursor": cursor,
+                },
+                credentials,
+            )
+            executions.extend(
+                self._parse_list(result, Execution.from_payload, "/v5/execution/list")
+            )
+            cursor = result.get("nextPageCursor") or None
+            if not cursor:
+                return executions
 
     async def get_wallet_balance(self, credentials: ApiCredentials) -> WalletBalance:
         path = "/v5/account/wallet-balance"
-        result = await self._get(path, {"accountType": "UNIFIED"}, credentials)
+        # The USDT coin's row too: under isolated margin the available balance is read there.
+        result = await self._get(path, {"accountType": "UNIFIED", "coin": "USDT"}, credentials)
         return self._parse(result, WalletBalance.from_payload, path)
+
+    async def get_positions(
+        self, credentials: ApiCredentials, *, symbol: str | None = None
+    ) -> list[PositionInfo]:
+        """With `symbol`, its rows whether open or not (one per side in hedge mode, which
+        tells the position mode); without, every open USDT position, across all pages."""
+        path = "/v5/position/list"
+        positions: list[PositionInfo] = []
+        cursor: str | None = None
+        while True:
+            result = await self._get(
+                path,
+                {
+                    "category": constants.CATEGORY_LINEAR,
+                    "symbol": symbol,
+                    "settleCoin": None if symbol else "USDT",
+                    "limit": 200,
+                    "cursor": cursor,
+                },
+                credentials,
+            )
+            positions.extend(self._parse_list(result, PositionInfo.from_payload, path))
+            cursor = result.get("nextPageCursor") or None
+            if not cursor:
+                return positions
 
     # ---- transport -----------------------------------------------------------------------
 
@@ -207,36 +335,92 @@ class BybitClient:
     ) -> dict[str, Any]:
         query = encode_query(params)
         url = f"{self._base_url}{path}?{query}" if query else f"{self._base_url}{path}"
-        headers = self._headers(credentials, query)
-        return await self._send("GET", path, url, headers, None)
+        return await self._signed("GET", path, url, query, None, credentials)
 
     async def _post(
         self, path: str, body: Mapping[str, object], credentials: ApiCredentials
     ) -> dict[str, Any]:
         payload = json.dumps(body, separators=(",", ":"))
-        headers = self._headers(credentials, payload)
-        headers["Content-Type"] = "application/json"
-        return await self._send("POST", path, f"{self._base_url}{path}", headers, payload)
+        url = f"{self._base_url}{path}"
+        return await self._signed("POST", path, url, payload, payload, credentials)
 
-    def _headers(self, credentials: ApiCredentials | None, payload: str) -> dict[str, str]:
+    async def _signed(
+        self,
+        method: str,
+        path: str,
+        url: str,
+        payload: str,
+        body: str | None,
+        credentials: ApiCredentials | None,
+    ) -> dict[str, Any]:
+        """Send, signed when there are credentials. A timestamp Bybit refuses (10002) did
+        nothing: the clock is measured again and the request signed and sent once more."""
         if credentials is None:
-            return {}
+            return await self._send(method, path, url, {}, body, None)
+        if self._offset_ms is None:
+            await self._measure_clock(stale=None)
+        for attempt in (1, 2):
+            measured = self._offset_ms
+            headers = self._headers(credentials, payload)
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            try:
+                return await self._send(method, path, url, headers, body, credentials.account)
+            except BybitClockError:
+                if attempt == 2:
+                    raise
+                await self._measure_clock(stale=measured)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _measure_clock(self, *, stale: int | None) -> None:
+        # Concurrent calls share one measurement: only the first of them asks.
+        async with self._offset_lock:
+            if self._offset_ms is None or self._offset_ms == stale:
+                await self.sync_clock()
+
+    def _headers(self, credentials: ApiCredentials, payload: str) -> dict[str, str]:
         return auth_headers(
-            credentials, payload, recv_window=self._recv_window, timestamp_ms=self._clock()
+            credentials,
+            payload,
+            recv_window=self._recv_window,
+            timestamp_ms=self.exchange_time_ms() - CLOCK_SAFETY_MS,
         )
 
     async def _send(
-        self, method: str, path: str, url: str, headers: dict[str, str], body: str | None
+        self,
+        method: str,
+        path: str,
+        url: str,
+        headers: dict[str, str],
+        body: str | None,
+        account: str | None,
     ) -> dict[str, Any]:
         try:
-            return await self._exchange(method, path, url, headers, body)
+            await self._gate.before(path, account)
+            status, reply_headers, raw = await self._exchange(method, path, url, headers, body)
+            try:
+                result = self._envelope(path, status, reply_headers, raw)
+            except BybitIpBanError as error:
+                await self._gate.ban(error.retry_after or self._ip_ban_seconds)
+                raise
+            except BybitRateLimitError as error:
+                await self._gate.after(
+                    path,
+                    account,
+                    reply_headers,
+                    rate_limited=True,
+                    reset_in_seconds=error.retry_after,
+                )
+                raise
+            await self._gate.after(path, account, reply_headers)
+            return result
         except BybitError as error:
             EXCHANGE_ERRORS.labels(error.reason).inc()
             raise
 
     async def _exchange(
         self, method: str, path: str, url: str, headers: dict[str, str], body: str | None
-    ) -> dict[str, Any]:
+    ) -> tuple[int, Mapping[str, str], bytes]:
         try:
             async with self._http.request(
                 method,
@@ -244,10 +428,7 @@ class BybitClient:
                 headers=headers,
                 data=body.encode() if body is not None else None,
             ) as response:
-                raw = await response.read()
-                return self._envelope(path, response.status, response.headers, raw)
-        except BybitError:
-            raise
+                return response.status, response.headers, await response.read()
         except aiohttp.ClientConnectorError as exc:
             # Nothing reached the exchange: not ambiguous.
             raise BybitNetworkError(
@@ -267,11 +448,19 @@ class BybitClient:
         self, path: str, status: int, headers: Mapping[str, str], raw: bytes
     ) -> dict[str, Any]:
         if status == 403:
-            raise BybitRateLimitError(
-                "HTTP 403: IP rate limit breached or access refused",
+            raise BybitIpBanError(
+                "HTTP 403: the IP rate limit was breached (or access refused): every call "
+                "from this address pauses until the ban ends",
                 path=path,
                 http_status=status,
-                retry_after=IP_LIMIT_BACKOFF_SECONDS,
+                retry_after=self._ip_ban_seconds,
+            )
+        if status == 401:
+            raise BybitAuthError(
+                "HTTP 401: the exchange refused the API key (wrong key, or a key for another "
+                "environment: mainnet, testnet and demo keys differ)",
+                path=path,
+                http_status=status,
             )
         if status == 429 or status >= 500:
             raise BybitServerError(
@@ -298,6 +487,7 @@ class BybitClient:
                 path=path,
                 http_status=status,
                 retry_after=self._retry_after(headers),
+                ban_seconds=self._ip_ban_seconds,
             )
         if status != 200:
             raise PermanentBybitError(f"HTTP {status} from exchange", path=path, http_status=status)
@@ -309,7 +499,8 @@ class BybitClient:
         if not reset:
             return None
         try:
-            return max(0.0, (int(reset) - self._clock()) / 1000)
+            # The reset is stamped by the exchange's clock.
+            return max(0.0, (int(reset) - self.exchange_time_ms()) / 1000)
         except ValueError:
             return None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from service.bybit import constants
+from service.bybit.retcodes import Cause, Handling, lookup
 
 
 class BybitError(Exception):
@@ -67,7 +67,18 @@ class BybitServerError(TransientBybitError):
 
 
 class BybitRateLimitError(TransientBybitError):
-    """Rate limited (retCode 10006 or HTTP 403); `retry_after` says when to try again."""
+    """Rate limited (retCode 10006, or our own limiter); `retry_after` says when to try
+    again. Nothing was placed."""
+
+
+class BybitIpBanError(BybitRateLimitError):
+    """The address breached Bybit's IP limit (HTTP 403, retCode 10018): every call from it
+    waits until the ban ends (`retry_after`, ten minutes or more)."""
+
+
+class BybitClockError(TransientBybitError):
+    """The request's timestamp was outside Bybit's window (retCode 10002): nothing was done;
+    the clock's offset is measured again and the request signed anew."""
 
 
 class PermanentBybitError(BybitError):
@@ -86,6 +97,11 @@ class DuplicateOrderLinkIdError(PermanentBybitError):
     """The orderLinkId was used before: the first attempt landed. Look it up, never fail on it."""
 
 
+class UnknownRetCodeError(PermanentBybitError):
+    """A retCode Bybit does not document: never success. An order that got it is looked up
+    (`ambiguous`) before the leg fails with the code."""
+
+
 def error_for_retcode(
     retcode: int,
     message: str,
@@ -93,18 +109,33 @@ def error_for_retcode(
     path: str,
     http_status: int,
     retry_after: float | None = None,
+    ban_seconds: float = 600.0,
 ) -> BybitError:
+    """The error for a non-zero retCode, by its row in retcodes.RETCODES."""
+    row = lookup(retcode)
     kwargs = {"path": path, "retcode": retcode, "http_status": http_status}
-    if retcode == constants.RETCODE_RATE_LIMIT:
-        return BybitRateLimitError(message, retry_after=retry_after, **kwargs)  # type: ignore[arg-type]
-    if retcode in constants.TRANSIENT_RETCODES:
-        # 10000/10016 on an order may mean it was taken: resolve by lookup.
-        ambiguous = retcode in (constants.RETCODE_SERVER_TIMEOUT, constants.RETCODE_BUSY)
-        return TransientBybitError(message, ambiguous=ambiguous, **kwargs)  # type: ignore[arg-type]
-    if retcode in constants.AUTH_RETCODES:
+    match row.handling:
+        case Handling.RATE_LIMITED:
+            return BybitRateLimitError(message, retry_after=retry_after, **kwargs)  # type: ignore[arg-type]
+        case Handling.IP_BANNED:
+            return BybitIpBanError(message, retry_after=ban_seconds, **kwargs)  # type: ignore[arg-type]
+        case Handling.CLOCK:
+            return BybitClockError(message, **kwargs)  # type: ignore[arg-type]
+        case Handling.TRANSIENT:
+            return TransientBybitError(message, **kwargs)  # type: ignore[arg-type]
+        case Handling.AMBIGUOUS:
+            return TransientBybitError(message, ambiguous=True, **kwargs)  # type: ignore[arg-type]
+        case Handling.DUPLICATE:
+            return DuplicateOrderLinkIdError(message, **kwargs)  # type: ignore[arg-type]
+        case Handling.UNKNOWN:
+            return UnknownRetCodeError(
+                f"{message} (a retCode Bybit does not document)",
+                ambiguous=True,
+                **kwargs,  # type: ignore[arg-type]
+            )
+    if row.cause is Cause.AUTH:
         return BybitAuthError(message, **kwargs)  # type: ignore[arg-type]
-    if retcode in constants.INSUFFICIENT_BALANCE_RETCODES:
+    if row.cause is Cause.BALANCE:
         return BybitInsufficientBalanceError(message, **kwargs)  # type: ignore[arg-type]
-    if retcode == constants.RETCODE_DUPLICATE_ORDER_LINK_ID:
-        return DuplicateOrderLinkIdError(message, **kwargs)  # type: ignore[arg-type]
+    # PERMANENT, and NOT_MODIFIED outside set-leverage (which reads it as success).
     return PermanentBybitError(message, **kwargs)  # type: ignore[arg-type]

@@ -117,8 +117,12 @@ class Order:
     qty: Decimal
     cum_exec_qty: Decimal
     avg_price: Decimal | None
+    # The fee, in `fee_coin`: from cumFeeDetail (coin -> amount; the fee may be charged in
+    # another coin), or the deprecated cumExecFee (USDT for linear) when that is missing.
     cum_exec_fee: Decimal | None
     updated_at: datetime | None
+    fee_coin: str | None = None
+    fee_detail: dict[str, Decimal] | None = None
 
     @property
     def is_final(self) -> bool:
@@ -127,6 +131,7 @@ class Order:
     @classmethod
     def from_payload(cls, item: dict[str, Any]) -> Order:
         avg_price = _optional_decimal(item, "avgPrice")
+        fee, fee_coin, fee_detail = _fees(item)
         return cls(
             order_id=_str(item, "orderId"),
             order_link_id=str(item.get("orderLinkId") or ""),
@@ -137,9 +142,24 @@ class Order:
             cum_exec_qty=_optional_decimal(item, "cumExecQty") or Decimal(0),
             # Bybit sends "0" or "" before anything filled.
             avg_price=avg_price if avg_price else None,
-            cum_exec_fee=_optional_decimal(item, "cumExecFee"),
+            cum_exec_fee=fee,
             updated_at=_time_ms(item, "updatedTime") or _time_ms(item, "createdTime"),
+            fee_coin=fee_coin,
+            fee_detail=fee_detail,
         )
+
+
+def _fees(item: dict[str, Any]) -> tuple[Decimal | None, str | None, dict[str, Decimal] | None]:
+    """(fee, its coin, every coin's fee) from cumFeeDetail, else from cumExecFee (USDT)."""
+    detail = item.get("cumFeeDetail")
+    if isinstance(detail, dict) and detail:
+        fees = {str(coin): _decimal(detail, coin) for coin in detail}
+        coin = "USDT" if "USDT" in fees else sorted(fees)[0]
+        return fees[coin], coin, fees
+    legacy = _optional_decimal(item, "cumExecFee")
+    if legacy is None:
+        return None, None, None
+    return legacy, "USDT", {"USDT": legacy}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +189,12 @@ class Execution:
 
 @dataclass(frozen=True, slots=True)
 class WalletBalance:
-    total_equity: Decimal
+    total_equity: Decimal | None
+    # What can margin new orders, in USDT: the account's `totalAvailableBalance` under cross
+    # and portfolio margin; under isolated margin (where Bybit leaves account-wide fields
+    # empty) the USDT coin's walletBalance - totalPositionIM - totalOrderIM - locked - bonus.
     total_available_balance: Decimal
+    isolated: bool = False
 
     @classmethod
     def from_payload(cls, result: dict[str, Any]) -> WalletBalance:
@@ -178,8 +202,47 @@ class WalletBalance:
         if not isinstance(accounts, list) or not accounts or not isinstance(accounts[0], dict):
             raise PayloadError("wallet balance list is empty")
         account = accounts[0]
-        return cls(
-            total_equity=_decimal(account, "totalEquity"),
-            total_available_balance=_optional_decimal(account, "totalAvailableBalance")
-            or Decimal(0),
+        available = _optional_decimal(account, "totalAvailableBalance")
+        if available is not None:
+            return cls(_optional_decimal(account, "totalEquity"), available)
+        coins = account.get("coin")
+        usdt = (
+            next((c for c in coins if isinstance(c, dict) and c.get("coin") == "USDT"), None)
+            if isinstance(coins, list)
+            else None
         )
+        if usdt is None:
+            # Nothing in USDT: nothing to margin a USDT perpetual with.
+            return cls(_optional_decimal(account, "totalEquity"), Decimal(0), isolated=True)
+        held = _decimal(usdt, "walletBalance")
+        for name in ("totalPositionIM", "totalOrderIM", "locked", "bonus"):
+            held -= _optional_decimal(usdt, name) or Decimal(0)
+        return cls(_optional_decimal(account, "totalEquity"), held, isolated=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PositionInfo:
+    """One row of position/list: a position the account holds (or an empty one)."""
+
+    symbol: str
+    position_idx: int  # 0 one-way; 1 and 2 the long and short sides in hedge mode
+    side: str  # "Buy", "Sell", or "" when empty
+    size: Decimal
+    leverage: Decimal | None
+
+    @classmethod
+    def from_payload(cls, item: dict[str, Any]) -> PositionInfo:
+        raw_idx = item.get("positionIdx")
+        if not isinstance(raw_idx, int) or raw_idx not in (0, 1, 2):
+            raise PayloadError(f"field 'positionIdx' is not 0, 1 or 2: {raw_idx!r}")
+        return cls(
+            symbol=_str(item, "symbol"),
+            position_idx=raw_idx,
+            side=str(item.get("side") or ""),
+            size=_optional_decimal(item, "size") or Decimal(0),
+            leverage=_optional_decimal(item, "leverage"),
+        )
+
+    @property
+    def hedge_mode(self) -> bool:
+        return self.position_idx != 0

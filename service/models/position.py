@@ -107,3 +107,13 @@ class PositionLeg(Base):
     order_link_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
     # Set before the order is sent: a leg with it set may exist on the exchange already.
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # How many orders for a partly filled leg's remainder may have been sent (each with its
+    # own orderLinkId, looked up by a later run before anything is placed again).
+    remainders_submitted: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
+    # Bybit's positionIdx for the leg's orders, found by pre-flight: 0 in one-way mode, 1
+    # (buy side) or 2 (sell side) in hedge mode.
+    position_idx: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )

@@ -13,6 +13,7 @@ from service.positions import service
 from service.positions.schemas import (
     ComponentOut,
     ExposureOut,
+    LegOut,
     PositionCreate,
     PositionOut,
     PositionPage,
@@ -41,6 +42,24 @@ def _exposure(trades: list[TradeOut]) -> list[ExposureOut]:
     return [ExposureOut(symbol=s, side=side, quantity=q) for (s, side), q in held.items()]
 
 
+def _legs(detail: service.PositionDetail) -> list[LegOut]:
+    filled: dict[int, Decimal] = {}
+    for trade in detail.trades:
+        filled[trade.leg] = filled.get(trade.leg, Decimal(0)) + trade.quantity
+    return [
+        LegOut(
+            leg=leg.leg,
+            symbol=leg.symbol,
+            side=leg.side,
+            planned_quantity=leg.quantity,
+            filled_quantity=filled.get(leg.leg, Decimal(0)),
+            shortfall_quantity=max(leg.quantity - filled.get(leg.leg, Decimal(0)), Decimal(0)),
+            reference_price=leg.reference_price,
+        )
+        for leg in detail.plan
+    ]
+
+
 def _out(detail: service.PositionDetail) -> PositionOut:
     p = detail.position
     trades = [
@@ -53,11 +72,13 @@ def _out(detail: service.PositionDetail) -> PositionOut:
             price=t.price,
             quantity=t.quantity,
             fee=t.fee,
+            fee_coin=t.fee_coin,
             order_status=t.order_status,
             executed_at=t.executed_at,
         )
         for t in detail.trades
     ]
+    legs = _legs(detail)
     return PositionOut(
         id=p.id,
         index=p.index_code,
@@ -76,6 +97,10 @@ def _out(detail: service.PositionDetail) -> PositionOut:
             ComponentOut(symbol=c.symbol, side=c.side, expected_quantity=c.expected_quantity)
             for c in detail.components
         ],
+        legs=legs,
+        # Only once the basket is done: while it executes, unfilled legs are not short yet.
+        shortfall=p.status in ("ACTIVE", "FAILED")
+        and any(leg.shortfall_quantity > 0 and leg.filled_quantity > 0 for leg in legs),
         trades=trades,
         exposure=_exposure(trades),
         reconciliation=[

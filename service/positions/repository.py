@@ -66,7 +66,8 @@ _CONFIRM_RUN = (
     + _LOCK_HELD.format(holder=" AND pid = pg_backend_pid()")
     + " RETURNING id), "
     "submitted AS ("
-    " UPDATE position_legs SET submitted_at = coalesce(submitted_at, now())"
+    " UPDATE position_legs SET submitted_at = coalesce(submitted_at, now()),"
+    " remainders_submitted = greatest(remainders_submitted, CAST(:remainder AS integer))"
     " WHERE position_id IN (SELECT id FROM owner) AND leg = CAST(:leg AS integer)"
     " RETURNING leg) "
     "SELECT count(*) FROM owner"
@@ -166,21 +167,44 @@ async def account_holder(
     return result.scalar_one_or_none()
 
 
+async def next_waiting(session: AsyncSession, user_id: uuid.UUID) -> uuid.UUID | None:
+    """The account's new basket that has waited longest for it (first come, first served)."""
+    result = await session.execute(
+        select(SyntheticPosition.id)
+        .where(
+            SyntheticPosition.user_id == user_id,
+            SyntheticPosition.status == PositionStatus.PENDING,
+            SyntheticPosition.account_wait_since.is_not(None),
+        )
+        .order_by(SyntheticPosition.account_wait_since, SyntheticPosition.created_at)
+        .limit(1)
+    )
+    return result.scalar_one_or_none()
+
+
 async def confirm_run(
     connection: AsyncConnection,
     position_id: uuid.UUID,
     claim: str,
     *,
     submitting_leg: int | None = None,
+    submitting_remainder: int = 0,
 ) -> bool:
     """One round trip on the connection that holds the run's lock: True when this connection
     still holds the position's lock and the position is still EXECUTING under `claim`. Then
     the heartbeat is renewed (the recovery sweep waits STALE_EXECUTING_SECONDS after it before
-    it may resume the position elsewhere) and `submitting_leg`, if given, is marked submitted
-    (before its order is sent: a later run looks it up before placing anything)."""
+    it may resume the position elsewhere) and `submitting_leg`'s order (its first, or
+    remainder number `submitting_remainder`), if given, is marked submitted (before it is
+    sent: a later run looks it up before placing anything)."""
     result = await connection.execute(
         text(_CONFIRM_RUN),
-        {"id": position_id, "claim": claim, "leg": submitting_leg, **_lock_params(position_id)},
+        {
+            "id": position_id,
+            "claim": claim,
+            "leg": submitting_leg,
+            "remainder": submitting_remainder,
+            **_lock_params(position_id),
+        },
     )
     return bool(result.scalar_one())
 
@@ -460,9 +484,33 @@ async def get_plan(session: AsyncSession, position_id: uuid.UUID) -> Sequence[Po
     return result.scalars().all()
 
 
+async def get_plans_of(
+    session: AsyncSession, position_ids: Sequence[uuid.UUID]
+) -> Sequence[PositionLeg]:
+    result = await session.execute(
+        select(PositionLeg)
+        .where(PositionLeg.position_id.in_(position_ids))
+        .order_by(PositionLeg.position_id, PositionLeg.leg)
+    )
+    return result.scalars().all()
+
+
 async def add_plan(session: AsyncSession, legs: Sequence[PositionLeg]) -> None:
     session.add_all(legs)
     await session.flush()
+    if legs:
+        # GET shows the plan (its legs): move updated_at, which the ETag follows.
+        await _touch(session, legs[0].position_id, {"updated_at": func.clock_timestamp()})
+
+
+async def set_position_idx(session: AsyncSession, position_id: uuid.UUID, idx: int) -> None:
+    """The positionIdx every order of the basket is sent with (the legs share one side)."""
+    await session.execute(
+        update(PositionLeg)
+        .where(PositionLeg.position_id == position_id)
+        .values(position_idx=idx)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def get_trades(session: AsyncSession, position_id: uuid.UUID) -> Sequence[Trade]:

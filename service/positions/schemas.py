@@ -72,8 +72,23 @@ class TradeOut(BaseModel):
     price: DecimalString
     quantity: DecimalString
     fee: DecimalString | None
+    fee_coin: str | None = Field(default=None, description="the coin the fee was charged in")
     order_status: str
     executed_at: datetime
+
+
+class LegOut(BaseModel):
+    """One leg of the basket: what was planned, what filled (over all its orders: a market
+    order that fills only in part is followed by orders for the remainder), and the
+    shortfall that could not be traded."""
+
+    leg: int
+    symbol: str
+    side: str
+    planned_quantity: DecimalString
+    filled_quantity: DecimalString
+    shortfall_quantity: DecimalString
+    reference_price: DecimalString = Field(description="the price the leg was sized with")
 
 
 class ExposureOut(BaseModel):
@@ -118,6 +133,16 @@ class PositionOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     components: list[ComponentOut]
+    legs: list[LegOut] = Field(
+        default_factory=list,
+        description="the plan per leg with planned, filled and shortfall quantities "
+        "(empty until the position is planned)",
+    )
+    shortfall: bool = Field(
+        default=False,
+        description="true when a leg filled less than planned and the rest could not be "
+        "traded (a thin book); `legs` says how much",
+    )
     trades: list[TradeOut]
     reconciliation: list[ReconciliationOut] = Field(
         default_factory=list, description="differences found by reconciliation, if any"

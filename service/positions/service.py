@@ -27,6 +27,7 @@ from service.market_cache import MarketSnapshot
 from service.models import (
     Index,
     PositionComponent,
+    PositionLeg,
     PositionStatus,
     ReconciliationIssue,
     SyntheticPosition,
@@ -49,6 +50,7 @@ class PositionDetail:
     components: list[PositionComponent]
     trades: list[Trade]
     issues: list[ReconciliationIssue] = field(default_factory=list)
+    plan: list[PositionLeg] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,7 @@ async def load_detail(session: AsyncSession, position: SyntheticPosition) -> Pos
         components=list(await repository.get_components(session, position.id)),
         trades=list(await repository.get_trades(session, position.id)),
         issues=list(await repository.get_reconciliation_issues(session, position.id)),
+        plan=list(await repository.get_plan(session, position.id)),
     )
 
 
@@ -203,12 +206,15 @@ async def list_positions(
     ids = [p.id for p in page]
     components: dict[uuid.UUID, list[PositionComponent]] = defaultdict(list)
     trades: dict[uuid.UUID, list[Trade]] = defaultdict(list)
+    plans: dict[uuid.UUID, list[PositionLeg]] = defaultdict(list)
     if ids:
         for component in await repository.get_components_of(session, ids):
             components[component.position_id].append(component)
         for trade in await repository.get_trades_of(session, ids):
             trades[trade.position_id].append(trade)
+        for leg in await repository.get_plans_of(session, ids):
+            plans[leg.position_id].append(leg)
     return PositionPage(
-        items=[PositionDetail(p, components[p.id], trades[p.id]) for p in page],
+        items=[PositionDetail(p, components[p.id], trades[p.id], plan=plans[p.id]) for p in page],
         next_cursor=_encode_cursor(page[-1]) if more and page else None,
     )

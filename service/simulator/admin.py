@@ -10,7 +10,7 @@ from aiohttp import web
 from service.simulator.errors import now_ms
 from service.simulator.instruments import LOT_SIZE_FIELDS, Instrument
 from service.simulator.keys import STATE_KEY
-from service.simulator.state import DEFAULT_BALANCE
+from service.simulator.state import DEFAULT_BALANCE, MARGIN_MODES
 from service.simulator.values import loose_decimal
 
 INSTRUMENT_STATUSES = ("PreLaunch", "Trading", "Delivering", "Closed")
@@ -54,8 +54,42 @@ async def post_account(request: web.Request) -> web.Response:
     if not isinstance(key, str) or not isinstance(secret, str) or not key or not secret:
         raise _bad("api_key and api_secret are required strings")
     balance = _decimal(data, "balance") if "balance" in data else DEFAULT_BALANCE
-    state.add_account(key, secret, balance)
+    mode = data.get("position_mode", "one_way")
+    if mode not in ("one_way", "hedge"):
+        raise _bad("position_mode must be one_way or hedge")
+    margin_mode = data.get("margin_mode", "REGULAR_MARGIN")
+    if margin_mode not in MARGIN_MODES:
+        raise _bad(f"margin_mode must be one of {', '.join(MARGIN_MODES)}")
+    state.add_account(key, secret, balance, hedge_mode=mode == "hedge", margin_mode=margin_mode)
     return web.json_response({"api_key": key})
+
+
+async def post_position(request: web.Request) -> web.Response:
+    """An existing position the user holds (opened outside the service): symbol, side,
+    size, at `leverage` (default 10) and `price` (default the last price)."""
+    state = request.app[STATE_KEY]
+    data = await _json_object(request)
+    account = state.accounts.get(str(data.get("api_key")))
+    if account is None:
+        raise web.HTTPNotFound(text="unknown api_key")
+    instrument = state.instruments.get(str(data.get("symbol")))
+    if instrument is None:
+        raise _bad("unknown symbol")
+    side = data.get("side")
+    if side not in ("Buy", "Sell"):
+        raise _bad("side must be Buy or Sell")
+    size = _decimal(data, "size", positive=True)
+    price = _decimal(data, "price", positive=True) if "price" in data else None
+    leverage = _decimal(data, "leverage", positive=True) if "leverage" in data else None
+    idx = (1 if side == "Buy" else 2) if account.hedge_mode else 0
+    position = account.position(instrument.symbol, idx)
+    position.size = size if side == "Buy" else -size
+    position.avg_price = price or state.prices[instrument.symbol]
+    if leverage is not None:
+        account.leverage[instrument.symbol] = leverage
+    position.initial_margin = size * position.avg_price / account.leverage_for(instrument.symbol)
+    position.created_ms = position.updated_ms = now_ms()
+    return web.json_response({"symbol": instrument.symbol, "positionIdx": idx})
 
 
 async def get_orders(request: web.Request) -> web.Response:
@@ -99,7 +133,7 @@ async def put_ticker(request: web.Request) -> web.Response:
 async def put_instrument(request: web.Request) -> web.Response:
     instrument = _instrument(request)
     data = await _json_object(request)
-    unknown = set(data) - {"status", "maxLeverage", *LOT_SIZE_FIELDS}
+    unknown = set(data) - {"status", "maxLeverage", "bookDepth", "bookLevels", *LOT_SIZE_FIELDS}
     if unknown:
         raise _bad(f"unknown fields: {', '.join(sorted(unknown))}")
     if "status" in data:
@@ -111,6 +145,14 @@ async def put_instrument(request: web.Request) -> web.Response:
             instrument.set_lot_size(name, _decimal(data, name, positive=name != "minNotionalValue"))
     if "maxLeverage" in data:
         instrument.max_leverage = _decimal(data, "maxLeverage", positive=True)
+    if "bookDepth" in data:
+        # null: a deep book again.
+        instrument.book_depth = None if data["bookDepth"] is None else _decimal(data, "bookDepth")
+    if "bookLevels" in data:
+        levels = _integer(data, "bookLevels")
+        if levels < 1:
+            raise _bad("bookLevels must be at least 1")
+        instrument.book_levels = levels
     return web.json_response(instrument.payload())
 
 
@@ -121,7 +163,20 @@ async def get_config(request: web.Request) -> web.Response:
 async def put_config(request: web.Request) -> web.Response:
     config = request.app[STATE_KEY].config
     data = await _json_object(request)
-    unknown = set(data) - {"latency_ms", "slippage_bps", "order_rate_limit", "fill_ratio"}
+    unknown = set(data) - {
+        "latency_ms",
+        "slippage_bps",
+        "order_rate_limit",
+        "fill_ratio",
+        "clock_offset_ms",
+        "account_limits",
+        "ip_limit",
+        "ip_ban_ms",
+        "max_in_flight",
+        "order_visible_ms",
+        "fill_delay_ms",
+        "history_lag_ms",
+    }
     if unknown:
         raise _bad(f"unknown fields: {', '.join(sorted(unknown))}")
     if "fill_ratio" in data and _decimal(data, "fill_ratio") > 1:
@@ -134,6 +189,25 @@ async def put_config(request: web.Request) -> web.Response:
         config.slippage_bps = _decimal(data, "slippage_bps")
     if "fill_ratio" in data:
         config.fill_ratio = _decimal(data, "fill_ratio")
+    if "clock_offset_ms" in data:
+        offset = data["clock_offset_ms"]
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise _bad("clock_offset_ms must be an integer (milliseconds, may be negative)")
+        config.clock_offset_ms = offset
+    if "account_limits" in data:
+        if not isinstance(data["account_limits"], bool):
+            raise _bad("account_limits must be true or false")
+        config.account_limits = data["account_limits"]
+    for name in (
+        "ip_limit",
+        "ip_ban_ms",
+        "max_in_flight",
+        "order_visible_ms",
+        "fill_delay_ms",
+        "history_lag_ms",
+    ):
+        if name in data:
+            setattr(config, name, _integer(data, name))
     return web.json_response(config.payload())
 
 
@@ -156,6 +230,14 @@ async def delete_faults(request: web.Request) -> web.Response:
     return web.json_response({"faults": []})
 
 
+async def delete_ban(request: web.Request) -> web.Response:
+    """Lift an IP ban early (tests)."""
+    state = request.app[STATE_KEY]
+    state.banned_until_ms = 0
+    state.ip_calls.clear()
+    return web.json_response({"banned": False})
+
+
 async def post_reset(request: web.Request) -> web.Response:
     request.app[STATE_KEY].reset()
     return web.json_response({"reset": True})
@@ -163,6 +245,7 @@ async def post_reset(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/sim/accounts", post_account)
+    app.router.add_post("/sim/positions", post_position)
     app.router.add_get("/sim/orders", get_orders)
     app.router.add_get("/sim/requests", get_requests)
     app.router.add_get("/sim/calls", get_calls)
@@ -174,3 +257,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/sim/faults", get_faults)
     app.router.add_delete("/sim/faults", delete_faults)
     app.router.add_post("/sim/reset", post_reset)
+    app.router.add_delete("/sim/ban", delete_ban)

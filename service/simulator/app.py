@@ -15,7 +15,7 @@ from service.simulator.auth import authenticate
 from service.simulator.errors import BybitError, envelope, now_ms, params_error
 from service.simulator.faults import Fault, client_gone, drop, pause, replacement
 from service.simulator.keys import CLOSING_KEY, IN_FLIGHT_KEY, STATE_KEY, InFlight
-from service.simulator.ratelimit import admit
+from service.simulator.ratelimit import admit, ip_admit
 from service.simulator.state import Account, SimulatorState
 
 PublicHandler = Callable[[SimulatorState, dict[str, Any]], dict[str, Any]]
@@ -79,6 +79,13 @@ async def _v5(request: web.Request) -> web.StreamResponse:
     )
     if state.config.latency_ms:
         await pause(state.config.latency_ms / 1000, closing.is_set)
+    if arrived < state.banned_until_ms or not ip_admit(
+        state.ip_calls, state.config.ip_limit, arrived
+    ):
+        # The IP limit: banned, every key behind the address with it, until the ban ends.
+        if arrived >= state.banned_until_ms:
+            state.banned_until_ms = arrived + state.config.ip_ban_ms
+        return web.Response(status=403, text="403 Forbidden: access too frequent")
     if request.method == "GET" and raw:
         return web.Response(status=403, text="403 Forbidden")  # Bybit refuses a GET with a body
     fault = state.faults.claim(path, request.headers.get("X-BAPI-API-KEY"))
@@ -89,6 +96,10 @@ async def _v5(request: web.Request) -> web.StreamResponse:
     response = await _answer(request, state, path, raw)
     if fault is not None and fault.kind == "drop_after_fill":
         return drop(request)  # carried out and recorded; the reply is lost
+    if fault is not None and fault.kind == "retcode_after_fill":
+        # Carried out and recorded, then answered as a failure (Bybit's 10016 or 429 where
+        # the order did land).
+        return _json(envelope(code=fault.ret_code, msg=fault.ret_msg))
     return response
 
 
@@ -134,13 +145,28 @@ async def _answer(
     # The payload is what arrived: the raw query string, or the raw body.
     payload = request.rel_url.raw_query_string if get else raw.decode("utf-8", "replace")
     try:
-        account = authenticate(state, request.headers, payload)
+        account = authenticate(state, request.headers, payload, server_ms=state.server_ms())
     except BybitError as error:
         return _json(envelope(code=error.code, msg=error.msg))
-    rate = admit(account, path, state.config.order_rate_limit, now_ms())
+    rate = admit(
+        account,
+        path,
+        state.config.order_rate_limit,
+        now_ms(),
+        all_endpoints=state.config.account_limits,
+    )
     headers = rate.headers()
     if rate.refused:
         return _json(envelope(code=10006, msg="Too many visits!"), headers)
+    limit = state.config.max_in_flight
+    if limit and request.app[IN_FLIGHT_KEY].count > limit:
+        return _json(
+            envelope(
+                code=429,
+                msg="The trading service is experiencing a high server load. Please retry.",
+            ),
+            headers,
+        )
     try:
         params = dict(request.query) if get else _body_params(raw)
         return _json(envelope(handler(state, account, params)), headers)
@@ -169,12 +195,16 @@ def create_app(state: SimulatorState | None = None) -> web.Application:
     return app
 
 
-def run(host: str = "127.0.0.1", port: int = 8999) -> None:
-    """Serve until interrupted; prints one line when ready."""
+def run(host: str = "127.0.0.1", port: int = 8999, *, ip_limit: int | None = None) -> None:
+    """Serve until interrupted; prints one line when ready. `ip_limit` replaces Bybit's 600
+    requests per five seconds (0: no IP limit), for `reset` too."""
 
     def ready(_: str) -> None:
         print(f"simulator listening on http://{host}:{port}", flush=True)
 
+    state = SimulatorState()
+    if ip_limit is not None:
+        state.defaults.ip_limit = state.config.ip_limit = ip_limit
     web.run_app(
-        create_app(), host=host, port=port, access_log=None, print=ready, shutdown_timeout=2
+        create_app(state), host=host, port=port, access_log=None, print=ready, shutdown_timeout=2
     )

@@ -12,7 +12,16 @@ from aiohttp import web
 
 from service.simulator.errors import envelope
 
-KINDS = ("http_status", "retcode", "delay", "hang", "malformed", "empty", "drop_after_fill")
+KINDS = (
+    "http_status",
+    "retcode",
+    "delay",
+    "hang",
+    "malformed",
+    "empty",
+    "drop_after_fill",
+    "retcode_after_fill",
+)
 DEFAULT_HANG_MS = 60_000
 DEFAULT_DELAY_MS = 1_000
 POLL_SECONDS = 0.02
@@ -64,7 +73,7 @@ class Fault:
             api_key=api_key,
             status=_count(data.get("status", 502), "status"),
             body=body,
-            ret_code=_count(data.get("retCode", 10016), "retCode"),
+            ret_code=_integer(data.get("retCode", 10016), "retCode"),
             ret_msg=str(data.get("retMsg", "Server error.")),
             delay_ms=_count(data.get("delay_ms", default_delay), "delay_ms"),
         )
@@ -87,6 +96,13 @@ class Fault:
             "seen": self.seen,
             "applied": self.applied,
         }
+
+
+def _integer(value: object, name: str) -> int:
+    # Bybit's retCodes include negative ones (-1, -2015).
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer")
+    return value
 
 
 def _count(value: object, name: str) -> int:
@@ -153,8 +169,8 @@ def drop(request: web.Request) -> web.Response:
 
 
 def replacement(fault: Fault) -> web.Response | None:
-    """The answer a fault gives instead of the real one; None for the kinds that delay, hang
-    or drop, which the app carries out itself."""
+    """The answer a fault gives instead of the real one; None for the kinds that delay, hang,
+    drop or answer after carrying the request out, which the app delivers itself."""
     if fault.kind == "http_status":
         body = fault.body if fault.body is not None else DEFAULT_ERROR_PAGE
         return web.Response(status=fault.status, text=body, content_type="text/html")

@@ -32,6 +32,11 @@ class Instrument:
     max_price: Decimal
     max_leverage: Decimal
     launch_time: str
+    # The book inside the price-protection band: at most this much of one market order fills
+    # (the rest is cancelled, as Bybit's IOC market orders do); None: deep enough for anything.
+    book_depth: Decimal | None = None
+    # How many executions a fill is spread over, each a tick worse than the one before.
+    book_levels: int = 1
 
     @property
     def base_coin(self) -> str:

@@ -35,6 +35,11 @@ class InFlight:
         if not task.cancelled() and task.exception() is not None:
             logger.error("simulator request failed", exc_info=task.exception())
 
+    @property
+    def count(self) -> int:
+        """Requests being carried out right now."""
+        return len(self._tasks)
+
     async def drain(self, wait_s: float = 5.0) -> None:
         """Wait for the requests still being carried out (at shutdown)."""
         if self._tasks:

@@ -11,7 +11,7 @@ from service.simulator.trading import require_linear
 
 
 def server_time(state: SimulatorState, params: dict[str, Any]) -> dict[str, Any]:
-    now = now_ms()
+    now = state.server_ms()
     return {"timeSecond": str(now // 1000), "timeNano": str(now * 1_000_000)}
 
 

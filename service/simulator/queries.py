@@ -80,9 +80,10 @@ def order_realtime(
         params.get("symbol") or params.get("baseCoin") or params.get("settleCoin")
     ):
         raise params_error("symbol, baseCoin or settleCoin is required for linear")
-    orders = _orders_of(state, account)
-    open_orders = [o for o in orders if o.is_open]
-    recent_closed = [o for o in orders if not o.is_open][:REALTIME_CLOSED_KEPT]
+    now = now_ms()
+    orders = [o for o in _orders_of(state, account) if o.visible_ms <= now]
+    open_orders = [o for o in orders if o.is_open(now)]
+    recent_closed = [o for o in orders if not o.is_open(now)][:REALTIME_CLOSED_KEPT]
     if by_id:
         visible = sorted(open_orders + recent_closed, key=lambda o: -o.created_ms)
     elif params.get("openOnly") in ("1", "2"):
@@ -92,25 +93,39 @@ def order_realtime(
     if params.get("baseCoin"):
         visible = [o for o in visible if o.symbol == f"{params['baseCoin']}USDT"]
     page, cursor = paginate(_by_ids(visible, params), params, lambda o: o.order_id, 20, 50)
-    return {"list": [o.payload() for o in page], "nextPageCursor": cursor, "category": "linear"}
+    return {
+        "list": [o.payload(now) for o in page],
+        "nextPageCursor": cursor,
+        "category": "linear",
+    }
 
 
 def order_history(
     state: SimulatorState, account: Account, params: dict[str, Any]
 ) -> dict[str, Any]:
     require_linear(params)
-    orders = _by_ids(_orders_of(state, account), params)
+    now = now_ms()
+    # The history lags behind: a fresh order is not in it yet.
+    listed = [o for o in _orders_of(state, account) if o.history_ms <= now]
+    orders = _by_ids(listed, params)
     if params.get("orderStatus"):
-        orders = [o for o in orders if o.order_status == params["orderStatus"]]
+        orders = [o for o in orders if o.status_at(now) == params["orderStatus"]]
     page, cursor = paginate(orders, params, lambda o: o.order_id, 20, 50)
-    return {"list": [o.payload() for o in page], "nextPageCursor": cursor, "category": "linear"}
+    return {
+        "list": [o.payload(now) for o in page],
+        "nextPageCursor": cursor,
+        "category": "linear",
+    }
 
 
 def execution_list(
     state: SimulatorState, account: Account, params: dict[str, Any]
 ) -> dict[str, Any]:
     require_linear(params)
-    mine: list[Execution] = [e for e in reversed(state.executions) if e.api_key == account.api_key]
+    now = now_ms()
+    mine: list[Execution] = [
+        e for e in reversed(state.executions) if e.api_key == account.api_key and e.exec_ms <= now
+    ]
     page, cursor = paginate(_by_ids(mine, params), params, lambda e: e.exec_id, 50, 100)
     return {"list": [e.payload() for e in page], "nextPageCursor": cursor, "category": "linear"}
 
@@ -124,7 +139,7 @@ def _position_payload(
     side = "" if not position.size else "Buy" if position.size > 0 else "Sell"
     pnl = position.size * (mark - position.avg_price)
     return {
-        "positionIdx": 0,
+        "positionIdx": position.idx,
         "riskId": 1,
         "riskLimitValue": plain(instrument.max_order_qty * mark),
         "symbol": position.symbol,
@@ -162,20 +177,21 @@ def _position_payload(
 def position_list(
     state: SimulatorState, account: Account, params: dict[str, Any]
 ) -> dict[str, Any]:
-    """With `symbol`, that position whether open or not; with `settleCoin`, the open ones."""
+    """With `symbol`, its position(s) whether open or not (one per side in hedge mode); with
+    `settleCoin`, the open ones."""
     require_linear(params)
     symbol = params.get("symbol")
     if symbol:
         if symbol not in state.instruments:
             raise params_error("symbol invalid")
-        positions = [account.positions.get(symbol) or Position(symbol=symbol)]
+        positions = account.positions_of(symbol)
     elif params.get("settleCoin"):
         positions = [p for _, p in sorted(account.positions.items()) if p.size]
         if params["settleCoin"] != "USDT":
             positions = []
     else:
         raise params_error("symbol or settleCoin is required for linear")
-    page, cursor = paginate(positions, params, lambda p: p.symbol, 20, 200)
+    page, cursor = paginate(positions, params, lambda p: f"{p.symbol}:{p.idx}", 20, 200)
     return {
         "list": [_position_payload(state, account, p) for p in page],
         "nextPageCursor": cursor,
@@ -197,6 +213,10 @@ def wallet_balance(
     equity = wallet + pnl
     margin = account.position_margin
     available = equity - margin
+    # Bybit: account-wide fields do not apply to isolated margin (empty strings); portfolio
+    # margin leaves the coin's IM/MM fields empty.
+    isolated = account.margin_mode == "ISOLATED_MARGIN"
+    portfolio = account.margin_mode == "PORTFOLIO_MARGIN"
     usdt = {
         "coin": "USDT",
         "equity": plain(equity),
@@ -209,9 +229,9 @@ def wallet_balance(
         "availableToWithdraw": "",
         "availableToBorrow": "",
         "accruedInterest": "0",
-        "totalOrderIM": "0",
-        "totalPositionIM": plain(margin),
-        "totalPositionMM": "0",
+        "totalOrderIM": "" if portfolio else "0",
+        "totalPositionIM": "" if portfolio else plain(margin),
+        "totalPositionMM": "" if portfolio else "0",
         "unrealisedPnl": plain(pnl),
         "cumRealisedPnl": plain(
             sum((p.cum_realised_pnl for p in account.positions.values()), Decimal(0))
@@ -225,15 +245,17 @@ def wallet_balance(
             {
                 "accountType": "UNIFIED",
                 "accountLTV": "0",
-                "accountIMRate": plain(margin / equity) if equity > 0 else "0",
-                "accountMMRate": "0",
+                "accountIMRate": ""
+                if isolated
+                else (plain(margin / equity) if equity > 0 else "0"),
+                "accountMMRate": "" if isolated else "0",
                 "totalEquity": plain(equity),
                 "totalWalletBalance": plain(wallet),
-                "totalMarginBalance": plain(equity),
-                "totalAvailableBalance": plain(available),
+                "totalMarginBalance": "" if isolated else plain(equity),
+                "totalAvailableBalance": "" if isolated else plain(available),
                 "totalPerpUPL": plain(pnl),
-                "totalInitialMargin": plain(margin),
-                "totalMaintenanceMargin": "0",
+                "totalInitialMargin": "" if isolated else plain(margin),
+                "totalMaintenanceMargin": "" if isolated else "0",
                 "coin": [usdt] if "USDT" in coins else [],
             }
         ]
@@ -282,7 +304,7 @@ def query_api(state: SimulatorState, account: Account, params: dict[str, Any]) -
 def account_info(state: SimulatorState, account: Account, params: dict[str, Any]) -> dict[str, Any]:
     return {
         "unifiedMarginStatus": 6,
-        "marginMode": "REGULAR_MARGIN",
+        "marginMode": account.margin_mode,
         "isMasterTrader": False,
         "spotHedgingStatus": "OFF",
         "updatedTime": str(now_ms()),

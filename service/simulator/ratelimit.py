@@ -1,6 +1,12 @@
-"""Bybit's per-account (UID) rate limits: a rolling one-second window per endpoint, reported
-on every private reply in X-Bapi-Limit, X-Bapi-Limit-Status and X-Bapi-Limit-Reset-Timestamp.
-Only order/create is enforced (10006); the other endpoints report their documented limits."""
+"""Bybit's rate limits.
+
+- Per account (UID): a rolling one-second window per endpoint, enforced with retCode 10006 and
+  reported on every private reply in X-Bapi-Limit, X-Bapi-Limit-Status and
+  X-Bapi-Limit-Reset-Timestamp. order/create's limit is a knob (`order_rate_limit`); the
+  others are Bybit's documented ones (`account_limits` turns them off).
+- Per IP: `ip_limit` requests in any five seconds; a breach answers HTTP 403 to everything
+  until the ban (`ip_ban_ms`) ends.
+"""
 
 from __future__ import annotations
 
@@ -39,14 +45,19 @@ class RateStatus:
         }
 
 
-def admit(account: Account, path: str, order_limit: int, now: int) -> RateStatus:
-    """Count one call to `path`; refused when order/create is over its limit. A limit of 0
-    turns enforcement off (the headers then say 0)."""
+IP_WINDOW_MS = 5000
+
+
+def admit(
+    account: Account, path: str, order_limit: int, now: int, *, all_endpoints: bool = True
+) -> RateStatus:
+    """Count one call to `path`; refused when it is over its limit. order/create's limit of 0
+    turns its enforcement off (the headers then say 0); `all_endpoints` enforces the others."""
     limit = order_limit if path == ORDER_CREATE else DOCUMENTED_LIMITS.get(path, 50)
     calls = account.calls.setdefault(path, deque())
     while calls and calls[0] <= now - WINDOW_MS:
         calls.popleft()
-    enforced = path == ORDER_CREATE and limit > 0
+    enforced = limit > 0 and (path == ORDER_CREATE or all_endpoints)
     if enforced and len(calls) >= limit:
         # Over the limit: the reset timestamp says when the oldest call leaves the window.
         return RateStatus(limit, 0, calls[0] + WINDOW_MS, refused=True)
@@ -54,3 +65,11 @@ def admit(account: Account, path: str, order_limit: int, now: int) -> RateStatus
     remaining = max(limit - len(calls), 0) if limit > 0 else 0
     # Within the limit Bybit sends the current time as the reset timestamp.
     return RateStatus(limit, remaining, now, refused=False)
+
+
+def ip_admit(calls: deque[int], limit: int, now: int) -> bool:
+    """Count one request from the client's address; False when it breaches the IP limit."""
+    while calls and calls[0] <= now - IP_WINDOW_MS:
+        calls.popleft()
+    calls.append(now)
+    return limit <= 0 or len(calls) <= limit

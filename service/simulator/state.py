@@ -4,10 +4,11 @@ faults and request counts. One SimulatorState per app; `reset()` restores the st
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
+from service.simulator.errors import now_ms
 from service.simulator.faults import FaultBook
 from service.simulator.instruments import Instrument, load_market
 from service.simulator.values import plain, scaled
@@ -18,11 +19,16 @@ DEFAULT_BALANCE = Decimal(100_000)
 JOURNAL_SIZE = 200_000
 
 
+MARGIN_MODES = ("REGULAR_MARGIN", "ISOLATED_MARGIN", "PORTFOLIO_MARGIN")
+
+
 @dataclass
 class Position:
-    """A one-way position: size > 0 long, < 0 short."""
+    """A position: size > 0 long, < 0 short. `idx` is Bybit's positionIdx: 0 in one-way
+    mode; in hedge mode 1 holds the long side and 2 the short side of a symbol."""
 
     symbol: str
+    idx: int = 0
     size: Decimal = Decimal(0)
     avg_price: Decimal = Decimal(0)
     initial_margin: Decimal = Decimal(0)
@@ -38,7 +44,11 @@ class Account:
     api_secret: str
     wallet_balance: Decimal
     leverage: dict[str, Decimal] = field(default_factory=dict)
-    positions: dict[str, Position] = field(default_factory=dict)
+    # Keyed by (symbol, positionIdx).
+    positions: dict[tuple[str, int], Position] = field(default_factory=dict)
+    # Position mode (Bybit: per account and settle coin; USDT here): one-way or hedge.
+    hedge_mode: bool = False
+    margin_mode: str = "REGULAR_MARGIN"
     order_link_ids: set[str] = field(default_factory=set)
     # Accepted private calls per path (ms timestamps), for the rate limit and its headers.
     calls: dict[str, deque[int]] = field(default_factory=dict)
@@ -46,8 +56,14 @@ class Account:
     def leverage_for(self, symbol: str) -> Decimal:
         return self.leverage.get(symbol, DEFAULT_LEVERAGE)
 
-    def position(self, symbol: str) -> Position:
-        return self.positions.setdefault(symbol, Position(symbol=symbol))
+    def position(self, symbol: str, idx: int = 0) -> Position:
+        return self.positions.setdefault((symbol, idx), Position(symbol=symbol, idx=idx))
+
+    def positions_of(self, symbol: str) -> list[Position]:
+        """The symbol's positions as position/list shows them: one row in one-way mode, one
+        per side in hedge mode, empty or not."""
+        indices = (1, 2) if self.hedge_mode else (0,)
+        return [self.positions.get((symbol, i)) or Position(symbol, i) for i in indices]
 
     @property
     def position_margin(self) -> Decimal:
@@ -76,13 +92,27 @@ class Order:
     qty_step: Decimal
     tick_size: Decimal
     order_type: str = "Market"
+    # Bybit acknowledges before it fills, and its lists lag: when the order shows in
+    # order/realtime at all, when it shows filled (`New` with nothing filled before), and when
+    # order/history lists it.
+    visible_ms: int = 0
+    fill_ms: int = 0
+    history_ms: int = 0
+    position_idx: int = 0
 
-    @property
-    def is_open(self) -> bool:
-        return self.order_status in ("New", "PartiallyFilled")
+    def is_open(self, now: int | None = None) -> bool:
+        return self.status_at(now) in ("New", "PartiallyFilled")
 
-    def payload(self) -> dict[str, Any]:
-        """An entry of order/realtime and order/history."""
+    def status_at(self, now: int | None) -> str:
+        """The status as seen at `now` (None: the final one)."""
+        if now is not None and now < self.fill_ms:
+            return "New"
+        return self.order_status
+
+    def payload(self, now: int | None = None) -> dict[str, Any]:
+        """An entry of order/realtime and order/history, as it reads at `now` (None: final)."""
+        if now is not None and now < self.fill_ms:
+            return self._pending_payload()
         filled = self.order_status == "Filled"
         return {
             "orderId": self.order_id,
@@ -93,7 +123,7 @@ class Order:
             "qty": scaled(self.qty, self.qty_step),
             "side": self.side,
             "isLeverage": "",
-            "positionIdx": 0,
+            "positionIdx": self.position_idx,
             "orderStatus": self.order_status,
             "createType": "CreateByUser",
             "cancelType": "UNKNOWN",
@@ -103,7 +133,9 @@ class Order:
             "leavesValue": "0",
             "cumExecQty": scaled(self.cum_exec_qty, self.qty_step),
             "cumExecValue": plain(self.cum_exec_value),
+            # Deprecated for linear orders in favour of cumFeeDetail (fee coin -> amount).
             "cumExecFee": plain(self.cum_exec_fee),
+            "cumFeeDetail": {"USDT": plain(self.cum_exec_fee)} if self.cum_exec_qty else {},
             "timeInForce": "IOC",
             "orderType": self.order_type,
             "stopOrderType": "",
@@ -131,8 +163,24 @@ class Order:
             "updatedTime": str(self.created_ms),
         }
 
+    def _pending_payload(self) -> dict[str, Any]:
+        payload = self.payload()
+        zero = scaled(Decimal(0), self.qty_step)
+        payload.update(
+            orderStatus="New",
+            rejectReason="EC_NoError",
+            avgPrice="",
+            leavesQty=scaled(self.qty, self.qty_step),
+            leavesValue=plain(self.qty * self.last_price),
+            cumExecQty=zero,
+            cumExecValue="0",
+            cumExecFee="0",
+            cumFeeDetail={},
+        )
+        return payload
+
     def record(self) -> dict[str, Any]:
-        """The admin view (GET /sim/orders): the order as Bybit shows it, plus its account."""
+        """The admin view (GET /sim/orders): the order as it ends, plus its account."""
         return {"api_key": self.api_key, **self.payload()}
 
 
@@ -195,6 +243,23 @@ class Config:
     slippage_bps: Decimal = Decimal(0)
     order_rate_limit: int = 10  # order/create calls per second per account; 0 = off
     fill_ratio: Decimal = Decimal(1)
+    # The exchange's clock minus the machine's: a skewed host is a client whose clock is
+    # off by minus this much.
+    clock_offset_ms: int = 0
+    # Bybit's limits per account (UID) on every other private endpoint (documented values).
+    account_limits: bool = True
+    # The IP limit: requests per 5 s from the (one) client address; over it, HTTP 403 for
+    # every request until the ban ends. 0 turns it off.
+    ip_limit: int = 600
+    ip_ban_ms: int = 600_000
+    # Injected load: with more private requests in flight than this, retCode 429 ("high
+    # server load"). 0 turns it off.
+    max_in_flight: int = 0
+    # After an order is accepted: when order/realtime lists it, when it shows filled (`New`
+    # before), and how far order/history lags behind (milliseconds).
+    order_visible_ms: int = 0
+    fill_delay_ms: int = 0
+    history_lag_ms: int = 0
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -202,6 +267,14 @@ class Config:
             "slippage_bps": plain(self.slippage_bps),
             "order_rate_limit": self.order_rate_limit,
             "fill_ratio": plain(self.fill_ratio),
+            "clock_offset_ms": self.clock_offset_ms,
+            "account_limits": self.account_limits,
+            "ip_limit": self.ip_limit,
+            "ip_ban_ms": self.ip_ban_ms,
+            "max_in_flight": self.max_in_flight,
+            "order_visible_ms": self.order_visible_ms,
+            "fill_delay_ms": self.fill_delay_ms,
+            "history_lag_ms": self.history_lag_ms,
         }
 
 
@@ -214,9 +287,14 @@ class SimulatorState:
     executions: list[Execution] = field(default_factory=list)
     faults: FaultBook = field(default_factory=FaultBook)
     config: Config = field(default_factory=Config)
+    # What `reset()` returns the knobs to (the command line may change Bybit's defaults).
+    defaults: Config = field(default_factory=Config)
     requests: Counter[str] = field(default_factory=Counter)
     # Every /v5 call as it arrived (before latency and faults): what tests check timing with.
     journal: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=JOURNAL_SIZE))
+    # The IP limit's rolling window (arrival times, ms) and the ban it may have caused.
+    ip_calls: deque[int] = field(default_factory=deque)
+    banned_until_ms: int = 0
     seq: int = 0
 
     def __post_init__(self) -> None:
@@ -230,23 +308,41 @@ class SimulatorState:
         self.orders.clear()
         self.executions.clear()
         self.faults.clear()
-        self.config = Config()
+        self.config = replace(self.defaults)
         self.requests.clear()
         self.journal.clear()
+        self.ip_calls.clear()
+        self.banned_until_ms = 0
         self.seq = 0
 
     def add_account(
-        self, api_key: str, api_secret: str, balance: Decimal = DEFAULT_BALANCE
+        self,
+        api_key: str,
+        api_secret: str,
+        balance: Decimal = DEFAULT_BALANCE,
+        *,
+        hedge_mode: bool = False,
+        margin_mode: str = "REGULAR_MARGIN",
     ) -> Account:
         """Create or replace an account with a USDT wallet balance. A replaced account starts
         afresh (balance, leverage, positions) but keeps its orders: an orderLinkId it used is
         never accepted again."""
-        account = Account(api_key=api_key, api_secret=api_secret, wallet_balance=balance)
+        account = Account(
+            api_key=api_key,
+            api_secret=api_secret,
+            wallet_balance=balance,
+            hedge_mode=hedge_mode,
+            margin_mode=margin_mode,
+        )
         previous = self.accounts.get(api_key)
         if previous is not None:
             account.order_link_ids = previous.order_link_ids
         self.accounts[api_key] = account
         return account
+
+    def server_ms(self) -> int:
+        """Now, by the exchange's clock."""
+        return now_ms() + self.config.clock_offset_ms
 
     def next_seq(self) -> int:
         self.seq += 1

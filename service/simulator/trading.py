@@ -57,12 +57,13 @@ def set_leverage(state: SimulatorState, account: Account, body: dict[str, Any]) 
         )
     if account.leverage_for(instrument.symbol) == buy:
         raise BybitError(110043, "Set leverage has not been modified.")
-    position = account.positions.get(instrument.symbol)
-    if position is not None and position.size:
-        margin = abs(position.size) * position.avg_price / buy
-        if margin - position.initial_margin > account.available_balance():
-            raise BybitError(110044, "Available margin is insufficient.")
-        position.initial_margin = margin
+    for position in account.positions_of(instrument.symbol):
+        if position.size:
+            # The margin of a position already held changes with its leverage.
+            margin = abs(position.size) * position.avg_price / buy
+            if margin - position.initial_margin > account.available_balance():
+                raise BybitError(110044, "Available margin is insufficient.")
+            position.initial_margin = margin
     account.leverage[instrument.symbol] = buy
     return {}
 
@@ -96,9 +97,8 @@ def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) 
         raise params_error("orderType invalid")
     if order_type != "Market":
         raise params_error("the simulator accepts Market orders only")
-    if body.get("positionIdx", 0) not in (0, "0"):
-        raise BybitError(10001, "position idx not match position mode")
     reduce_only = _flag(body.get("reduceOnly"), "reduceOnly")
+    idx = _position_idx(account, body.get("positionIdx", 0), side, reduce_only)
     link = body.get("orderLinkId", "")
     if not isinstance(link, str) or (link and not ORDER_LINK_ID.match(link)):
         raise params_error("orderLinkId invalid")
@@ -114,7 +114,7 @@ def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) 
             110094,
             f"Order does not meet minimum order value {plain(instrument.min_notional_value)}USDT",
         )
-    position = account.positions.get(instrument.symbol)
+    position = account.positions.get((instrument.symbol, idx))
     size = position.size if position is not None else Decimal(0)
     signed = qty if side == "Buy" else -qty
     if reduce_only:
@@ -131,8 +131,43 @@ def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) 
     if required > account.available_balance():
         raise BybitError(110007, "ab not enough for new order")
     filled = floor_to_step(qty * state.config.fill_ratio, instrument.qty_step)
+    if instrument.book_depth is not None:
+        # A thin book: past the price-protection band the rest of the IOC is cancelled.
+        filled = min(filled, floor_to_step(instrument.book_depth, instrument.qty_step))
     filled = min(max(filled, Decimal(0)), qty)
-    return _execute(state, account, instrument, side, qty, filled, price, link, reduce_only)
+    return _execute(state, account, instrument, side, qty, filled, price, link, reduce_only, idx)
+
+
+def _position_idx(account: Account, raw: object, side: str, reduce_only: bool) -> int:
+    """Bybit's positionIdx rule: 0 in one-way mode; in hedge mode 1 for the long side and 2
+    for the short side (an order that opens goes to its side, one that reduces to the
+    other). The wrong one is 10001."""
+    if raw not in (0, 1, 2, "0", "1", "2"):
+        raise params_error("positionIdx invalid")
+    idx = int(str(raw))
+    if account.hedge_mode:
+        opening = 1 if side == "Buy" else 2
+        expected = (3 - opening) if reduce_only else opening
+        if idx != expected:
+            raise BybitError(10001, "position idx not match position mode")
+    elif idx != 0:
+        raise BybitError(10001, "position idx not match position mode")
+    return idx
+
+
+def _levels(
+    instrument: Instrument, side: str, filled: Decimal, price: Decimal
+) -> list[tuple[Decimal, Decimal]]:
+    """The fill as (quantity, price) executions: spread over the book's levels, each a tick
+    worse for the taker than the one before."""
+    levels = max(1, min(instrument.book_levels, int(filled / instrument.qty_step) or 1))
+    chunk = floor_to_step(filled / levels, instrument.qty_step)
+    fills = []
+    for level in range(levels):
+        quantity = chunk if level < levels - 1 else filled - chunk * (levels - 1)
+        tick = instrument.tick_size * level
+        fills.append((quantity, price + tick if side == "Buy" else max(price - tick, tick)))
+    return [(q, p) for q, p in fills if q > 0]
 
 
 def _check_lot_size(instrument: Instrument, qty: Decimal) -> None:
@@ -171,10 +206,14 @@ def _execute(
     price: Decimal,
     link: str,
     reduce_only: bool,
+    idx: int = 0,
 ) -> dict[str, Any]:
     now = now_ms()
     order_id = str(uuid.uuid4())
-    fee = (filled * price * TAKER_FEE_RATE).quantize(FEE_PLACES, rounding=ROUND_UP)
+    fills = _levels(instrument, side, filled, price) if filled else []
+    fees = [(q * p * TAKER_FEE_RATE).quantize(FEE_PLACES, rounding=ROUND_UP) for q, p in fills]
+    value = sum((q * p for q, p in fills), Decimal(0))
+    config = state.config
     order = Order(
         api_key=account.api_key,
         order_id=order_id,
@@ -183,22 +222,28 @@ def _execute(
         side=side,
         qty=qty,
         cum_exec_qty=filled,
-        cum_exec_value=filled * price,
-        cum_exec_fee=fee,
-        avg_price=price if filled else None,
+        cum_exec_value=value,
+        cum_exec_fee=sum(fees, Decimal(0)),
+        avg_price=value / filled if filled else None,
         order_status="Filled" if filled == qty else "Cancelled",
         reduce_only=reduce_only,
         last_price=state.prices[instrument.symbol],
         created_ms=now,
         qty_step=instrument.qty_step,
         tick_size=instrument.tick_size,
+        visible_ms=now + config.order_visible_ms,
+        fill_ms=now + config.fill_delay_ms,
+        history_ms=now + config.history_lag_ms,
+        position_idx=idx,
     )
     state.orders.append(order)
     if link:
         account.order_link_ids.add(link)
-    if filled:
-        position = account.position(instrument.symbol)
-        closed = _apply_fill(account, position, filled if side == "Buy" else -filled, price, now)
+    for (quantity, fill_price), fee in zip(fills, fees, strict=True):
+        position = account.position(instrument.symbol, idx)
+        closed = _apply_fill(
+            account, position, quantity if side == "Buy" else -quantity, fill_price, now
+        )
         account.wallet_balance -= fee
         position.seq = state.next_seq()
         state.executions.append(
@@ -209,11 +254,11 @@ def _execute(
                 order_link_id=link,
                 symbol=instrument.symbol,
                 side=side,
-                exec_price=price,
-                exec_qty=filled,
+                exec_price=fill_price,
+                exec_qty=quantity,
                 exec_fee=fee,
                 order_qty=qty,
-                exec_ms=now,
+                exec_ms=now + config.fill_delay_ms,
                 seq=position.seq,
                 closed_size=closed,
                 qty_step=instrument.qty_step,

@@ -111,7 +111,10 @@ async def _ccxt(url: str, key: str, secret: str, orders: int) -> list[float]:
 def run(*, orders: int) -> str:
     port = free_port()
     log = Path(tempfile.gettempdir()) / f"bench-simulator-{port}.log"
-    simulator = ServiceProcess(["simulator", "--port", str(port)], dict(os.environ), log)
+    # Thousands of orders in seconds from three clients that share no limiter: no IP limit.
+    simulator = ServiceProcess(
+        ["simulator", "--port", str(port), "--ip-limit", "0"], dict(os.environ), log
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_port(port, simulator.process)

@@ -173,7 +173,11 @@ def bench_stack(**settings: str) -> Iterator[Stack]:
         get_settings.cache_clear()
         stack = Stack(env, url, f"http://127.0.0.1:{sim_port}", queue, Path(tmp))
         try:
-            simulator = stack.start("simulator", "simulator", "--port", str(sim_port))
+            # The benchmark's own clients (the floor run, the load) share no limiter: no IP
+            # limit here; the egress figure sets one itself.
+            simulator = stack.start(
+                "simulator", "simulator", "--port", str(sim_port), "--ip-limit", "0"
+            )
             wait_for_port(sim_port, simulator.process)
             stack.configure_simulator(order_rate_limit=0, latency_ms=0)
             asyncio.run(prepare_database(url))

@@ -20,10 +20,16 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="session")
 def simulator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The Bybit V5 simulator as a real process on a free loopback port."""
+    """The Bybit V5 simulator as a real process on a free loopback port.
+
+    Without its IP limit: the test process's own clients (the fixtures, runs awaited
+    in-process) do not go through the workers' shared limiter, and a session of tests sends
+    more than 600 requests in five seconds. The tests of the IP limit set it themselves."""
     port = free_port()
     log = tmp_path_factory.mktemp("simulator") / "simulator.log"
-    process = ServiceProcess(["simulator", "--port", str(port)], dict(os.environ), log)
+    process = ServiceProcess(
+        ["simulator", "--port", str(port), "--ip-limit", "0"], dict(os.environ), log
+    )
     try:
         wait_for_port(port, process.process)
         yield f"http://127.0.0.1:{port}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -196,9 +197,8 @@ async def test_a_basket_holds_its_account_until_it_is_final(
 
     # The same account's next basket waits (no attempt used, shown on the position)...
     waiting = await execute_position(unreachable_deps, second, task_id="second")
-    assert waiting.outcome is Outcome.RETRY
+    assert waiting.outcome is Outcome.WAITING  # no retry message: nothing polls
     assert waiting.detail == "waiting for the account"
-    assert waiting.retry_in == unreachable_deps.account_retry_seconds
     async with sessions() as session:
         waited = await repository.get_position(session, second)
     assert waited is not None
@@ -211,9 +211,12 @@ async def test_a_basket_holds_its_account_until_it_is_final(
     assert unaffected.outcome is Outcome.RETRY
     assert unaffected.detail != "waiting for the account"
 
-    # Once the first basket is final, the second one runs.
-    outcomes = [await execute_position(unreachable_deps, first, task_id="first") for _ in range(3)]
+    # Once the first basket is final, it sends the second one, which runs.
+    publisher = _RecordingPublisher()
+    handing = replace(unreachable_deps, publisher=publisher)
+    outcomes = [await execute_position(handing, first, task_id="first") for _ in range(3)]
     assert outcomes[-1].outcome is Outcome.FAILED
+    assert publisher.sent == [(second, None)]
     runs = await execute_position(unreachable_deps, second, task_id="second")
     assert runs.detail != "waiting for the account"
     async with sessions() as session:
@@ -228,8 +231,6 @@ async def test_a_basket_holds_its_account_until_it_is_final(
 async def test_a_new_basket_that_waited_too_long_fails_with_nothing_sent(
     unreachable_deps: ExecutionDeps, sessions: SessionScope
 ) -> None:
-    from dataclasses import replace
-
     first = await _pending_position(sessions, unreachable_deps.cipher)
     second = await _second_position(sessions, first)
     assert (await execute_position(unreachable_deps, first, task_id="a")).outcome is Outcome.RETRY

@@ -19,6 +19,7 @@ ORDER = (
     "lost-lock",
     "shared-account",
     "dead-run-reconciliation",
+    "exchange-rules",
     "retries",
     "infrastructure",
     "bad-requests",

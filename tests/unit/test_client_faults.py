@@ -62,11 +62,6 @@ async def _fault(simulator: Simulator, **fault: object) -> None:
             TransientBybitError,
             True,
         ),
-        (
-            {"kind": "retcode", "retCode": 10002, "retMsg": "recv_window"},
-            TransientBybitError,
-            False,
-        ),
         ({"kind": "malformed"}, BybitServerError, True),
         ({"kind": "malformed", "body": "<html>oops</html>"}, BybitServerError, True),
         ({"kind": "empty"}, BybitServerError, True),

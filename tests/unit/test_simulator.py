@@ -19,10 +19,13 @@ from pybit._http_manager import generate_signature
 
 from service.simulator import STATE_KEY, SimulatorState, create_app
 from service.simulator.auth import sign
+from tests.support import eventually
 from tests.unit.simulator_support import (
     CREATE,
+    KEY,
     OTHER_KEY,
     OTHER_SECRET,
+    SECRET,
     Simulator,
     leverage_body,
     now_ms,
@@ -356,6 +359,142 @@ async def test_partial_and_empty_fills_end_cancelled(simulator: Simulator) -> No
     assert [f["orderLinkId"] for f in fills.body["result"]["list"]] == ["p-1"]
 
 
+async def _realtime(simulator: Simulator, link: str) -> list[dict[str, Any]]:
+    reply = await simulator.signed(
+        "GET", "/v5/order/realtime", {"category": "linear", "orderLinkId": link}
+    )
+    return list(reply.body["result"]["list"])
+
+
+async def _history(simulator: Simulator, link: str) -> list[dict[str, Any]]:
+    reply = await simulator.signed(
+        "GET", "/v5/order/history", {"category": "linear", "orderLinkId": link}
+    )
+    return list(reply.body["result"]["list"])
+
+
+async def test_an_order_is_listed_then_filled_then_in_history_after_delays(
+    simulator: Simulator,
+) -> None:
+    await simulator.admin(
+        "PUT",
+        "/sim/config",
+        {"order_visible_ms": 300, "fill_delay_ms": 600, "history_lag_ms": 900},
+    )
+    assert (await simulator.order("late-1")).code == 0
+    assert await _realtime(simulator, "late-1") == []  # accepted, not listed yet
+    assert await _history(simulator, "late-1") == []
+
+    async def listed_new() -> list[dict[str, Any]] | None:
+        return await _realtime(simulator, "late-1") or None
+
+    new = (await eventually(listed_new, timeout=5, interval=0.05))[0]
+    if new["orderStatus"] == "New":  # before the fill delay: nothing filled, no executions
+        assert (new["cumExecQty"], new["avgPrice"], new["cumFeeDetail"]) == ("0.000", "", {})
+
+    async def filled() -> dict[str, Any] | None:
+        rows = await _realtime(simulator, "late-1")
+        return rows[0] if rows and rows[0]["orderStatus"] == "Filled" else None
+
+    done = await eventually(filled, timeout=5, interval=0.05)
+    assert done["cumExecQty"] == "0.001"
+    assert done["cumFeeDetail"] == {"USDT": done["cumExecFee"]}
+
+    async def in_history() -> list[dict[str, Any]] | None:
+        return await _history(simulator, "late-1") or None
+
+    assert (await eventually(in_history, timeout=5, interval=0.05))[0]["orderStatus"] == "Filled"
+
+
+async def test_a_thin_book_fills_part_over_several_executions(simulator: Simulator) -> None:
+    await simulator.admin(
+        "PUT", "/sim/instruments/BTCUSDT", {"bookDepth": "0.006", "bookLevels": 3}
+    )
+    assert (await simulator.order("thin-1", qty="0.010")).code == 0
+    order = (await _realtime(simulator, "thin-1"))[0]
+    assert (order["orderStatus"], order["cumExecQty"]) == ("Cancelled", "0.006")
+    executions = (
+        await simulator.signed(
+            "GET", "/v5/execution/list", {"category": "linear", "orderId": order["orderId"]}
+        )
+    ).body["result"]["list"]
+    assert sorted(e["execQty"] for e in executions) == ["0.002", "0.002", "0.002"]
+    prices = sorted(Decimal(e["execPrice"]) for e in executions)
+    assert prices[0] < prices[1] < prices[2]  # each level a tick worse for the buyer
+    assert Decimal(order["avgPrice"]) == prices[1]
+
+
+async def test_executions_are_paged(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/instruments/BTCUSDT", {"bookLevels": 150})
+    assert (await simulator.order("many-1", qty="0.150")).code == 0
+    order_id = (await _realtime(simulator, "many-1"))[0]["orderId"]
+    first = (
+        await simulator.signed(
+            "GET",
+            "/v5/execution/list",
+            {"category": "linear", "orderId": order_id, "limit": "100"},
+        )
+    ).body["result"]
+    assert len(first["list"]) == 100
+    assert first["nextPageCursor"]
+
+
+async def test_hedge_mode_takes_positionidx_1_and_2(simulator: Simulator) -> None:
+    await simulator.admin(
+        "POST",
+        "/sim/accounts",
+        {"api_key": KEY, "api_secret": SECRET, "balance": "100000", "position_mode": "hedge"},
+    )
+    assert (await simulator.order("h-0", positionIdx=0)).code == 10001
+    assert (await simulator.order("h-1", positionIdx=1)).code == 0
+    assert (await simulator.order("h-2", side="Sell", positionIdx=2)).code == 0
+    rows = (
+        await simulator.signed(
+            "GET", "/v5/position/list", {"category": "linear", "symbol": "BTCUSDT"}
+        )
+    ).body["result"]["list"]
+    assert [(r["positionIdx"], r["side"], r["size"]) for r in rows] == [
+        (1, "Buy", "0.001"),
+        (2, "Sell", "0.001"),
+    ]
+
+
+async def test_isolated_margin_leaves_account_wide_fields_empty(simulator: Simulator) -> None:
+    await simulator.admin(
+        "POST",
+        "/sim/accounts",
+        {
+            "api_key": KEY,
+            "api_secret": SECRET,
+            "balance": "5000",
+            "margin_mode": "ISOLATED_MARGIN",
+        },
+    )
+    account = (await simulator.signed("GET", WALLET, {"accountType": "UNIFIED"})).body["result"][
+        "list"
+    ][0]
+    assert account["totalAvailableBalance"] == ""
+    assert account["coin"][0]["walletBalance"] == "5000"
+    info = await simulator.signed("GET", "/v5/account/info")
+    assert info.body["result"]["marginMode"] == "ISOLATED_MARGIN"
+
+
+async def test_a_held_position_can_be_seeded(simulator: Simulator) -> None:
+    await simulator.admin(
+        "POST",
+        "/sim/positions",
+        {"api_key": KEY, "symbol": "ETHUSDT", "side": "Sell", "size": "2", "leverage": "5"},
+    )
+    rows = (
+        await simulator.signed(
+            "GET", "/v5/position/list", {"category": "linear", "settleCoin": "USDT"}
+        )
+    ).body["result"]["list"]
+    assert [(r["symbol"], r["side"], r["size"], r["leverage"]) for r in rows] == [
+        ("ETHUSDT", "Sell", "2.00", "5")
+    ]
+
+
 async def test_a_halted_instrument_refuses_orders(simulator: Simulator) -> None:
     await simulator.admin("PUT", "/sim/instruments/ETHUSDT", {"status": "Closed"})
     reply = await simulator.order("h-1", qty="0.01", symbol="ETHUSDT")
@@ -383,6 +522,54 @@ async def test_rate_limit_is_10006_with_bybits_headers(simulator: Simulator) -> 
     assert other.code == 0
     await simulator.admin("PUT", "/sim/config", {"order_rate_limit": 0})
     assert [(await simulator.order(f"u-{n}")).code for n in range(4)] == [0, 0, 0, 0]
+
+
+async def test_every_private_endpoint_has_its_account_limit(simulator: Simulator) -> None:
+    # set-leverage: 10 a second per account, as Bybit documents.
+    replies = [
+        await simulator.signed("POST", "/v5/position/set-leverage", leverage_body(str(n + 2)))
+        for n in range(11)
+    ]
+    assert [r.code for r in replies] == [0] * 10 + [10006]
+    assert replies[-1].headers["X-Bapi-Limit"] == "10"
+    await simulator.admin("PUT", "/sim/config", {"account_limits": False})
+    reply = await simulator.signed("POST", "/v5/position/set-leverage", leverage_body("20"))
+    assert reply.code == 0
+
+
+async def test_the_ip_limit_bans_the_address_with_403(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/config", {"ip_limit": 5, "ip_ban_ms": 60_000})
+    statuses = [(await simulator.public("/v5/market/time")).status for _ in range(6)]
+    assert statuses == [200] * 5 + [403]
+    # Banned: every request from the address, signed ones and other keys included.
+    assert (await simulator.order("ip-1")).status == 403
+    other = await simulator.signed(
+        "POST", CREATE, order_body("ip-2"), key=OTHER_KEY, secret=OTHER_SECRET
+    )
+    assert other.status == 403
+    await simulator.admin("DELETE", "/sim/ban")
+    await simulator.admin("PUT", "/sim/config", {"ip_limit": 0})
+    assert (await simulator.order("ip-3")).code == 0
+
+
+async def test_injected_load_answers_429(simulator: Simulator) -> None:
+    await simulator.admin("PUT", "/sim/config", {"max_in_flight": 1, "latency_ms": 200})
+    replies = await asyncio.gather(*(simulator.order(f"load-{n}") for n in range(3)))
+    assert [r.code for r in replies] == [429, 429, 429]
+    assert "high server load" in replies[0].body["retMsg"]
+    assert await simulator.orders() == []  # refused, not taken
+    assert (await simulator.order("load-alone")).code == 0  # one at a time gets through
+
+
+async def test_a_retcode_after_fill_lands_the_order(simulator: Simulator) -> None:
+    await simulator.admin(
+        "POST",
+        "/sim/faults",
+        {"path": CREATE, "kind": "retcode_after_fill", "retCode": 10016, "retMsg": "timeout"},
+    )
+    reply = await simulator.order("landed-1")
+    assert reply.code == 10016
+    assert [o["orderLinkId"] for o in await simulator.orders()] == ["landed-1"]
 
 
 # ---- faults ------------------------------------------------------------------------------

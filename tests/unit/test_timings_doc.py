@@ -39,14 +39,12 @@ def test_the_documented_timings_are_the_code_s() -> None:
         "Celery hard time limit": settings.task_time_limit_seconds,
         "least time left to start an order": settings.http_read_timeout_seconds + 1,
         "ownership check and lock release timeout": CONFIRM_TIMEOUT_SECONDS,
-        "pause before a new basket asks for its busy account again": (
-            settings.account_retry_seconds
-        ),
-        "longest such pause (when the busy basket's next attempt is later)": _deps_default(
-            "account_retry_max_seconds"
-        ),
         "a resumed basket waits in line for the account's lock": _deps_default(
             "account_lock_wait_seconds"
+        ),
+        "then asks again after": settings.account_retry_seconds,
+        "a waiting basket missed by its hand-off is sent again after": (
+            settings.stale_pending_seconds
         ),
         "longest total wait of a new basket for its account": (settings.account_wait_limit_seconds),
         "a database statement that hangs fails after": settings.db_statement_timeout_seconds,

@@ -1,0 +1,182 @@
+"""Bybit's rate limits, kept in Redis for every process that calls Bybit.
+
+Bybit counts requests per account (UID) per endpoint in a rolling second (`order/create` 10,
+`set-leverage` 10, the reads 50 by default), and per IP address: 600 in any five seconds, and
+a breach bans the address for ten minutes or more, every key behind it included. Each worker
+process counting for itself would breach both as soon as there are a few of them. So:
+
+- every call takes a slot in a rolling-window log in Redis, one per (account, endpoint) and one
+  per egress address, in one atomic script; a call whose window is full waits for the oldest
+  slot to age out, if that is soon (`wait_max_seconds`), or fails as a transient error carrying
+  the real wait;
+- the windows are sized at `share` of Bybit's limits (headroom for what we do not count: the
+  clock's drift between Redis and Bybit, other software behind the address);
+- what Bybit says is learnt: `X-Bapi-Limit` (the account's real limit, higher on VIP tiers)
+  replaces the default for a while, and `X-Bapi-Limit-Status: 0` or a 10006 blocks the
+  account's endpoint until `X-Bapi-Limit-Reset-Timestamp`;
+- an IP ban (HTTP 403 or retCode 10018) pauses every call from the address until it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+import structlog
+
+from service.bybit.errors import BybitIpBanError, BybitRateLimitError
+
+logger = structlog.stdlib.get_logger("service.rate_limits")
+
+# Bybit's defaults per account and second (rate-limit page, UTA, linear); others: 10.
+ACCOUNT_LIMITS: Final[Mapping[str, int]] = {
+    "/v5/order/create": 10,
+    "/v5/order/create-batch": 10,
+    "/v5/position/set-leverage": 10,
+    "/v5/order/realtime": 50,
+    "/v5/order/history": 50,
+    "/v5/execution/list": 50,
+    "/v5/position/list": 50,
+    "/v5/account/wallet-balance": 50,
+    "/v5/account/info": 50,
+}
+DEFAULT_ACCOUNT_LIMIT: Final = 10
+IP_LIMIT: Final = 600  # per IP_WINDOW_MS
+IP_WINDOW_MS: Final = 5000
+ACCOUNT_WINDOW_MS: Final = 1000
+LEARNT_LIMIT_TTL_MS: Final = 3_600_000
+
+# KEYS: windows (count = ARGV[2]), then blocks (the rest).
+# ARGV: member, window count, then per window: limit, window ms.
+# Returns {0} when the call may go, else {wait ms, 1 if it is a ban or block, index}.
+_TAKE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local windows = tonumber(ARGV[2])
+local wait, blocked = 0, 0
+for i = windows + 1, #KEYS do
+  local left = redis.call('PTTL', KEYS[i])
+  if left > wait then wait, blocked = left, 1 end
+end
+if wait > 0 then return {wait, blocked} end
+for i = 1, windows do
+  local limit, span = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - span)
+  if redis.call('ZCARD', KEYS[i]) >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    local left = tonumber(oldest[2]) + span - now + 1
+    if left > wait then wait = left end
+  end
+end
+if wait > 0 then return {wait, 0} end
+for i = 1, windows do
+  redis.call('ZADD', KEYS[i], now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2 + 2 * i]))
+end
+return {0, 0}
+"""
+
+
+@dataclass
+class RedisCallGate:
+    """The `CallGate` of service/bybit/client.py, shared through Redis."""
+
+    redis: aioredis.Redis
+    egress: str = "default"
+    share: float = 0.9
+    ip_limit: int = IP_LIMIT
+    wait_max_seconds: float = 2.0
+    prefix: str = "trader:limits"
+    _learnt: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._script = self.redis.register_script(_TAKE_SLOT)
+
+    def _ban_key(self) -> str:
+        return f"{self.prefix}:ban:{self.egress}"
+
+    def _account_key(self, kind: str, account: str, path: str) -> str:
+        return f"{self.prefix}:{kind}:{account}:{path}"
+
+    async def before(self, path: str, account: str | None) -> None:
+        """Wait for a slot (at most `wait_max_seconds`), or raise a transient error that says
+        how long the real wait is."""
+        waited = 0.0
+        while True:
+            wait_ms, blocked = await self._take(path, account)
+            if wait_ms <= 0:
+                return
+            wait = wait_ms / 1000
+            if blocked and await self.redis.pttl(self._ban_key()) > 0:
+                raise BybitIpBanError(
+                    f"calls from this address are paused for {wait:.0f} s more: Bybit banned "
+                    "it for breaching its IP limit",
+                    path=path,
+                    retry_after=wait,
+                )
+            if waited + wait > self.wait_max_seconds:
+                raise BybitRateLimitError(
+                    f"rate limit reached for {path}: the next slot is {wait:.1f} s away",
+                    path=path,
+                    retry_after=wait,
+                )
+            await asyncio.sleep(wait)
+            waited += wait
+
+    async def _take(self, path: str, account: str | None) -> tuple[int, int]:
+        keys = [f"{self.prefix}:ip:{self.egress}"]
+        args: list[Any] = [uuid.uuid4().hex, 0, self._scaled(self.ip_limit), IP_WINDOW_MS]
+        blocks = [self._ban_key()]
+        if account is not None:
+            limit = self._learnt.get((account, path)) or ACCOUNT_LIMITS.get(
+                path, DEFAULT_ACCOUNT_LIMIT
+            )
+            keys.append(self._account_key("window", account, path))
+            args += [self._scaled(limit), ACCOUNT_WINDOW_MS]
+            blocks.append(self._account_key("block", account, path))
+        args[1] = len(keys)
+        result = await self._script(keys=[*keys, *blocks], args=args)
+        return int(result[0]), int(result[1])
+
+    def _scaled(self, limit: int) -> int:
+        return max(1, math.floor(limit * self.share))
+
+    async def after(
+        self,
+        path: str,
+        account: str | None,
+        headers: Mapping[str, str],
+        *,
+        rate_limited: bool = False,
+        reset_in_seconds: float | None = None,
+    ) -> None:
+        """Learn from the answer: the account's real limit for the endpoint, and whether it
+        is used up until the reset."""
+        if account is None:
+            return
+        limit = _int(headers.get("X-Bapi-Limit"))
+        if limit is not None and limit > 0:
+            self._learnt[(account, path)] = limit
+        remaining = _int(headers.get("X-Bapi-Limit-Status"))
+        if rate_limited or remaining == 0:
+            block_ms = max(1, math.ceil((reset_in_seconds or 1.0) * 1000))
+            await self.redis.set(self._account_key("block", account, path), 1, px=block_ms)
+
+    async def ban(self, seconds: float) -> None:
+        """Bybit banned the address: every process pauses its calls until the ban ends."""
+        await self.redis.set(self._ban_key(), 1, px=max(1, math.ceil(seconds * 1000)))
+        logger.error("exchange.ip_banned", egress=self.egress, pause_s=round(seconds))
+
+
+def _int(raw: str | None) -> int | None:
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None

@@ -1,0 +1,141 @@
+"""The shared rate limits in Redis (service/rate_limits.py), with real Redis: windows per
+address and per account and endpoint, limits learnt from Bybit's headers, and an IP ban that
+every process sees."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import httpx
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from service.bybit.auth import ApiCredentials
+from service.bybit.client import BybitClient, create_http_session
+from service.bybit.errors import BybitIpBanError, BybitRateLimitError
+from service.rate_limits import RedisCallGate
+from tests.conftest import TEST_ENV
+from tests.support import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+ORDER = "/v5/order/create"
+
+
+@pytest_asyncio.fixture
+async def redis() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(TEST_ENV["REDIS_URL"])
+    yield client
+    await client.aclose()
+
+
+def _gate(redis: aioredis.Redis, prefix: str, **options: object) -> RedisCallGate:
+    # A prefix of its own per test: nothing shared with other tests or runs.
+    return RedisCallGate(redis, prefix=prefix, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-limits-{secrets.token_hex(4)}"
+
+
+async def _taken(gate: RedisCallGate, path: str, account: str | None, calls: int) -> int:
+    """How many of `calls` got a slot; every refusal says how long the real wait is."""
+    taken, waits = 0, []
+    for _ in range(calls):
+        try:
+            await gate.before(path, account)
+            taken += 1
+        except BybitRateLimitError as error:
+            waits.append(error.retry_after)
+    assert all(wait is not None and 0 < wait <= 5 for wait in waits), waits
+    return taken
+
+
+async def test_the_address_window_counts_every_process(redis: aioredis.Redis, prefix: str) -> None:
+    one = _gate(redis, prefix, ip_limit=10, share=1.0, wait_max_seconds=0)
+    other = _gate(redis, prefix, ip_limit=10, share=1.0, wait_max_seconds=0)
+    assert await _taken(one, "/v5/market/tickers", None, 6) == 6
+    assert await _taken(other, "/v5/market/tickers", None, 6) == 4  # 10 in all, whoever asks
+
+
+async def test_account_windows_are_per_account_and_endpoint(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    gate = _gate(redis, prefix, share=0.5, wait_max_seconds=0)
+    assert await _taken(gate, ORDER, "acct-a", 8) == 5  # order/create: 10/s, half of it
+    assert await _taken(gate, ORDER, "acct-b", 8) == 5  # another account: its own window
+    assert await _taken(gate, "/v5/order/realtime", "acct-a", 30) == 25  # reads: 50/s
+
+
+async def test_a_higher_limit_bybit_reports_is_used(redis: aioredis.Redis, prefix: str) -> None:
+    gate = _gate(redis, prefix, share=0.5, wait_max_seconds=0)
+    await gate.after(ORDER, "vip", {"X-Bapi-Limit": "20", "X-Bapi-Limit-Status": "19"})
+    assert await _taken(gate, ORDER, "vip", 12) == 10
+
+
+async def test_a_used_up_limit_blocks_the_endpoint_until_its_reset(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    gate = _gate(redis, prefix, wait_max_seconds=0)
+    await gate.after(ORDER, "acct", {"X-Bapi-Limit-Status": "0"}, reset_in_seconds=0.3)
+    with pytest.raises(BybitRateLimitError):
+        await gate.before(ORDER, "acct")
+    await gate.before("/v5/order/realtime", "acct")  # other endpoints are not blocked
+
+    async def reset() -> bool:
+        try:
+            await gate.before(ORDER, "acct")
+        except BybitRateLimitError:
+            return False
+        return True
+
+    await eventually(reset, timeout=5, interval=0.05, message="the block lifted")
+
+
+async def test_a_short_wait_is_waited_out(redis: aioredis.Redis, prefix: str) -> None:
+    gate = _gate(redis, prefix, share=0.1, wait_max_seconds=10)  # order/create: 1 a second
+    for _ in range(2):  # the second waits for the first to leave the one-second window
+        await gate.before(ORDER, "acct")
+
+
+async def test_an_ip_ban_pauses_every_process_until_it_ends(
+    redis: aioredis.Redis, prefix: str, simulator_url: str, sim: httpx.AsyncClient
+) -> None:
+    key, secret = f"BAN{secrets.token_hex(6).upper()}", secrets.token_hex(12)
+    await sim.post("/sim/accounts", json={"api_key": key, "api_secret": secret})
+    credentials = ApiCredentials(api_key=key, api_secret=secret)
+    await sim.post(
+        "/sim/faults",
+        json={"path": ORDER, "kind": "http_status", "status": 403, "api_key": key},
+    )
+    async with create_http_session(connect_timeout=1, read_timeout=2) as http:
+        banned = BybitClient(http, simulator_url, ip_ban_seconds=1.0, gate=_gate(redis, prefix))
+        other_process = BybitClient(http, simulator_url, gate=_gate(redis, prefix))
+        with pytest.raises(BybitIpBanError):
+            await banned.create_market_order(
+                credentials,
+                symbol="BTCUSDT",
+                side="Buy",
+                qty=Decimal("0.001"),
+                order_link_id=f"ban-{secrets.token_hex(4)}",
+            )
+        calls_before = len((await sim.get("/sim/calls", params={"api_key": key})).json()["calls"])
+        # Another process behind the same address does not even ask while the ban lasts.
+        with pytest.raises(BybitIpBanError) as raised:
+            await other_process.get_wallet_balance(credentials)
+        assert raised.value.retry_after is not None
+        assert 0 < raised.value.retry_after <= 1.0
+        calls_after = len((await sim.get("/sim/calls", params={"api_key": key})).json()["calls"])
+        assert calls_after == calls_before
+
+        async def lifted() -> bool:
+            try:
+                await other_process.get_wallet_balance(credentials)
+            except BybitIpBanError:
+                return False
+            return True
+
+        await eventually(lifted, timeout=5, interval=0.1, message="the ban's end")
