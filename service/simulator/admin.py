@@ -100,7 +100,8 @@ async def get_orders(request: web.Request) -> web.Response:
 
 
 async def get_requests(request: web.Request) -> web.Response:
-    return web.json_response({"counts": dict(request.app[STATE_KEY].requests)})
+    state = request.app[STATE_KEY]
+    return web.json_response({"counts": dict(state.requests), "refusals": dict(state.refusals)})
 
 
 async def get_calls(request: web.Request) -> web.Response:

@@ -85,6 +85,7 @@ async def _v5(request: web.Request) -> web.StreamResponse:
         # The IP limit: banned, every key behind the address with it, until the ban ends.
         if arrived >= state.banned_until_ms:
             state.banned_until_ms = arrived + state.config.ip_ban_ms
+        state.refusals["403"] += 1
         return web.Response(status=403, text="403 Forbidden: access too frequent")
     if request.method == "GET" and raw:
         return web.Response(status=403, text="403 Forbidden")  # Bybit refuses a GET with a body
@@ -157,9 +158,11 @@ async def _answer(
     )
     headers = rate.headers()
     if rate.refused:
+        state.refusals["10006"] += 1
         return _json(envelope(code=10006, msg="Too many visits!"), headers)
     limit = state.config.max_in_flight
     if limit and request.app[IN_FLIGHT_KEY].count > limit:
+        state.refusals["429"] += 1
         return _json(
             envelope(
                 code=429,

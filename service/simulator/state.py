@@ -292,6 +292,9 @@ class SimulatorState:
     requests: Counter[str] = field(default_factory=Counter)
     # Every /v5 call as it arrived (before latency and faults): what tests check timing with.
     journal: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=JOURNAL_SIZE))
+    # Refusals for limits and load, by answer ("10006", "403", "429"): what a client that keeps
+    # within the limits never sees.
+    refusals: Counter[str] = field(default_factory=Counter)
     # The IP limit's rolling window (arrival times, ms) and the ban it may have caused.
     ip_calls: deque[int] = field(default_factory=deque)
     banned_until_ms: int = 0
@@ -312,6 +315,7 @@ class SimulatorState:
         self.requests.clear()
         self.journal.clear()
         self.ip_calls.clear()
+        self.refusals.clear()
         self.banned_until_ms = 0
         self.seq = 0
 

@@ -13,7 +13,14 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.benchmarks import api_load, client_orders, profiles, worker_overhead, worker_runs
+from tests.benchmarks import (
+    api_load,
+    client_orders,
+    egress,
+    profiles,
+    worker_overhead,
+    worker_runs,
+)
 from tests.benchmarks.stack import bench_stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +47,14 @@ Each section above says `met` or `not met`; for the ones not met:
   first order, and write each fill while the next leg's order is in flight (a crash before
   that commit is covered by the lookup on resume).
 """
-DEFAULTS = {"orders": 500, "tasks": 1000, "requests": 2000, "positions": 20, "scale": 40}
+DEFAULTS = {
+    "orders": 500,
+    "tasks": 1000,
+    "requests": 2000,
+    "positions": 20,
+    "scale": 40,
+    "egress": 40,
+}
 
 
 def _machine() -> str:
@@ -64,6 +78,7 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=DEFAULTS["positions"])
     parser.add_argument("--scale", type=int, default=DEFAULTS["scale"])
     parser.add_argument("--memory", type=int, default=10_000)
+    parser.add_argument("--egress", type=int, default=DEFAULTS["egress"])
     args = parser.parse_args()
     sections: list[str] = []
 
@@ -85,6 +100,8 @@ def main() -> None:
             )
         )
         add(profiles.profile_worker(stack))
+    with bench_stack() as stack:
+        add(egress.run(stack, baskets=args.egress, workers=2))
     add(worker_overhead.run(tasks=args.tasks))
     options = " ".join(
         f"--{name} {value}" for name, value in vars(args).items() if DEFAULTS.get(name) != value

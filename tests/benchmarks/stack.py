@@ -160,8 +160,10 @@ def bench_stack(**settings: str) -> Iterator[Stack]:
                 "LOG_FORMAT": "json",
                 "LOG_LEVEL": "INFO",
                 "WORKER_METRICS_PORT": "0",
-                # No Beat here to refresh the snapshot; the simulator's prices do not move.
+                # No Beat here to refresh the snapshot; the simulator's prices do not move, so
+                # the one written at the start stays fresh for the API and the workers.
                 "MARKET_MAX_AGE_SECONDS": "86400",
+                "MARKET_REFRESH_SECONDS": "43200",
                 **settings,
             }
         )

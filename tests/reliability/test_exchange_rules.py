@@ -9,9 +9,11 @@ Run with `scripts/dev reliability -k exchange_rules`; the figures go to docs/rel
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ ACCOUNTS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, str | None]] = 
     "isolated-margin account": ({"margin_mode": "ISOLATED_MARGIN"}, None, None),
     "portfolio-margin account": ({"margin_mode": "PORTFOLIO_MARGIN"}, None, None),
     "thin book (BTC 0.005 per order)": ({}, None, "0.005"),
+    "very thin book (BTC 0.002 per order)": ({}, None, "0.002"),
     "hedge mode, short ETH held": (
         {"position_mode": "hedge"},
         {"symbol": "ETHUSDT", "side": "Sell", "size": "1", "leverage": "1"},
@@ -60,6 +63,31 @@ ACCOUNTS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, str | None]] = 
         None,
     ),
 }
+
+
+async def _calls_during_bans(
+    sim: httpx.AsyncClient, owners: dict[str, ApiUser], worker_log: str
+) -> list[dict[str, Any]]:
+    """Requests that reached the exchange while a ban lasted: from a moment after each run
+    met its 403 or 10018 (its `leg.retry_scheduled`) to a moment before the ban's end."""
+    starts = []
+    for line in worker_log.splitlines():
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        error = str(event.get("error", ""))
+        if event.get("event") == "leg.retry_scheduled" and (
+            "http=403" in error or "retCode=10018" in error
+        ):
+            starts.append(datetime.fromisoformat(event["timestamp"]).timestamp() * 1000)
+    windows = [(at + 100, at + BAN_SECONDS * 1000 - 200) for at in starts]
+    ours = {user.api_key for user in owners.values()}
+    calls = (await sim.get("/sim/calls")).json()["calls"]
+    return [
+        c
+        for c in calls
+        if c["api_key"] in ours and any(low <= c["arrived_ms"] <= high for low, high in windows)
+    ]
 
 
 async def _account(
@@ -133,10 +161,14 @@ async def test_exchange_rules(
         await sim.delete("/sim/faults")
     final = {**faulted, **book}
     rows = _figures(final, kinds, orders)
-    _write_report(rows, final, kinds, orders)
+    # While a ban lasts, nothing is sent from the address: not by the run that met it, not by
+    # any other.
+    early = await _calls_during_bans(sim, owners, worker.output())
+    _write_report(rows, final, kinds, orders, early=len(early))
     held_part = [p for p, body in final.items() if body["status"] == "FAILED" and body["trades"]]
     assert held_part == [], [(kinds[p], final[p]["error"]) for p in held_part]
     assert duplicate_links(orders) == 0
+    assert early == []
     for position_id, body in final.items():
         if kinds[position_id].endswith("(refused)"):
             assert body["status"] == "FAILED"
@@ -176,6 +208,8 @@ def _write_report(
     final: dict[str, dict[str, Any]],
     kinds: dict[str, str],
     orders: list[dict[str, Any]],
+    *,
+    early: int,
 ) -> None:
     lines = [
         "| case | positions | ACTIVE | FAILED before any order | FAILED holding part | "
