@@ -239,6 +239,7 @@ sign anew. Thin books fill in part; the remainder is sent again with its own ord
                 ("orders on the exchange", len(orders)),
                 ("orders placed twice (same orderLinkId)", duplicate_links(orders)),
                 ("positions holding part of a basket", sum(r[4] for r in rows)),
+                ("requests sent from the address while it was banned", early),
             ]
         )
     }
