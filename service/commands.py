@@ -79,10 +79,20 @@ async def credentials(_: argparse.Namespace) -> int:
     cipher = CredentialCipher(settings.credentials_keys.get_secret_value())
     engine = create_engine(settings.database_url, pool_size=1)
     try:
-        rotated = await rotate_all(scope_for(create_session_factory(engine)), cipher)
+        report = await rotate_all(scope_for(create_session_factory(engine)), cipher)
     finally:
         await engine.dispose()
-    print(f"re-encrypted {rotated} credential(s) with the first key", flush=True)
+    print(f"re-encrypted {report.rotated} credential(s) with the first key", flush=True)
+    if report.unreadable:
+        users = ", ".join(str(u) for u in report.unreadable)
+        print(
+            f"{len(report.unreadable)} credential(s) could not be decrypted with any key in "
+            f"CREDENTIALS_KEYS and were left as they are (users {users}): their owners must "
+            "store their keys again",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 

@@ -36,14 +36,19 @@ from tenacity import (
     wait_exponential,
 )
 
+from service.account_memo import AccountMemo, LocalAccountMemo
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient
-from service.bybit.errors import BybitError, BybitRateLimitError, DuplicateOrderLinkIdError
+from service.bybit.errors import (
+    BybitError,
+    BybitRateLimitError,
+    DuplicateOrderLinkIdError,
+    PermanentBybitError,
+)
 from service.bybit.types import Order, OrderAck, PositionInfo, WalletBalance
 from service.credentials.service import load_decrypted
 from service.db import SessionScope
 from service.indices import repository as indices_repository
-from service.leverage_memo import LeverageMemo, LocalLeverageMemo
 from service.market_data import MarketData, MarketDataUnavailableError
 from service.metrics import LEG_LATENCY, POSITIONS_FINISHED, RETRIES
 from service.models import (
@@ -57,6 +62,7 @@ from service.positions import repository
 from service.queue import TaskPublisher
 from service.security import CredentialCipher, CredentialDecryptionError
 from service.trading_logic import (
+    NOTIONAL_HEADROOM,
     CompositionError,
     Direction,
     IndexComponent,
@@ -66,6 +72,8 @@ from service.trading_logic import (
 
 T = TypeVar("T")
 logger = structlog.stdlib.get_logger("service.execution")
+# Bybit's answer to set-leverage under portfolio margin ("not allowed to change leverage").
+PORTFOLIO_MARGIN_LEVERAGE = 110038
 
 
 class RunLease(Protocol):
@@ -129,8 +137,9 @@ class ExecutionDeps:
     market: MarketData
     cipher: CredentialCipher
     retry_delays: Sequence[float]
-    # Which (account, symbol) pairs are known to be at 1x (shared by the workers in Redis).
-    leverage: LeverageMemo = field(default_factory=LocalLeverageMemo)
+    # What is known of each (account, symbol): leverage at 1x, position mode (shared by the
+    # workers in Redis).
+    memo: AccountMemo = field(default_factory=LocalAccountMemo)
     # How old the market data a basket is planned and checked with may be (the shared
     # snapshot is rewritten every MARKET_REFRESH_SECONDS).
     market_max_age_seconds: float = 30.0
@@ -160,6 +169,14 @@ class ExecutionDeps:
     order_time_reserve: float = 11.0
     # A leg that filled only in part gets at most this many more orders for its remainder.
     remainder_attempts: int = 3
+    # How long an order that may have landed is looked for before it counts as absent.
+    visibility_wait_seconds: float = 3.0
+    # How long after its creation a position may wait out rate limits and IP bans without
+    # using attempts (after that they count like any transient error).
+    pause_budget_seconds: float = 7200.0
+    # A new basket whose stored key this worker cannot decrypt is left for another worker
+    # (a key rotation rolling out) this long, then fails with nothing sent.
+    unreadable_key_grace_seconds: float = 600.0
 
 
 class LegError(Exception):
@@ -170,12 +187,16 @@ class LegError(Exception):
         leg: int | None = None,
         label: str = "other",
         retry_after: float | None = None,
+        pause: bool = False,
     ) -> None:
         self.reason = reason
         self.leg = leg
         self.label = label  # a short cause for metrics: retcode_10016, http_502, fill_timeout
         # The exchange said when to come back (an IP ban): no attempt is scheduled before.
         self.retry_after = retry_after
+        # A rate limit or an IP ban, not a fault of the basket: the run waits it out without
+        # using an attempt.
+        self.pause = pause
         super().__init__(reason)
 
 
@@ -252,20 +273,33 @@ async def _execute(
         if isinstance(position, RunResult):
             return position
         resuming = position.status == PositionStatus.EXECUTING
-        async with lease.account(
-            position.user_id, wait_seconds=deps.account_lock_wait_seconds if resuming else 0
-        ) as account_locked:
-            holder = None
-            if account_locked and not resuming:
-                # A basket of the account that has begun holds it until it is final, between
-                # its retries too: a new basket's pre-flight must not count on its balance.
-                async with deps.sessions() as session:
-                    holder = await repository.account_holder(
-                        session, position.user_id, other_than=position.id
+        result: RunResult | None = None
+        holder: SyntheticPosition | None = None
+        for look in (1, 2):
+            async with lease.account(
+                position.user_id, wait_seconds=deps.account_lock_wait_seconds if resuming else 0
+            ) as account_locked:
+                holder = None
+                if account_locked and not resuming:
+                    # A basket of the account that has begun holds it until it is final,
+                    # between its retries too: a new basket's pre-flight must not count on
+                    # its balance.
+                    async with deps.sessions() as session:
+                        holder = await repository.account_holder(
+                            session, position.user_id, other_than=position.id
+                        )
+                if account_locked and holder is None:
+                    result = await _run_holding_account(
+                        deps, position, task_id, lease, deadline, log
                     )
-            if not account_locked or holder is not None:
+                    break
+            if resuming or look == 2:
                 return await _wait_for_account(deps, position, holder, task_id, lease, log)
-            result = await _run_holding_account(deps, position, task_id, lease, deadline, log)
+            # Marked waiting before one more look: a holder that ended this instant looked for
+            # waiting baskets before this one was marked, and would not have sent it.
+            async with deps.sessions() as session:
+                await repository.mark_waiting_for_account(session, position.id)
+        assert result is not None
         if result.outcome in (Outcome.ACTIVE, Outcome.FAILED):
             # The account is free: its next basket need not wait for the recovery sweep.
             await _hand_off(deps, position.user_id, log)
@@ -286,6 +320,19 @@ async def _run_holding_account(
         credentials = await _credentials(deps, position)
     except CredentialsUnreadableError as error:
         log.error("run.credentials_unreadable", error=str(error))
+        age = (datetime.now(UTC) - position.created_at).total_seconds()
+        if position.status == PositionStatus.PENDING and age > deps.unreadable_key_grace_seconds:
+            # Not a worker missing a key for a moment (a rotation rolling out): the stored key
+            # is unreadable. Nothing was sent; the user must store it again.
+            reason = (
+                f"the stored API key cannot be decrypted ({error}); store it again with "
+                "PUT /api/credentials. No order was sent"
+            )
+            claimed = await _claim(deps, position, task_id, lease, log)
+            if isinstance(claimed, RunResult):
+                return claimed
+            await _fail(deps, position.id, task_id, reason, None, log, lease.pid)
+            return RunResult(Outcome.FAILED, detail=reason)
         return RunResult(Outcome.ABORTED, detail=str(error))
     except PermanentLegError as error:
         claimed = await _claim(deps, position, task_id, lease, log)
@@ -461,6 +508,29 @@ async def _retry_later(
     log: structlog.stdlib.BoundLogger,
 ) -> RunResult:
     position, task_id = run.position, run.claim
+    if error.pause and error.retry_after is not None:
+        age = (datetime.now(UTC) - position.created_at).total_seconds()
+        if age < deps.pause_budget_seconds:
+            # Waiting out a limit or a ban is not an attempt: come back when it ends.
+            async with deps.sessions() as session:
+                due = await repository.set_next_attempt(
+                    session,
+                    position.id,
+                    task_id,
+                    error.retry_after,
+                    lock_pid=run.lease.pid,
+                    refund_attempt=True,
+                )
+            RETRIES.labels(error.label).inc()
+            log.warning(
+                "leg.retry_scheduled",
+                leg=error.leg,
+                error=error.reason,
+                retry_in_s=error.retry_after,
+                attempt_used=False,
+                next_attempt_at=due.isoformat() if due else None,
+            )
+            return RunResult(Outcome.RETRY, retry_in=error.retry_after, detail=error.reason)
     if retries_done >= len(deps.retry_delays):
         reason = f"gave up after {retries_done + 1} attempts: {error.reason}"
         log.error("leg.failed", leg=error.leg, error=reason)
@@ -594,38 +664,74 @@ async def _preflight(
             f"{deps.preflight_margin:%} for fees and slippage)",
             None,
         )
-    rows = held
-    if not rows:
-        # No open position tells the mode (one-way or hedge, per settle coin): one row does.
-        try:
-            rows = await _call(deps, deps.exchange.get_positions, credentials, symbol=symbols[0])
-        except BybitError as error:
-            raise _classify(error, None, "read the position mode", log) from None
-    hedge = any(row.hedge_mode for row in rows)
+    hedge = await _position_modes(deps, credentials, symbols, held, log)
     _check_held_positions(plan, held, hedge, log)
-    for row in rows:
+    for row in held:
         if row.leverage == 1:
-            await deps.leverage.remember(credentials.account, row.symbol)
+            await deps.memo.confirm_leverage(credentials.account, row.symbol)
     outcomes = await asyncio.gather(
         *(_ensure_leverage(deps, credentials, leg, log) for leg in plan), return_exceptions=True
     )
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
-    side = plan[0].side
-    position_idx = (1 if side == "Buy" else 2) if hedge else 0
-    async with deps.sessions() as session:
-        await repository.set_position_idx(session, run.position.id, position_idx)
     for leg in plan:
-        leg.position_idx = position_idx
+        leg.position_idx = position_idx_for(leg.side, hedge=hedge[leg.symbol])
+    async with deps.sessions() as session:
+        await repository.set_position_idx(
+            session, run.position.id, {leg.leg: leg.position_idx for leg in plan}
+        )
     log.info(
         "preflight.passed",
         required_usdt=str(needed),
         available_usdt=str(wallet.total_available_balance),
-        position_mode="hedge" if hedge else "one-way",
+        hedge_mode=sorted(symbol for symbol, on in hedge.items() if on),
         isolated_margin=wallet.isolated,
         symbols=symbols,
     )
+
+
+def position_idx_for(side: str, *, hedge: bool) -> int:
+    """Bybit's positionIdx for an order that opens `side`: 0 in one-way mode; in hedge mode
+    1 for the buy side, 2 for the sell side."""
+    if not hedge:
+        return 0
+    return 1 if side == "Buy" else 2
+
+
+async def _position_modes(
+    deps: ExecutionDeps,
+    credentials: ApiCredentials,
+    symbols: Sequence[str],
+    held: Sequence[PositionInfo],
+    log: structlog.stdlib.BoundLogger,
+) -> dict[str, bool]:
+    """Each symbol's position mode (True: hedge). Bybit sets it per symbol (a switch per coin
+    skips symbols with positions or orders), so mixed modes are normal: read from the open
+    positions' rows, the memo, and for the rest one row per symbol, side by side."""
+    account = credentials.account
+    modes = {row.symbol: row.hedge_mode for row in held if row.symbol in symbols}
+    for symbol in symbols:
+        if symbol not in modes:
+            known = await deps.memo.hedge_mode(account, symbol)
+            if known is not None:
+                modes[symbol] = known
+    unknown = [s for s in symbols if s not in modes]
+    if unknown:
+        try:
+            rows = await asyncio.gather(
+                *(_call(deps, deps.exchange.get_positions, credentials, symbol=s) for s in unknown)
+            )
+        except BybitError as error:
+            raise _classify(error, None, "read the position modes", log) from None
+        for symbol, symbol_rows in zip(unknown, rows, strict=True):
+            modes[symbol] = any(row.hedge_mode for row in symbol_rows)
+            for row in symbol_rows:
+                if row.leverage == 1:
+                    await deps.memo.confirm_leverage(account, symbol)
+    for symbol in symbols:
+        await deps.memo.remember_hedge_mode(account, symbol, modes[symbol])
+    return modes
 
 
 def _check_filters(
@@ -661,7 +767,7 @@ def _check_filters(
 def _check_held_positions(
     plan: Sequence[PositionLeg],
     held: Sequence[PositionInfo],
-    hedge: bool,
+    hedge: Mapping[str, bool],
     log: structlog.stdlib.BoundLogger,
 ) -> None:
     """A position the user already holds on a basket symbol must come through untouched: in
@@ -672,7 +778,7 @@ def _check_held_positions(
         leg = legs.get(row.symbol)
         if leg is None or row.size <= 0:
             continue
-        if not hedge and row.side and row.side != leg.side:
+        if not hedge[row.symbol] and row.side and row.side != leg.side:
             raise _preflight_failure(
                 log,
                 _leg_reason(
@@ -740,6 +846,7 @@ async def _execute_leg(
         await _ensure_leverage(deps, run.credentials, leg, log)
         first = _LegOrder(leg, 0, leg.order_link_id, leg.quantity)
         order = await _send_and_record(deps, run, first, log)
+        assert order is not None  # a refusal of the first order raises
         if order.cum_exec_qty <= 0:
             reason = f"order ended {order.order_status} with nothing filled"
             log.error(
@@ -757,11 +864,25 @@ async def _execute_leg(
         link = remainder_link_id(run.position.id, leg.leg, remainder)
         if link in links:
             continue  # recorded by an earlier run: already counted in `filled`
+        if remainder <= leg.remainders_submitted:
+            # An earlier run may have sent it: what it filled counts, whatever the book or
+            # the price are now.
+            sent = _LegOrder(leg, remainder, link, leg.quantity - filled)
+            found = await _lookup_patiently(deps, run.credentials, sent)
+            if found is not None:
+                log.info("leg.found_existing", order_link_id=link, bybit_order_id=found.order_id)
+                order = await _record_outcome(deps, run, sent, log, time.perf_counter())
+                filled += order.cum_exec_qty
+                continue
         qty = await _tradeable_remainder(deps, leg, leg.quantity - filled)
         if qty is None:
             break
-        order = await _send_and_record(deps, run, _LegOrder(leg, remainder, link, qty), log)
-        filled += order.cum_exec_qty
+        placed = await _send_and_record(
+            deps, run, _LegOrder(leg, remainder, link, qty), log, refusal_ends_leg=True
+        )
+        if placed is None:
+            break  # refused, nothing placed: the rest is the leg's shortfall
+        filled += placed.cum_exec_qty
     if filled < leg.quantity:
         log.warning(
             "leg.shortfall",
@@ -794,16 +915,26 @@ async def _tradeable_remainder(
     rules, price = instruments[leg.symbol], prices[leg.symbol]
     steps = (remainder / rules.qty_step).to_integral_value(rounding=ROUND_FLOOR)
     qty = (steps * rules.qty_step).quantize(rules.qty_step)
-    if qty <= 0 or qty < rules.min_order_qty or qty * price < rules.min_notional_value:
+    # The price is a few seconds old and may have moved against the leg (that is what thinned
+    # the book): keep the same headroom above the minimum as planning does.
+    floor = rules.min_notional_value * (1 + NOTIONAL_HEADROOM)
+    if qty <= 0 or qty < rules.min_order_qty or qty * price < floor:
         return None
     return min(qty, rules.max_mkt_order_qty)
 
 
 async def _send_and_record(
-    deps: ExecutionDeps, run: _Run, leg_order: _LegOrder, run_log: structlog.stdlib.BoundLogger
-) -> Order:
+    deps: ExecutionDeps,
+    run: _Run,
+    leg_order: _LegOrder,
+    run_log: structlog.stdlib.BoundLogger,
+    *,
+    refusal_ends_leg: bool = False,
+) -> Order | None:
     """Place one order of a leg (looked up first if it may have been sent), wait until it is
-    final, and record its fill at once."""
+    final, and record its fill at once. `refusal_ends_leg` (remainder orders): a refusal that
+    placed nothing (110094 after the price moved, say) ends the leg's tries (None) instead of
+    failing the basket."""
     credentials = run.credentials
     log = run_log.bind(
         qty=str(leg_order.qty), order_link_id=leg_order.link, remainder=leg_order.remainder
@@ -818,7 +949,25 @@ async def _send_and_record(
     if order is None:
         await _prove_ownership(deps, run, leg_order)
         log.info("leg.submitted")
-        await _place(deps, run, leg_order, log)
+        try:
+            await _place(deps, run, leg_order, log)
+        except PermanentLegError as error:
+            if not refusal_ends_leg:
+                raise
+            log.warning("leg.remainder_refused", error=error.reason)
+            return None
+    return await _record_outcome(deps, run, leg_order, log, started)
+
+
+async def _record_outcome(
+    deps: ExecutionDeps,
+    run: _Run,
+    leg_order: _LegOrder,
+    log: structlog.stdlib.BoundLogger,
+    started: float,
+) -> Order:
+    """Wait until the order is final and record its fill."""
+    credentials = run.credentials
     order = await _await_outcome(deps, credentials, leg_order)
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
     if order.cum_exec_qty <= 0:
@@ -923,13 +1072,18 @@ async def _ensure_leverage(
     log: structlog.stdlib.BoundLogger,
 ) -> None:
     account = credentials.account
-    if await deps.leverage.confirmed(account, leg.symbol):
+    if await deps.memo.leverage_confirmed(account, leg.symbol):
         return
     try:
         changed = await _call(deps, deps.exchange.set_leverage, credentials, leg.symbol)
     except BybitError as error:
+        if error.retcode == PORTFOLIO_MARGIN_LEVERAGE:
+            # Portfolio margin has no leverage per symbol: the balance check is the 1x.
+            await deps.memo.confirm_leverage(account, leg.symbol)
+            log.info("leverage.not_applicable", symbol=leg.symbol, reason="portfolio margin")
+            return
         raise _classify(error, leg, "set leverage 1x", log) from None
-    await deps.leverage.remember(account, leg.symbol)
+    await deps.memo.confirm_leverage(account, leg.symbol)
     log.info("leverage.set", symbol=leg.symbol, leverage="1", changed=changed)
 
 
@@ -938,13 +1092,34 @@ async def _place(
 ) -> None:
     leg, credentials = leg_order.leg, run.credentials
     sent = 0
+    flipped = False
 
     async def send() -> OrderAck:
-        nonlocal sent
+        nonlocal sent, flipped
         sent += 1
         if sent > 1:
             # A re-send after a rate-limit refusal is an order too: prove ownership again.
             await _prove_ownership(deps, run, leg_order)
+        try:
+            return await deps.exchange.create_market_order(
+                credentials,
+                symbol=leg.symbol,
+                side=leg.side,
+                qty=leg_order.qty,
+                order_link_id=leg_order.link,
+                position_idx=leg.position_idx,
+            )
+        except PermanentBybitError as error:
+            if flipped or not _wrong_position_idx(error):
+                raise
+        # The symbol's position mode changed since it was read (it placed nothing): the other
+        # mode's index, once, and remember it.
+        flipped = True
+        hedge = leg.position_idx == 0
+        leg.position_idx = position_idx_for(leg.side, hedge=hedge)
+        await deps.memo.remember_hedge_mode(credentials.account, leg.symbol, hedge)
+        log.warning("leg.position_mode_changed", hedge_mode=hedge)
+        await _prove_ownership(deps, run, leg_order)
         return await deps.exchange.create_market_order(
             credentials,
             symbol=leg.symbol,
@@ -968,16 +1143,23 @@ async def _place(
         if not error.ambiguous:
             raise _classify(error, leg, "place order", log) from None
         log.warning("leg.outcome_unknown", error=str(error))
-        if await _lookup(deps, credentials, leg_order) is None:
-            if not error.transient:
-                # A retCode Bybit does not document, and no order took: the leg fails with it.
+        if not error.transient:
+            # A retCode Bybit does not document: the order may have landed and not be listed
+            # yet. Look for it for a while; only if it never shows does the leg fail with it.
+            if await _lookup_patiently(deps, credentials, leg_order) is None:
                 raise _classify(error, leg, "place order", log) from None
+            return
+        if await _lookup(deps, credentials, leg_order) is None:
             # Absent now; it may still appear. The next run looks again before re-sending.
             raise TransientLegError(
                 _leg_reason(leg, f"order outcome unknown: {error}"),
                 leg=leg.leg,
                 label="outcome_unknown",
             ) from None
+
+
+def _wrong_position_idx(error: BybitError) -> bool:
+    return error.retcode == 10001 and "position idx" in error.message.lower()
 
 
 async def _lookup(
@@ -993,6 +1175,21 @@ async def _lookup(
         )
     except BybitError as error:
         raise _classify(error, leg_order.leg, "look up order") from None
+
+
+async def _lookup_patiently(
+    deps: ExecutionDeps, credentials: ApiCredentials, leg_order: _LegOrder
+) -> Order | None:
+    """Look the order up until it shows or `visibility_wait_seconds` have passed: Bybit
+    lists an accepted order a moment after it answers."""
+    deadline = time.monotonic() + deps.visibility_wait_seconds
+    pause = 0.05
+    while True:
+        order = await _lookup(deps, credentials, leg_order)
+        if order is not None or time.monotonic() >= deadline:
+            return order
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 async def _await_outcome(
@@ -1218,7 +1415,11 @@ def _classify(
     number = leg.leg if leg is not None else None
     if error.transient:
         return TransientLegError(
-            reason, leg=number, label=error.reason, retry_after=error.retry_after
+            reason,
+            leg=number,
+            label=error.reason,
+            retry_after=error.retry_after,
+            pause=isinstance(error, BybitRateLimitError),
         )
     if log is not None:
         log.error("leg.failed", error=str(error), retcode=error.retcode, action=action)

@@ -12,7 +12,7 @@ process counting for itself would breach both as soon as there are a few of them
 - the windows are sized at `share` of Bybit's limits (headroom for what we do not count: the
   clock's drift between Redis and Bybit, other software behind the address);
 - what Bybit says is learnt: `X-Bapi-Limit` (the account's real limit, higher on VIP tiers)
-  replaces the default for a while, and `X-Bapi-Limit-Status: 0` or a 10006 blocks the
+  replaces the default in the process, and `X-Bapi-Limit-Status: 0` or a 10006 blocks the
   account's endpoint until `X-Bapi-Limit-Reset-Timestamp`;
 - an IP ban (HTTP 403 or retCode 10018) pauses every call from the address until it ends.
 """
@@ -28,8 +28,9 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 
-from service.bybit.errors import BybitIpBanError, BybitRateLimitError
+from service.bybit.errors import BybitIpBanError, BybitNetworkError, BybitRateLimitError
 
 logger = structlog.stdlib.get_logger("service.rate_limits")
 
@@ -49,7 +50,6 @@ DEFAULT_ACCOUNT_LIMIT: Final = 10
 IP_LIMIT: Final = 600  # per IP_WINDOW_MS
 IP_WINDOW_MS: Final = 5000
 ACCOUNT_WINDOW_MS: Final = 1000
-LEARNT_LIMIT_TTL_MS: Final = 3_600_000
 
 # KEYS: windows (count = ARGV[2]), then blocks (the rest).
 # ARGV: member, window count, then per window: limit, window ms.
@@ -108,7 +108,16 @@ class RedisCallGate:
         how long the real wait is."""
         waited = 0.0
         while True:
-            wait_ms, blocked = await self._take(path, account)
+            try:
+                wait_ms, blocked = await self._take(path, account)
+            except RedisError as error:
+                # No slot can be counted: nothing is sent (the run is retried), rather than
+                # calls that could breach the limits for every process behind the address.
+                raise BybitNetworkError(
+                    f"the shared rate limiter is unreachable ({type(error).__name__})",
+                    path=path,
+                    ambiguous=False,
+                ) from None
             if wait_ms <= 0:
                 return
             wait = wait_ms / 1000
@@ -165,12 +174,19 @@ class RedisCallGate:
         remaining = _int(headers.get("X-Bapi-Limit-Status"))
         if rate_limited or remaining == 0:
             block_ms = max(1, math.ceil((reset_in_seconds or 1.0) * 1000))
-            await self.redis.set(self._account_key("block", account, path), 1, px=block_ms)
+            try:
+                await self.redis.set(self._account_key("block", account, path), 1, px=block_ms)
+            except RedisError as error:
+                # The answer is what matters; the next call asks the limiter again.
+                logger.warning("exchange.limits_unrecorded", error=type(error).__name__)
 
     async def ban(self, seconds: float) -> None:
         """Bybit banned the address: every process pauses its calls until the ban ends."""
-        await self.redis.set(self._ban_key(), 1, px=max(1, math.ceil(seconds * 1000)))
         logger.error("exchange.ip_banned", egress=self.egress, pause_s=round(seconds))
+        try:
+            await self.redis.set(self._ban_key(), 1, px=max(1, math.ceil(seconds * 1000)))
+        except RedisError as error:
+            logger.warning("exchange.limits_unrecorded", error=type(error).__name__)
 
 
 def _int(raw: str | None) -> int | None:

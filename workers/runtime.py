@@ -30,6 +30,7 @@ import structlog
 from aiohttp import ClientSession
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.account_memo import RedisAccountMemo
 from service.bybit.client import BybitClient, create_http_session
 from service.config import Settings
 from service.db import (
@@ -40,7 +41,6 @@ from service.db import (
     scope_for,
 )
 from service.execution import ExecutionDeps
-from service.leverage_memo import RedisLeverageMemo
 from service.market_cache import MarketCache
 from service.market_data import MarketData
 from service.queue import CeleryPublisher
@@ -99,7 +99,7 @@ class Resources:
             exchange=exchange,
             # Filters and prices from Beat's shared snapshot, not a call per symbol.
             market=MarketData(exchange, snapshot=market_cache.load),
-            leverage=RedisLeverageMemo(redis),
+            memo=RedisAccountMemo(redis),
             # Two refreshes' worth: one late refresh does not send every basket to the
             # exchange for its market data.
             market_max_age_seconds=2 * settings.market_refresh_seconds,

@@ -156,9 +156,15 @@ class BybitClient:
 
     async def sync_clock(self) -> int:
         """Measure the exchange's clock against ours (`/v5/market/time`, public)."""
+        path = "/v5/market/time"
+        # Ask the limiter first: its wait must not count as the request's round trip.
+        await self._gate.before(path, None)
         sent = self._clock()
-        result = await self._get("/v5/market/time", {})
+        status, headers, raw = await self._exchange(
+            "GET", path, f"{self._base_url}{path}", {}, None
+        )
         received = self._clock()
+        result = self._envelope(path, status, headers, raw)
         try:
             server_ms = int(str(result["timeNano"])) // 1_000_000
         except (KeyError, ValueError):
@@ -166,9 +172,7 @@ class BybitClient:
                 server_ms = int(str(result["timeSecond"])) * 1000
             except (KeyError, ValueError):
                 raise BybitServerError(
-                    "market/time without timeNano or timeSecond",
-                    path="/v5/market/time",
-                    http_status=200,
+                    "market/time without timeNano or timeSecond", path=path, http_status=200
                 ) from None
         self._offset_ms = server_ms - (sent + received) // 2
         return self._offset_ms

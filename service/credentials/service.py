@@ -13,7 +13,7 @@ from service.bybit.auth import ApiCredentials
 from service.credentials import repository
 from service.db import SessionScope
 from service.errors import NotFoundError, ValidationError
-from service.security import CredentialCipher, mask_key
+from service.security import CredentialCipher, CredentialDecryptionError, mask_key
 
 _PRINTABLE = re.compile(r"^[\x21-\x7e]{8,128}$")
 
@@ -73,19 +73,33 @@ async def load_decrypted(
     )
 
 
-async def rotate_all(sessions: SessionScope, cipher: CredentialCipher) -> int:
+@dataclass(frozen=True, slots=True)
+class RotationReport:
+    rotated: int
+    # Users whose stored pair no listed key decrypts: left as they are, for a person to see.
+    unreadable: list[uuid.UUID]
+
+
+async def rotate_all(sessions: SessionScope, cipher: CredentialCipher) -> RotationReport:
     """Re-encrypt every stored pair with the first CREDENTIALS_KEYS key, one row per
-    transaction, while the system runs (every process decrypts with any listed key)."""
+    transaction, while the system runs (every process decrypts with any listed key). A row
+    that no listed key decrypts is skipped and reported, not the end of the rotation."""
     async with sessions() as session:
         user_ids = await repository.credential_user_ids(session)
     rotated = 0
+    unreadable: list[uuid.UUID] = []
     for user_id in user_ids:
         async with sessions() as session:
             row = await repository.lock_credential(session, user_id)
             if row is None:  # deleted meanwhile
                 continue
-            row.api_key_encrypted = cipher.rotate(row.api_key_encrypted)
-            row.api_secret_encrypted = cipher.rotate(row.api_secret_encrypted)
+            try:
+                key = cipher.rotate(row.api_key_encrypted)
+                secret = cipher.rotate(row.api_secret_encrypted)
+            except CredentialDecryptionError:
+                unreadable.append(user_id)
+                continue
+            row.api_key_encrypted, row.api_secret_encrypted = key, secret
             await session.flush()
             rotated += 1
-    return rotated
+    return RotationReport(rotated=rotated, unreadable=unreadable)

@@ -456,8 +456,10 @@ async def set_next_attempt(
     delay_seconds: float,
     *,
     lock_pid: int | None = None,
+    refund_attempt: bool = False,
 ) -> datetime | None:
-    """Record when the claim holder's next run is due (the database clock decides)."""
+    """Record when the claim holder's next run is due (the database clock decides).
+    `refund_attempt`: the run only waited out a limit, it does not count as an attempt."""
     result = await session.execute(
         update(SyntheticPosition)
         .where(
@@ -470,6 +472,11 @@ async def set_next_attempt(
             next_attempt_at=func.now() + timedelta(seconds=delay_seconds),
             heartbeat_at=func.now(),
             updated_at=func.clock_timestamp(),
+            attempts=(
+                func.greatest(SyntheticPosition.attempts - 1, 0)
+                if refund_attempt
+                else SyntheticPosition.attempts
+            ),
         )
         .returning(SyntheticPosition.next_attempt_at)
         .execution_options(synchronize_session=False)
@@ -503,12 +510,16 @@ async def add_plan(session: AsyncSession, legs: Sequence[PositionLeg]) -> None:
         await _touch(session, legs[0].position_id, {"updated_at": func.clock_timestamp()})
 
 
-async def set_position_idx(session: AsyncSession, position_id: uuid.UUID, idx: int) -> None:
-    """The positionIdx every order of the basket is sent with (the legs share one side)."""
+async def set_position_idx(
+    session: AsyncSession, position_id: uuid.UUID, by_leg: dict[int, int]
+) -> None:
+    """The positionIdx each leg's orders are sent with (its symbol's position mode)."""
+    if not by_leg:
+        return
     await session.execute(
         update(PositionLeg)
         .where(PositionLeg.position_id == position_id)
-        .values(position_idx=idx)
+        .values(position_idx=case(by_leg, value=PositionLeg.leg, else_=PositionLeg.position_idx))
         .execution_options(synchronize_session=False)
     )
 

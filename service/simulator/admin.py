@@ -60,8 +60,30 @@ async def post_account(request: web.Request) -> web.Response:
     margin_mode = data.get("margin_mode", "REGULAR_MARGIN")
     if margin_mode not in MARGIN_MODES:
         raise _bad(f"margin_mode must be one of {', '.join(MARGIN_MODES)}")
-    state.add_account(key, secret, balance, hedge_mode=mode == "hedge", margin_mode=margin_mode)
+    account = state.add_account(
+        key, secret, balance, hedge_mode=mode == "hedge", margin_mode=margin_mode
+    )
+    for field_name, hedge in (("hedge_symbols", True), ("one_way_symbols", False)):
+        symbols = data.get(field_name, [])
+        if not isinstance(symbols, list) or not all(isinstance(x, str) for x in symbols):
+            raise _bad(f"{field_name} must be a list of symbols")
+        for symbol in symbols:
+            account.hedge_symbols[symbol] = hedge
     return web.json_response({"api_key": key})
+
+
+async def put_position_mode(request: web.Request) -> web.Response:
+    """Switch one symbol of an account to `one_way` or `hedge` (as the user can on Bybit)."""
+    state = request.app[STATE_KEY]
+    account = state.accounts.get(request.match_info["api_key"])
+    if account is None:
+        raise web.HTTPNotFound(text="unknown api_key")
+    data = await _json_object(request)
+    symbol, mode = data.get("symbol"), data.get("mode")
+    if symbol not in state.instruments or mode not in ("one_way", "hedge"):
+        raise _bad("symbol must be a known symbol and mode one_way or hedge")
+    account.hedge_symbols[str(symbol)] = mode == "hedge"
+    return web.json_response({"symbol": symbol, "mode": mode})
 
 
 async def post_position(request: web.Request) -> web.Response:
@@ -81,7 +103,7 @@ async def post_position(request: web.Request) -> web.Response:
     size = _decimal(data, "size", positive=True)
     price = _decimal(data, "price", positive=True) if "price" in data else None
     leverage = _decimal(data, "leverage", positive=True) if "leverage" in data else None
-    idx = (1 if side == "Buy" else 2) if account.hedge_mode else 0
+    idx = (1 if side == "Buy" else 2) if account.is_hedge(instrument.symbol) else 0
     position = account.position(instrument.symbol, idx)
     position.size = size if side == "Buy" else -size
     position.avg_price = price or state.prices[instrument.symbol]
@@ -247,6 +269,7 @@ async def post_reset(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/sim/accounts", post_account)
     app.router.add_post("/sim/positions", post_position)
+    app.router.add_put("/sim/accounts/{api_key}/position-mode", put_position_mode)
     app.router.add_get("/sim/orders", get_orders)
     app.router.add_get("/sim/requests", get_requests)
     app.router.add_get("/sim/calls", get_calls)

@@ -46,8 +46,10 @@ class Account:
     leverage: dict[str, Decimal] = field(default_factory=dict)
     # Keyed by (symbol, positionIdx).
     positions: dict[tuple[str, int], Position] = field(default_factory=dict)
-    # Position mode (Bybit: per account and settle coin; USDT here): one-way or hedge.
+    # Position mode: Bybit sets it per symbol (symbol > coin > default; a switch per coin skips
+    # symbols with positions or orders), so modes can be mixed: the default, and overrides.
     hedge_mode: bool = False
+    hedge_symbols: dict[str, bool] = field(default_factory=dict)
     margin_mode: str = "REGULAR_MARGIN"
     order_link_ids: set[str] = field(default_factory=set)
     # Accepted private calls per path (ms timestamps), for the rate limit and its headers.
@@ -59,10 +61,13 @@ class Account:
     def position(self, symbol: str, idx: int = 0) -> Position:
         return self.positions.setdefault((symbol, idx), Position(symbol=symbol, idx=idx))
 
+    def is_hedge(self, symbol: str) -> bool:
+        return self.hedge_symbols.get(symbol, self.hedge_mode)
+
     def positions_of(self, symbol: str) -> list[Position]:
         """The symbol's positions as position/list shows them: one row in one-way mode, one
         per side in hedge mode, empty or not."""
-        indices = (1, 2) if self.hedge_mode else (0,)
+        indices = (1, 2) if self.is_hedge(symbol) else (0,)
         return [self.positions.get((symbol, i)) or Position(symbol, i) for i in indices]
 
     @property

@@ -49,6 +49,10 @@ def set_leverage(state: SimulatorState, account: Account, body: dict[str, Any]) 
     instrument = instrument_of(state, body)
     buy = decimal_string(body.get("buyLeverage"), "buyLeverage")
     sell = decimal_string(body.get("sellLeverage"), "sellLeverage")
+    if account.margin_mode == "PORTFOLIO_MARGIN":
+        raise BybitError(
+            110038, "You are not allowed to change leverage due to portfolio margin mode."
+        )
     if buy != sell:
         raise params_error("buyLeverage must equal sellLeverage in one-way mode")
     if not Decimal(1) <= buy <= instrument.max_leverage or buy % LEVERAGE_STEP:
@@ -98,7 +102,7 @@ def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) 
     if order_type != "Market":
         raise params_error("the simulator accepts Market orders only")
     reduce_only = _flag(body.get("reduceOnly"), "reduceOnly")
-    idx = _position_idx(account, body.get("positionIdx", 0), side, reduce_only)
+    idx = _position_idx(account, instrument.symbol, body.get("positionIdx", 0), side, reduce_only)
     link = body.get("orderLinkId", "")
     if not isinstance(link, str) or (link and not ORDER_LINK_ID.match(link)):
         raise params_error("orderLinkId invalid")
@@ -138,14 +142,14 @@ def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) 
     return _execute(state, account, instrument, side, qty, filled, price, link, reduce_only, idx)
 
 
-def _position_idx(account: Account, raw: object, side: str, reduce_only: bool) -> int:
+def _position_idx(account: Account, symbol: str, raw: object, side: str, reduce_only: bool) -> int:
     """Bybit's positionIdx rule: 0 in one-way mode; in hedge mode 1 for the long side and 2
     for the short side (an order that opens goes to its side, one that reduces to the
     other). The wrong one is 10001."""
     if raw not in (0, 1, 2, "0", "1", "2"):
         raise params_error("positionIdx invalid")
     idx = int(str(raw))
-    if account.hedge_mode:
+    if account.is_hedge(symbol):
         opening = 1 if side == "Buy" else 2
         expected = (3 - opening) if reduce_only else opening
         if idx != expected:
@@ -233,7 +237,8 @@ def _execute(
         tick_size=instrument.tick_size,
         visible_ms=now + config.order_visible_ms,
         fill_ms=now + config.fill_delay_ms,
-        history_ms=now + config.history_lag_ms,
+        # The history never lists an order before order/realtime does.
+        history_ms=now + max(config.history_lag_ms, config.order_visible_ms),
         position_idx=idx,
     )
     state.orders.append(order)

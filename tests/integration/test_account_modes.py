@@ -214,3 +214,81 @@ async def test_a_ten_leg_basket_costs_at_most_legs_times_two_plus_three_requests
     assert len(calls) <= 10 * 2 + 3, paths
     assert paths.count("/v5/order/create") == 10
     assert "/v5/position/set-leverage" not in paths
+
+
+async def test_position_modes_are_per_symbol(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> None:
+    key, secret = await _account(sim, hedge_symbols=["ETHUSDT"])
+    position_id = await _position(deps, sessions, key, secret)
+    result = await execute_position(deps, position_id, task_id="mixed")
+    assert result.outcome is Outcome.ACTIVE, result.detail
+    assert {o["symbol"]: o["positionIdx"] for o in await _orders(sim, key)} == {
+        "BTCUSDT": 0,
+        "ETHUSDT": 1,
+    }
+
+
+async def test_a_position_mode_changed_since_it_was_read_is_corrected_by_the_order(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> None:
+    from service.bybit.auth import ApiCredentials
+
+    key, secret = await _account(sim, hedge_symbols=["ETHUSDT"])
+    # What an earlier basket learnt, before the user switched ETHUSDT to hedge mode.
+    account = ApiCredentials(api_key=key, api_secret=secret).account
+    await deps.memo.remember_hedge_mode(account, "ETHUSDT", False)
+    position_id = await _position(deps, sessions, key, secret)
+    result = await execute_position(deps, position_id, task_id="switched")
+    assert result.outcome is Outcome.ACTIVE, result.detail
+    eth = [o for o in await _orders(sim, key) if o["symbol"] == "ETHUSDT"]
+    assert [o["positionIdx"] for o in eth] == [1]  # refused with 0 (placing nothing), sent with 1
+    assert await deps.memo.hedge_mode(account, "ETHUSDT") is True
+
+
+async def test_a_portfolio_margin_account_has_no_leverage_to_set(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> None:
+    key, secret = await _account(sim, margin_mode="PORTFOLIO_MARGIN")
+    position_id = await _position(deps, sessions, key, secret)
+    result = await execute_position(deps, position_id, task_id="pm")
+    assert result.outcome is Outcome.ACTIVE, result.detail
+
+
+async def test_waiting_out_an_ip_ban_uses_no_attempt(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> None:
+    from dataclasses import replace
+
+    key, secret = await _account(sim)
+    await sim.post(
+        "/sim/faults",
+        json={"path": "/v5/order/create", "kind": "http_status", "status": 403, "api_key": key},
+    )
+    redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
+    try:
+        gate = RedisCallGate(redis, prefix=f"test-limits-{secrets.token_hex(4)}")
+        exchange = BybitClient(
+            deps.exchange._http, deps.exchange._base_url, ip_ban_seconds=0.5, gate=gate
+        )
+        banned = replace(deps, exchange=exchange, market=MarketData(exchange))
+        position_id = await _position(banned, sessions, key, secret)
+        first = await execute_position(banned, position_id, task_id="ban")
+        assert first.outcome is Outcome.RETRY
+        assert first.retry_in is not None
+        assert first.retry_in <= 0.5  # after the ban, not on the retry schedule
+        async with sessions() as session:
+            paused = await repository.get_position(session, position_id)
+        assert paused is not None
+        assert paused.attempts == 0  # the wait used no attempt
+
+        async def done() -> Any:
+            result = await execute_position(banned, position_id, task_id="ban")
+            return result if result.outcome is Outcome.ACTIVE else None
+
+        from tests.support import eventually
+
+        finished = await eventually(done, timeout=10, interval=0.2, message="ACTIVE after the ban")
+        assert finished.outcome is Outcome.ACTIVE
+    finally:
+        await redis.aclose()

@@ -285,3 +285,29 @@ async def test_status_writes_need_the_run_lock_s_own_connection(
             error="late",
         )
     assert late is None
+
+
+@pytest.mark.asyncio
+async def test_a_key_this_worker_cannot_read_is_left_for_another_then_fails_the_new_basket(
+    unreachable_deps: ExecutionDeps, sessions: SessionScope
+) -> None:
+    from cryptography.fernet import Fernet
+    from sqlalchemy import text
+
+    # Stored under a key this worker does not have (a rotation half rolled out, say).
+    other = CredentialCipher(Fernet.generate_key().decode())
+    position_id = await _pending_position(sessions, other)
+    fresh = await execute_position(unreachable_deps, position_id, task_id="k")
+    assert fresh.outcome is Outcome.ABORTED  # left as it was, for a worker that can read it
+    async with sessions() as session:
+        await session.execute(
+            text(
+                "UPDATE synthetic_positions SET created_at = now() - interval '1 hour' "
+                "WHERE id = :id"
+            ),
+            {"id": position_id},
+        )
+    old = await execute_position(unreachable_deps, position_id, task_id="k")
+    assert old.outcome is Outcome.FAILED
+    assert old.detail is not None
+    assert "PUT /api/credentials" in old.detail

@@ -63,3 +63,24 @@ async def test_a_lost_reply_for_an_order_not_listed_yet_is_not_sent_twice(
     links = [o["orderLinkId"] for o in await _orders(sim, key)]
     assert sorted(links) == sorted(set(links))
     assert len(links) == 2
+
+
+async def test_an_undocumented_code_for_an_order_that_landed_is_not_a_failure(
+    deps: ExecutionDeps,  # noqa: F811
+    sessions: SessionScope,
+    sim: httpx.AsyncClient,
+    slow_lists: None,
+) -> None:
+    position_id, key, _ = await _position(deps, sessions, sim)
+    await sim.post(
+        "/sim/faults",
+        json={
+            "path": "/v5/order/create",
+            "kind": "retcode_after_fill",
+            "retCode": 99999,
+            "api_key": key,
+        },
+    )
+    result = await execute_position(deps, position_id, task_id="unknown")
+    assert result.outcome is Outcome.ACTIVE, result.detail
+    assert len(await _orders(sim, key)) == 2

@@ -188,3 +188,64 @@ async def test_a_remainder_order_whose_reply_is_lost_is_looked_up_not_sent_twice
     links = [o["orderLinkId"] for o in await _orders(sim, key)]
     assert len(links) == len(set(links))
     assert remainder_link_id(position_id, 0, 1) in links
+
+
+async def test_a_remainder_sent_before_a_crash_is_recorded_whatever_the_price_now(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient, thin_btc: Any
+) -> None:
+    position_id, key, token = await _position(deps, sessions, sim)
+    await thin_btc("0.005")
+    # The first remainder order is sent and fills, then its fill cannot be read: the run
+    # ends (as a crash would) with the order on the exchange and not in the books.
+    await sim.post(
+        "/sim/faults",
+        json={
+            "path": "/v5/order/realtime",
+            "kind": "http_status",
+            "status": 503,
+            "skip": 1,
+            "times": deps.call_attempts,
+            "api_key": key,
+        },
+    )
+    first = await execute_position(deps, position_id, task_id="pf")
+    assert first.outcome is Outcome.RETRY
+    # The price has fallen: a new remainder order could not be sent now.
+    await sim.put("/sim/instruments/BTCUSDT", json={"minNotionalValue": "10000"})
+    try:
+        second = await execute_position(deps, position_id, task_id="pf")
+    finally:
+        await sim.put("/sim/instruments/BTCUSDT", json={"minNotionalValue": "5"})
+    assert second.outcome is Outcome.ACTIVE, second.detail
+    body = await _get(position_id, token)
+    btc = [t for t in body["trades"] if t["symbol"] == "BTCUSDT"]
+    assert sorted(t["quantity"] for t in btc) == ["0.005", "0.005"]  # both orders recorded
+    components = {c["symbol"]: c["expected_quantity"] for c in body["components"]}
+    assert components["BTCUSDT"] == "0.010"
+    assert len([o for o in await _orders(sim, key) if o["symbol"] == "BTCUSDT"]) == 2
+
+
+async def test_a_refused_remainder_is_shortfall_and_the_basket_goes_on(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient, thin_btc: Any
+) -> None:
+    position_id, key, token = await _position(deps, sessions, sim)
+    await thin_btc("0.005")
+    # The remainder order (the account's second order/create) is refused: the price moved
+    # below the minimum order value between reading it and sending.
+    await sim.post(
+        "/sim/faults",
+        json={
+            "path": "/v5/order/create",
+            "kind": "retcode",
+            "retCode": 110094,
+            "retMsg": "Order does not meet minimum order value",
+            "skip": 1,
+            "api_key": key,
+        },
+    )
+    result = await execute_position(deps, position_id, task_id="pf")
+    assert result.outcome is Outcome.ACTIVE, result.detail
+    body = await _get(position_id, token)
+    assert body["legs"][0]["shortfall_quantity"] == "0.007"
+    assert body["legs"][1]["shortfall_quantity"] == "0.00"  # ETH traded all the same
+    assert body["shortfall"] is True

@@ -256,7 +256,7 @@ async def test_key_rotation_while_positions_execute_loses_nothing(
                 sessions,
                 CredentialCipher(f"{new_key},{old_key}"),  # type: ignore[arg-type]
             )
-            assert rotated >= 4
+            assert rotated.rotated >= 4
 
             async def all_final(
                 client: httpx.AsyncClient = client, created: list[httpx.Response] = created
