@@ -459,6 +459,41 @@ async def test_hedge_mode_takes_positionidx_1_and_2(simulator: Simulator) -> Non
     ]
 
 
+async def test_position_modes_are_per_symbol_and_can_be_switched(simulator: Simulator) -> None:
+    await simulator.admin(
+        "POST",
+        "/sim/accounts",
+        {"api_key": KEY, "api_secret": SECRET, "balance": "100000", "hedge_symbols": ["ETHUSDT"]},
+    )
+    assert (await simulator.order("m-btc", positionIdx=0)).code == 0
+    assert (await simulator.order("m-eth0", qty="0.01", symbol="ETHUSDT")).code == 10001
+    assert (await simulator.order("m-eth1", qty="0.01", symbol="ETHUSDT", positionIdx=1)).code == 0
+    await simulator.admin(
+        "PUT", f"/sim/accounts/{KEY}/position-mode", {"symbol": "SOLUSDT", "mode": "hedge"}
+    )
+    rows = (
+        await simulator.signed(
+            "GET", "/v5/position/list", {"category": "linear", "symbol": "SOLUSDT"}
+        )
+    ).body["result"]["list"]
+    assert [r["positionIdx"] for r in rows] == [1, 2]
+
+
+async def test_portfolio_margin_has_no_leverage_to_set(simulator: Simulator) -> None:
+    await simulator.admin(
+        "POST",
+        "/sim/accounts",
+        {
+            "api_key": KEY,
+            "api_secret": SECRET,
+            "balance": "100000",
+            "margin_mode": "PORTFOLIO_MARGIN",
+        },
+    )
+    reply = await simulator.signed("POST", LEVERAGE, leverage_body("1"))
+    assert reply.code == 110038
+
+
 async def test_isolated_margin_leaves_account_wide_fields_empty(simulator: Simulator) -> None:
     await simulator.admin(
         "POST",
