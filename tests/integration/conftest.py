@@ -5,13 +5,14 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
 
 from service.api import create_app
-from service.config import Settings
+from service.config import Settings, get_settings
 from tests.conftest import TEST_ENV
 from tests.support import ApiUser, ServiceProcess, free_port, wait_for_port
 
@@ -136,3 +137,47 @@ async def funded_user(sessions: object, sim: httpx.AsyncClient) -> ApiUser:
     )
     response.raise_for_status()
     return ApiUser(email=email, token=token, api_key=api_key, api_secret=api_secret)
+
+
+@asynccontextmanager
+async def execution_deps(
+    engine: object,
+    sessions: object,
+    base_url: str,
+    *,
+    as_a_worker: bool = False,
+    connect_timeout: float = 2,
+    read_timeout: float = 5,
+    **options: Any,
+) -> AsyncIterator[Any]:
+    """ExecutionDeps for a run awaited in-process against `base_url`. `as_a_worker`: with
+    what a worker has besides, the shared rate limits (under a prefix of the test's own) and
+    market data from the shared snapshot."""
+    import redis.asyncio as aioredis
+
+    from service.bybit.client import BybitClient, create_http_session
+    from service.execution import ExecutionDeps
+    from service.market_cache import MarketCache
+    from service.market_data import MarketData
+    from service.rate_limits import RedisCallGate
+    from service.run_lock import advisory_run_lock
+    from service.security import CredentialCipher
+
+    redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
+    try:
+        async with create_http_session(
+            connect_timeout=connect_timeout, read_timeout=read_timeout
+        ) as http:
+            gate = RedisCallGate(redis, prefix=f"test-limits-{secrets.token_hex(4)}")
+            exchange = BybitClient(http, base_url, gate=gate if as_a_worker else None)
+            snapshot = MarketCache(redis, max_age_seconds=600).load if as_a_worker else None
+            yield ExecutionDeps(
+                sessions=sessions,  # type: ignore[arg-type]
+                run_lock=advisory_run_lock(engine),  # type: ignore[arg-type]
+                exchange=exchange,
+                market=MarketData(exchange, snapshot=snapshot),
+                cipher=CredentialCipher(get_settings().credentials_keys.get_secret_value()),
+                **{"retry_delays": (0.0,), **options},
+            )
+    finally:
+        await redis.aclose()

@@ -17,19 +17,16 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.bybit.client import BybitClient, create_http_session
-from service.config import get_settings
+from service.bybit.client import BybitClient
 from service.credentials.service import store_credentials
 from service.db import SessionScope
 from service.execution import ExecutionDeps, Outcome, execute_position
-from service.market_cache import MarketCache
 from service.market_data import MarketData
 from service.positions import repository
 from service.rate_limits import RedisCallGate
-from service.run_lock import advisory_run_lock
-from service.security import CredentialCipher
 from service.users.service import create_user_with_token
 from tests.conftest import TEST_ENV
+from tests.integration.conftest import execution_deps
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -38,23 +35,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 async def deps(
     engine: AsyncEngine, sessions: SessionScope, simulator_url: str
 ) -> AsyncIterator[ExecutionDeps]:
-    redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
-    cache = MarketCache(redis, max_age_seconds=600)
-    # As a worker has it: the shared rate limits (a prefix of this test's own).
-    gate = RedisCallGate(redis, prefix=f"test-limits-{secrets.token_hex(4)}")
-    async with create_http_session(connect_timeout=2, read_timeout=5) as http:
-        exchange = BybitClient(http, simulator_url, gate=gate)
-        yield ExecutionDeps(
-            sessions=sessions,
-            run_lock=advisory_run_lock(engine),
-            exchange=exchange,
-            # As a worker has it: filters and prices from the shared snapshot.
-            market=MarketData(exchange, snapshot=cache.load),
-            cipher=CredentialCipher(get_settings().credentials_keys.get_secret_value()),
-            retry_delays=(0.0,),
-            market_max_age_seconds=600,
-        )
-    await redis.aclose()
+    async with execution_deps(
+        engine, sessions, simulator_url, as_a_worker=True, market_max_age_seconds=600
+    ) as deps:
+        yield deps
 
 
 async def _account(sim: httpx.AsyncClient, **options: object) -> tuple[str, str]:

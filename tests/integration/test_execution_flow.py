@@ -12,18 +12,14 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.bybit.client import BybitClient, create_http_session
-from service.config import get_settings
 from service.credentials.service import store_credentials
 from service.db import SessionScope
 from service.execution import ExecutionDeps, Outcome, execute_position
-from service.market_data import MarketData
 from service.models import PositionStatus, SyntheticPosition
 from service.positions import repository
-from service.run_lock import advisory_run_lock
 from service.security import CredentialCipher
 from service.trading_logic import Direction
-from tests.integration.conftest import new_user
+from tests.integration.conftest import execution_deps, new_user
 from tests.support import free_port
 
 pytestmark = [pytest.mark.integration]
@@ -34,18 +30,17 @@ async def unreachable_deps(
     engine: AsyncEngine, sessions: SessionScope
 ) -> AsyncIterator[ExecutionDeps]:
     """Deps whose exchange refuses every connection: a transient error on every call."""
-    async with create_http_session(connect_timeout=1, read_timeout=1) as http:
-        exchange = BybitClient(http, f"http://127.0.0.1:{free_port()}")
-        yield ExecutionDeps(
-            sessions=sessions,
-            run_lock=advisory_run_lock(engine),
-            exchange=exchange,
-            market=MarketData(exchange),
-            cipher=CredentialCipher(get_settings().credentials_keys.get_secret_value()),
-            retry_delays=(0.0, 0.0, 0.0),
-            call_attempts=2,
-            call_wait_max=0.01,
-        )
+    async with execution_deps(
+        engine,
+        sessions,
+        f"http://127.0.0.1:{free_port()}",
+        connect_timeout=1,
+        read_timeout=1,
+        retry_delays=(0.0, 0.0, 0.0),
+        call_attempts=2,
+        call_wait_max=0.01,
+    ) as deps:
+        yield deps
 
 
 async def _pending_position(sessions: SessionScope, cipher: CredentialCipher) -> uuid.UUID:

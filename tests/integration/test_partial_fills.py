@@ -15,17 +15,13 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.bybit.client import BybitClient, create_http_session
 from service.config import get_settings
 from service.credentials.service import store_credentials
 from service.db import SessionScope
 from service.execution import ExecutionDeps, Outcome, execute_position, remainder_link_id
-from service.market_data import MarketData
 from service.positions import repository
-from service.run_lock import advisory_run_lock
-from service.security import CredentialCipher
 from service.users.service import create_user_with_token
-from tests.integration.conftest import api_client
+from tests.integration.conftest import api_client, execution_deps
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -34,16 +30,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 async def deps(
     engine: AsyncEngine, sessions: SessionScope, simulator_url: str
 ) -> AsyncIterator[ExecutionDeps]:
-    async with create_http_session(connect_timeout=2, read_timeout=5) as http:
-        exchange = BybitClient(http, simulator_url)
-        yield ExecutionDeps(
-            sessions=sessions,
-            run_lock=advisory_run_lock(engine),
-            exchange=exchange,
-            market=MarketData(exchange),
-            cipher=CredentialCipher(get_settings().credentials_keys.get_secret_value()),
-            retry_delays=(0.0,),
-        )
+    async with execution_deps(engine, sessions, simulator_url) as deps:
+        yield deps
 
 
 @pytest_asyncio.fixture

@@ -16,19 +16,15 @@ from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.bybit.client import BybitClient, create_http_session
 from service.config import get_settings
 from service.credentials.service import store_credentials
 from service.db import SessionScope
 from service.execution import ExecutionDeps, Outcome, execute_position
-from service.market_data import MarketData
 from service.models import ReconciliationIssue, Trade
 from service.positions import repository
 from service.reconciliation import reconcile_positions
-from service.run_lock import advisory_run_lock
-from service.security import CredentialCipher
 from service.users.service import create_user_with_token
-from tests.integration.conftest import api_client
+from tests.integration.conftest import api_client, execution_deps
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +33,8 @@ pytestmark = pytest.mark.integration
 async def deps(
     engine: AsyncEngine, sessions: SessionScope, simulator_url: str
 ) -> AsyncIterator[ExecutionDeps]:
-    async with create_http_session(connect_timeout=2, read_timeout=5) as http:
-        exchange = BybitClient(http, simulator_url)
-        yield ExecutionDeps(
-            sessions=sessions,
-            run_lock=advisory_run_lock(engine),
-            exchange=exchange,
-            market=MarketData(exchange),
-            cipher=CredentialCipher(get_settings().credentials_keys.get_secret_value()),
-            retry_delays=(0.0,),
-        )
+    async with execution_deps(engine, sessions, simulator_url) as deps:
+        yield deps
 
 
 async def _active_position(
