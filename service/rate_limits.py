@@ -172,7 +172,9 @@ class RedisCallGate:
         if limit is not None and limit > 0:
             self._learnt[(account, path)] = limit
         remaining = _int(headers.get("X-Bapi-Limit-Status"))
-        if rate_limited or remaining == 0:
+        # "0 remaining" means something only under a limit (an endpoint without one says 0).
+        used_up = remaining == 0 and limit is not None and limit > 0
+        if rate_limited or used_up:
             block_ms = max(1, math.ceil((reset_in_seconds or 1.0) * 1000))
             try:
                 await self.redis.set(self._account_key("block", account, path), 1, px=block_ms)

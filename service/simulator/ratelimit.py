@@ -38,6 +38,8 @@ class RateStatus:
     refused: bool
 
     def headers(self) -> dict[str, str]:
+        if self.limit <= 0:
+            return {}  # enforcement off: no limit to report (Bybit always has one)
         return {
             "X-Bapi-Limit": str(self.limit),
             "X-Bapi-Limit-Status": str(self.remaining),
@@ -52,7 +54,7 @@ def admit(
     account: Account, path: str, order_limit: int, now: int, *, all_endpoints: bool = True
 ) -> RateStatus:
     """Count one call to `path`; refused when it is over its limit. order/create's limit of 0
-    turns its enforcement off (the headers then say 0); `all_endpoints` enforces the others."""
+    turns its enforcement off (and its headers); `all_endpoints` enforces the others."""
     limit = order_limit if path == ORDER_CREATE else DOCUMENTED_LIMITS.get(path, 50)
     calls = account.calls.setdefault(path, deque())
     while calls and calls[0] <= now - WINDOW_MS:

@@ -80,7 +80,12 @@ async def test_a_used_up_limit_blocks_the_endpoint_until_its_reset(
     redis: aioredis.Redis, prefix: str
 ) -> None:
     gate = _gate(redis, prefix, wait_max_seconds=0)
-    await gate.after(ORDER, "acct", {"X-Bapi-Limit-Status": "0"}, reset_in_seconds=0.3)
+    # An endpoint that reports no limit ("0") is not blocked by "0 remaining".
+    await gate.after(ORDER, "acct", {"X-Bapi-Limit": "0", "X-Bapi-Limit-Status": "0"})
+    await gate.before(ORDER, "acct")
+    await gate.after(
+        ORDER, "acct", {"X-Bapi-Limit": "10", "X-Bapi-Limit-Status": "0"}, reset_in_seconds=0.3
+    )
     with pytest.raises(BybitRateLimitError):
         await gate.before(ORDER, "acct")
     await gate.before("/v5/order/realtime", "acct")  # other endpoints are not blocked
