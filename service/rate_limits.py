@@ -175,7 +175,9 @@ class RedisCallGate:
         # "0 remaining" means something only under a limit (an endpoint without one says 0).
         used_up = remaining == 0 and limit is not None and limit > 0
         if rate_limited or used_up:
-            block_ms = max(1, math.ceil((reset_in_seconds or 1.0) * 1000))
+            # Until the reset Bybit names (a second, the window, when it names none).
+            reset = 1.0 if reset_in_seconds is None else reset_in_seconds
+            block_ms = max(1, math.ceil(reset * 1000))
             try:
                 await self.redis.set(self._account_key("block", account, path), 1, px=block_ms)
             except RedisError as error:

@@ -416,7 +416,9 @@ class BybitClient:
                     reset_in_seconds=error.retry_after,
                 )
                 raise
-            await self._gate.after(path, account, reply_headers)
+            await self._gate.after(
+                path, account, reply_headers, reset_in_seconds=self._retry_after(reply_headers)
+            )
             return result
         except BybitError as error:
             EXCHANGE_ERRORS.labels(error.reason).inc()
