@@ -275,6 +275,7 @@ async def _execute(
         resuming = position.status == PositionStatus.EXECUTING
         result: RunResult | None = None
         holder: SyntheticPosition | None = None
+        waiting_since: datetime | None = None
         for look in (1, 2):
             async with lease.account(
                 position.user_id, wait_seconds=deps.account_lock_wait_seconds if resuming else 0
@@ -294,11 +295,13 @@ async def _execute(
                     )
                     break
             if resuming or look == 2:
-                return await _wait_for_account(deps, position, holder, task_id, lease, log)
+                return await _wait_for_account(
+                    deps, position, holder, task_id, lease, log, since=waiting_since
+                )
             # Marked waiting before one more look: a holder that ended this instant looked for
             # waiting baskets before this one was marked, and would not have sent it.
             async with deps.sessions() as session:
-                await repository.mark_waiting_for_account(session, position.id)
+                waiting_since = await repository.mark_waiting_for_account(session, position.id)
         assert result is not None
         if result.outcome in (Outcome.ACTIVE, Outcome.FAILED):
             # The account is free: its next basket need not wait for the recovery sweep.
@@ -432,15 +435,18 @@ async def _wait_for_account(
     task_id: str,
     lease: RunLease,
     log: structlog.stdlib.BoundLogger,
+    *,
+    since: datetime | None = None,
 ) -> RunResult:
     """Another basket of the same account has begun and not ended (`holder`), or holds the
     account's lock this instant. A new basket is marked waiting and gives its worker slot
     back, with no attempt used and nothing polling: the holder sends it when it is final (the
     recovery sweep, if that send is lost). One that has waited too long in all fails with
     nothing sent. A basket being resumed goes first: it asks again shortly, and never fails
-    for waiting."""
-    async with deps.sessions() as session:
-        since = await repository.mark_waiting_for_account(session, position.id)
+    for waiting. `since`: when the wait began, if the caller marked it already."""
+    if since is None:
+        async with deps.sessions() as session:
+            since = await repository.mark_waiting_for_account(session, position.id)
     waited = (datetime.now(UTC) - since).total_seconds() if since else 0.0
     busy_with = str(holder.id) if holder is not None else "the account's lock"
     if position.status == PositionStatus.EXECUTING:
