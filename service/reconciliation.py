@@ -2,7 +2,8 @@
 
 Every position that may have legs on the exchange (EXECUTING, ACTIVE, FAILED) and changed since
 it was last reconciled is covered once that change has settled (RECONCILE_SETTLE_SECONDS: the
-exchange's history may lag a moment), oldest change first, in pages, until none is left or the
+exchange's history may lag a moment), EXECUTING ones first (a dead run's missing fill is the
+most urgent), then the others, oldest change first, in pages, until none is left or the
 run's deadline comes (the next run goes on where this one stopped: `reconciled_at` on each
 position is the durable bookmark). A position whose run is alive right now is left to that run
 and looked at after it. For each leg that was sent, the exchange's order (by orderLinkId) is
@@ -100,24 +101,32 @@ async def reconcile_positions(
     time by which to stop; what is left is due on the next run."""
     report = ReconciliationReport()
     loop = asyncio.get_running_loop()
-    after: tuple[datetime, uuid.UUID] | None = None
-    while True:
-        async with deps.sessions() as session:
-            page = await repository.unreconciled_positions(
-                session,
-                window_seconds=window_seconds,
-                settle_seconds=settle_seconds,
-                limit=page_size,
-                after=after,
-            )
-        if not page:
-            return report
-        for position in page:
-            if deadline is not None and loop.time() >= deadline:
-                report.finished = False
-                return report
-            await _reconcile_one(deps, position, report, settle_seconds)
-        after = (page[-1].updated_at, page[-1].id)
+    # Positions a dead run left EXECUTING first: a fill missing from their books is the most
+    # urgent difference there is. Then the final ones.
+    for statuses in (
+        [PositionStatus.EXECUTING],
+        [PositionStatus.ACTIVE, PositionStatus.FAILED],
+    ):
+        after: tuple[datetime, uuid.UUID] | None = None
+        while True:
+            async with deps.sessions() as session:
+                page = await repository.unreconciled_positions(
+                    session,
+                    window_seconds=window_seconds,
+                    settle_seconds=settle_seconds,
+                    limit=page_size,
+                    statuses=statuses,
+                    after=after,
+                )
+            if not page:
+                break
+            for position in page:
+                if deadline is not None and loop.time() >= deadline:
+                    report.finished = False
+                    return report
+                await _reconcile_one(deps, position, report, settle_seconds)
+            after = (page[-1].updated_at, page[-1].id)
+    return report
 
 
 async def _reconcile_one(
