@@ -1,14 +1,18 @@
 """The execution flow of one position, as plain async functions that take their dependencies.
 
 A run holds the position's lock (serialising deliveries of one task), then its exchange
-account's lock (one basket at a time per account, waited for in PostgreSQL's queue), then
-claims the position (PENDING -> EXECUTING, or the claim holder resumes) -> plans once (stored
-before the first order) -> each leg in order: leverage 1x, look the leg up if it may have been
-sent, prove ownership (on the lock's own connection) and mark the leg submitted, place the
-market order with its orderLinkId, read the outcome, record the fill at once
--> all filled: snapshot + ACTIVE in one transaction. A permanent error fails the position at
-once; a transient one asks the caller (the Celery task) to run again after the next delay.
-The run has one deadline: past it nothing more is sent, and the run winds down.
+account's lock, under which it checks that no other basket of the account has begun and not
+ended (one basket at a time per account: a new basket that finds one waits, and is sent again
+when that one is final), then claims the position (PENDING -> EXECUTING, or the claim holder
+resumes) -> plans once (stored before the first order) -> pre-flight (status, filters, balance,
+position modes, held positions, leverage) -> each leg in order: look the leg up if it may have
+been sent, prove ownership (on the lock's own connection) and mark the leg submitted, place
+the market order with its orderLinkId, read the outcome, record the fill at once, and send
+what a partial fill left (with orderLinkIds of its own) while it can be traded
+-> snapshot of what filled + ACTIVE in one transaction. A permanent error fails the position
+at once; a transient one asks the caller (the Celery task) to run again after the next delay
+(a rate limit or an IP ban: when it ends, with no attempt used). The run has one deadline:
+past it nothing more is sent, and the run winds down.
 
 This module imports neither Celery nor FastAPI.
 """
