@@ -50,6 +50,7 @@ def load(
     headers: dict[str, str],
     body: str = "",
     conditional: bool = False,
+    tokens_file: str = "",
 ) -> LoadResult:
     command = [
         sys.executable,
@@ -67,6 +68,7 @@ def load(
         body,
         *[arg for k, v in headers.items() for arg in ("--header", f"{k}: {v}")],
         *(["--conditional"] if conditional else []),
+        *(["--tokens-file", tokens_file] if tokens_file else []),
     ]
     cpu_before = process_cpu_seconds(server_pid)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)

@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import aiohttp
 
@@ -27,6 +28,10 @@ def _cpu_seconds() -> float:
 
 async def _run(args: argparse.Namespace) -> dict[str, object]:
     headers = dict(h.split(": ", 1) for h in args.header)
+    # Several users in turn (one bearer token a line): their baskets run side by side, where
+    # one account's run one at a time.
+    tokens = Path(args.tokens_file).read_text().split() if args.tokens_file else []
+    sent_count = 0
     body = args.body.encode() if args.body else None
     if body:
         headers.setdefault("Content-Type", "application/json")
@@ -40,9 +45,13 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
 
         async def client(record: bool) -> None:
             nonlocal remaining, etag
+            nonlocal sent_count
             while remaining > 0:
                 remaining -= 1
                 sent = dict(headers)
+                if tokens:
+                    sent["Authorization"] = f"Bearer {tokens[sent_count % len(tokens)]}"
+                    sent_count += 1
                 if args.conditional and etag:
                     sent["If-None-Match"] = etag
                 started = time.perf_counter()
@@ -82,6 +91,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--conditional", action="store_true", help="send If-None-Match")
+    parser.add_argument("--tokens-file", default="", help="bearer tokens to send in turn")
     args = parser.parse_args()
     try:
         import uvloop

@@ -220,12 +220,20 @@ def _children(pid: int) -> list[int]:
 
 
 def _memory(
-    stack: Stack, api_pid: int, url: str, user: ApiUser, worker_pid: int, positions: int
+    stack: Stack,
+    api_pid: int,
+    url: str,
+    users: list[ApiUser],
+    worker_pid: int,
+    positions: int,
 ) -> list[tuple[int, float, float]]:
-    """Post `positions` two-leg positions through the API (8 clients) while the worker runs
-    them; sample RSS of the API and of the worker's pool processes as they complete."""
+    """Post `positions` two-leg positions through the API (8 clients, the users in turn)
+    while the worker runs them; sample RSS of the API and of the worker's pool processes as
+    they complete."""
     samples: list[tuple[int, float, float]] = []
     marks = {positions * k // 10 for k in range(1, 11)}
+    tokens = stack.tmp / "memory-tokens.txt"
+    tokens.write_text("\n".join(u.token for u in users))
 
     posted: list[LoadResult] = []
     loader = threading.Thread(
@@ -236,8 +244,9 @@ def _memory(
                 method="POST",
                 concurrency=8,
                 requests=positions,
-                headers=user.headers,
+                headers={},
                 body=json.dumps(BLUECHIP),
+                tokens_file=str(tokens),
             )
         )
     )
@@ -253,8 +262,8 @@ def _memory(
                 done = int(
                     await connection.fetchval(
                         "SELECT count(*) FROM synthetic_positions "
-                        "WHERE user_id = $1 AND status IN ('ACTIVE', 'FAILED')",
-                        user.user_id,
+                        "WHERE user_id = ANY($1::uuid[]) AND status IN ('ACTIVE', 'FAILED')",
+                        [u.user_id for u in users],
                     )
                 )
                 if done != last:
@@ -311,7 +320,9 @@ def run(
     # The same backlog on one account: serialised by the account lock, whatever the workers.
     shared = _throughput(stack, api, [user], scale_positions)
     stack.configure_simulator(latency_ms=0, order_rate_limit=0)
-    memory = _memory(stack, server.pid, url, user, worker.pid, memory_positions)
+    # Spread over the scale's accounts: one account's baskets run one at a time, at its
+    # order limit.
+    memory = _memory(stack, server.pid, url, accounts, worker.pid, memory_positions)
     worker.stop()
     api.close()
     server.stop()
@@ -379,7 +390,8 @@ def run(
             "## Memory after many positions",
             "",
             f"{memory_positions} BLUECHIP positions (2 legs) posted through the API by 8 "
-            "clients while a worker with 2 pool processes runs them (simulator latency 0). "
+            "clients (16 accounts in turn) while a worker with 2 pool processes runs them "
+            "(simulator latency 0). "
             "Resident size (VmRSS) of the API process and of the larger pool process, "
             "sampled as positions completed.",
             "",
