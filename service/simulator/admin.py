@@ -199,6 +199,7 @@ async def put_config(request: web.Request) -> web.Response:
         "order_visible_ms",
         "fill_delay_ms",
         "history_lag_ms",
+        "avg_price_blank",
     }
     if unknown:
         raise _bad(f"unknown fields: {', '.join(sorted(unknown))}")
@@ -217,10 +218,11 @@ async def put_config(request: web.Request) -> web.Response:
         if isinstance(offset, bool) or not isinstance(offset, int):
             raise _bad("clock_offset_ms must be an integer (milliseconds, may be negative)")
         config.clock_offset_ms = offset
-    if "account_limits" in data:
-        if not isinstance(data["account_limits"], bool):
-            raise _bad("account_limits must be true or false")
-        config.account_limits = data["account_limits"]
+    for flag in ("account_limits", "avg_price_blank"):
+        if flag in data:
+            if not isinstance(data[flag], bool):
+                raise _bad(f"{flag} must be true or false")
+            setattr(config, flag, data[flag])
     for name in (
         "ip_limit",
         "ip_ban_ms",

@@ -94,10 +94,17 @@ def order_realtime(
         visible = [o for o in visible if o.symbol == f"{params['baseCoin']}USDT"]
     page, cursor = paginate(_by_ids(visible, params), params, lambda o: o.order_id, 20, 50)
     return {
-        "list": [o.payload(now) for o in page],
+        "list": [_order_payload(state, o, now) for o in page],
         "nextPageCursor": cursor,
         "category": "linear",
     }
+
+
+def _order_payload(state: SimulatorState, order: Order, now: int) -> dict[str, Any]:
+    payload = order.payload(now)
+    if state.config.avg_price_blank:
+        payload["avgPrice"] = ""
+    return payload
 
 
 def order_history(
@@ -112,7 +119,7 @@ def order_history(
         orders = [o for o in orders if o.status_at(now) == params["orderStatus"]]
     page, cursor = paginate(orders, params, lambda o: o.order_id, 20, 50)
     return {
-        "list": [o.payload(now) for o in page],
+        "list": [_order_payload(state, o, now) for o in page],
         "nextPageCursor": cursor,
         "category": "linear",
     }

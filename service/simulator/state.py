@@ -265,6 +265,9 @@ class Config:
     order_visible_ms: int = 0
     fill_delay_ms: int = 0
     history_lag_ms: int = 0
+    # Order queries answer avgPrice "" even for filled orders (Bybit's classic accounts give
+    # "0" or "" for some): a client must then price the fill from its executions.
+    avg_price_blank: bool = False
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -280,6 +283,7 @@ class Config:
             "order_visible_ms": self.order_visible_ms,
             "fill_delay_ms": self.fill_delay_ms,
             "history_lag_ms": self.history_lag_ms,
+            "avg_price_blank": self.avg_price_blank,
         }
 
 
