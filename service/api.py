@@ -22,7 +22,7 @@ from service.db import create_engine, create_session_factory
 from service.errors import DomainError
 from service.indices.cache import IndexCache
 from service.indices.endpoints import router as indices_router
-from service.market_cache import MarketCache
+from service.market.snapshot import MarketCache
 from service.metrics import CONTENT_TYPE, render_api_metrics
 from service.positions.endpoints import router as positions_router
 from service.positions.repository import count_by_status

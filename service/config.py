@@ -81,6 +81,31 @@ class Settings(BaseSettings):
     # whole retry schedule by default) fails with nothing sent.
     account_retry_seconds: float = Field(default=1.0, ge=0)
     account_wait_limit_seconds: float = Field(default=1800.0, gt=0)
+    # A basket being resumed waits this long in line for its account's lock (other baskets
+    # hold it only for their check), then asks again ACCOUNT_RETRY_SECONDS later.
+    account_lock_wait_seconds: float = Field(default=2.0, ge=0)
+
+    # The run's tuning (service/execution). An order not final after ORDER_FILL_TIMEOUT_SECONDS
+    # is left for the next attempt; one that may have landed is looked for this long before it
+    # counts as absent (Bybit lists an accepted order a moment after it answers).
+    order_fill_timeout_seconds: float = Field(default=10.0, gt=0)
+    order_visibility_wait_seconds: float = Field(default=3.0, ge=0)
+    # A leg that filled only in part gets at most this many more orders for its remainder.
+    remainder_orders: int = Field(default=3, ge=0, le=9)
+    # Short in-run retries of a transient exchange error, and their longest back-off; a
+    # rate-limited call waits for Bybit's reset if it is this close, this many times.
+    exchange_call_attempts: int = Field(default=3, ge=1)
+    exchange_call_wait_max_seconds: float = Field(default=1.0, ge=0)
+    rate_limit_wait_max_seconds: float = Field(default=2.0, ge=0)
+    rate_limit_attempts: int = Field(default=6, ge=1)
+    # How long after its creation a position may wait out rate limits and IP bans without
+    # using attempts (after that they count like any transient error).
+    pause_budget_seconds: float = Field(default=7200.0, ge=0)
+    # A new basket whose stored key this worker cannot decrypt is left for another worker (a
+    # key rotation rolling out) this long, then fails with nothing sent.
+    unreadable_key_grace_seconds: float = Field(default=600.0, ge=0)
+    # How early a scheduled retry may start (clock skew between hosts).
+    retry_early_tolerance_seconds: float = Field(default=2.0, ge=0)
 
     @field_validator("trade_retry_delays", mode="before")
     @classmethod

@@ -14,9 +14,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.indices.cache import IndexCache
-from service.market_cache import MarketCache, MarketSnapshot
+from service.market.snapshot import MarketCache, MarketSnapshot
 from service.models import User
-from service.queue import CeleryPublisher
+from service.queue import CeleryPublisher, publishes_requested
 from service.security import CredentialCipher
 from service.users.service import authenticate
 
@@ -26,12 +26,20 @@ _bearer = HTTPBearer(
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    # Closing rolls back whatever the endpoint did not commit.
+    """The request's transaction: committed when the endpoint returns without error (before
+    the response is sent: `scope="function"`), rolled back when it raises; the task publishes
+    asked for during the request (`queue.publish_after_commit`) are sent after the commit.
+    No endpoint commits."""
     async with request.app.state.session_factory() as session:
         yield session
+        await session.commit()
+        publisher: CeleryPublisher = request.app.state.publisher
+        for position_id in publishes_requested(session):
+            # If this publish is lost, the recovery sweep re-sends the PENDING position.
+            await publisher.try_publish(position_id)
 
 
-Session = Annotated[AsyncSession, Depends(get_session)]
+Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 async def get_current_user(
@@ -52,11 +60,6 @@ async def get_market_snapshot(request: Request) -> MarketSnapshot | None:
 Market = Annotated[MarketSnapshot | None, Depends(get_market_snapshot)]
 
 
-async def get_publisher(request: Request) -> CeleryPublisher:
-    publisher: CeleryPublisher = request.app.state.publisher
-    return publisher
-
-
 async def get_cipher(request: Request) -> CredentialCipher:
     cipher: CredentialCipher = request.app.state.cipher
     return cipher
@@ -67,6 +70,5 @@ async def get_index_cache(request: Request) -> IndexCache:
     return indices
 
 
-Publisher = Annotated[CeleryPublisher, Depends(get_publisher)]
 Indices = Annotated[IndexCache, Depends(get_index_cache)]
 Cipher = Annotated[CredentialCipher, Depends(get_cipher)]

@@ -15,6 +15,7 @@ import structlog
 
 if TYPE_CHECKING:
     from celery import Celery
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 EXECUTE_TRADE_TASK = "workers.trade_executor.execute_trade_task"
 
@@ -22,6 +23,21 @@ logger = structlog.stdlib.get_logger("service.queue")
 
 # Give up quickly: the recovery sweep is the safety net, not publish retries.
 _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
+
+
+_AFTER_COMMIT = "publish_after_commit"
+
+
+def publish_after_commit(session: AsyncSession, position_id: uuid.UUID) -> None:
+    """Ask for execute_trade_task to be sent for `position_id` once the request's transaction
+    has committed (the worker must find the row): the API's session scope sends it."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(position_id)
+
+
+def publishes_requested(session: AsyncSession) -> list[uuid.UUID]:
+    """The publishes asked for in this session's transaction, handed over once."""
+    requested: list[uuid.UUID] = session.info.pop(_AFTER_COMMIT, [])
+    return requested
 
 
 class TaskPublisher(Protocol):

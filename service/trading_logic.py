@@ -40,8 +40,18 @@ def side_for(direction: Direction) -> Side:
     return Side.BUY if direction is Direction.LONG else Side.SELL
 
 
+class Weighted(Protocol):
+    """A component of an index as the plan sees it: a symbol and its weight (the catalogue's
+    `ComponentWeight`, or the stored `models.IndexComponent` row, as they are)."""
+
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def weight(self) -> Decimal: ...
+
+
 @dataclass(frozen=True, slots=True)
-class IndexComponent:
+class ComponentWeight:
     symbol: str
     weight: Decimal
 
@@ -141,10 +151,10 @@ def _check_size(size: object) -> Decimal:
 
 
 def _market(
-    components: Sequence[IndexComponent],
+    components: Sequence[Weighted],
     instruments: Mapping[str, InstrumentFilters],
     prices: Mapping[str, Decimal],
-) -> list[tuple[IndexComponent, InstrumentFilters, Decimal]]:
+) -> list[tuple[Weighted, InstrumentFilters, Decimal]]:
     if not components:
         raise CompositionError("the index has no components")
     rows = []
@@ -177,9 +187,7 @@ def _market(
     return rows
 
 
-def _min_size_for(
-    component: IndexComponent, instrument: InstrumentFilters, price: Decimal
-) -> Decimal:
+def _min_size_for(component: Weighted, instrument: InstrumentFilters, price: Decimal) -> Decimal:
     """The smallest size at which this leg meets minOrderQty and minNotionalValue (with its
     headroom)."""
     by_notional = _ceil_to_step(
@@ -190,9 +198,7 @@ def _min_size_for(
     return _CONTEXT.divide(_CONTEXT.multiply(needed, price), component.weight)
 
 
-def _max_size_for(
-    component: IndexComponent, instrument: InstrumentFilters, price: Decimal
-) -> Decimal:
+def _max_size_for(component: Weighted, instrument: InstrumentFilters, price: Decimal) -> Decimal:
     """The largest size at which this leg stays within maxMktOrderQty (exclusive bound + step)."""
     # floor(S*w/p/step)*step <= max  <=>  S*w/p < max + step (max is a step multiple on Bybit).
     limit = _floor_to_step(instrument.max_mkt_order_qty, instrument.qty_step) + instrument.qty_step
@@ -200,7 +206,7 @@ def _max_size_for(
 
 
 def tradeable_size_range(
-    components: Sequence[IndexComponent],
+    components: Sequence[Weighted],
     instruments: Mapping[str, InstrumentFilters],
     prices: Mapping[str, Decimal],
 ) -> SizeRange:
@@ -215,7 +221,7 @@ def tradeable_size_range(
 
 
 def calculate_trade_composition(
-    components: Sequence[IndexComponent],
+    components: Sequence[Weighted],
     size: Decimal,
     direction: Direction,
     instruments: Mapping[str, InstrumentFilters],
@@ -244,53 +250,108 @@ def calculate_trade_composition(
     return tuple(legs)
 
 
+@dataclass(frozen=True, slots=True)
+class FilterViolation:
+    """The first of the exchange's order filters an order breaks."""
+
+    limit: str  # status, minOrderQty, minNotionalValue or maxMktOrderQty
+    limit_value: Decimal | None
+    what: str  # the order's value that breaks it: "quantity 0.0005", "notional 4.2 USDT"
+    message: str  # the whole sentence, for a user
+
+
+def order_filter_violation(
+    symbol: str,
+    quantity: Decimal,
+    instrument: InstrumentFilters,
+    price: Decimal,
+    *,
+    keep_headroom: bool,
+) -> FilterViolation | None:
+    """The exchange's rules for a market order of `quantity` at `price`, in one place: the
+    instrument trades, minOrderQty <= quantity <= maxMktOrderQty, and the notional is at
+    least minNotionalValue (with `keep_headroom`, NOTIONAL_HEADROOM above it: what planning
+    and remainder orders keep, so a small price move does not make the order untradeable)."""
+    if instrument.status != "Trading":
+        return FilterViolation(
+            "status", None, "status", f"{symbol} is not trading (status {instrument.status})"
+        )
+    if quantity < instrument.min_order_qty or quantity <= 0:
+        what = f"quantity {quantity}"
+        return FilterViolation(
+            "minOrderQty",
+            instrument.min_order_qty,
+            what,
+            f"{what} is below minOrderQty {instrument.min_order_qty}",
+        )
+    notional = _CONTEXT.multiply(quantity, price)
+    minimum = _min_notional(instrument) if keep_headroom else instrument.min_notional_value
+    if notional < minimum:
+        what = f"notional {notional.normalize():f} USDT"
+        kept = (
+            f" plus the {NOTIONAL_HEADROOM:.0%} kept for price moves ({minimum.normalize():f})"
+            if keep_headroom
+            else ""
+        )
+        return FilterViolation(
+            "minNotionalValue",
+            instrument.min_notional_value,
+            what,
+            f"{what} at price {price} is below minNotionalValue "
+            f"{instrument.min_notional_value}{kept}",
+        )
+    if quantity > instrument.max_mkt_order_qty:
+        what = f"quantity {quantity}"
+        return FilterViolation(
+            "maxMktOrderQty",
+            instrument.max_mkt_order_qty,
+            what,
+            f"{what} is above maxMktOrderQty {instrument.max_mkt_order_qty}",
+        )
+    return None
+
+
 def _check_leg(
     leg: PlannedLeg,
     size: Decimal,
     instrument: InstrumentFilters,
-    components: Sequence[IndexComponent],
+    components: Sequence[Weighted],
     instruments: Mapping[str, InstrumentFilters],
     prices: Mapping[str, Decimal],
 ) -> None:
+    violation = order_filter_violation(
+        leg.symbol, leg.quantity, instrument, leg.reference_price, keep_headroom=True
+    )
+    if violation is None:
+        return
     name = f"leg {leg.leg} ({leg.symbol})"
-    too_small = None
-    if leg.quantity < instrument.min_order_qty or leg.quantity <= 0:
-        too_small = ("minOrderQty", instrument.min_order_qty, f"quantity {leg.quantity}")
-    elif leg.notional < _min_notional(instrument):
-        too_small = (
-            "minNotionalValue",
-            instrument.min_notional_value,
-            f"notional {leg.notional.normalize():f} USDT",
+    assert violation.limit_value is not None  # the status was checked with the market
+    if violation.limit == "maxMktOrderQty":
+        suggested = tradeable_size_range(components, instruments, prices).max_size
+        message = (
+            f"size {size} is too large for {name}: {violation.what} is above "
+            f"maxMktOrderQty {violation.limit_value}; the largest size that can be "
+            f"traded is {suggested}"
         )
-    if too_small is not None:
-        limit, value, what = too_small
+    else:
         kept = ""
-        if limit == "minNotionalValue":
+        if violation.limit == "minNotionalValue":
             kept = (
                 f" plus the {NOTIONAL_HEADROOM:.0%} kept for price moves "
                 f"({_min_notional(instrument).normalize():f})"
             )
         suggested = tradeable_size_range(components, instruments, prices).min_size
-        raise LegOutOfRangeError(
-            f"size {size} is too small for {name}: {what} is below {limit} {value}{kept}; "
-            f"the smallest size that can be traded is {suggested}",
-            leg=leg.leg,
-            symbol=leg.symbol,
-            limit=limit,
-            limit_value=value,
-            quantity=leg.quantity,
-            suggested_size=suggested,
+        message = (
+            f"size {size} is too small for {name}: {violation.what} is below "
+            f"{violation.limit} {violation.limit_value}{kept}; the smallest size that can be "
+            f"traded is {suggested}"
         )
-    if leg.quantity > instrument.max_mkt_order_qty:
-        suggested = tradeable_size_range(components, instruments, prices).max_size
-        raise LegOutOfRangeError(
-            f"size {size} is too large for {name}: quantity {leg.quantity} is above "
-            f"maxMktOrderQty {instrument.max_mkt_order_qty}; the largest size that can be "
-            f"traded is {suggested}",
-            leg=leg.leg,
-            symbol=leg.symbol,
-            limit="maxMktOrderQty",
-            limit_value=instrument.max_mkt_order_qty,
-            quantity=leg.quantity,
-            suggested_size=suggested,
-        )
+    raise LegOutOfRangeError(
+        message,
+        leg=leg.leg,
+        symbol=leg.symbol,
+        limit=violation.limit,
+        limit_value=violation.limit_value,
+        quantity=leg.quantity,
+        suggested_size=suggested,
+    )

@@ -1,4 +1,4 @@
-"""Beat jobs: thin adapters over service.recovery."""
+"""Beat jobs: thin adapters over service.execution.recovery."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from celery.signals import worker_ready
 
 from celery_app import app
 from service.config import get_settings
-from service.market_cache import refresh_market_cache
-from service.reconciliation import reconcile_positions
-from service.recovery import recover_stale_positions
+from service.execution.reconciliation import reconcile_positions
+from service.execution.recovery import recover_stale_positions
+from service.market.refresh import refresh_market_cache
 from workers.trade_executor import runtime
 
 # Extra runs allowed beyond the retry schedule (a crashed run counts as an attempt).

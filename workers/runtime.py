@@ -41,12 +41,11 @@ from service.db import (
     scope_for,
 )
 from service.execution import ExecutionDeps
-from service.market_cache import MarketCache
-from service.market_data import MarketData
+from service.execution.run_lock import advisory_run_lock
+from service.market.data import MarketData
+from service.market.snapshot import MarketCache
 from service.queue import CeleryPublisher
 from service.rate_limits import RedisCallGate
-from service.run_lock import advisory_run_lock
-from service.security import CredentialCipher
 
 T = TypeVar("T")
 logger = structlog.stdlib.get_logger("workers.runtime")
@@ -93,24 +92,16 @@ class Resources:
         )
         market_cache = MarketCache(redis, max_age_seconds=settings.market_max_age_seconds)
         publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
-        deps = ExecutionDeps(
+        deps = ExecutionDeps.from_settings(
+            settings,
             sessions=sessions,
             run_lock=advisory_run_lock(engine),
             exchange=exchange,
             # Filters and prices from Beat's shared snapshot, not a call per symbol.
             market=MarketData(exchange, snapshot=market_cache.load),
             memo=RedisAccountMemo(redis),
-            # Two refreshes' worth: one late refresh does not send every basket to the
-            # exchange for its market data.
-            market_max_age_seconds=2 * settings.market_refresh_seconds,
-            cipher=CredentialCipher(settings.credentials_keys.get_secret_value()),
-            retry_delays=settings.trade_retry_delays,
-            preflight_margin=settings.preflight_margin,
             # The basket holding an account sends the next one waiting for it.
             publisher=publisher,
-            account_retry_seconds=settings.account_retry_seconds,
-            account_wait_limit_seconds=settings.account_wait_limit_seconds,
-            order_time_reserve=settings.http_read_timeout_seconds + 1,
         )
         return cls(
             engine=engine,

@@ -421,7 +421,7 @@ class BybitClient:
             )
             return result
         except BybitError as error:
-            EXCHANGE_ERRORS.labels(error.reason).inc()
+            EXCHANGE_ERRORS.labels(error.metric_label).inc()
             raise
 
     async def _exchange(

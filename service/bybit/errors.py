@@ -43,7 +43,7 @@ class BybitError(Exception):
         return " ".join(parts)
 
     @property
-    def reason(self) -> str:
+    def metric_label(self) -> str:
         """A short machine-friendly label (for logs and metrics)."""
         if self.retcode is not None:
             return f"retcode_{self.retcode}"

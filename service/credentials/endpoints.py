@@ -38,7 +38,6 @@ async def put_credentials(
     await service.store_credentials(
         session, cipher, user.id, api_key=body.api_key, api_secret=body.api_secret
     )
-    await session.commit()
     view = await service.view_credentials(session, user.id)
     return CredentialsOut(api_key=view.api_key, updated_at=view.updated_at)
 
@@ -60,4 +59,3 @@ async def get_credentials(user: CurrentUser, session: Session) -> CredentialsOut
 )
 async def delete_credentials(user: CurrentUser, session: Session) -> None:
     await service.delete_credentials(session, user.id)
-    await session.commit()

@@ -9,7 +9,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from service.trading_logic import IndexComponent
+from service.trading_logic import ComponentWeight
 
 DEFAULT_CATALOGUE_PATH = Path(__file__).resolve().parent / "data" / "indices.json"
 
@@ -51,7 +51,7 @@ class IndexDefinition:
     code: str
     name: str
     description: str
-    components: tuple[IndexComponent, ...]
+    components: tuple[ComponentWeight, ...]
 
 
 def _field(item: dict[str, Any], key: str, where: str) -> str:
@@ -104,7 +104,7 @@ def _parse_index(item: object, position: int) -> IndexDefinition:
             raise CatalogueError(f"{where}: duplicate component {symbol}")
         seen.add(symbol)
         components.append(
-            IndexComponent(symbol=symbol, weight=_weight(raw.get("weight"), f"{where} {symbol}"))
+            ComponentWeight(symbol=symbol, weight=_weight(raw.get("weight"), f"{where} {symbol}"))
         )
     total = sum((c.weight for c in components), Decimal(0))
     if total != 1:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from service.dependencies import CurrentUser, Indices, Market, Publisher, Session
+from service.dependencies import CurrentUser, Indices, Market, Session
 from service.errors import error_responses
 from service.models import PositionStatus
 from service.positions import service
@@ -127,7 +127,6 @@ async def create_position(
     body: PositionCreate,
     user: CurrentUser,
     session: Session,
-    publisher: Publisher,
     market: Market,
     indices: Indices,
     response: Response,
@@ -151,16 +150,13 @@ async def create_position(
         indices=indices,
         idempotency_key=idempotency_key,
     )
-    await session.commit()
     position = opened.position
     response.headers["Location"] = f"/api/positions/{position.id}"
     if not opened.created:
         response.headers["Idempotent-Replayed"] = "true"
         return _out(await service.load_detail(session, position))
-    # After the commit, so the worker always finds the row. If this publish is lost,
-    # the recovery sweep re-sends the PENDING position.
-    await publisher.try_publish(position.id)
-    # A position this request created has no components, trades or issues yet.
+    # A position this request created has no components, trades or issues yet; its task is
+    # sent once the request's transaction has committed (service.dependencies.get_session).
     return _out(service.PositionDetail(position=position, components=[], trades=[]))
 
 

@@ -1,5 +1,7 @@
 """SQL for positions, their plan, trades and snapshot. Every status change is one
-compare-and-set UPDATE ... WHERE status = ... RETURNING, never read-then-write."""
+compare-and-set UPDATE ... WHERE status = ... RETURNING, never read-then-write (made through
+service.positions.status.change_status). The locks are in `locks`, reconciliation's rows in
+`reconciliation_rows`."""
 
 from __future__ import annotations
 
@@ -19,13 +21,11 @@ from sqlalchemy import (
     func,
     literal,
     select,
-    text,
     tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import TextClause
 
 from service.models import (
@@ -33,119 +33,10 @@ from service.models import (
     PositionComponent,
     PositionLeg,
     PositionStatus,
-    ReconciliationIssue,
     SyntheticPosition,
     Trade,
 )
-
-LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock not granted within lock_timeout
-
-
-def advisory_lock_key(position_id: uuid.UUID) -> int:
-    """A signed 64-bit key for PostgreSQL's advisory locks, derived from the position id."""
-    return int.from_bytes(position_id.bytes[:8], "big", signed=True)
-
-
-def _lock_params(position_id: uuid.UUID) -> dict[str, int]:
-    # pg_locks shows a bigint advisory key as two oids: its high and low 32 bits.
-    key = advisory_lock_key(position_id)
-    return {"lock_high": (key >> 32) & 0xFFFFFFFF, "lock_low": key & 0xFFFFFFFF}
-
-
-_LOCK_HELD = (
-    "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
-    " AND classid::bigint = :lock_high AND objid::bigint = :lock_low{holder})"
-)
-
-
-# The run's ownership proof (confirm_run), on its lock connection: lock, status and claim.
-_CONFIRM_RUN = (
-    "WITH owner AS ("  # noqa: S608 - constants only; every value is a bound parameter
-    " UPDATE synthetic_positions SET heartbeat_at = now()"
-    " WHERE id = :id AND status = 'EXECUTING' AND claim = :claim AND "
-    + _LOCK_HELD.format(holder=" AND pid = pg_backend_pid()")
-    + " RETURNING id), "
-    "submitted AS ("
-    " UPDATE position_legs SET submitted_at = coalesce(submitted_at, now()),"
-    " remainders_submitted = greatest(remainders_submitted, CAST(:remainder AS integer))"
-    " WHERE position_id IN (SELECT id FROM owner) AND leg = CAST(:leg AS integer)"
-    " RETURNING leg) "
-    "SELECT count(*) FROM owner"
-)
-
-
-def lock_held_by(position_id: uuid.UUID, pid: int) -> TextClause:
-    """A condition: the position's run lock is held by backend `pid` (the run's lock
-    connection). A status write with it cannot be made by a run that lost its lock."""
-    return text(_LOCK_HELD.format(holder=" AND pid = :lock_pid")).bindparams(
-        lock_pid=pid, **_lock_params(position_id)
-    )
-
-
-async def try_advisory_lock(connection: AsyncConnection, position_id: uuid.UUID) -> int | None:
-    """Take the position's session-level lock, held by the connection until released or the
-    connection dies. Returns the connection's backend pid (what its status writes are fenced
-    with), or None when another connection holds the lock."""
-    result = await connection.execute(
-        text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"),
-        {"key": advisory_lock_key(position_id)},
-    )
-    acquired, pid = result.one()
-    return int(pid) if acquired else None
-
-
-async def advisory_unlock(connection: AsyncConnection, position_id: uuid.UUID) -> None:
-    await connection.execute(
-        text("SELECT pg_advisory_unlock(:key)"), {"key": advisory_lock_key(position_id)}
-    )
-
-
-def account_lock_keys(user_id: uuid.UUID) -> tuple[int, int]:
-    """The two-int advisory lock key of a user's exchange account (the service keeps one
-    Bybit key per user, so a user is an account, whichever key it stores at the moment).
-
-    PostgreSQL keeps two-int keys apart from the bigint keys of positions (`objsubid` 2
-    against 1), so an account's lock can never collide with a position's."""
-    raw = user_id.bytes[:8]
-    return (
-        int.from_bytes(raw[:4], "big", signed=True),
-        int.from_bytes(raw[4:], "big", signed=True),
-    )
-
-
-async def lock_account(
-    connection: AsyncConnection, user_id: uuid.UUID, *, wait_seconds: float = 0.0
-) -> bool:
-    """Take the account's session-level lock: at once, or waiting in PostgreSQL's queue (first
-    come, first served) at most `wait_seconds`. False when it was not granted. The connection
-    must be in autocommit mode; the wait's lock_timeout is local to its one statement."""
-    first, second = account_lock_keys(user_id)
-    keys = {"first": first, "second": second}
-    if wait_seconds <= 0:
-        result = await connection.execute(
-            text("SELECT pg_try_advisory_lock(:first, :second)"), keys
-        )
-        return bool(result.scalar_one())
-    try:
-        await connection.execute(
-            text(
-                "WITH wait AS MATERIALIZED (SELECT set_config('lock_timeout', :ms, true)) "
-                "SELECT pg_advisory_lock(:first, :second) FROM wait"
-            ),
-            {**keys, "ms": str(max(1, int(wait_seconds * 1000)))},
-        )
-        return True
-    except DBAPIError as error:
-        if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
-            raise
-        return False
-
-
-async def unlock_account(connection: AsyncConnection, user_id: uuid.UUID) -> None:
-    first, second = account_lock_keys(user_id)
-    await connection.execute(
-        text("SELECT pg_advisory_unlock(:first, :second)"), {"first": first, "second": second}
-    )
+from service.positions.locks import lock_held_by, no_run_holds
 
 
 async def account_holder(
@@ -180,47 +71,6 @@ async def next_waiting(session: AsyncSession, user_id: uuid.UUID) -> uuid.UUID |
         .limit(1)
     )
     return result.scalar_one_or_none()
-
-
-async def confirm_run(
-    connection: AsyncConnection,
-    position_id: uuid.UUID,
-    claim: str,
-    *,
-    submitting_leg: int | None = None,
-    submitting_remainder: int = 0,
-) -> bool:
-    """One round trip on the connection that holds the run's lock: True when this connection
-    still holds the position's lock and the position is still EXECUTING under `claim`. Then
-    the heartbeat is renewed (the recovery sweep waits STALE_EXECUTING_SECONDS after it before
-    it may resume the position elsewhere) and `submitting_leg`'s order (its first, or
-    remainder number `submitting_remainder`), if given, is marked submitted (before it is
-    sent: a later run looks it up before placing anything)."""
-    result = await connection.execute(
-        text(_CONFIRM_RUN),
-        {
-            "id": position_id,
-            "claim": claim,
-            "leg": submitting_leg,
-            "remainder": submitting_remainder,
-            **_lock_params(position_id),
-        },
-    )
-    return bool(result.scalar_one())
-
-
-async def is_run_alive(session: AsyncSession, position_id: uuid.UUID) -> bool:
-    """True when some connection holds the position's run lock (a run is in progress).
-
-    Read from pg_locks rather than by trying the lock: taking it, even for an instant, would
-    turn away a run that starts at that moment."""
-    this_database = (
-        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    )
-    result = await session.execute(
-        text("SELECT " + _LOCK_HELD.format(holder=this_database)), _lock_params(position_id)
-    )
-    return bool(result.scalar_one())
 
 
 async def add_position(
@@ -333,11 +183,13 @@ async def compare_and_set_status(
     claim: str | None = None,
     require_claim: str | None = None,
     lock_pid: int | None = None,
+    require_no_run: bool = False,
     error: str | None = None,
     failed_leg: int | None = None,
 ) -> SyntheticPosition | None:
     """Move a position from `expected` to `new`; None when it was not in `expected` (or not
-    under `require_claim`, or its run lock is not held by backend `lock_pid`)."""
+    under `require_claim`, or its run lock is not held by backend `lock_pid`, or, with
+    `require_no_run`, a run holds its lock)."""
     conditions: list[ColumnElement[bool] | TextClause] = [
         SyntheticPosition.id == position_id,
         SyntheticPosition.status == expected,
@@ -346,6 +198,8 @@ async def compare_and_set_status(
         conditions.append(SyntheticPosition.claim == require_claim)
     if lock_pid is not None:
         conditions.append(lock_held_by(position_id, lock_pid))
+    if require_no_run:
+        conditions.append(no_run_holds(position_id))
     # A position that changes state is no longer waiting for its account.
     values: dict[str, object] = {
         "status": new,
@@ -502,12 +356,27 @@ async def get_plans_of(
     return result.scalars().all()
 
 
-async def add_plan(session: AsyncSession, legs: Sequence[PositionLeg]) -> None:
-    session.add_all(legs)
-    await session.flush()
-    if legs:
-        # GET shows the plan (its legs): move updated_at, which the ETag follows.
-        await _touch(session, legs[0].position_id, {"updated_at": func.clock_timestamp()})
+async def add_plan(
+    session: AsyncSession, legs: Sequence[dict[str, object]]
+) -> Sequence[PositionLeg]:
+    """Insert the plan's legs; returns them as stored. Leaves `updated_at` alone: the caller
+    moves it (`mark_changed`)."""
+    if not legs:
+        return []
+    result = await session.scalars(insert(PositionLeg).returning(PositionLeg), list(legs))
+    # In leg order, as get_plan reads them (RETURNING of a multi-row insert need not be).
+    return sorted(result.all(), key=lambda leg: leg.leg)
+
+
+async def mark_changed(
+    session: AsyncSession, position_id: uuid.UUID, *, run_alive: bool = False
+) -> None:
+    """What GET shows of the position changed (its plan, a fill): move `updated_at`, which
+    its ETag follows. `run_alive`: the change is a run's, which renews `heartbeat_at` too."""
+    values: dict[str, object] = {"updated_at": func.clock_timestamp()}
+    if run_alive:
+        values["heartbeat_at"] = func.now()
+    await _touch(session, position_id, values)
 
 
 async def set_position_idx(
@@ -551,27 +420,17 @@ async def get_components_of(
     return result.scalars().all()
 
 
-async def record_trade(
-    session: AsyncSession, values: dict[str, object], *, touch: bool = True
-) -> bool:
-    """Insert a fill once; a second report of the same orderLinkId changes nothing. With
-    `touch`, a new fill moves `updated_at` (and the heartbeat); reconciliation moves
-    `updated_at` itself, in the statement that marks the position reconciled."""
+async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool:
+    """Insert a fill once; a second report of the same orderLinkId changes nothing (False).
+    Leaves `updated_at` alone: the caller moves it (`mark_changed`, or reconciliation's
+    bookmark)."""
     result = await session.execute(
         insert(Trade)
         .values(id=uuid.uuid4(), **values)
         .on_conflict_do_nothing(index_elements=[Trade.order_link_id])
         .returning(Trade.id)
     )
-    inserted = result.scalar_one_or_none() is not None
-    if inserted and touch:
-        # A new fill changes what GET shows: move updated_at, which the ETag follows.
-        await _touch(
-            session,
-            values["position_id"],  # type: ignore[arg-type]
-            {"updated_at": func.clock_timestamp(), "heartbeat_at": func.now()},
-        )
-    return inserted
+    return result.scalar_one_or_none() is not None
 
 
 async def get_components(
@@ -585,9 +444,9 @@ async def get_components(
     return result.scalars().all()
 
 
-async def add_components(session: AsyncSession, components: Sequence[PositionComponent]) -> None:
-    session.add_all(components)
-    await session.flush()
+async def add_components(session: AsyncSession, components: Sequence[dict[str, object]]) -> None:
+    if components:
+        await session.execute(insert(PositionComponent).values(list(components)))
 
 
 async def stale_pending(
@@ -637,82 +496,6 @@ async def touch_pending(session: AsyncSession, position_id: uuid.UUID) -> None:
         {"updated_at": func.clock_timestamp()},
         status=PositionStatus.PENDING,
     )
-
-
-async def unreconciled_positions(
-    session: AsyncSession,
-    *,
-    window_seconds: float,
-    settle_seconds: float,
-    limit: int,
-    statuses: Sequence[PositionStatus],
-    after: tuple[datetime, uuid.UUID] | None = None,
-) -> Sequence[SyntheticPosition]:
-    """Positions in `statuses` (of those that may have legs on the exchange: EXECUTING,
-    ACTIVE, FAILED) that changed since they were last reconciled, between `window_seconds` and
-    `settle_seconds` ago, oldest change first; `after` is the (updated_at, id) of the last row
-    of the previous page."""
-    query = select(SyntheticPosition).where(
-        SyntheticPosition.status.in_(
-            [PositionStatus.EXECUTING, PositionStatus.ACTIVE, PositionStatus.FAILED]
-        ),
-        SyntheticPosition.status.in_(statuses),
-        SyntheticPosition.reconciled_at.is_(None)
-        | (SyntheticPosition.reconciled_at < SyntheticPosition.updated_at),
-        SyntheticPosition.updated_at > func.now() - timedelta(seconds=window_seconds),
-        SyntheticPosition.updated_at <= func.now() - timedelta(seconds=settle_seconds),
-    )
-    if after is not None:
-        query = query.where(
-            tuple_(SyntheticPosition.updated_at, SyntheticPosition.id) > tuple_(*after)
-        )
-    result = await session.execute(
-        query.order_by(SyntheticPosition.updated_at, SyntheticPosition.id).limit(limit)
-    )
-    return result.scalars().all()
-
-
-async def mark_reconciled(
-    session: AsyncSession, position_id: uuid.UUID, *, seen: datetime, changed: bool
-) -> bool:
-    """Note that the position, as it was at `seen` (its updated_at), has been reconciled.
-    `changed`: reconciliation recorded something GET shows, so updated_at (and the ETag) move
-    too; otherwise they stay as they are. False when the position changed meanwhile: it is
-    reconciled again later."""
-    stamp = func.statement_timestamp()
-    result = await session.execute(
-        update(SyntheticPosition)
-        .where(SyntheticPosition.id == position_id, SyntheticPosition.updated_at == seen)
-        .values(
-            reconciled_at=stamp,
-            updated_at=stamp if changed else SyntheticPosition.updated_at,
-        )
-        .returning(SyntheticPosition.id)
-        .execution_options(synchronize_session=False)
-    )
-    return result.scalar_one_or_none() is not None
-
-
-async def add_reconciliation_issue(session: AsyncSession, values: dict[str, object]) -> bool:
-    """Record a difference once: the same kind for the same leg is not recorded again."""
-    result = await session.execute(
-        insert(ReconciliationIssue)
-        .values(id=uuid.uuid4(), **values)
-        .on_conflict_do_nothing(index_elements=["order_link_id", "kind"])
-        .returning(ReconciliationIssue.id)
-    )
-    return result.scalar_one_or_none() is not None
-
-
-async def get_reconciliation_issues(
-    session: AsyncSession, position_id: uuid.UUID
-) -> Sequence[ReconciliationIssue]:
-    result = await session.execute(
-        select(ReconciliationIssue)
-        .where(ReconciliationIssue.position_id == position_id)
-        .order_by(ReconciliationIssue.created_at)
-    )
-    return result.scalars().all()
 
 
 async def count_by_status(session: AsyncSession) -> dict[str, int]:

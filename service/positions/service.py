@@ -1,5 +1,6 @@
-"""Opening and reading positions. The worker's status changes go through
-service/execution.py; this module only ever writes a new PENDING row."""
+"""Opening and reading positions: this module only ever writes a new PENDING row (and asks
+for its task to be sent after the commit). Status changes go through
+service/positions/status.py."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from service.errors import (
     ValidationError,
 )
 from service.indices.cache import IndexCache
-from service.market_cache import MarketSnapshot
+from service.market.snapshot import MarketSnapshot
 from service.models import (
     Index,
     PositionComponent,
@@ -34,11 +35,11 @@ from service.models import (
     Trade,
     User,
 )
-from service.positions import repository
+from service.positions import reconciliation_rows, repository
+from service.queue import publish_after_commit
 from service.trading_logic import (
     CompositionError,
     Direction,
-    IndexComponent,
     MarketDataError,
     calculate_trade_composition,
 )
@@ -92,7 +93,7 @@ def check_tradeable(
             "market data is not available yet, so the size cannot be checked; "
             "try again in a few seconds"
         )
-    components = [IndexComponent(symbol=c.symbol, weight=c.weight) for c in index.components]
+    components = list(index.components)
     try:
         calculate_trade_composition(components, size, direction, market.instruments, market.prices)
     except MarketDataError as error:
@@ -136,6 +137,8 @@ async def open_position(
         request_fingerprint=fingerprint,
     )
     if position is not None:
+        # Sent once the request's transaction has committed, so the worker finds the row.
+        publish_after_commit(session, position.id)
         return OpenedPosition(position=position, created=True)
     if not await has_credentials(session, user.id):
         raise ConflictError("no Bybit credentials stored: PUT /api/credentials first")
@@ -169,7 +172,7 @@ async def load_detail(session: AsyncSession, position: SyntheticPosition) -> Pos
         position=position,
         components=list(await repository.get_components(session, position.id)),
         trades=list(await repository.get_trades(session, position.id)),
-        issues=list(await repository.get_reconciliation_issues(session, position.id)),
+        issues=list(await reconciliation_rows.get_reconciliation_issues(session, position.id)),
         plan=list(await repository.get_plan(session, position.id)),
     )
 

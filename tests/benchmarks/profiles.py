@@ -41,7 +41,7 @@ WORKER_GROUPS: Groups = (
     ("audit log lines (structlog JSON)", ("structlog/", "service/logging.py")),
     ("credentials decryption (Fernet)", ("cryptography/",)),
     ("Celery: receiving the task, acks, retries", ("celery/", "kombu/", "billiard/")),
-    ("execution flow itself (service/execution.py)", ("service/execution.py",)),
+    ("execution flow itself (service/execution/)", ("service/execution/",)),
     ("event loop (asyncio: selectors, callbacks)", ("asyncio/",)),
 )
 

@@ -107,8 +107,9 @@ async def warm_market(stack: Stack) -> None:
 
     from service.bybit.client import BybitClient, create_http_session
     from service.db import create_engine, create_session_factory, scope_for
-    from service.market_cache import MarketCache, refresh_market_cache
-    from service.market_data import MarketData
+    from service.market.data import MarketData
+    from service.market.refresh import refresh_market_cache
+    from service.market.snapshot import MarketCache
 
     engine = create_engine(stack.database_url, pool_size=1)
     redis = aioredis.from_url(REDIS_URL)
@@ -127,7 +128,7 @@ async def warm_market(stack: Stack) -> None:
 def _clean_redis(queue: str) -> None:
     import redis
 
-    from service.market_cache import CACHE_KEY
+    from service.market.snapshot import CACHE_KEY
 
     client = redis.Redis.from_url(REDIS_URL)
     try:

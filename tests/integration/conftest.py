@@ -44,8 +44,9 @@ async def warm_market(simulator_url: str, sessions: object) -> AsyncIterator[Non
     import redis.asyncio as aioredis
 
     from service.bybit.client import BybitClient, create_http_session
-    from service.market_cache import CACHE_KEY, MarketCache, refresh_market_cache
-    from service.market_data import MarketData
+    from service.market.data import MarketData
+    from service.market.refresh import refresh_market_cache
+    from service.market.snapshot import CACHE_KEY, MarketCache
 
     redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
     async with create_http_session(connect_timeout=2, read_timeout=5) as http:
@@ -157,10 +158,10 @@ async def execution_deps(
 
     from service.bybit.client import BybitClient, create_http_session
     from service.execution import ExecutionDeps
-    from service.market_cache import MarketCache
-    from service.market_data import MarketData
+    from service.execution.run_lock import advisory_run_lock
+    from service.market.data import MarketData
+    from service.market.snapshot import MarketCache
     from service.rate_limits import RedisCallGate
-    from service.run_lock import advisory_run_lock
     from service.security import CredentialCipher
 
     redis = aioredis.from_url(TEST_ENV["REDIS_URL"])

@@ -27,7 +27,7 @@ import httpx
 from sqlalchemy import func, select, text
 
 from service.models import ReconciliationIssue, Trade
-from service.positions.repository import advisory_lock_key
+from service.positions.locks import advisory_lock_key
 from service.queue import EXECUTE_TRADE_TASK
 from tests.integration.conftest import start_worker
 from tests.reliability.helpers import funded_trader

@@ -21,7 +21,7 @@ from service.bybit.client import BybitClient
 from service.credentials.service import store_credentials
 from service.db import SessionScope
 from service.execution import ExecutionDeps, Outcome, execute_position
-from service.market_data import MarketData
+from service.market.data import MarketData
 from service.positions import repository
 from service.rate_limits import RedisCallGate
 from service.users.service import create_user_with_token

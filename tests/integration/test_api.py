@@ -141,7 +141,7 @@ async def test_untradeable_sizes_are_refused_with_the_size_that_would_work(
 async def test_without_market_data_the_size_cannot_be_checked_503(
     client: httpx.AsyncClient, auth: dict[str, str]
 ) -> None:
-    from service.market_cache import CACHE_KEY
+    from service.market.snapshot import CACHE_KEY
 
     await _store_credentials(client, auth)
     broker = aioredis.from_url(TEST_ENV["REDIS_URL"])

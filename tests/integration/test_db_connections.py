@@ -20,9 +20,9 @@ from service.config import get_settings
 from service.credentials.service import store_credentials
 from service.db import ConnectionHealth, create_engine, create_session_factory, scope_for
 from service.execution import ExecutionDeps, Outcome, execute_position
-from service.market_data import MarketData
+from service.execution.run_lock import advisory_run_lock
+from service.market.data import MarketData
 from service.positions import repository
-from service.run_lock import advisory_run_lock
 from service.security import CredentialCipher
 from service.users.service import create_user_with_token
 

@@ -129,7 +129,7 @@ async def test_recovery_resumes_dead_runs_but_not_positions_waiting_for_a_retry(
 ) -> None:
     from sqlalchemy import text
 
-    from service.recovery import recover_stale_positions
+    from service.execution.recovery import recover_stale_positions
 
     waiting = await _pending_position(sessions, unreachable_deps.cipher)
     dead = await _pending_position(sessions, unreachable_deps.cipher)
@@ -161,6 +161,32 @@ async def test_recovery_resumes_dead_runs_but_not_positions_waiting_for_a_retry(
     assert waiting not in report.resumed_executing
     assert (dead, "dead-task") in publisher.sent  # resumed under its claim
     assert all(position_id != waiting for position_id, _ in publisher.sent)
+
+
+@pytest.mark.asyncio
+async def test_the_sweep_s_failure_write_is_fenced_by_the_run_lock(
+    unreachable_deps: ExecutionDeps, sessions: SessionScope
+) -> None:
+    """The sweep looks (no run alive) and then writes: a run that took the lock in between
+    keeps the position; the write itself carries the condition."""
+    from service.positions.status import Transition, change_status
+
+    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    result = await execute_position(unreachable_deps, position_id, task_id="claimed")
+    assert result.outcome is Outcome.RETRY
+    give_up = Transition(
+        PositionStatus.EXECUTING,
+        PositionStatus.FAILED,
+        require_claim="claimed",
+        require_no_run=True,
+        error="gave up",
+    )
+    async with unreachable_deps.run_lock(position_id) as held:
+        assert held
+        assert await change_status(sessions, position_id, give_up) is None
+    failed = await change_status(sessions, position_id, give_up)
+    assert failed is not None
+    assert failed.status == PositionStatus.FAILED
 
 
 async def _second_position(sessions: SessionScope, first: uuid.UUID) -> uuid.UUID:

@@ -442,3 +442,91 @@ async def test_a_stopping_worker_finishes_its_position_first(
     worker.stop()
     assert body["status"] == "ACTIVE"
     _assert_one_order_per_leg(await _orders(sim, trader), 2)
+
+
+# Every kind of leg error, each failing leg `leg` for good: the simulator's knobs, its faults
+# on the trader's account, the worker's settings, and the retCode the event must carry.
+LEG_ERRORS: dict[str, dict[str, Any]] = {
+    "order refused": {
+        "faults": [{"kind": "retcode", "retCode": 110007, "retMsg": "ab not enough", "skip": 1}],
+        "leg": 1,
+        "retcode": 110007,
+    },
+    "lookup failed": {
+        "faults": [
+            {
+                "path": "/v5/order/realtime",
+                "kind": "retcode",
+                "retCode": 10005,
+                "retMsg": "Permission denied, please check your API key permissions.",
+                "times": None,
+            }
+        ],
+        "leg": 0,
+        "retcode": 10005,
+    },
+    "executions unreadable": {
+        # No avgPrice in the order's answer: the fill is priced from its executions.
+        "config": {"avg_price_blank": True},
+        "faults": [
+            {
+                "path": "/v5/execution/list",
+                "kind": "retcode",
+                "retCode": 10005,
+                "retMsg": "Permission denied, please check your API key permissions.",
+                "times": None,
+            }
+        ],
+        "leg": 0,
+        "retcode": 10005,
+    },
+    "fill timeout": {
+        # The order stays New past the run's wait on every attempt: the last one fails it.
+        "config": {"fill_delay_ms": 60_000},
+        "env": {"ORDER_FILL_TIMEOUT_SECONDS": "0.3"},
+        "leg": 0,
+        "retcode": None,
+    },
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", list(LEG_ERRORS))
+async def test_every_failed_leg_is_reported_once_with_the_same_fields(
+    kind: str,
+    api: httpx.AsyncClient,
+    trader: ApiUser,
+    sim: httpx.AsyncClient,
+    service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    case = LEG_ERRORS[kind]
+    for fault in case.get("faults", []):
+        await _fault(sim, trader, **fault)
+    await sim.put("/sim/config", json=case.get("config", {}))
+    worker = start_worker({**service_env, **case.get("env", {})}, tmp_path)
+    try:
+        position_id = await _open(api, trader, BLUECHIP)
+        body = await _final(api, trader, position_id)
+    finally:
+        worker.stop()
+        await sim.put("/sim/config", json={"avg_price_blank": False, "fill_delay_ms": 0})
+    assert body["status"] == "FAILED"
+    assert body["failed_leg"] == case["leg"]
+    events = [e for e in _events(worker) if e.get("position_id") == position_id]
+    failed = [e for e in events if e["event"] == "leg.failed"]
+    assert len(failed) == 1, failed
+    event = failed[0]
+    leg = body["legs"][case["leg"]]
+    assert event["level"] == "error"
+    assert {k: event[k] for k in ("leg", "symbol", "side", "retcode")} == {
+        "leg": case["leg"],
+        "symbol": leg["symbol"],
+        "side": leg["side"],
+        "retcode": case["retcode"],
+    }
+    assert Decimal(event["qty"]) == Decimal(leg["planned_quantity"])
+    assert event["order_link_id"] == f"{uuid.UUID(position_id).hex}-{case['leg']}"
+    assert event["error"] in body["error"]
+    for field in ("position_id", "attempt", "timestamp", "bybit_order_id", "error"):
+        assert field in event, (field, event)

@@ -13,20 +13,23 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from service.market_cache import CachedInstrument, MarketCache, MarketSnapshot
+from service.bybit.types import Instrument
+from service.market.snapshot import MarketCache, MarketSnapshot
 from tests.conftest import TEST_ENV
 
 pytestmark = pytest.mark.integration
 
 SNAPSHOT = MarketSnapshot(
     instruments={
-        "BTCUSDT": CachedInstrument(
+        "BTCUSDT": Instrument(
             symbol="BTCUSDT",
             status="Trading",
             qty_step=Decimal("0.001"),
             min_order_qty=Decimal("0.001"),
+            max_order_qty=Decimal("1190"),
             max_mkt_order_qty=Decimal("100"),
             min_notional_value=Decimal("5"),
+            tick_size=Decimal("0.1"),
         )
     },
     prices={"BTCUSDT": Decimal("95000")},

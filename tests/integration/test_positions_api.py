@@ -18,10 +18,10 @@ from sqlalchemy import func, select
 
 from service.config import get_settings
 from service.credentials.service import rotate_all
-from service.market_cache import MarketCache
+from service.execution.recovery import recover_stale_positions
+from service.market.snapshot import MarketCache
 from service.models import ExchangeCredential, SyntheticPosition
 from service.queue import CeleryPublisher
-from service.recovery import recover_stale_positions
 from service.security import CredentialCipher
 from service.users.service import revoke_user_tokens
 from tests.conftest import TEST_ENV
@@ -284,3 +284,35 @@ async def test_key_rotation_while_positions_execute_loses_nothing(
                 only_new.decrypt(row.api_secret_encrypted)
     finally:
         worker.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_task_is_published_after_the_request_s_transaction_commits(
+    client: httpx.AsyncClient, sessions: object
+) -> None:
+    _, headers = await _user_with_credentials(client, sessions)
+    seen: list[tuple[uuid.UUID, str | None]] = []
+
+    class CheckingPublisher:
+        """Reads the row from another connection at the moment of the publish."""
+
+        async def try_publish(self, position_id: uuid.UUID) -> bool:
+            async with sessions() as session:  # type: ignore[operator]
+                row = await session.get(SyntheticPosition, position_id)
+            seen.append((position_id, row.status if row is not None else None))
+            return True
+
+    app = client._transport.app  # type: ignore[attr-defined]
+    real = app.state.publisher
+    app.state.publisher = CheckingPublisher()
+    try:
+        created = await client.post("/api/positions", json=BODY, headers=headers)
+        refused = await client.post(
+            "/api/positions", json={**BODY, "size": "0.01"}, headers=headers
+        )
+    finally:
+        app.state.publisher = real
+    assert created.status_code == 202
+    assert refused.status_code == 422
+    # One publish, for the accepted position only, of a row already committed.
+    assert seen == [(uuid.UUID(created.json()["id"]), "PENDING")]

@@ -20,9 +20,9 @@ from service.config import get_settings
 from service.credentials.service import store_credentials
 from service.db import SessionScope
 from service.execution import ExecutionDeps, Outcome, execute_position
+from service.execution.reconciliation import reconcile_positions
 from service.models import ReconciliationIssue, Trade
 from service.positions import repository
-from service.reconciliation import reconcile_positions
 from service.users.service import create_user_with_token
 from tests.integration.conftest import api_client, execution_deps
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
+from decimal import Decimal
 from pathlib import Path
+
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
 
 from celery_app import visibility_timeout
 from service.config import Settings
-from service.execution import ExecutionDeps
-from service.run_lock import CONFIRM_TIMEOUT_SECONDS
+from service.execution.run_lock import CONFIRM_TIMEOUT_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,10 +22,6 @@ def _documented() -> dict[str, float]:
     table = text.split("<!-- timings -->", 1)[1].split("<!-- /timings -->", 1)[0]
     rows = re.findall(r"^\| (.+?) \| .+? \| ([\d,.]+) s \|$", table, re.MULTILINE)
     return {what: float(value.replace(",", "")) for what, value in rows}
-
-
-def _deps_default(name: str) -> float:
-    return float(next(f.default for f in fields(ExecutionDeps) if f.name == name))  # type: ignore[arg-type]
 
 
 def test_the_documented_timings_are_the_code_s() -> None:
@@ -39,8 +38,8 @@ def test_the_documented_timings_are_the_code_s() -> None:
         "Celery hard time limit": settings.task_time_limit_seconds,
         "least time left to start an order": settings.http_read_timeout_seconds + 1,
         "ownership check and lock release timeout": CONFIRM_TIMEOUT_SECONDS,
-        "a resumed basket waits in line for the account's lock": _deps_default(
-            "account_lock_wait_seconds"
+        "a resumed basket waits in line for the account's lock": (
+            settings.account_lock_wait_seconds
         ),
         "then asks again after": settings.account_retry_seconds,
         "a waiting basket missed by its hand-off is sent again after": (
@@ -53,3 +52,44 @@ def test_the_documented_timings_are_the_code_s() -> None:
         "Redis visibility timeout": visibility_timeout(settings),
     }
     assert documented == expected
+
+
+def test_every_run_knob_defaults_to_its_setting_and_the_worker_passes_it() -> None:
+    from service.execution import ExecutionDeps
+
+    settings = Settings.model_construct(credentials_keys=SecretStr(Fernet.generate_key().decode()))
+    changed = Settings.model_construct(
+        credentials_keys=settings.credentials_keys,
+        **{
+            name: (info.default * 2 if not isinstance(info.default, bool) else info.default)
+            for name, info in Settings.model_fields.items()
+            if isinstance(info.default, (int, float, Decimal)) and name != "credentials_keys"
+        },
+    )
+    built = ExecutionDeps.from_settings(
+        changed,
+        sessions=None,  # type: ignore[arg-type]
+        run_lock=None,  # type: ignore[arg-type]
+        exchange=None,  # type: ignore[arg-type]
+        market=None,  # type: ignore[arg-type]
+        memo=None,  # type: ignore[arg-type]
+        publisher=None,
+    )
+    plain = ExecutionDeps(
+        sessions=None,  # type: ignore[arg-type]
+        run_lock=None,  # type: ignore[arg-type]
+        exchange=None,  # type: ignore[arg-type]
+        market=None,  # type: ignore[arg-type]
+        cipher=None,  # type: ignore[arg-type]
+        retry_delays=(),
+    )
+    knobs = [
+        f.name
+        for f in fields(ExecutionDeps)
+        if isinstance(getattr(plain, f.name), (int, float, Decimal))
+    ]
+    assert len(knobs) >= 15
+    for name in knobs:
+        # Built from settings every knob follows them (two are derived: the market data's
+        # age from the refresh period, the order reserve from the HTTP read timeout).
+        assert getattr(built, name) != getattr(plain, name), name

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from service.trading_logic import (
+    ComponentWeight,
     Direction,
-    IndexComponent,
     InvalidSizeError,
     LegOutOfRangeError,
     MarketDataError,
@@ -34,7 +34,7 @@ class Filters:
     status: str = "Trading"
 
 
-BLUECHIP = [IndexComponent("BTCUSDT", D("0.6")), IndexComponent("ETHUSDT", D("0.4"))]
+BLUECHIP = [ComponentWeight("BTCUSDT", D("0.6")), ComponentWeight("ETHUSDT", D("0.4"))]
 FILTERS = {
     "BTCUSDT": Filters("BTCUSDT"),
     "ETHUSDT": Filters(
@@ -138,7 +138,7 @@ _FILTERING = [HealthCheck.filter_too_much, HealthCheck.too_slow]
 
 
 @st.composite
-def markets(draw: st.DrawFn) -> tuple[list[IndexComponent], dict[str, Filters], dict[str, D]]:
+def markets(draw: st.DrawFn) -> tuple[list[ComponentWeight], dict[str, Filters], dict[str, D]]:
     count = draw(st.integers(min_value=2, max_value=10))
     # Exact weights: integer parts of a whole.
     parts = draw(st.lists(st.integers(min_value=1, max_value=100), min_size=count, max_size=count))
@@ -152,7 +152,7 @@ def markets(draw: st.DrawFn) -> tuple[list[IndexComponent], dict[str, Filters], 
         min_qty = step * draw(st.integers(min_value=1, max_value=5))
         max_qty = step * draw(st.integers(min_value=10_000, max_value=10_000_000))
         price = draw(st.decimals(min_value=D("0.0001"), max_value=D("100000"), places=4))
-        components.append(IndexComponent(symbol, weight))
+        components.append(ComponentWeight(symbol, weight))
         filters[symbol] = Filters(
             symbol,
             qty_step=step,
@@ -171,7 +171,7 @@ fractions = st.decimals(min_value=D(0), max_value=D(1), places=6)
 @settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=_FILTERING)
 @given(market=markets(), fraction=fractions)
 def test_every_accepted_basket_respects_steps_limits_and_size(
-    market: tuple[list[IndexComponent], dict[str, Filters], dict[str, D]], fraction: D
+    market: tuple[list[ComponentWeight], dict[str, Filters], dict[str, D]], fraction: D
 ) -> None:
     components, filters, prices = market
     bounds = tradeable_size_range(components, filters, prices)
@@ -197,7 +197,7 @@ def test_every_accepted_basket_respects_steps_limits_and_size(
 @settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=_FILTERING)
 @given(market=markets(), size=sizes)
 def test_long_and_short_are_mirror_images(
-    market: tuple[list[IndexComponent], dict[str, Filters], dict[str, D]], size: D
+    market: tuple[list[ComponentWeight], dict[str, Filters], dict[str, D]], size: D
 ) -> None:
     components, filters, prices = market
     try:
@@ -217,7 +217,7 @@ def test_long_and_short_are_mirror_images(
 @settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=_FILTERING)
 @given(market=markets(), size=sizes)
 def test_refusals_suggest_a_size_that_works(
-    market: tuple[list[IndexComponent], dict[str, Filters], dict[str, D]], size: D
+    market: tuple[list[ComponentWeight], dict[str, Filters], dict[str, D]], size: D
 ) -> None:
     components, filters, prices = market
     bounds = tradeable_size_range(components, filters, prices)

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import structlog
 
 from service.db import SessionScope
-from service.metrics import POSITIONS_FINISHED
 from service.models import PositionStatus
-from service.positions import repository
+from service.positions import locks, repository
+from service.positions.status import Transition, change_status
 from service.queue import TaskPublisher
 
-logger = structlog.stdlib.get_logger("service.recovery")
+logger = structlog.stdlib.get_logger("service.execution.recovery")
 
 
 @dataclass
@@ -57,28 +57,27 @@ async def recover_stale_positions(
         )
     for position in stale:
         async with sessions() as session:
-            if await repository.is_run_alive(session, position.id):
-                continue
-            if position.attempts >= max_runs or position.claim is None:
-                reason = f"gave up after {position.attempts} runs without finishing"
-                failed = await repository.compare_and_set_status(
-                    session,
-                    position.id,
-                    expected=PositionStatus.EXECUTING,
-                    new=PositionStatus.FAILED,
+            alive = await locks.is_run_alive(session, position.id)
+        if alive:
+            continue
+        if position.attempts >= max_runs or position.claim is None:
+            reason = f"gave up after {position.attempts} runs without finishing"
+            failed = await change_status(
+                sessions,
+                position.id,
+                # Only as the sweep saw it: same claim, and still no run holding it.
+                Transition(
+                    PositionStatus.EXECUTING,
+                    PositionStatus.FAILED,
+                    require_claim=position.claim,
+                    require_no_run=True,
                     error=reason,
-                )
-                if failed is not None:
-                    POSITIONS_FINISHED.labels(PositionStatus.FAILED.value).inc()
-                    logger.error(
-                        "position.status_changed",
-                        position_id=str(position.id),
-                        from_status=PositionStatus.EXECUTING,
-                        to_status=PositionStatus.FAILED,
-                        error=reason,
-                    )
-                    report.failed.append(position.id)
-                continue
+                ),
+            )
+            if failed is not None:
+                report.failed.append(position.id)
+            continue
+        async with sessions() as session:
             # Restart the staleness clock so the next sweep does not re-send it again.
             await repository.touch_heartbeat(session, position.id)
         await publisher.publish(position.id, task_id=position.claim)

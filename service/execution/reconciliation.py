@@ -34,13 +34,14 @@ from service.bybit.auth import ApiCredentials
 from service.bybit.errors import BybitError
 from service.bybit.types import Order
 from service.credentials.service import load_decrypted
-from service.execution import ExecutionDeps, remainder_link_id, trade_values
+from service.execution.deps import ExecutionDeps
+from service.execution.legs import remainder_link_id, trade_values
 from service.metrics import RECONCILIATION_MISMATCHES
 from service.models import PositionLeg, PositionStatus, SyntheticPosition, Trade
-from service.positions import repository
+from service.positions import locks, reconciliation_rows, repository
 from service.security import CredentialDecryptionError
 
-logger = structlog.stdlib.get_logger("service.reconciliation")
+logger = structlog.stdlib.get_logger("service.execution.reconciliation")
 
 
 @dataclass
@@ -110,7 +111,7 @@ async def reconcile_positions(
         after: tuple[datetime, uuid.UUID] | None = None
         while True:
             async with deps.sessions() as session:
-                page = await repository.unreconciled_positions(
+                page = await reconciliation_rows.unreconciled_positions(
                     session,
                     window_seconds=window_seconds,
                     settle_seconds=settle_seconds,
@@ -157,7 +158,7 @@ async def _reconcile_one(
             changed = changed or new_issue or new_trade
             if new_issue:
                 recorded.append(difference)
-        await repository.mark_reconciled(
+        await reconciliation_rows.mark_reconciled(
             session, position.id, seen=position.updated_at, changed=changed
         )
     for difference in recorded:
@@ -189,7 +190,7 @@ async def _left_to_its_run(
     ):
         return True
     async with deps.sessions() as session:
-        return await repository.is_run_alive(session, position.id)
+        return await locks.is_run_alive(session, position.id)
 
 
 class _NoCredentialsError(Exception):
@@ -266,9 +267,8 @@ async def _record(
         new_trade = await repository.record_trade(
             session,
             trade_values(position.id, difference.leg, order, order.avg_price),
-            touch=False,
         )
-    new_issue = await repository.add_reconciliation_issue(
+    new_issue = await reconciliation_rows.add_reconciliation_issue(
         session,
         {
             "position_id": position.id,

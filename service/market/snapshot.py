@@ -1,13 +1,15 @@
 """The market snapshot shared through Redis: instrument filters and reference prices for
-every catalogue symbol, written by a Beat job, read by the API to refuse untradeable sizes
-without waiting on the exchange. A missing or stale snapshot is an error, never a guess.
+every catalogue symbol, written by a Beat job (`service.market.refresh`), read by the API to
+refuse untradeable sizes without waiting on the exchange, and by the workers to plan without
+a call per symbol. A missing or stale snapshot is an error, never a guess.
+
+The API's side of the market: it imports no exchange client.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
@@ -15,26 +17,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.db import SessionScope
-from service.indices.repository import component_symbols
-from service.market_data import MarketData
+from service.bybit.types import Instrument
 
 CACHE_KEY = "trader:market:v1"
 
 
 @dataclass(frozen=True, slots=True)
-class CachedInstrument:
-    symbol: str
-    status: str
-    qty_step: Decimal
-    min_order_qty: Decimal
-    max_mkt_order_qty: Decimal
-    min_notional_value: Decimal
-
-
-@dataclass(frozen=True, slots=True)
 class MarketSnapshot:
-    instruments: dict[str, CachedInstrument]
+    instruments: dict[str, Instrument]
     prices: dict[str, Decimal]
     fetched_at: float  # epoch seconds
 
@@ -54,41 +44,22 @@ class MarketSnapshot:
     def from_json(cls, raw: str | bytes) -> MarketSnapshot:
         data: dict[str, Any] = json.loads(raw)
         instruments = {
-            symbol: CachedInstrument(
+            symbol: Instrument(
                 symbol=item["symbol"],
                 status=item["status"],
                 qty_step=Decimal(item["qty_step"]),
                 min_order_qty=Decimal(item["min_order_qty"]),
+                # A snapshot written before these two were kept (a rolling deploy) lacks
+                # them; nothing that reads a snapshot uses them.
+                max_order_qty=Decimal(item.get("max_order_qty", item["max_mkt_order_qty"])),
                 max_mkt_order_qty=Decimal(item["max_mkt_order_qty"]),
                 min_notional_value=Decimal(item["min_notional_value"]),
+                tick_size=Decimal(item.get("tick_size", "0")),
             )
             for symbol, item in data["instruments"].items()
         }
         prices = {symbol: Decimal(price) for symbol, price in data["prices"].items()}
         return cls(instruments=instruments, prices=prices, fetched_at=float(data["fetched_at"]))
-
-
-async def fetch_snapshot(market: MarketData, symbols: Iterable[str]) -> MarketSnapshot:
-    """Read every symbol's filters and price from the exchange now (never from a snapshot:
-    this is what makes the next one)."""
-    wanted = sorted(set(symbols))
-    instruments = await market.instruments(wanted, max_age=0)
-    prices = await market.prices(wanted, max_age=0)
-    return MarketSnapshot(
-        instruments={
-            s: CachedInstrument(
-                symbol=i.symbol,
-                status=i.status,
-                qty_step=i.qty_step,
-                min_order_qty=i.min_order_qty,
-                max_mkt_order_qty=i.max_mkt_order_qty,
-                min_notional_value=i.min_notional_value,
-            )
-            for s, i in instruments.items()
-        },
-        prices=prices,
-        fetched_at=time.time(),
-    )
 
 
 class MarketCache:
@@ -141,14 +112,3 @@ class MarketCache:
             return None
         self.remember(snapshot)
         return self._fresh(snapshot)
-
-
-async def refresh_market_cache(
-    sessions: SessionScope, market: MarketData, cache: MarketCache
-) -> MarketSnapshot:
-    """Fetch filters and prices for every symbol any index uses, and publish them."""
-    async with sessions() as session:
-        symbols = await component_symbols(session)
-    snapshot = await fetch_snapshot(market, symbols)
-    await cache.store(snapshot)
-    return snapshot

@@ -2,7 +2,7 @@
 else from the exchange (cached in-process).
 
 Beat's refresh job writes a snapshot of every catalogue symbol's filters and prices to Redis
-(service/market_cache.py) every MARKET_REFRESH_SECONDS. A worker planning a basket reads it
+(service/market/snapshot.py) every MARKET_REFRESH_SECONDS. A worker planning a basket reads it
 instead of asking the exchange once per symbol: Bybit counts every request against the
 address's limit, and a ten-leg basket asking per symbol spent twenty of them on data the
 snapshot already had. Missing data is an error, never a guess.
@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Generic, Protocol, TypeVar
 
 from service.bybit.client import BybitClient
-from service.trading_logic import InstrumentFilters
+from service.bybit.types import Instrument
 
 T = TypeVar("T")
 
@@ -31,10 +31,10 @@ class MarketDataUnavailableError(Exception):
 
 
 class Snapshot(Protocol):
-    """What the shared snapshot offers (service.market_cache.MarketSnapshot)."""
+    """What the shared snapshot offers (service.market.snapshot.MarketSnapshot)."""
 
     @property
-    def instruments(self) -> Mapping[str, InstrumentFilters]: ...
+    def instruments(self) -> Mapping[str, Instrument]: ...
     @property
     def prices(self) -> Mapping[str, Decimal]: ...
     @property
@@ -65,12 +65,12 @@ class MarketData:
         self._filters_ttl = filters_ttl_seconds
         self._prices_ttl = prices_ttl_seconds
         self._clock = clock
-        self._instruments: dict[str, _Entry[InstrumentFilters]] = {}
+        self._instruments: dict[str, _Entry[Instrument]] = {}
         self._prices: dict[str, _Entry[Decimal]] = {}
 
     async def instruments(
         self, symbols: Iterable[str], *, max_age: float | None = None
-    ) -> dict[str, InstrumentFilters]:
+    ) -> dict[str, Instrument]:
         """Filters per symbol, no older than `max_age` seconds (default: hours; 0: read from
         the exchange now, as the refresh job does)."""
         wanted = list(dict.fromkeys(symbols))
@@ -93,13 +93,13 @@ class MarketData:
                 self._instruments[symbol] = _Entry(match[0], self._clock())
         return {s: self._instruments[s].value for s in wanted}
 
-    async def current(self, symbols: Iterable[str]) -> dict[str, InstrumentFilters]:
+    async def current(self, symbols: Iterable[str]) -> dict[str, Instrument]:
         """Filters and status of `symbols` as the exchange has them now, in one request: the
         list of every trading instrument (a halted one is not in it: it alone is then asked
         for, to say what its status is)."""
         wanted = list(dict.fromkeys(symbols))
         trading = {i.symbol: i for i in await self._client.get_instruments()}
-        found: dict[str, InstrumentFilters] = {s: trading[s] for s in wanted if s in trading}
+        found: dict[str, Instrument] = {s: trading[s] for s in wanted if s in trading}
         for symbol in (s for s in wanted if s not in trading):
             match = [i for i in await self._client.get_instruments(symbol) if i.symbol == symbol]
             if not match:

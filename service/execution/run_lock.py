@@ -5,7 +5,7 @@
   the connection and the lock with it, which is how the recovery sweep tells a dead run from a
   slow one.
 - The exchange account's lock: taken while a run checks that no other basket of the account
-  has begun and not ended, claims its own, and runs it (service/execution.py). With it, one
+  has begun and not ended, claims its own, and runs it (service/execution/flow.py). With it, one
   basket at a time per account.
 - The ownership proof: before each order the run asks, on this same connection, whether it
   still holds the lock and the claim. A session-level lock lives exactly as long as its
@@ -27,10 +27,10 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.execution import RunLease, RunLock
-from service.positions import repository
+from service.execution.deps import RunLease, RunLock
+from service.positions import locks
 
-logger = structlog.stdlib.get_logger("service.run_lock")
+logger = structlog.stdlib.get_logger("service.execution.run_lock")
 
 # How long an ownership check or a release may take before it proves nothing.
 CONFIRM_TIMEOUT_SECONDS = 5.0
@@ -57,7 +57,7 @@ class AdvisoryRunLease:
     ) -> bool:
         try:
             async with asyncio.timeout(self._confirm_timeout):
-                return await repository.confirm_run(
+                return await locks.confirm_run(
                     self._connection,
                     self._position_id,
                     claim,
@@ -70,17 +70,15 @@ class AdvisoryRunLease:
 
     @asynccontextmanager
     async def account(self, user_id: uuid.UUID, *, wait_seconds: float) -> AsyncIterator[bool]:
-        acquired = await repository.lock_account(
-            self._connection, user_id, wait_seconds=wait_seconds
-        )
+        acquired = await locks.lock_account(self._connection, user_id, wait_seconds=wait_seconds)
         try:
             yield acquired
         finally:
             if acquired:
-                await self._release(repository.unlock_account(self._connection, user_id))
+                await self._release(locks.unlock_account(self._connection, user_id))
 
     async def release(self) -> None:
-        await self._release(repository.advisory_unlock(self._connection, self._position_id))
+        await self._release(locks.advisory_unlock(self._connection, self._position_id))
 
     async def _release(self, unlock: Awaitable[None]) -> None:
         # A dead connection has released everything already; a live one answers quickly.
@@ -101,7 +99,7 @@ def advisory_run_lock(
     async def hold(position_id: uuid.UUID) -> AsyncIterator[RunLease | None]:
         async with engine.connect() as connection:
             await connection.execution_options(isolation_level="AUTOCOMMIT")
-            pid = await repository.try_advisory_lock(connection, position_id)
+            pid = await locks.try_advisory_lock(connection, position_id)
             if pid is None:
                 yield None
                 return

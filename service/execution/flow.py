@@ -1,0 +1,261 @@
+"""The execution flow of one position, top to bottom as the product's steps.
+
+A run holds the position's lock (serialising deliveries of one task), then its exchange
+account's lock (one basket at a time per account: `accounts`), then claims the position
+(PENDING -> EXECUTING, or the claim holder resumes: `states`) -> plans once (`plan`) ->
+pre-flight (`preflight`) -> each leg in order (`legs`) -> the snapshot of what filled and
+ACTIVE (`states.finish`). A permanent error fails the position at once; a transient one asks
+the caller (the Celery task) to run again after the next delay (a rate limit or an IP ban:
+when it ends, with no attempt used). The run has one deadline: past it nothing more is sent.
+
+This module imports neither Celery nor FastAPI; its dependencies come in `ExecutionDeps`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.bybit.auth import ApiCredentials
+from service.credentials.service import load_decrypted
+from service.execution import accounts, legs, plan, states
+from service.execution.deps import ExecutionDeps, Run, RunLease
+from service.execution.outcomes import (
+    CredentialsUnreadableError,
+    Outcome,
+    OwnershipLostError,
+    PermanentRunError,
+    RunError,
+    RunResult,
+    TransientRunError,
+)
+from service.execution.preflight import preflight
+from service.metrics import RETRIES
+from service.models import PositionStatus, SyntheticPosition
+from service.positions import repository
+from service.security import CredentialDecryptionError
+
+logger = structlog.stdlib.get_logger("service.execution")
+
+
+async def execute_position(
+    deps: ExecutionDeps, position_id: uuid.UUID, *, task_id: str, deadline: float | None = None
+) -> RunResult:
+    """Run (or resume) one position. Every run counts as an attempt, a crashed one too, so
+    `TRADE_RETRY_DELAYS` bounds the number of runs whatever happens to the messages; waiting
+    for the account does not count. `deadline` is the event-loop time past which nothing more
+    is sent."""
+    structlog.contextvars.bind_contextvars(position_id=str(position_id), task_id=task_id)
+    log = logger.bind()
+    try:
+        return await _execute(deps, position_id, task_id, deadline, log)
+    except (SQLAlchemyError, OSError) as error:
+        # asyncpg's statement timeout is a bare TimeoutError: say what it means.
+        detail = (
+            "the database did not answer within DB_STATEMENT_TIMEOUT_SECONDS"
+            if isinstance(error, TimeoutError)
+            else f"{type(error).__name__}: {error}"
+        )
+        log.error("run.database_unavailable", error=detail)
+        return RunResult(Outcome.ABORTED, detail=detail)
+
+
+async def _execute(
+    deps: ExecutionDeps,
+    position_id: uuid.UUID,
+    task_id: str,
+    deadline: float | None,
+    log: structlog.stdlib.BoundLogger,
+) -> RunResult:
+    async with deps.run_lock(position_id) as lease:
+        if lease is None:
+            log.warning("position.discarded", reason="another run holds the position")
+            return RunResult(Outcome.DISCARDED, detail="locked")
+        position = await _eligible(deps, position_id, task_id, log)
+        if isinstance(position, RunResult):
+            return position
+        resuming = position.status == PositionStatus.EXECUTING
+        wait = deps.account_lock_wait_seconds if resuming else 0
+        result: RunResult | None = None
+        holder: SyntheticPosition | None = None
+        waiting_since: datetime | None = None
+        for look in (1, 2):
+            async with lease.account(position.user_id, wait_seconds=wait) as account_locked:
+                holder = None
+                if account_locked and not resuming:
+                    holder = await accounts.holder_of(deps, position)
+                if account_locked and holder is None:
+                    result = await _run_holding_account(
+                        deps, position, task_id, lease, deadline, log
+                    )
+                    break
+            if resuming or look == 2:
+                return await accounts.wait_for_account(
+                    deps, position, holder, task_id, lease, log, since=waiting_since
+                )
+            # Marked waiting before one more look: a holder that ended this instant looked for
+            # waiting baskets before this one was marked, and would not have sent it.
+            waiting_since = await accounts.mark_waiting(deps, position.id)
+        assert result is not None
+        if result.outcome in (Outcome.ACTIVE, Outcome.FAILED):
+            # The account is free: its next basket need not wait for the recovery sweep.
+            await accounts.hand_off(deps, position.user_id, log)
+        return result
+
+
+async def _eligible(
+    deps: ExecutionDeps, position_id: uuid.UUID, task_id: str, log: structlog.stdlib.BoundLogger
+) -> SyntheticPosition | RunResult:
+    """May this task run the position? PENDING, or EXECUTING under this task's claim with its
+    retry due. Only read: the claim is written once the account is held."""
+    async with deps.sessions() as session:
+        current = await repository.get_position(session, position_id)
+    if current is None:
+        log.warning("position.not_found")
+        return RunResult(Outcome.NOT_FOUND)
+    if current.status == PositionStatus.PENDING:
+        return current
+    if current.status != PositionStatus.EXECUTING or current.claim != task_id:
+        log.info("position.discarded", status=current.status, reason="not this task's claim")
+        return RunResult(Outcome.DISCARDED, detail=current.status)
+    if current.next_attempt_at is not None:
+        remaining = (current.next_attempt_at - datetime.now(UTC)).total_seconds()
+        if remaining > deps.early_tolerance_seconds:
+            # A stray copy (e.g. redelivered) arrived before the scheduled retry is due.
+            log.info("position.discarded", reason="retry not yet due", due_in_s=remaining)
+            return RunResult(Outcome.DISCARDED, detail="early")
+    return current
+
+
+async def _run_holding_account(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    task_id: str,
+    lease: RunLease,
+    deadline: float | None,
+    log: structlog.stdlib.BoundLogger,
+) -> RunResult:
+    try:
+        # Decrypted once per run, kept only in this run's memory; a rotation of the
+        # encryption keys meanwhile changes the stored ciphertext, not the key itself.
+        credentials = await _credentials(deps, position)
+    except CredentialsUnreadableError as error:
+        log.error("run.credentials_unreadable", error=str(error))
+        age = (datetime.now(UTC) - position.created_at).total_seconds()
+        if position.status == PositionStatus.PENDING and age > deps.unreadable_key_grace_seconds:
+            # Not a worker missing a key for a moment (a rotation rolling out): the stored key
+            # is unreadable. Nothing was sent; the user must store it again.
+            reason = (
+                f"the stored API key cannot be decrypted ({error}); store it again with "
+                "PUT /api/credentials. No order was sent"
+            )
+            return await states.claim_and_fail(deps, position, task_id, lease, reason, log)
+        return RunResult(Outcome.ABORTED, detail=str(error))
+    except PermanentRunError as error:
+        return await states.claim_and_fail(deps, position, task_id, lease, error.message, log)
+    claimed = await states.claim(deps, position, task_id, lease, log)
+    if isinstance(claimed, RunResult):
+        return claimed
+    structlog.contextvars.bind_contextvars(attempt=claimed.attempts)
+    run = Run(claimed, task_id, credentials, lease, deadline, retries_done=claimed.attempts - 1)
+    return await _run_claimed(deps, run, log)
+
+
+async def _run_claimed(
+    deps: ExecutionDeps, run: Run, log: structlog.stdlib.BoundLogger
+) -> RunResult:
+    position, task_id = run.position, run.claim
+    deadline = asyncio.timeout_at(run.deadline)
+    try:
+        async with deadline:
+            legs_planned = await plan.ensure_plan(deps, position, log)
+            recorded = await plan.recorded_trades(deps, position.id)
+            if not recorded and all(leg.submitted_at is None for leg in legs_planned):
+                await preflight(deps, run, legs_planned, log)
+            await legs.execute_legs(
+                deps,
+                run,
+                legs_planned,
+                recorded,
+                log,
+                ends_position=lambda error: _ends_position(deps, run, error),
+                deadline_expired=deadline.expired,
+            )
+            await states.finish(deps, run, legs_planned, log)
+            return RunResult(Outcome.ACTIVE)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        # Cancelled where it was: an order in flight was sent before the deadline and is
+        # looked up by the next run; nothing is sent after it.
+        log.warning("run.deadline_passed")
+        error = TransientRunError("the run's deadline passed before it finished", label="deadline")
+        return await _retry_later(deps, run, error, log)
+    except OwnershipLostError as error:
+        log.error("position.ownership_lost", error=str(error))
+        return RunResult(Outcome.DISCARDED, detail="ownership lost")
+    except PermanentRunError as error:
+        return await states.fail(
+            deps, position.id, task_id, error.message, error.leg, log, run.lease.pid
+        )
+    except TransientRunError as error:
+        return await _retry_later(deps, run, error, log)
+
+
+def _pause_refunded(deps: ExecutionDeps, run: Run, error: RunError) -> bool:
+    """Waiting out a rate limit or an IP ban is not an attempt, within the pause budget."""
+    if not (error.pause and error.retry_after is not None):
+        return False
+    age = (datetime.now(UTC) - run.position.created_at).total_seconds()
+    return age < deps.pause_budget_seconds
+
+
+def _ends_position(deps: ExecutionDeps, run: Run, error: RunError) -> bool:
+    """Does this error fail the position (permanent, or transient with no attempt left)?"""
+    if isinstance(error, PermanentRunError):
+        return True
+    return not _pause_refunded(deps, run, error) and run.retries_done >= len(deps.retry_delays)
+
+
+async def _retry_later(
+    deps: ExecutionDeps, run: Run, error: TransientRunError, log: structlog.stdlib.BoundLogger
+) -> RunResult:
+    position, task_id, refund = run.position, run.claim, _pause_refunded(deps, run, error)
+    if not refund and run.retries_done >= len(deps.retry_delays):
+        reason = f"gave up after {run.retries_done + 1} attempts: {error.message}"
+        return await states.fail(deps, position.id, task_id, reason, error.leg, log, run.lease.pid)
+    if refund:
+        assert error.retry_after is not None
+        delay = error.retry_after  # come back when the limit or the ban ends
+    else:
+        # Never before the exchange said (an IP ban lasts ten minutes or more).
+        delay = max(float(deps.retry_delays[run.retries_done]), error.retry_after or 0.0)
+    async with deps.sessions() as session:
+        due = await repository.set_next_attempt(
+            session, position.id, task_id, delay, lock_pid=run.lease.pid, refund_attempt=refund
+        )
+    RETRIES.labels(error.metric_label).inc()
+    log.warning(
+        "leg.retry_scheduled",
+        leg=error.leg,
+        error=error.message,
+        retry_in_s=delay,
+        next_attempt_at=due.isoformat() if due else None,
+        **({"attempt_used": False} if refund else {}),
+    )
+    return RunResult(Outcome.RETRY, retry_in=delay, detail=error.message)
+
+
+async def _credentials(deps: ExecutionDeps, position: SyntheticPosition) -> ApiCredentials:
+    try:
+        async with deps.sessions() as session:
+            credentials = await load_decrypted(session, deps.cipher, position.user_id)
+    except CredentialDecryptionError as error:
+        raise CredentialsUnreadableError(str(error)) from None
+    if credentials is None:
+        raise PermanentRunError("the user has no Bybit credentials stored")
+    return credentials

@@ -1,0 +1,82 @@
+"""The basket's plan: computed once from the index and the market, stored before the first
+order, and read back by every later run of the position."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import structlog
+
+from service.bybit.errors import BybitError
+from service.execution import calls
+from service.execution.deps import ExecutionDeps
+from service.execution.outcomes import PermanentRunError
+from service.indices import repository as indices_repository
+from service.market.data import MarketDataUnavailableError
+from service.models import PositionLeg, SyntheticPosition, Trade
+from service.positions import repository
+from service.trading_logic import (
+    CompositionError,
+    Direction,
+    calculate_trade_composition,
+)
+
+
+def order_link_id(position_id: uuid.UUID, leg: int) -> str:
+    """Deterministic per position and leg: 32 hex + '-' + leg, at most 36 characters."""
+    return f"{position_id.hex}-{leg}"
+
+
+async def ensure_plan(
+    deps: ExecutionDeps, position: SyntheticPosition, log: structlog.stdlib.BoundLogger
+) -> Sequence[PositionLeg]:
+    async with deps.sessions() as session:
+        stored = await repository.get_plan(session, position.id)
+        if stored:
+            return stored
+        index = await indices_repository.get_index(session, position.index_code)
+        if index is None:
+            raise PermanentRunError(f"index {position.index_code} no longer exists")
+        components = list(index.components)
+    symbols = [c.symbol for c in components]
+    try:
+        instruments = await calls.call(deps, deps.market.instruments, symbols)
+        prices = await calls.call(
+            deps, deps.market.prices, symbols, max_age=deps.market_max_age_seconds
+        )
+        legs = calculate_trade_composition(
+            components, position.size, Direction(position.direction), instruments, prices
+        )
+    except (CompositionError, MarketDataUnavailableError) as error:
+        raise PermanentRunError(f"cannot plan the basket: {error}") from None
+    except BybitError as error:
+        raise calls.classify(error, None, "market data") from None
+    values: list[dict[str, object]] = [
+        {
+            "position_id": position.id,
+            "leg": leg.leg,
+            "symbol": leg.symbol,
+            "side": leg.side.value,
+            "quantity": leg.quantity,
+            "reference_price": leg.reference_price,
+            "order_link_id": order_link_id(position.id, leg.leg),
+        }
+        for leg in legs
+    ]
+    async with deps.sessions() as session:
+        rows = await repository.add_plan(session, values)
+        # GET shows the plan (its legs).
+        await repository.mark_changed(session, position.id)
+    log.info(
+        "position.planned",
+        legs=[
+            {"leg": r.leg, "symbol": r.symbol, "side": r.side, "qty": str(r.quantity)} for r in rows
+        ],
+    )
+    return rows
+
+
+async def recorded_trades(deps: ExecutionDeps, position_id: uuid.UUID) -> list[Trade]:
+    async with deps.sessions() as session:
+        return list(await repository.get_trades(session, position_id))

@@ -1,0 +1,250 @@
+"""Pre-flight: everything that can fail is checked before the first order, in as few
+exchange calls as can be. A basket that fails half-way leaves the user holding part of an
+index, so whatever can be known before the first order is known here."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import cast
+
+import structlog
+
+from service.bybit.auth import ApiCredentials
+from service.bybit.errors import BybitError
+from service.bybit.types import PositionInfo, WalletBalance
+from service.execution import calls
+from service.execution.deps import ExecutionDeps, Run
+from service.execution.outcomes import PermanentRunError, RunError, leg_message
+from service.market.data import MarketDataUnavailableError
+from service.models import PositionLeg
+from service.positions import repository
+from service.trading_logic import InstrumentFilters, order_filter_violation
+
+# Bybit's answer to set-leverage under portfolio margin ("not allowed to change leverage").
+PORTFOLIO_MARGIN_LEVERAGE = 110038
+
+
+async def preflight(
+    deps: ExecutionDeps,
+    run: Run,
+    plan: Sequence[PositionLeg],
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    """No order is sent unless every instrument trades, every leg passes its filters at the
+    current price, the account holds the basket at 1x plus a margin, no position the user
+    already holds would be netted or re-margined by the basket, and leverage is 1x on every
+    symbol. A basket that fails half-way leaves the user holding part of an index, so whatever
+    can be known before the first order is checked here, in as few exchange calls as can be,
+    side by side: every trading instrument's status and filters (one request), prices from
+    the shared snapshot, the balance, and the open positions (and, when the account holds
+    none, one symbol's row for the position mode)."""
+    credentials = run.credentials
+    symbols = [leg.symbol for leg in plan]
+    fresh = deps.market_max_age_seconds
+    reads = await asyncio.gather(
+        # The status now (a halt must be seen before the first order), in one request.
+        calls.call(deps, deps.market.current, symbols),
+        calls.call(deps, deps.market.prices, symbols, max_age=fresh),
+        calls.call(deps, deps.exchange.get_wallet_balance, credentials),
+        calls.call(deps, deps.exchange.get_positions, credentials),
+        return_exceptions=True,
+    )
+    for result in reads:
+        if isinstance(result, MarketDataUnavailableError):
+            raise _preflight_failure(log, f"market data: {result}", None) from None
+        if isinstance(result, BybitError):
+            raise _refused(log, calls.classify(result, None, "pre-flight reads")) from None
+        if isinstance(result, BaseException):
+            raise result
+    instruments, prices, wallet, held = cast(
+        tuple[
+            dict[str, InstrumentFilters],
+            dict[str, Decimal],
+            WalletBalance,
+            list[PositionInfo],
+        ],
+        tuple(reads),
+    )
+    required = _check_filters(plan, instruments, prices, log)
+    needed = (required * (1 + deps.preflight_margin)).quantize(Decimal("0.01"))
+    if wallet.total_available_balance < needed:
+        margin_mode = " (isolated margin: the USDT balance not held by positions)"
+        raise _preflight_failure(
+            log,
+            f"available balance {wallet.total_available_balance} USDT"
+            f"{margin_mode if wallet.isolated else ''} does not cover the basket's {needed} "
+            f"USDT at 1x (notional {required.quantize(Decimal('0.01'))} + "
+            f"{deps.preflight_margin:%} for fees and slippage)",
+            None,
+        )
+    hedge = await _position_modes(deps, credentials, symbols, held, log)
+    _check_held_positions(plan, held, hedge, log)
+    for row in held:
+        if row.leverage == 1:
+            await deps.memo.confirm_leverage(credentials.account, row.symbol)
+    outcomes = await asyncio.gather(
+        *(ensure_leverage(deps, credentials, leg, log) for leg in plan), return_exceptions=True
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, RunError):
+            raise _refused(log, outcome)
+        if isinstance(outcome, BaseException):
+            raise outcome
+    for leg in plan:
+        leg.position_idx = position_idx_for(leg.side, hedge=hedge[leg.symbol])
+    async with deps.sessions() as session:
+        await repository.set_position_idx(
+            session, run.position.id, {leg.leg: leg.position_idx for leg in plan}
+        )
+    log.info(
+        "preflight.passed",
+        required_usdt=str(needed),
+        available_usdt=str(wallet.total_available_balance),
+        hedge_mode=sorted(symbol for symbol, on in hedge.items() if on),
+        isolated_margin=wallet.isolated,
+        symbols=symbols,
+    )
+
+
+def position_idx_for(side: str, *, hedge: bool) -> int:
+    """Bybit's positionIdx for an order that opens `side`: 0 in one-way mode; in hedge mode
+    1 for the buy side, 2 for the sell side."""
+    if not hedge:
+        return 0
+    return 1 if side == "Buy" else 2
+
+
+async def _position_modes(
+    deps: ExecutionDeps,
+    credentials: ApiCredentials,
+    symbols: Sequence[str],
+    held: Sequence[PositionInfo],
+    log: structlog.stdlib.BoundLogger,
+) -> dict[str, bool]:
+    """Each symbol's position mode (True: hedge). Bybit sets it per symbol (a switch per coin
+    skips symbols with positions or orders), so mixed modes are normal: read from the open
+    positions' rows, the memo, and for the rest one row per symbol, side by side."""
+    account = credentials.account
+    modes = {row.symbol: row.hedge_mode for row in held if row.symbol in symbols}
+    for symbol in symbols:
+        if symbol not in modes:
+            known = await deps.memo.hedge_mode(account, symbol)
+            if known is not None:
+                modes[symbol] = known
+    unknown = [s for s in symbols if s not in modes]
+    if unknown:
+        try:
+            rows = await asyncio.gather(
+                *(
+                    calls.call(deps, deps.exchange.get_positions, credentials, symbol=s)
+                    for s in unknown
+                )
+            )
+        except BybitError as error:
+            raise _refused(log, calls.classify(error, None, "read the position modes")) from None
+        for symbol, symbol_rows in zip(unknown, rows, strict=True):
+            modes[symbol] = any(row.hedge_mode for row in symbol_rows)
+            for row in symbol_rows:
+                if row.leverage == 1:
+                    await deps.memo.confirm_leverage(account, symbol)
+    for symbol in symbols:
+        await deps.memo.remember_hedge_mode(account, symbol, modes[symbol])
+    return modes
+
+
+def _check_filters(
+    plan: Sequence[PositionLeg],
+    instruments: Mapping[str, InstrumentFilters],
+    prices: Mapping[str, Decimal],
+    log: structlog.stdlib.BoundLogger,
+) -> Decimal:
+    """Every leg against its instrument's filters at the current price (the exchange's own
+    minimum: the plan kept its headroom above it); returns the basket's notional."""
+    required = Decimal(0)
+    for leg in plan:
+        rules, price = instruments[leg.symbol], prices[leg.symbol]
+        required += leg.quantity * price
+        violation = order_filter_violation(
+            leg.symbol, leg.quantity, rules, price, keep_headroom=False
+        )
+        if violation is not None:
+            raise _preflight_failure(log, leg_message(leg, violation.message), leg.leg)
+    return required
+
+
+def _check_held_positions(
+    plan: Sequence[PositionLeg],
+    held: Sequence[PositionInfo],
+    hedge: Mapping[str, bool],
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    """A position the user already holds on a basket symbol must come through untouched: in
+    one-way mode an order of the other side would net it (reduce or flip it, not open the
+    basket's leg); and setting 1x would change the margin of one held at other leverage."""
+    legs = {leg.symbol: leg for leg in plan}
+    for row in held:
+        leg = legs.get(row.symbol)
+        if leg is None or row.size <= 0:
+            continue
+        if not hedge[row.symbol] and row.side and row.side != leg.side:
+            raise _preflight_failure(
+                log,
+                leg_message(
+                    leg,
+                    f"you hold a {row.side} position of {row.size} {row.symbol}; in one-way "
+                    f"mode this basket's {leg.side} order would reduce it instead of opening "
+                    "its own. Close it first, or switch the account to hedge mode (Bybit: "
+                    "position mode, per settle coin), where both sides are held apart",
+                ),
+                leg.leg,
+            )
+        if row.leverage is not None and row.leverage != 1:
+            raise _preflight_failure(
+                log,
+                leg_message(
+                    leg,
+                    f"you hold a {row.side} position of {row.size} {row.symbol} at "
+                    f"{row.leverage.normalize():f}x; the basket trades at 1x, and setting 1x "
+                    "would change that position's margin. Set it to 1x or close it first",
+                ),
+                leg.leg,
+            )
+
+
+def _preflight_failure(
+    log: structlog.stdlib.BoundLogger, reason: str, leg: int | None
+) -> PermanentRunError:
+    log.error("preflight.failed", error=reason, leg=leg)
+    return PermanentRunError(f"pre-flight: {reason}", leg=leg)
+
+
+def _refused(log: structlog.stdlib.BoundLogger, error: RunError) -> RunError:
+    """The exchange refused a pre-flight read: permanent (a refused key, say) fails the
+    basket before any order."""
+    if isinstance(error, PermanentRunError):
+        log.error("preflight.failed", error=error.message, retcode=error.retcode)
+    return error
+
+
+async def ensure_leverage(
+    deps: ExecutionDeps,
+    credentials: ApiCredentials,
+    leg: PositionLeg,
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    account = credentials.account
+    if await deps.memo.leverage_confirmed(account, leg.symbol):
+        return
+    try:
+        changed = await calls.call(deps, deps.exchange.set_leverage, credentials, leg.symbol)
+    except BybitError as error:
+        if error.retcode == PORTFOLIO_MARGIN_LEVERAGE:
+            # Portfolio margin has no leverage per symbol: the balance check is the 1x.
+            await deps.memo.confirm_leverage(account, leg.symbol)
+            log.info("leverage.not_applicable", symbol=leg.symbol, reason="portfolio margin")
+            return
+        raise calls.classify(error, leg, "set leverage 1x") from None
+    await deps.memo.confirm_leverage(account, leg.symbol)
+    log.info("leverage.set", symbol=leg.symbol, leverage="1", changed=changed)

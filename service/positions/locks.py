@@ -1,0 +1,171 @@
+"""PostgreSQL advisory locks of positions and exchange accounts, and the run's ownership proof
+on the lock's own connection. The primitives under service/execution/run_lock.py, and the
+fence every status write of a run carries (`lock_held_by`)."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.sql.elements import TextClause
+
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock not granted within lock_timeout
+
+
+def advisory_lock_key(position_id: uuid.UUID) -> int:
+    """A signed 64-bit key for PostgreSQL's advisory locks, derived from the position id."""
+    return int.from_bytes(position_id.bytes[:8], "big", signed=True)
+
+
+def _lock_params(position_id: uuid.UUID) -> dict[str, int]:
+    # pg_locks shows a bigint advisory key as two oids: its high and low 32 bits.
+    key = advisory_lock_key(position_id)
+    return {"lock_high": (key >> 32) & 0xFFFFFFFF, "lock_low": key & 0xFFFFFFFF}
+
+
+_LOCK_HELD = (
+    "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+    " AND classid::bigint = :lock_high AND objid::bigint = :lock_low{holder})"
+)
+
+
+# The run's ownership proof (confirm_run), on its lock connection: lock, status and claim.
+_CONFIRM_RUN = (
+    "WITH owner AS ("  # noqa: S608 - constants only; every value is a bound parameter
+    " UPDATE synthetic_positions SET heartbeat_at = now()"
+    " WHERE id = :id AND status = 'EXECUTING' AND claim = :claim AND "
+    + _LOCK_HELD.format(holder=" AND pid = pg_backend_pid()")
+    + " RETURNING id), "
+    "submitted AS ("
+    " UPDATE position_legs SET submitted_at = coalesce(submitted_at, now()),"
+    " remainders_submitted = greatest(remainders_submitted, CAST(:remainder AS integer))"
+    " WHERE position_id IN (SELECT id FROM owner) AND leg = CAST(:leg AS integer)"
+    " RETURNING leg) "
+    "SELECT count(*) FROM owner"
+)
+
+
+_THIS_DATABASE = " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+
+
+def lock_held_by(position_id: uuid.UUID, pid: int) -> TextClause:
+    """A condition: the position's run lock is held by backend `pid` (the run's lock
+    connection). A status write with it cannot be made by a run that lost its lock."""
+    return text(_LOCK_HELD.format(holder=" AND pid = :lock_pid")).bindparams(
+        lock_pid=pid, **_lock_params(position_id)
+    )
+
+
+def no_run_holds(position_id: uuid.UUID) -> TextClause:
+    """A condition: no connection of this database holds the position's run lock (a run is
+    not in progress). The recovery sweep's write carries it, so a run that starts between the
+    sweep's look and its write keeps the position."""
+    return text("NOT " + _LOCK_HELD.format(holder=_THIS_DATABASE)).bindparams(
+        **_lock_params(position_id)
+    )
+
+
+async def try_advisory_lock(connection: AsyncConnection, position_id: uuid.UUID) -> int | None:
+    """Take the position's session-level lock, held by the connection until released or the
+    connection dies. Returns the connection's backend pid (what its status writes are fenced
+    with), or None when another connection holds the lock."""
+    result = await connection.execute(
+        text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"),
+        {"key": advisory_lock_key(position_id)},
+    )
+    acquired, pid = result.one()
+    return int(pid) if acquired else None
+
+
+async def advisory_unlock(connection: AsyncConnection, position_id: uuid.UUID) -> None:
+    await connection.execute(
+        text("SELECT pg_advisory_unlock(:key)"), {"key": advisory_lock_key(position_id)}
+    )
+
+
+def account_lock_keys(user_id: uuid.UUID) -> tuple[int, int]:
+    """The two-int advisory lock key of a user's exchange account (the service keeps one
+    Bybit key per user, so a user is an account, whichever key it stores at the moment).
+
+    PostgreSQL keeps two-int keys apart from the bigint keys of positions (`objsubid` 2
+    against 1), so an account's lock can never collide with a position's."""
+    raw = user_id.bytes[:8]
+    return (
+        int.from_bytes(raw[:4], "big", signed=True),
+        int.from_bytes(raw[4:], "big", signed=True),
+    )
+
+
+async def lock_account(
+    connection: AsyncConnection, user_id: uuid.UUID, *, wait_seconds: float = 0.0
+) -> bool:
+    """Take the account's session-level lock: at once, or waiting in PostgreSQL's queue (first
+    come, first served) at most `wait_seconds`. False when it was not granted. The connection
+    must be in autocommit mode; the wait's lock_timeout is local to its one statement."""
+    first, second = account_lock_keys(user_id)
+    keys = {"first": first, "second": second}
+    if wait_seconds <= 0:
+        result = await connection.execute(
+            text("SELECT pg_try_advisory_lock(:first, :second)"), keys
+        )
+        return bool(result.scalar_one())
+    try:
+        await connection.execute(
+            text(
+                "WITH wait AS MATERIALIZED (SELECT set_config('lock_timeout', :ms, true)) "
+                "SELECT pg_advisory_lock(:first, :second) FROM wait"
+            ),
+            {**keys, "ms": str(max(1, int(wait_seconds * 1000)))},
+        )
+        return True
+    except DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        return False
+
+
+async def unlock_account(connection: AsyncConnection, user_id: uuid.UUID) -> None:
+    first, second = account_lock_keys(user_id)
+    await connection.execute(
+        text("SELECT pg_advisory_unlock(:first, :second)"), {"first": first, "second": second}
+    )
+
+
+async def confirm_run(
+    connection: AsyncConnection,
+    position_id: uuid.UUID,
+    claim: str,
+    *,
+    submitting_leg: int | None = None,
+    submitting_remainder: int = 0,
+) -> bool:
+    """One round trip on the connection that holds the run's lock: True when this connection
+    still holds the position's lock and the position is still EXECUTING under `claim`. Then
+    the heartbeat is renewed (the recovery sweep waits STALE_EXECUTING_SECONDS after it before
+    it may resume the position elsewhere) and `submitting_leg`'s order (its first, or
+    remainder number `submitting_remainder`), if given, is marked submitted (before it is
+    sent: a later run looks it up before placing anything)."""
+    result = await connection.execute(
+        text(_CONFIRM_RUN),
+        {
+            "id": position_id,
+            "claim": claim,
+            "leg": submitting_leg,
+            "remainder": submitting_remainder,
+            **_lock_params(position_id),
+        },
+    )
+    return bool(result.scalar_one())
+
+
+async def is_run_alive(session: AsyncSession, position_id: uuid.UUID) -> bool:
+    """True when some connection holds the position's run lock (a run is in progress).
+
+    Read from pg_locks rather than by trying the lock: taking it, even for an instant, would
+    turn away a run that starts at that moment."""
+    result = await session.execute(
+        text("SELECT " + _LOCK_HELD.format(holder=_THIS_DATABASE)), _lock_params(position_id)
+    )
+    return bool(result.scalar_one())
