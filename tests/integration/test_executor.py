@@ -444,6 +444,13 @@ async def test_a_stopping_worker_finishes_its_position_first(
     _assert_one_order_per_leg(await _orders(sim, trader), 2)
 
 
+# A key without the read permission: refused on every call to that endpoint.
+PERMISSION_DENIED: dict[str, Any] = {
+    "kind": "retcode",
+    "retCode": 10005,
+    "retMsg": "Permission denied, please check your API key permissions.",
+    "times": None,
+}
 # Every kind of leg error, each failing leg `leg` for good: the simulator's knobs, its faults
 # on the trader's account, the worker's settings, and the retCode the event must carry.
 LEG_ERRORS: dict[str, dict[str, Any]] = {
@@ -453,30 +460,14 @@ LEG_ERRORS: dict[str, dict[str, Any]] = {
         "retcode": 110007,
     },
     "lookup failed": {
-        "faults": [
-            {
-                "path": "/v5/order/realtime",
-                "kind": "retcode",
-                "retCode": 10005,
-                "retMsg": "Permission denied, please check your API key permissions.",
-                "times": None,
-            }
-        ],
+        "faults": [{"path": "/v5/order/realtime", **PERMISSION_DENIED}],
         "leg": 0,
         "retcode": 10005,
     },
     "executions unreadable": {
         # No avgPrice in the order's answer: the fill is priced from its executions.
         "config": {"avg_price_blank": True},
-        "faults": [
-            {
-                "path": "/v5/execution/list",
-                "kind": "retcode",
-                "retCode": 10005,
-                "retMsg": "Permission denied, please check your API key permissions.",
-                "times": None,
-            }
-        ],
+        "faults": [{"path": "/v5/execution/list", **PERMISSION_DENIED}],
         "leg": 0,
         "retcode": 10005,
     },
