@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     bybit_ip_ban_seconds: float = Field(default=600.0, gt=0)
     # Shared rate limits (service/rate_limits.py): the name of the address every process
     # calls Bybit from (processes behind one NAT share one name), Bybit's IP limit per 5 s,
-    # and the share of Bybit's limits the service allows itself.
+    # and the share of that IP limit the service allows itself (an account's limits are used
+    # whole: see service/rate_limits.py).
     bybit_egress_id: str = Field(default="default", min_length=1, max_length=64)
     bybit_ip_limit: int = Field(default=600, gt=0)
     bybit_limit_share: float = Field(default=0.9, gt=0, le=1)

@@ -9,8 +9,12 @@ process counting for itself would breach both as soon as there are a few of them
   per egress address, in one atomic script; a call whose window is full waits for the oldest
   slot to age out, if that is soon (`wait_max_seconds`), or fails as a transient error carrying
   the real wait;
-- the windows are sized at `share` of Bybit's limits (headroom for what we do not count: the
-  clock's drift between Redis and Bybit, other software behind the address);
+- the address's window is sized at `share` of Bybit's limit (headroom for what we do not
+  count: the clock's drift between Redis and Bybit, other software behind the address), since
+  a breach bans every key behind it; an account's windows at Bybit's own limit, since a
+  breach there (10006) places nothing and is sent again after the reset, while any headroom
+  would hold back every 10-leg basket's last order for most of a second (Bybit allows exactly
+  10 orders a second);
 - what Bybit says is learnt: `X-Bapi-Limit` (the account's real limit, higher on VIP tiers)
   replaces the default in the process, and `X-Bapi-Limit-Status: 0` or a 10006 blocks the
   account's endpoint until `X-Bapi-Limit-Reset-Timestamp`;
@@ -146,7 +150,7 @@ class RedisCallGate:
                 path, DEFAULT_ACCOUNT_LIMIT
             )
             keys.append(self._account_key("window", account, path))
-            args += [self._scaled(limit), ACCOUNT_WINDOW_MS]
+            args += [limit, ACCOUNT_WINDOW_MS]
             blocks.append(self._account_key("block", account, path))
         args[1] = len(keys)
         result = await self._script(keys=[*keys, *blocks], args=args)

@@ -64,16 +64,18 @@ async def test_the_address_window_counts_every_process(redis: aioredis.Redis, pr
 async def test_account_windows_are_per_account_and_endpoint(
     redis: aioredis.Redis, prefix: str
 ) -> None:
+    # The share is the address's headroom: an account's windows are Bybit's own limits, so
+    # a 10-leg basket's ten orders all go within the second.
     gate = _gate(redis, prefix, share=0.5, wait_max_seconds=0)
-    assert await _taken(gate, ORDER, "acct-a", 8) == 5  # order/create: 10/s, half of it
-    assert await _taken(gate, ORDER, "acct-b", 8) == 5  # another account: its own window
-    assert await _taken(gate, "/v5/order/realtime", "acct-a", 30) == 25  # reads: 50/s
+    assert await _taken(gate, ORDER, "acct-a", 12) == 10  # order/create: 10/s
+    assert await _taken(gate, ORDER, "acct-b", 12) == 10  # another account: its own window
+    assert await _taken(gate, "/v5/order/realtime", "acct-a", 60) == 50  # reads: 50/s
 
 
 async def test_a_higher_limit_bybit_reports_is_used(redis: aioredis.Redis, prefix: str) -> None:
-    gate = _gate(redis, prefix, share=0.5, wait_max_seconds=0)
+    gate = _gate(redis, prefix, wait_max_seconds=0)
     await gate.after(ORDER, "vip", {"X-Bapi-Limit": "20", "X-Bapi-Limit-Status": "19"})
-    assert await _taken(gate, ORDER, "vip", 12) == 10
+    assert await _taken(gate, ORDER, "vip", 25) == 20
 
 
 async def test_a_used_up_limit_blocks_the_endpoint_until_its_reset(
@@ -101,8 +103,9 @@ async def test_a_used_up_limit_blocks_the_endpoint_until_its_reset(
 
 
 async def test_a_short_wait_is_waited_out(redis: aioredis.Redis, prefix: str) -> None:
-    gate = _gate(redis, prefix, share=0.1, wait_max_seconds=10)  # order/create: 1 a second
-    for _ in range(2):  # the second waits for the first to leave the one-second window
+    gate = _gate(redis, prefix, wait_max_seconds=10)
+    await gate.after(ORDER, "acct", {"X-Bapi-Limit": "1", "X-Bapi-Limit-Status": "1"})
+    for _ in range(2):  # one a second: the second waits for the first to leave the window
         await gate.before(ORDER, "acct")
 
 
