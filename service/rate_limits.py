@@ -53,7 +53,10 @@ ACCOUNT_LIMITS: Final[Mapping[str, int]] = {
 DEFAULT_ACCOUNT_LIMIT: Final = 10
 IP_LIMIT: Final = 600  # per IP_WINDOW_MS
 IP_WINDOW_MS: Final = 5000
-ACCOUNT_WINDOW_MS: Final = 1000
+# Bybit's second, padded: with the whole limit counted, the headroom is in time, for the
+# requests that reach Bybit closer together than they left here (one delayed a little, the
+# next not), so an 11th order is held 50 ms longer rather than refused with 10006.
+ACCOUNT_WINDOW_MS: Final = 1050
 
 # KEYS: windows (count = ARGV[2]), then blocks (the rest).
 # ARGV: member, window count, then per window: limit, window ms.

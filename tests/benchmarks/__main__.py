@@ -45,11 +45,11 @@ Each section above says `met` or `not met`; for the ones not met:
   read, leverage on all symbols at once, the key decrypted once per run, no separate
   heartbeat write per leg. Two safe next steps: mark every leg in one statement before the
   first order, and write each fill while the next leg's order is in flight (a crash before
-  that commit is covered by the lookup on resume). One account's baskets back to back go no
-  faster than Bybit's 10 orders a second per account (the shared limiter keeps 9): measured
-  that way (the run of 2026-11-29 01:08) each leg waited about 50 ms for its order slot and
-  the ratio was 2.4x; the baskets above take turns over accounts, which measures the
-  service's own cost.
+  that commit is covered by the lookup on resume). The runs of 2026-11-29 before 02:30
+  measured 2.4x: the shared limiter kept 9 of an account's 10 order slots a second, so every
+  10-leg basket's last order waited about half a second for the window; an account's windows
+  now use Bybit's whole limit (the address's keeps its headroom). The baskets take turns over
+  accounts: one account's baskets back to back go no faster than Bybit's ten orders a second.
 - **Our client against pybit (goal 0.5x), when it misses.** Both clients send the same
   signed request to the same simulator; the simulator's own time is in both figures, and
   when pybit's figure drops between runs (a faster machine, a lighter moment) the ratio moves
