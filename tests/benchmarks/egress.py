@@ -75,9 +75,10 @@ def run(stack: Stack, *, baskets: int, workers: int) -> str:
             "",
             "The limiter spends the address's budget, not more: at about "
             f"{per_basket:.0f} requests a basket and {0.9 * 120:.0f} requests a second, one "
-            f"address carries at most about {0.9 * 120 / per_basket:.1f} ten-leg baskets a "
-            "second however many workers share it; more workers beyond that wait for slots "
-            "instead of getting the address banned.",
+            f"address carries about {0.9 * 120 / per_basket:.1f} ten-leg baskets a second "
+            "however many workers share it (the first-to-last figure above runs a little "
+            "higher: the first baskets' requests went out before the first one finished); "
+            "more workers beyond that wait for slots instead of getting the address banned.",
             "",
         ]
     )
