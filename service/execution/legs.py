@@ -348,6 +348,16 @@ async def _place(
     sent = 0
     flipped = False
 
+    async def create() -> OrderAck:
+        return await deps.exchange.create_market_order(
+            credentials,
+            symbol=leg.symbol,
+            side=leg.side,
+            qty=leg_order.qty,
+            order_link_id=leg_order.link,
+            position_idx=leg.position_idx,
+        )
+
     async def send() -> OrderAck:
         nonlocal sent, flipped
         sent += 1
@@ -355,14 +365,7 @@ async def _place(
             # A re-send after a rate-limit refusal is an order too: prove ownership again.
             await _prove_ownership(deps, run, leg_order)
         try:
-            return await deps.exchange.create_market_order(
-                credentials,
-                symbol=leg.symbol,
-                side=leg.side,
-                qty=leg_order.qty,
-                order_link_id=leg_order.link,
-                position_idx=leg.position_idx,
-            )
+            return await create()
         except PermanentBybitError as error:
             if flipped or not _wrong_position_idx(error):
                 raise
@@ -374,14 +377,7 @@ async def _place(
         await deps.memo.remember_hedge_mode(credentials.account, leg.symbol, hedge)
         log.warning("leg.position_mode_changed", hedge_mode=hedge)
         await _prove_ownership(deps, run, leg_order)
-        return await deps.exchange.create_market_order(
-            credentials,
-            symbol=leg.symbol,
-            side=leg.side,
-            qty=leg_order.qty,
-            order_link_id=leg_order.link,
-            position_idx=leg.position_idx,
-        )
+        return await create()
 
     try:
         # Only a refusal that certainly placed nothing (the rate limit) is re-sent here;
