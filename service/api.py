@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from fastapi import FastAPI, Request
@@ -18,15 +20,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings, get_settings
 from service.credentials.endpoints import router as credentials_router
-from service.db import create_engine, create_session_factory
+from service.db import create_engine, create_pool, create_session_factory
 from service.errors import DomainError
 from service.indices.cache import IndexCache
 from service.indices.endpoints import router as indices_router
 from service.market.snapshot import MarketCache
 from service.metrics import CONTENT_TYPE, render_api_metrics
 from service.positions.endpoints import router as positions_router
+from service.positions.hot_path import RenderedPositions
 from service.positions.repository import count_by_status
-from service.queue import CeleryPublisher
+from service.queue import RedisTaskPublisher
 from service.security import CredentialCipher
 
 logger = structlog.stdlib.get_logger("service.api")
@@ -39,23 +42,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from celery_app import app as celery_app
-
         engine = create_engine(settings.database_url, pool_size=10)
+        # The hot paths' own pool (one statement per request, no ORM). It connects on first
+        # use, so the API starts, and answers 503, while the database is down.
+        pool = await create_pool(settings.database_url, max_size=10)
         app.state.session_factory = create_session_factory(engine)
+        app.state.pool = pool
         app.state.cipher = cipher
         app.state.index_cache = IndexCache()
-        app.state.publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
+        app.state.rendered = RenderedPositions()
         app.state.redis = aioredis.from_url(
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
+        app.state.publisher = RedisTaskPublisher(app.state.redis, queue=settings.celery_queue)
         app.state.market_cache = MarketCache(
             app.state.redis, max_age_seconds=settings.market_max_age_seconds
         )
+        # Everything made so far lives as long as the process: out of the collector's way, so
+        # a full collection under load walks only what requests allocate (shorter pauses).
+        gc.freeze()
         try:
             yield
         finally:
             await app.state.redis.aclose()
+            await pool.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -191,6 +201,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     @app.exception_handler(OSError)
+    # The hot paths' pool (asyncpg's own errors): connection lost or refused, server
+    # shutting down or out of connections.
+    @app.exception_handler(asyncpg.InterfaceError)
+    @app.exception_handler(asyncpg.PostgresConnectionError)
+    @app.exception_handler(asyncpg.exceptions.OperatorInterventionError)
+    @app.exception_handler(asyncpg.exceptions.InsufficientResourcesError)
     async def unavailable(_: Request, error: Exception) -> JSONResponse:
         logger.error("api.dependency_unavailable", error=type(error).__name__)
         return JSONResponse(

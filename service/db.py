@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -122,6 +123,33 @@ def create_engine(
         health.configure_socket(transport.get_extra_info("socket") if transport else None)
 
     return engine
+
+
+def create_pool(
+    database_url: str, *, max_size: int = 10, health: ConnectionHealth | None = None
+) -> asyncpg.Pool:
+    """A plain asyncpg pool, with the same connection health as the engine's, for the API's
+    hot paths (service/positions/hot_path.py): accepting a position and answering a poll are
+    one statement each, and the ORM's unit of work and the engine's checkout around them
+    cost more CPU than the statement itself. Everything else uses the engine.
+
+    Returned unstarted: `await` it on the loop that will use it. It opens no connection
+    until one is needed, so a process starts while the database is down.
+    """
+    health = health or ConnectionHealth()
+
+    async def configure(connection: asyncpg.Connection) -> None:
+        transport = getattr(connection, "_transport", None)
+        health.configure_socket(transport.get_extra_info("socket") if transport else None)
+
+    return asyncpg.create_pool(
+        database_url.replace("postgresql+asyncpg://", "postgresql://", 1),
+        min_size=0,
+        max_size=max_size,
+        server_settings=health.server_settings(),
+        command_timeout=health.statement_timeout,
+        init=configure,
+    )
 
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:

@@ -7,6 +7,7 @@ hand-off on every request for what is an attribute read.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,9 +15,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.indices.cache import IndexCache
-from service.market.snapshot import MarketCache, MarketSnapshot
 from service.models import User
-from service.queue import CeleryPublisher, publishes_requested
+from service.queue import RedisTaskPublisher, publishes_requested
 from service.security import CredentialCipher
 from service.users.service import authenticate
 
@@ -25,39 +25,40 @@ _bearer = HTTPBearer(
 )
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """The request's transaction: committed when the endpoint returns without error (before
-    the response is sent: `scope="function"`), rolled back when it raises; the task publishes
-    asked for during the request (`queue.publish_after_commit`) are sent after the commit.
-    No endpoint commits."""
+@asynccontextmanager
+async def request_transaction(request: Request) -> AsyncIterator[AsyncSession]:
+    """The request's transaction: committed when the block ends without error, rolled back
+    when it raises; the task publishes asked for in it (`queue.publish_after_commit`) are
+    sent after the commit. No endpoint commits."""
     async with request.app.state.session_factory() as session:
         yield session
         await session.commit()
-        publisher: CeleryPublisher = request.app.state.publisher
+        publisher: RedisTaskPublisher = request.app.state.publisher
         for position_id in publishes_requested(session):
             # If this publish is lost, the recovery sweep re-sends the PENDING position.
             await publisher.try_publish(position_id)
 
 
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """`request_transaction` as a dependency: committed before the response is sent
+    (`scope="function"`)."""
+    async with request_transaction(request) as session:
+        yield session
+
+
 Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-async def get_current_user(
-    session: Session,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> User:
-    return await authenticate(session, credentials.credentials if credentials else None)
+def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials else None
+
+
+async def get_current_user(session: Session, credentials: Bearer) -> User:
+    return await authenticate(session, bearer_token(credentials))
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]
-
-
-async def get_market_snapshot(request: Request) -> MarketSnapshot | None:
-    cache: MarketCache = request.app.state.market_cache
-    return await cache.load()
-
-
-Market = Annotated[MarketSnapshot | None, Depends(get_market_snapshot)]
 
 
 async def get_cipher(request: Request) -> CredentialCipher:

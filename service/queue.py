@@ -1,31 +1,46 @@
-"""Publishing execute_trade_task to the broker, without blocking the event loop.
+"""Publishing execute_trade_task to the broker from the event loop, without kombu or a thread.
 
-Celery's publish is blocking I/O with its own retries; from async code it runs in a thread
-with a bounded retry policy, so an unreachable Redis costs a request a second or two, not
-the whole loop. A publish that fails leaves the position PENDING for the recovery sweep.
+A Celery publish through kombu is blocking I/O: from async code it needed a thread per
+request, and under load that hand-off and kombu's own work were a third of the API's CPU.
+Celery's Redis transport stores a message as one JSON document pushed onto the list named
+after the queue, so this module builds that document itself (Celery's task protocol 2 inside
+kombu's Redis envelope, exactly as `Celery.send_task` writes it for this app) and pushes it
+with the process's redis.asyncio client, with a short deadline. A publish that fails leaves
+the position PENDING for the recovery sweep.
+
+tests/integration/test_task_messages.py compares the document, key for key, with the one
+Celery and kombu write themselves, and runs it through a real worker: a Celery or kombu
+upgrade that changes the envelope fails there, not in production.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
+import socket
 import uuid
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 if TYPE_CHECKING:
-    from celery import Celery
+    import redis.asyncio as aioredis
     from sqlalchemy.ext.asyncio import AsyncSession
 
 EXECUTE_TRADE_TASK = "workers.trade_executor.execute_trade_task"
+# Give up quickly: the recovery sweep is the safety net, not publish retries.
+PUBLISH_TIMEOUT_SECONDS = 2.0
 
 logger = structlog.stdlib.get_logger("service.queue")
 
-# Give up quickly: the recovery sweep is the safety net, not publish retries.
-_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
-
-
 _AFTER_COMMIT = "publish_after_commit"
+# Celery's `origin` header: who sent the task (celery.utils.nodenames.anon_nodename).
+_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+# No result backend: the reply queue is never read, but Celery always names one.
+_REPLY_TO = str(uuid.uuid3(uuid.NAMESPACE_OID, f"{_ORIGIN}-synthetic-index-trader"))
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
 def publish_after_commit(session: AsyncSession, position_id: uuid.UUID) -> None:
@@ -40,35 +55,90 @@ def publishes_requested(session: AsyncSession) -> list[uuid.UUID]:
     return requested
 
 
+def task_message(
+    task_name: str, args: list[Any], *, task_id: str, queue: str, origin: str = _ORIGIN
+) -> bytes:
+    """The document Celery's Redis transport pushes for `send_task(task_name, args,
+    task_id=task_id, queue=queue)`: protocol-2 headers, the body base64-encoded JSON of
+    (args, kwargs, embed), and kombu's delivery properties."""
+    body = json.dumps([args, {}, _EMBED])
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": task_name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": repr(args),
+        "kwargsrepr": "{}",
+        "origin": origin,
+        "ignore_result": None,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    properties = {
+        "correlation_id": task_id,
+        "reply_to": _REPLY_TO,
+        "delivery_mode": 2,  # persistent
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "priority": 0,
+        "body_encoding": "base64",
+        "delivery_tag": str(uuid.uuid4()),
+    }
+    return json.dumps(
+        {
+            "body": base64.b64encode(body.encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": properties,
+        }
+    ).encode()
+
+
 class TaskPublisher(Protocol):
-    """Sends execute_trade_task for a position (CeleryPublisher; tests record instead)."""
+    """Sends execute_trade_task for a position (RedisTaskPublisher; tests record instead)."""
 
     async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None: ...
 
 
-class CeleryPublisher:
-    def __init__(self, app: Celery, *, queue: str) -> None:
-        self._app = app
+class RedisTaskPublisher:
+    """Pushes execute_trade_task messages onto the Celery queue's Redis list (priority 0: the
+    list has the queue's own name) with the process's redis.asyncio client."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        queue: str,
+        timeout_seconds: float = PUBLISH_TIMEOUT_SECONDS,
+    ) -> None:
+        self._redis = redis
         self._queue = queue
+        self._timeout = timeout_seconds
 
     async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None:
-        await asyncio.to_thread(self._send, position_id, task_id)
-
-    def _send(self, position_id: uuid.UUID, task_id: str | None) -> None:
-        self._app.send_task(
+        message = task_message(
             EXECUTE_TRADE_TASK,
-            args=[str(position_id)],
-            task_id=task_id,
+            [str(position_id)],
+            task_id=task_id or str(uuid.uuid4()),
             queue=self._queue,
-            retry=True,
-            retry_policy=_RETRY_POLICY,
         )
+        async with asyncio.timeout(self._timeout):
+            await self._redis.lpush(self._queue, message)
 
     async def try_publish(self, position_id: uuid.UUID) -> bool:
         """Publish, or log and report False: the position stays PENDING for the sweep."""
         try:
             await self.publish(position_id)
-        except Exception as error:  # the broker's errors are many (kombu, redis, OSError)
+        except Exception as error:  # the broker's errors are many (redis, OSError, timeout)
             logger.warning(
                 "position.enqueue_failed",
                 position_id=str(position_id),

@@ -44,7 +44,7 @@ from service.execution import ExecutionDeps
 from service.execution.run_lock import advisory_run_lock
 from service.market.data import MarketData
 from service.market.snapshot import MarketCache
-from service.queue import CeleryPublisher
+from service.queue import RedisTaskPublisher
 from service.rate_limits import RedisCallGate
 
 T = TypeVar("T")
@@ -59,14 +59,12 @@ class Resources:
     http: ClientSession
     sessions: SessionScope
     deps: ExecutionDeps
-    publisher: CeleryPublisher
+    publisher: RedisTaskPublisher
     redis: aioredis.Redis
     market_cache: MarketCache
 
     @classmethod
     async def open(cls, settings: Settings) -> Resources:
-        from celery_app import app as celery_app
-
         engine = create_engine(
             settings.database_url, pool_size=4, health=ConnectionHealth.from_settings(settings)
         )
@@ -91,7 +89,7 @@ class Resources:
             ),
         )
         market_cache = MarketCache(redis, max_age_seconds=settings.market_max_age_seconds)
-        publisher = CeleryPublisher(celery_app, queue=settings.celery_queue)
+        publisher = RedisTaskPublisher(redis, queue=settings.celery_queue)
         deps = ExecutionDeps.from_settings(
             settings,
             sessions=sessions,

@@ -33,6 +33,13 @@ class IndexCache:
         await self._refresh(session)
         return self._indices.get(code)
 
+    def peek(self, code: str) -> Index | None:
+        """The index if the catalogue in memory is fresh, without any I/O; None when it is
+        unknown or due for a reload (then `get` answers)."""
+        if self._loaded_at is None or self._clock() - self._loaded_at >= self._ttl:
+            return None
+        return self._indices.get(code)
+
     async def _refresh(self, session: AsyncSession) -> None:
         if self._loaded_at is not None and self._clock() - self._loaded_at < self._ttl:
             return

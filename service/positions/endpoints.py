@@ -4,12 +4,18 @@ import uuid
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from service.dependencies import CurrentUser, Indices, Market, Session
+from service.dependencies import (
+    Bearer,
+    CurrentUser,
+    Session,
+    bearer_token,
+    request_transaction,
+)
 from service.errors import error_responses
 from service.models import PositionStatus
-from service.positions import service
+from service.positions import hot_path, service
 from service.positions.schemas import (
     ComponentOut,
     ExposureOut,
@@ -20,6 +26,7 @@ from service.positions.schemas import (
     ReconciliationOut,
     TradeOut,
 )
+from service.users.service import authenticate
 
 router = APIRouter(prefix="/api/positions", tags=["positions"])
 
@@ -125,11 +132,8 @@ def _out(detail: service.PositionDetail) -> PositionOut:
 )
 async def create_position(
     body: PositionCreate,
-    user: CurrentUser,
-    session: Session,
-    market: Market,
-    indices: Indices,
-    response: Response,
+    request: Request,
+    credentials: Bearer,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -139,25 +143,57 @@ async def create_position(
             "position; with a different body, 422. Keys are per user and do not expire.",
         ),
     ] = None,
-) -> PositionOut:
-    opened = await service.open_position(
-        session,
-        user,
+) -> Response:
+    state = request.app.state
+    market = await state.market_cache.load()
+    # The common case in one statement (hot_path); a position this request created has no
+    # components, trades or issues yet.
+    created = await hot_path.accept_position(
+        state.pool,
+        state.publisher,
+        token=bearer_token(credentials),
         index_code=body.index,
         size=body.size,
         direction=body.direction,
         market=market,
-        indices=indices,
+        indices=state.index_cache,
         idempotency_key=idempotency_key,
     )
-    position = opened.position
-    response.headers["Location"] = f"/api/positions/{position.id}"
-    if not opened.created:
-        response.headers["Idempotent-Replayed"] = "true"
-        return _out(await service.load_detail(session, position))
-    # A position this request created has no components, trades or issues yet; its task is
-    # sent once the request's transaction has committed (service.dependencies.get_session).
-    return _out(service.PositionDetail(position=position, components=[], trades=[]))
+    if created is not None:
+        return _json(service.PositionDetail(position=created, components=[], trades=[]), 202)
+    # Everything else, with every check in its order and its own answer. The task of a
+    # position created here is sent once the transaction has committed.
+    async with request_transaction(request) as session:
+        user = await authenticate(session, bearer_token(credentials))
+        opened = await service.open_position(
+            session,
+            user,
+            index_code=body.index,
+            size=body.size,
+            direction=body.direction,
+            market=market,
+            indices=state.index_cache,
+            idempotency_key=idempotency_key,
+        )
+        if opened.created:
+            detail = service.PositionDetail(position=opened.position, components=[], trades=[])
+        else:
+            detail = await service.load_detail(session, opened.position)
+    return _json(detail, 202, replayed=not opened.created)
+
+
+def _json(detail: service.PositionDetail, status_code: int, *, replayed: bool = False) -> Response:
+    """The position as JSON, with its Location. Rendered here rather than by FastAPI's
+    response_model, which would validate the model a second time."""
+    headers = {"Location": f"/api/positions/{detail.position.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(
+        _out(detail).model_dump_json().encode(),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
 @router.get(
@@ -167,19 +203,44 @@ async def create_position(
 )
 async def get_position(
     position_id: uuid.UUID,
-    user: CurrentUser,
-    session: Session,
-    response: Response,
+    request: Request,
+    credentials: Bearer,
     if_none_match: Annotated[str | None, Header()] = None,
-) -> PositionOut | Response:
-    position = await service.get_position(session, user, position_id)
-    tag = service.etag(position)
-    headers = {"ETag": tag, "Cache-Control": "no-cache"}
-    if if_none_match and tag in {t.strip() for t in if_none_match.split(",")}:
-        # Polling an unchanged position costs one indexed row read.
-        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    response.headers.update(headers)
-    return _out(await service.load_detail(session, position))
+) -> Response:
+    state = request.app.state
+    token = bearer_token(credentials)
+    # Polling costs one statement (the caller's token and the position's version); an
+    # unchanged position is a 304, a version already rendered is served from memory.
+    tag = await hot_path.position_etag(state.pool, token, position_id)
+    rendered: hot_path.RenderedPositions = state.rendered
+    if tag is not None:
+        if if_none_match and _matches(tag, if_none_match):
+            return _not_modified(tag)
+        body = rendered.get(position_id, tag)
+        if body is not None:
+            return Response(body, headers=_cache_headers(tag), media_type="application/json")
+    # Not found (the full path says why: the token or the position), or not rendered yet.
+    async with request_transaction(request) as session:
+        user = await authenticate(session, token)
+        position = await service.get_position(session, user, position_id)
+        tag = service.etag(position)
+        if if_none_match and _matches(tag, if_none_match):
+            return _not_modified(tag)
+        body = _out(await service.load_detail(session, position)).model_dump_json().encode()
+    rendered.put(position_id, tag, body)
+    return Response(body, headers=_cache_headers(tag), media_type="application/json")
+
+
+def _not_modified(tag: str) -> Response:
+    return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=_cache_headers(tag))
+
+
+def _matches(tag: str, if_none_match: str) -> bool:
+    return tag in {t.strip() for t in if_none_match.split(",")}
+
+
+def _cache_headers(tag: str) -> dict[str, str]:
+    return {"ETag": tag, "Cache-Control": "no-cache"}
 
 
 @router.get("", response_model=PositionPage, responses=_ERRORS)

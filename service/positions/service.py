@@ -46,8 +46,27 @@ from service.trading_logic import (
 
 
 @dataclass(frozen=True, slots=True)
+class AcceptedPosition:
+    """A position this request has just written (service/positions/hot_path.py): PENDING with
+    nothing else known yet, so no ORM object is needed to show it."""
+
+    id: uuid.UUID
+    index_code: str
+    size: Decimal
+    direction: str
+    created_at: datetime
+    updated_at: datetime
+    status: str = PositionStatus.PENDING.value
+    error: str | None = None
+    failed_leg: int | None = None
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    account_wait_since: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PositionDetail:
-    position: SyntheticPosition
+    position: SyntheticPosition | AcceptedPosition
     components: list[PositionComponent]
     trades: list[Trade]
     issues: list[ReconciliationIssue] = field(default_factory=list)
@@ -163,8 +182,12 @@ async def get_position(
 
 def etag(position: SyntheticPosition) -> str:
     """Changes whenever anything GET shows changes (every such write moves updated_at)."""
-    stamp = int(position.updated_at.timestamp() * 1_000_000)
-    return f'"{position.id.hex}-{stamp}-{position.attempts}"'
+    return etag_of(position.id, position.updated_at, position.attempts)
+
+
+def etag_of(position_id: uuid.UUID, updated_at: datetime, attempts: int) -> str:
+    stamp = int(updated_at.timestamp() * 1_000_000)
+    return f'"{position_id.hex}-{stamp}-{attempts}"'
 
 
 async def load_detail(session: AsyncSession, position: SyntheticPosition) -> PositionDetail:

@@ -21,7 +21,7 @@ from service.credentials.service import rotate_all
 from service.execution.recovery import recover_stale_positions
 from service.market.snapshot import MarketCache
 from service.models import ExchangeCredential, SyntheticPosition
-from service.queue import CeleryPublisher
+from service.queue import RedisTaskPublisher
 from service.security import CredentialCipher
 from service.users.service import revoke_user_tokens
 from tests.conftest import TEST_ENV
@@ -124,6 +124,41 @@ async def test_polling_with_etag_gets_304_until_something_changes(
 
 
 @pytest.mark.asyncio
+async def test_a_rendered_body_is_served_only_to_its_owner_and_only_while_unchanged(
+    client: httpx.AsyncClient, sessions: object
+) -> None:
+    email, headers = await _user_with_credentials(client, sessions)
+    _, stranger = await _user_with_credentials(client, sessions)
+    created = await client.post("/api/positions", json=BODY, headers=headers)
+    url = created.headers["Location"]
+    first = await client.get(url, headers=headers)  # rendered, and kept for its ETag
+    again = await client.get(url, headers=headers)
+    assert again.status_code == 200
+    assert again.content == first.content
+    assert again.headers["ETag"] == first.headers["ETag"]
+    # The kept body is no shortcut past the token check or the owner check.
+    assert (await client.get(url, headers=stranger)).status_code == 404
+    assert (
+        await client.get(url, headers={**stranger, "If-None-Match": first.headers["ETag"]})
+    ).status_code == 404
+
+    async with sessions() as session:  # type: ignore[operator]
+        position = await session.get(SyntheticPosition, uuid.UUID(first.json()["id"]))
+        position.status = "EXECUTING"
+        position.updated_at = func.clock_timestamp()
+    changed = await client.get(url, headers=headers)
+    assert changed.status_code == 200
+    assert changed.json()["status"] == "EXECUTING"
+    assert changed.headers["ETag"] != first.headers["ETag"]
+
+    async with sessions() as session:  # type: ignore[operator]
+        assert await revoke_user_tokens(session, email) == 1
+    assert (await client.get(url, headers=headers)).status_code == 401
+    tagged = {**headers, "If-None-Match": changed.headers["ETag"]}
+    assert (await client.get(url, headers=tagged)).status_code == 401
+
+
+@pytest.mark.asyncio
 async def test_list_is_paginated_newest_first_and_filterable(
     client: httpx.AsyncClient, sessions: object
 ) -> None:
@@ -185,12 +220,10 @@ async def test_unreachable_broker_still_answers_202_and_the_sweep_sends_it_later
         assert ready.status_code == 503
         assert ready.json()["checks"]["broker"] != "ok"
 
-    from celery_app import app as celery_app
-
     broker = aioredis.from_url(TEST_ENV["REDIS_URL"])
     queue = TEST_ENV["CELERY_QUEUE"]
     await broker.delete(queue)
-    publisher = CeleryPublisher(celery_app, queue=queue)
+    publisher = RedisTaskPublisher(broker, queue=queue)
 
     async def resent() -> bool:
         report = await recover_stale_positions(

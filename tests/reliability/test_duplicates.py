@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from celery_app import app as celery_app
 from service.config import get_settings
-from service.queue import CeleryPublisher
+from service.queue import EXECUTE_TRADE_TASK
 from tests.conftest import TEST_ENV
 from tests.integration.conftest import api_client, start_worker
 from tests.reliability.helpers import duplicate_links, funded_trader, orders_of, wait_final
@@ -36,7 +35,6 @@ async def test_duplicate_enqueues_of_live_positions_place_no_extra_order(
     await sim.put("/sim/config", json={"latency_ms": 30, "order_rate_limit": 0})
     # Two workers of two processes each: copies of one position can run side by side.
     workers = [start_worker(service_env, tmp_path) for _ in range(2)]
-    publisher = CeleryPublisher(celery_app, queue=TEST_ENV["CELERY_QUEUE"])
     try:
         async with api_client(get_settings()) as api:
             users = [await funded_trader(sessions, sim, api) for _ in range(4)]
@@ -51,7 +49,13 @@ async def test_duplicate_enqueues_of_live_positions_place_no_extra_order(
                 # Copies while the original is queued or running, at random moments.
                 for _ in range(COPIES):
                     await asyncio.sleep(rng.uniform(0, 0.05))
-                    await publisher.publish(uuid.UUID(position_id))
+                    # Sent by Celery itself: its messages and the API's share the queue.
+                    await asyncio.to_thread(
+                        celery_app.send_task,
+                        EXECUTE_TRADE_TASK,
+                        args=[position_id],
+                        queue=TEST_ENV["CELERY_QUEUE"],
+                    )
                     copies_sent += 1
             final = await wait_final(api, owners, timeout=180)
             orders = await orders_of(sim, users)
