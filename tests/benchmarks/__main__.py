@@ -59,7 +59,7 @@ Each section above says `met` or `not met`; for the ones not met:
 DEFAULTS = {
     "orders": 500,
     "tasks": 1000,
-    "requests": 2000,
+    "api_seconds": 10,
     "positions": 20,
     "scale": 40,
     "egress": 40,
@@ -83,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks")
     parser.add_argument("--orders", type=int, default=DEFAULTS["orders"])
     parser.add_argument("--tasks", type=int, default=DEFAULTS["tasks"])
-    parser.add_argument("--requests", type=int, default=DEFAULTS["requests"])
+    parser.add_argument("--api-seconds", type=int, default=DEFAULTS["api_seconds"])
     parser.add_argument("--positions", type=int, default=DEFAULTS["positions"])
     parser.add_argument("--scale", type=int, default=DEFAULTS["scale"])
     parser.add_argument("--memory", type=int, default=10_000)
@@ -100,7 +100,7 @@ def main() -> None:
     # simulator sets no IP limit there either); the egress section has Bybit's.
     unbounded = {"BYBIT_IP_LIMIT": "1000000"}
     with bench_stack(**unbounded) as stack:
-        add(api_load.run(stack, requests=args.requests))
+        add(api_load.run(stack, seconds=args.api_seconds))
         add(profiles.profile_api(stack))
     with bench_stack(**unbounded) as stack:
         add(
@@ -116,7 +116,9 @@ def main() -> None:
         add(egress.run(stack, baskets=args.egress, workers=2))
     add(worker_overhead.run(tasks=args.tasks))
     options = " ".join(
-        f"--{name} {value}" for name, value in vars(args).items() if DEFAULTS.get(name) != value
+        f"--{name.replace('_', '-')} {value}"
+        for name, value in vars(args).items()
+        if DEFAULTS.get(name) != value
     )
     options = options.replace("--memory 10000", "").strip()
     text = "\n".join(

@@ -1,189 +1,182 @@
-"""API throughput and latency: `POST /api/positions` against the baseline endpoint in the same
-app (one INSERT, one Redis push: tests/benchmarks/bare_app.py), at several concurrencies, and
-`GET /api/positions/{id}` polling with and without If-None-Match. The load generator runs in
-its own process and reports its own CPU, so a saturated generator is visible."""
+"""API throughput and latency against a separate minimal app (tests/benchmarks/minimal_app.py),
+measured side by side with wrk: `POST /api/positions` against one INSERT and one LPUSH, and
+`GET /api/positions/{id}` (a full 200, and a 304 for If-None-Match) against one primary-key
+SELECT. Both apps are served by `python -m service api` with the same uvicorn settings, one
+process each, with no worker consuming."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
+import time
 
 import httpx
 
+from tests.benchmarks import wrk
 from tests.benchmarks.stack import Stack
-from tests.support import ROOT
 
 BODY = json.dumps({"index": "BLUECHIP", "size": "1000", "direction": "long"})
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CONNECTIONS = (16, 64)
+POST_GOAL, TAIL_GOAL, NOT_MODIFIED_GOAL, FULL_GET_GOAL = 0.6, 3.0, 0.8, 0.5
 
 
-@dataclass(frozen=True, slots=True)
-class LoadResult:
-    requests: int
-    wall: float
-    p50_ms: float
-    p99_ms: float
-    loadgen_cpu: float  # share of one core
-    server_cpu_ms: float  # API process CPU per request
-    statuses: dict[str, int]
-
-    @property
-    def throughput(self) -> float:
-        return self.requests / self.wall
-
-
-def process_cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def load(
-    server_pid: int,
-    url: str,
-    *,
-    method: str,
-    concurrency: int,
-    requests: int,
-    headers: dict[str, str],
-    body: str = "",
-    conditional: bool = False,
-    tokens_file: str = "",
-) -> LoadResult:
-    command = [
-        sys.executable,
-        "-m",
-        "tests.benchmarks.loadgen",
-        "--url",
-        url,
-        "--method",
-        method,
-        "--concurrency",
-        str(concurrency),
-        "--requests",
-        str(requests),
-        "--body",
-        body,
-        *[arg for k, v in headers.items() for arg in ("--header", f"{k}: {v}")],
-        *(["--conditional"] if conditional else []),
-        *(["--tokens-file", tokens_file] if tokens_file else []),
-    ]
-    cpu_before = process_cpu_seconds(server_pid)
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-    server_cpu = process_cpu_seconds(server_pid) - cpu_before
-    data = json.loads(done.stdout)
-    ordered = sorted(data["latencies"])
-    return LoadResult(
-        requests=len(ordered),
-        wall=data["wall"],
-        p50_ms=ordered[len(ordered) // 2] * 1000,
-        p99_ms=ordered[int(len(ordered) * 0.99) - 1] * 1000,
-        loadgen_cpu=data["cpu"] / data["wall"],
-        server_cpu_ms=server_cpu / len(ordered) * 1000,
-        statuses=data["statuses"],
-    )
-
-
-def _row(label: str, concurrency: int, r: LoadResult) -> str:
-    codes = ", ".join(f"{k}: {v}" for k, v in sorted(r.statuses.items()))
+def _row(connections: int, label: str, r: wrk.WrkResult) -> str:
     return (
-        f"| {concurrency} | {label} | {r.throughput:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-        f"{r.p99_ms / r.p50_ms:.1f} | {r.server_cpu_ms:.2f} | {r.loadgen_cpu:.0%} | {codes} |"
+        f"| {connections} | {label} | {r.throughput:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+        f"{r.p99_ms / r.p50_ms:.1f} | {r.server_cpu_ms:.2f} | {r.unexpected} |"
     )
 
 
-def run(stack: Stack, *, requests: int, concurrencies: tuple[int, ...] = (1, 8, 32)) -> str:
+def _verdict(value: float, goal: float, *, at_least: bool = True) -> str:
+    return "met" if (value >= goal if at_least else value <= goal) else "not met"
+
+
+def _active_position(stack: Stack, url: str, headers: dict[str, str]) -> str:
+    """A TOP10 basket executed to ACTIVE: the heaviest body a poll normally reads (10 legs,
+    10 components, 10 fills)."""
+    worker = stack.start_worker(processes=1)
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=10) as api:
+            created = api.post(
+                "/api/positions", json={"index": "TOP10", "size": "20000", "direction": "long"}
+            )
+            created.raise_for_status()
+            path = f"/api/positions/{created.json()['id']}"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                status = api.get(path).json()["status"]
+                if status == "ACTIVE":
+                    return path
+                if status == "FAILED":
+                    raise RuntimeError(f"the polled position failed: {api.get(path).json()}")
+                time.sleep(0.1)
+            raise RuntimeError("the polled position did not reach ACTIVE in 120 s")
+    finally:
+        worker.stop()
+
+
+def run(stack: Stack, *, seconds: int = 10) -> str:
+    binary, found = wrk.find_or_install()
     user = stack.new_user()
     stack.env["BENCH_USER_ID"] = str(user.user_id)
-    api, url = stack.start_api(app="tests.benchmarks.bare_app:create_app")
-    headers = user.headers
-    rows: list[str] = []
-    ratios: list[str] = []
-    worst_ratio, worst_tail = 10.0, 0.0
+    minimal, minimal_url = stack.start_api(app="tests.benchmarks.minimal_app:create_app")
+    ours, url = stack.start_api()
     try:
-        for concurrency in concurrencies:
-            results: dict[str, LoadResult] = {}
-            for label, path in (("baseline", "/bench/bare"), ("POST /api/positions", "")):
-                results[label] = load(
-                    api.pid,
-                    f"{url}{path or '/api/positions'}",
-                    method="POST",
-                    concurrency=concurrency,
-                    requests=requests,
-                    headers=headers,
-                    body=BODY,
-                )
-                rows.append(_row(label, concurrency, results[label]))
-            ours, bare = results["POST /api/positions"], results["baseline"]
-            ratio = ours.throughput / bare.throughput
-            tail = ours.p99_ms / ours.p50_ms
-            worst_ratio, worst_tail = min(worst_ratio, ratio), max(worst_tail, tail)
-            ratios.append(
-                f"| {concurrency} | {ratio:.2f} | {tail:.1f} | {bare.p99_ms / bare.p50_ms:.1f} |"
+        polled = _active_position(stack, url, user.headers)
+        etag = httpx.get(f"{url}{polled}", headers=user.headers).headers["ETag"]
+        not_modified = httpx.get(f"{url}{polled}", headers={**user.headers, "If-None-Match": etag})
+        assert not_modified.status_code == 304, not_modified.status_code
+        minimal_get = f"{minimal_url}/positions/{polled.rsplit('/', 1)[1]}"
+        json_headers = {**user.headers, "Content-Type": "application/json"}
+
+        def measure(server: int, target: str, connections: int, **request: object) -> wrk.WrkResult:
+            return wrk.run(
+                binary,
+                target,
+                server_pid=server,
+                connections=connections,
+                seconds=seconds,
+                **request,  # type: ignore[arg-type]
             )
-        created = httpx.post(
-            f"{url}/api/positions", json=json.loads(BODY), headers=headers, timeout=10
-        )
-        created.raise_for_status()
-        position_url = f"{url}/api/positions/{created.json()['id']}"
-        polls = {
-            conditional: load(
-                api.pid,
-                position_url,
-                method="GET",
-                concurrency=8,
-                requests=requests,
-                headers=headers,
-                conditional=conditional,
+
+        post_rows, get_rows, post_ratios, get_ratios = [], [], [], []
+        worst_post, worst_tail, worst_304, worst_200 = 10.0, 0.0, 10.0, 10.0
+        for connections in CONNECTIONS:
+            base = measure(
+                minimal.pid,
+                f"{minimal_url}/positions",
+                connections,
+                method="POST",
+                body=BODY,
+                headers=json_headers,
             )
-            for conditional in (False, True)
-        }
+            mine = measure(
+                ours.pid,
+                f"{url}/api/positions",
+                connections,
+                method="POST",
+                body=BODY,
+                headers=json_headers,
+            )
+            post_rows += [
+                _row(connections, "minimal app: INSERT + LPUSH", base),
+                _row(connections, "`POST /api/positions`", mine),
+            ]
+            ratio, tail = mine.throughput / base.throughput, mine.p99_ms / mine.p50_ms
+            worst_post, worst_tail = min(worst_post, ratio), max(worst_tail, tail)
+            post_ratios.append(
+                f"| {connections} | {ratio:.2f} | {tail:.1f} | {base.p99_ms / base.p50_ms:.1f} |"
+            )
+
+            base = measure(minimal.pid, minimal_get, connections)
+            full = measure(ours.pid, f"{url}{polled}", connections, headers=user.headers)
+            cached = measure(
+                ours.pid,
+                f"{url}{polled}",
+                connections,
+                headers={**user.headers, "If-None-Match": etag},
+            )
+            get_rows += [
+                _row(connections, "minimal app: one primary-key SELECT", base),
+                _row(connections, "`GET /api/positions/{id}` (200, full body)", full),
+                _row(connections, "`GET /api/positions/{id}` with If-None-Match (304)", cached),
+            ]
+            full_ratio, cached_ratio = (
+                full.throughput / base.throughput,
+                cached.throughput / (base.throughput),
+            )
+            worst_200, worst_304 = min(worst_200, full_ratio), min(worst_304, cached_ratio)
+            get_ratios.append(f"| {connections} | {cached_ratio:.2f} | {full_ratio:.2f} |")
     finally:
-        api.stop()
-    plain, conditional = polls[False], polls[True]
+        ours.stop()
+        minimal.stop()
+    header = (
+        "| connections | endpoint | req/s | p50 ms | p99 ms | p99/p50 | server CPU ms/req "
+        "| not 2xx/3xx |"
+    )
     return "\n".join(
         [
-            "## API: `POST /api/positions` against the baseline endpoint",
+            "## API: `POST /api/positions` and polling, against a minimal app",
             "",
-            f"{requests} requests per row after a warm-up, closed loop (each client sends its "
-            "next request when the answer arrives), over keep-alive connections. One API "
-            "process (`python -m service api`, uvicorn with uvloop and httptools); the baseline "
-            "is `POST /bench/bare` in the same app, served the same way, doing one INSERT of a "
-            "PENDING row and one LPUSH. `POST /api/positions` authenticates the token, reads "
-            "the index and the market snapshot from Redis, checks the size against the "
-            "exchange's filters, checks the credentials exist, INSERTs and publishes the Celery "
-            "task. Server CPU is the API process's own CPU per request; the load generator is a "
-            "separate process and its CPU is shown as a share of one core (it is not the "
-            "bottleneck while that share stays well under 100%).",
+            f"Load generator: {found}, 2 threads, closed loop over keep-alive connections, "
+            f"{seconds} s per row after a 2 s warm-up. The baseline is a separate minimal "
+            "FastAPI app (`tests/benchmarks/minimal_app.py`: asyncpg and redis.asyncio, no "
+            "project middleware, ORM or settings) served by the same command and uvicorn "
+            "settings (`python -m service api --app …`, uvloop and httptools, one process). "
+            "Its POST does one INSERT of a PENDING row and one LPUSH; its GET one primary-key "
+            "SELECT. `POST /api/positions` checks the token (revocation included), reads the "
+            "index and the market snapshot, checks the size against the exchange's filters, "
+            "INSERTs the row with the credentials check, commits, and pushes the Celery task "
+            "message. The polled position is an ACTIVE TOP10 basket (10 legs, 10 fills). "
+            "Server CPU is the serving process's own CPU per request; no worker consumes "
+            "the queue meanwhile.",
             "",
-            "| clients | endpoint | req/s | p50 ms | p99 ms | p99/p50 | server CPU ms/req "
-            "| load generator CPU | statuses |",
-            "|---|---|---|---|---|---|---|---|---|",
-            *rows,
+            header,
+            "|---|---|---|---|---|---|---|---|",
+            *post_rows,
             "",
-            "| clients | throughput vs baseline (goal >= 0.6) | our p99/p50 (goal <= 3) "
-            "| baseline p99/p50 |",
+            f"| connections | POST throughput vs minimal (goal >= {POST_GOAL}) "
+            f"| our p99/p50 (goal <= {TAIL_GOAL:.0f}) | minimal p99/p50 |",
             "|---|---|---|---|",
-            *ratios,
+            *post_ratios,
             "",
-            f"Worst throughput ratio **{worst_ratio:.2f}** (goal 0.6: "
-            f"{'met' if worst_ratio >= 0.6 else 'not met'}); worst p99/p50 **{worst_tail:.1f}** "
-            f"(goal 3: {'met' if worst_tail <= 3 else 'not met'}).",
+            f"Worst POST throughput ratio **{worst_post:.2f}** (goal {POST_GOAL}: "
+            f"{_verdict(worst_post, POST_GOAL)}); worst p99/p50 **{worst_tail:.1f}** "
+            f"(goal {TAIL_GOAL:.0f}: {_verdict(worst_tail, TAIL_GOAL, at_least=False)}).",
             "",
-            "### Polling `GET /api/positions/{id}` (8 clients)",
+            "### Polling `GET /api/positions/{id}`",
             "",
-            "| request | req/s | p50 ms | p99 ms | server CPU ms/req | statuses |",
-            "|---|---|---|---|---|---|",
-            f"| plain GET (full body) | {plain.throughput:.0f} | {plain.p50_ms:.2f} | "
-            f"{plain.p99_ms:.2f} | {plain.server_cpu_ms:.2f} | {plain.statuses} |",
-            f"| with If-None-Match (304) | {conditional.throughput:.0f} | "
-            f"{conditional.p50_ms:.2f} | {conditional.p99_ms:.2f} | "
-            f"{conditional.server_cpu_ms:.2f} | {conditional.statuses} |",
+            header,
+            "|---|---|---|---|---|---|---|---|",
+            *get_rows,
             "",
-            f"A conditional poll costs **{conditional.server_cpu_ms / plain.server_cpu_ms:.2f}x"
-            "** the server CPU of a full one.",
+            f"| connections | 304 vs minimal (goal >= {NOT_MODIFIED_GOAL}) "
+            f"| full 200 vs minimal (goal >= {FULL_GET_GOAL}) |",
+            "|---|---|---|",
+            *get_ratios,
+            "",
+            f"Worst 304 ratio **{worst_304:.2f}** (goal {NOT_MODIFIED_GOAL}: "
+            f"{_verdict(worst_304, NOT_MODIFIED_GOAL)}); worst full-200 ratio "
+            f"**{worst_200:.2f}** (goal {FULL_GET_GOAL}: {_verdict(worst_200, FULL_GET_GOAL)}).",
             "",
         ]
     )

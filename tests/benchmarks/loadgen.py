@@ -1,7 +1,8 @@
 """A closed-loop HTTP load generator in its own process (so its CPU is its own and measured):
 `concurrency` clients, each sending its next request when the previous answer arrived, until
 `requests` answers are in. Prints one JSON object: latencies, wall time, its own CPU time and
-the status codes seen.
+the status codes seen. `load()` runs it from a benchmark and measures the server's CPU too.
+(The API throughput figures use wrk instead: tests/benchmarks/wrk.py.)
 
     python -m tests.benchmarks.loadgen --url URL --method POST --body '{...}' \
         --header 'Authorization: Bearer ...' --concurrency 8 --requests 2000
@@ -12,13 +13,78 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
+import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    requests: int
+    wall: float
+    p50_ms: float
+    p99_ms: float
+    loadgen_cpu: float  # share of one core
+    server_cpu_ms: float  # API process CPU per request
+    statuses: dict[str, int]
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.wall
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def load(
+    server_pid: int,
+    url: str,
+    *,
+    method: str,
+    concurrency: int,
+    requests: int,
+    headers: dict[str, str],
+    body: str = "",
+    conditional: bool = False,
+    tokens_file: str = "",
+) -> LoadResult:
+    """Run this generator in its own process against `url` and measure the server's CPU."""
+    command = [
+        sys.executable,
+        "-m",
+        "tests.benchmarks.loadgen",
+        *("--url", url, "--method", method, "--concurrency", str(concurrency)),
+        *("--requests", str(requests), "--body", body),
+        *[arg for k, v in headers.items() for arg in ("--header", f"{k}: {v}")],
+        *(["--conditional"] if conditional else []),
+        *(["--tokens-file", tokens_file] if tokens_file else []),
+    ]
+    cpu_before = process_cpu_seconds(server_pid)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    server_cpu = process_cpu_seconds(server_pid) - cpu_before
+    data = json.loads(done.stdout)
+    ordered = sorted(data["latencies"])
+    return LoadResult(
+        requests=len(ordered),
+        wall=data["wall"],
+        p50_ms=ordered[len(ordered) // 2] * 1000,
+        p99_ms=ordered[int(len(ordered) * 0.99) - 1] * 1000,
+        loadgen_cpu=data["cpu"] / data["wall"],
+        server_cpu_ms=server_cpu / len(ordered) * 1000,
+        statuses=data["statuses"],
+    )
 
 
 def _cpu_seconds() -> float:

@@ -15,25 +15,22 @@ from pathlib import Path
 
 import httpx
 
-from tests.benchmarks.api_load import BODY, load
+from tests.benchmarks import wrk
+from tests.benchmarks.api_load import BODY
 from tests.benchmarks.stack import Stack
 
 # (label, frame substrings) by which the samples are grouped.
 Groups = tuple[tuple[str, tuple[str, ...]], ...]
 API_GROUPS: Groups = (
-    ("Celery publish (kombu, in a worker thread)", ("Celery.send_task",)),
-    ("token check (SELECT user by token hash)", ("authenticate (service/users",)),
-    ("INSERT of the position (with the credentials check)", ("add_position (service/",)),
+    ("task message built and pushed (queue.py, redis.asyncio)", ("RedisTaskPublisher.",)),
     ("size check against the exchange filters", ("check_tradeable (service/",)),
-    ("session open, commit and close (BEGIN/COMMIT)", ("get_session (", "Session.commit (")),
-    ("the endpoint's own code and its other statements", ("create_position (service/",)),
-    (
-        "SQLAlchemy executing statements (own greenlet stacks: cache keys, compiling, rows)",
-        ("sqlalchemy/",),
-    ),
-    ("thread pool hand-offs (anyio worker threads)", ("WorkerThread.run",)),
-    ("request parsing and validation, routing, response", ("fastapi/", "starlette/")),
-    ("event loop and sockets (uvloop, httptools: C code)", ("Runner.run (",)),
+    ("the one statement: token, credentials, INSERT (asyncpg)", ("asyncpg/",)),
+    ("rendering the 202 body (pydantic)", ("_json (service/positions/endpoints",)),
+    ("the endpoint's own code", ("create_position (service/", "accept_position (service/")),
+    ("the full path (ORM): replays and refusals", ("sqlalchemy/",)),
+    ("request parsing and validation, routing, middleware", ("fastapi/", "starlette/")),
+    ("HTTP protocol (uvicorn, httptools)", ("uvicorn/protocols/",)),
+    ("event loop and sockets (uvloop: C code)", ("Runner.run (",)),
 )
 WORKER_GROUPS: Groups = (
     ("database: SQLAlchemy and asyncpg (claim, plan, leg writes, finish)", ("sqlalchemy/",)),
@@ -107,20 +104,24 @@ def _record(
 
 
 def profile_api(stack: Stack, *, seconds: int = 10) -> str:
+    binary, _ = wrk.find_or_install()
     user = stack.new_user()
     api, url = stack.start_api()
+    headers = {**user.headers, "Content-Type": "application/json"}
     try:
         table = _record(
             api.pid,
             seconds,
-            lambda: load(
-                api.pid,
+            lambda: wrk.run(
+                binary,
                 f"{url}/api/positions",
+                server_pid=api.pid,
+                connections=16,
+                seconds=seconds - 1,
                 method="POST",
-                concurrency=8,
-                requests=300,
-                headers=user.headers,
                 body=BODY,
+                headers=headers,
+                warmup_seconds=0,
             ),
             API_GROUPS,
             innermost=False,
@@ -132,9 +133,9 @@ def profile_api(stack: Stack, *, seconds: int = 10) -> str:
             "### Profile: where a POST's CPU goes",
             "",
             f"py-spy ({seconds} s, 250 Hz, `--gil`: only samples on the CPU) on the API "
-            "process under `POST /api/positions` with 8 clients. Each sample counts for the "
-            "first group in this order that one of its frames belongs to (a statement made by "
-            "the token check counts there, not as a database statement in general).",
+            "process under `POST /api/positions` from wrk with 16 connections. Each sample "
+            "counts for the first group in this order that one of its frames belongs to (the "
+            "statement made inside the accept counts there, not as request handling).",
             "",
             *table,
             "",

@@ -23,7 +23,7 @@ import httpx
 
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient, create_http_session
-from tests.benchmarks.api_load import LoadResult, load
+from tests.benchmarks.loadgen import LoadResult, load
 from tests.benchmarks.stack import Stack
 from tests.support import ApiUser
 
