@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from service.dependencies import (
-    Bearer,
+    BEARER_SECURITY,
     CurrentUser,
     Session,
-    bearer_token,
+    request_bearer_token,
     request_transaction,
 )
 from service.errors import error_responses
@@ -129,11 +129,11 @@ def _out(detail: service.PositionDetail) -> PositionOut:
     response_model=PositionOut,
     responses=_ERRORS,
     summary="Open a position: answers at once with the PENDING position; a worker executes it",
+    openapi_extra=BEARER_SECURITY,
 )
 async def create_position(
     body: PositionCreate,
     request: Request,
-    credentials: Bearer,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -145,13 +145,14 @@ async def create_position(
     ] = None,
 ) -> Response:
     state = request.app.state
+    token = request_bearer_token(request)
     market = await state.market_cache.load()
     # The common case in one statement (hot_path); a position this request created has no
     # components, trades or issues yet.
     created = await hot_path.accept_position(
         state.pool,
         state.publisher,
-        token=bearer_token(credentials),
+        token=token,
         index_code=body.index,
         size=body.size,
         direction=body.direction,
@@ -164,7 +165,7 @@ async def create_position(
     # Everything else, with every check in its order and its own answer. The task of a
     # position created here is sent once the transaction has committed.
     async with request_transaction(request) as session:
-        user = await authenticate(session, bearer_token(credentials))
+        user = await authenticate(session, token)
         opened = await service.open_position(
             session,
             user,
@@ -200,15 +201,15 @@ def _json(detail: service.PositionDetail, status_code: int, *, replayed: bool = 
     "/{position_id}",
     response_model=PositionOut,
     responses={**_ERRORS, 304: {"description": "unchanged since the ETag in If-None-Match"}},
+    openapi_extra=BEARER_SECURITY,
 )
 async def get_position(
     position_id: uuid.UUID,
     request: Request,
-    credentials: Bearer,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     state = request.app.state
-    token = bearer_token(credentials)
+    token = request_bearer_token(request)
     # Polling costs one statement (the caller's token and the position's version); an
     # unchanged position is a 304, a version already rendered is served from memory.
     tag = await hot_path.position_etag(state.pool, token, position_id)

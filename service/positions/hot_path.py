@@ -1,4 +1,4 @@
-"""The API's two hot paths, one statement each on the plain asyncpg pool (service.db.create_pool).
+"""The API's two hot paths, one statement each on a plain asyncpg pool (db.StatementPool).
 
 - Accepting a position: the token check (revocation included), the credentials check and the
   INSERT of the PENDING row are one autocommitted statement; the task is pushed after it.
@@ -20,8 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
 
-import asyncpg
-
+from service.db import StatementPool
 from service.errors import DomainError
 from service.indices.cache import IndexCache
 from service.market.snapshot import MarketSnapshot
@@ -62,7 +61,7 @@ WHERE p.id = $1 AND t.token_hash = $2 AND t.revoked_at IS NULL
 
 
 async def accept_position(
-    pool: asyncpg.Pool,
+    pool: StatementPool,
     publisher: RedisTaskPublisher,
     *,
     token: str | None,
@@ -110,7 +109,7 @@ async def accept_position(
 
 
 async def position_etag(
-    pool: asyncpg.Pool, token: str | None, position_id: uuid.UUID
+    pool: StatementPool, token: str | None, position_id: uuid.UUID
 ) -> str | None:
     """The ETag of the caller's position; None when the token or the position is not found
     (the full path says which)."""

@@ -28,15 +28,21 @@ MISSES = """## Goals this machine does not meet, and why
 
 Each section above says `met` or `not met`; for the ones not met:
 
-- **API throughput against the baseline (goal 0.6).** The baseline does one INSERT and one
-  LPUSH, unauthenticated. `POST /api/positions` also checks the token (a SELECT), checks the
-  size against the exchange filters, and publishes through Celery (kombu's envelope and a
-  thread hand-off, several times a bare LPUSH). The API profile shows no single hot spot left:
-  the event loop's own I/O, FastAPI's request handling and SQLAlchemy's statement execution
-  are two thirds of the CPU. Fixed on the way (19 to 9 ms of CPU per POST): the index
-  catalogue cached in the process, no reads for a position just created, the credentials
-  check inside the INSERT, no pool pre-ping, async dependencies. The rest would mean raw
-  asyncpg instead of the ORM on this path, or Celery messages written without kombu.
+- **API against the minimal app (goals 0.6 for POST, 0.8 for a 304, 0.5 for a full 200;
+  p99 at most 3x p50).** Met in the run above where it says so; what got there, measured
+  with wrk (the earlier Python load generator and in-app baseline hid most of the cost):
+  Celery's message built by us and pushed with redis.asyncio (kombu's publish in a thread
+  was a third of the CPU); the token check, the credentials check and the INSERT in one
+  autocommitted statement on a plain asyncpg pool (no ORM, no engine checkout); a poll as
+  one statement (version joined to the live token), 304 or the body kept for that ETag;
+  `gc.freeze()` after start-up (p99/p50 at 16 connections from 6-7 to under 2); no reset
+  query on release (a round trip per request); FIFO turns for the pool (at 64 connections
+  asyncpg's queue let some requests wait 25x the median). What remains is FastAPI's request
+  handling and the task message (the profile above). On this shared 2-core machine a run's
+  server CPU per request moves by up to 30 % from minute to minute for the same code; each
+  row is therefore the median of runs taking turns with the baseline. A poll of a version not
+  rendered yet (the first after each change) still renders through the ORM (several
+  statements).
 - **Worker POST to ACTIVE against the floor (goal 1.1x).** The phase table shows about 12 ms
   per leg for the two durable writes every leg makes by design (`submitted_at` committed
   before the order, so a resumed run looks before re-sending; the fill right after), plus
@@ -59,7 +65,7 @@ Each section above says `met` or `not met`; for the ones not met:
 DEFAULTS = {
     "orders": 500,
     "tasks": 1000,
-    "api_seconds": 10,
+    "api_seconds": 8,
     "positions": 20,
     "scale": 40,
     "egress": 40,
