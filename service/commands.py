@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.config import get_settings
+from service.config import Settings, get_settings
 from service.logging import configure_logging
 
 
@@ -194,10 +194,36 @@ def _configure_simulator(port: int, latency_ms: int) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
-    import asyncio
+    from service.devservices import provide
 
     _ensure_dev_credentials_key()
     get_settings.cache_clear()
+    settings, defaults = get_settings(), Settings.model_fields
+    # Given URLs (environment or .env) win; otherwise the machine's servers when they
+    # answer, embedded ones when not (service/devservices.py), stopped when the stack stops.
+    database_url = settings.database_url
+    explicit_database = database_url != defaults["database_url"].default
+    explicit_redis = settings.redis_url != defaults["redis_url"].default
+    services = provide(
+        "up",
+        database_url=database_url if explicit_database else None,
+        redis_url=settings.redis_url if explicit_redis else None,
+    )
+    print(services.summary(), flush=True)
+    try:
+        if not explicit_database:
+            os.environ["DATABASE_URL"] = services.database_url(database_url.rsplit("/", 1)[1])
+        if not explicit_redis:
+            os.environ["REDIS_URL"] = services.redis_url(0)
+        get_settings.cache_clear()
+        return _run_stack(args)
+    finally:
+        services.stop()
+
+
+def _run_stack(args: argparse.Namespace) -> int:
+    import asyncio
+
     asyncio.run(migrate())
     asyncio.run(seed())
     python = sys.executable

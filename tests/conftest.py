@@ -17,13 +17,28 @@ import pytest
 import pytest_asyncio
 from cryptography.fernet import Fernet
 
+from service.devservices import provide
+
 RUN_ID = uuid.uuid4().hex[:10]
-PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
-PG_PORT = os.environ.get("TEST_PG_PORT", "5432")
+# The machine's PostgreSQL and Redis when they answer (or TEST_PG_HOST / TEST_PG_PORT /
+# TEST_REDIS_URL name others), embedded ones started for this run otherwise, or always with
+# DEV_SERVICES=embedded; stopped when the run ends (pytest_unconfigure).
+_explicit_pg = os.environ.get("TEST_PG_HOST") or os.environ.get("TEST_PG_PORT")
+SERVICES = provide(
+    "test",
+    database_url=(
+        f"postgresql://{os.environ.get('TEST_PG_HOST', '127.0.0.1')}:"
+        f"{os.environ.get('TEST_PG_PORT', '5432')}"
+        if _explicit_pg
+        else None
+    ),
+    redis_url=os.environ.get("TEST_REDIS_URL"),
+)
+PG_HOST, PG_PORT = SERVICES.postgres[0], str(SERVICES.postgres[1])
 TEST_DATABASE = f"trader_test_{RUN_ID}"
 TEST_ENV = {
     "DATABASE_URL": f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/{TEST_DATABASE}",
-    "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+    "REDIS_URL": os.environ.get("TEST_REDIS_URL", SERVICES.redis_url(15)),
     "CELERY_QUEUE": f"trades-test-{RUN_ID}",
     "CREDENTIALS_KEYS": Fernet.generate_key().decode(),
     "TRADE_RETRY_DELAYS": "0.2,0.4,0.6",
@@ -44,6 +59,17 @@ TEST_ENV = {
 # The test process reads the same settings as the processes it starts.
 os.environ.update(TEST_ENV)
 os.environ.setdefault("BYBIT_BASE_URL", "http://127.0.0.1:8999")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # One line, whatever the verbosity, saying which servers this run uses.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(SERVICES.summary())
+
+
+def pytest_unconfigure() -> None:
+    SERVICES.stop()
 
 
 def _run(coro: object) -> object:

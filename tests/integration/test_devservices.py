@@ -1,0 +1,138 @@
+"""The embedded PostgreSQL and Redis of `scripts/dev test` and `scripts/dev up` (forced here
+with DEV_SERVICES=embedded, beside the machine's own servers, which are never touched): they
+serve, and nothing of them is left running once the run or the stack ends."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.devservices import answers
+from tests.support import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+STARTED = re.compile(r"embedded (PostgreSQL|Redis) on 127\.0\.0\.1:(\d+) \(data in (\S+)\)")
+
+
+@pytest.fixture
+def services_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path (0700): as root, the embedded PostgreSQL runs as its own account,
+    # which must be able to enter the directory.
+    directory = Path(tempfile.mkdtemp(prefix="trader-devservices-"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _embedded_env(services_dir: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "TEST_PG_HOST", "TEST_PG_PORT", "TEST_REDIS_URL")
+    }
+    env.update({"DEV_SERVICES": "embedded", "DEV_SERVICES_DIR": str(services_dir)})
+    return env
+
+
+def _stopped(port: int, deadline_seconds: float = 20) -> bool:
+    deadline = time.monotonic() + deadline_seconds
+    while time.monotonic() < deadline:
+        if not answers("127.0.0.1", port, timeout=0.2):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_test_run_on_embedded_servers_stops_them_and_removes_their_data(
+    services_dir: Path,
+) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "tests/unit/test_hot_path.py",
+        ],
+        cwd=ROOT,
+        env=_embedded_env(services_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    started = {kind: (int(port), Path(data)) for kind, port, data in STARTED.findall(done.stdout)}
+    # One line says which servers the run used.
+    assert set(started) == {"PostgreSQL", "Redis"}, done.stdout
+    for kind, (port, data) in started.items():
+        assert _stopped(port), f"{kind} still answers on {port}"
+        assert not data.exists(), f"{kind}'s throwaway data left in {data}"
+    assert list(services_dir.iterdir()) == []
+
+
+def test_up_on_embedded_servers_serves_and_ctrl_c_stops_everything(services_dir: Path) -> None:
+    api_port, simulator_port = free_port(), free_port()
+    env = _embedded_env(services_dir)
+    log = services_dir / "up.log"
+    with log.open("wb") as output:
+        up = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "service", "up"),
+                *("--api-port", str(api_port), "--simulator-port", str(simulator_port)),
+            ],
+            cwd=services_dir,  # nothing written to the checkout (.env)
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+        try:
+            deadline = time.monotonic() + 120
+            ready = False
+            while time.monotonic() < deadline and up.poll() is None:
+                try:
+                    ready = (
+                        httpx.get(f"http://127.0.0.1:{api_port}/readyz", timeout=2).status_code
+                        == 200
+                    )
+                except httpx.HTTPError:
+                    ready = False
+                if ready:
+                    break
+                time.sleep(0.2)
+            assert ready, log.read_text(errors="replace")[-3000:]
+            # Ctrl-C: SIGINT to the terminal's foreground process group.
+            os.killpg(up.pid, signal.SIGINT)
+            assert up.wait(timeout=60) == 0
+        finally:
+            if up.poll() is None:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait(timeout=10)
+    text = log.read_text(errors="replace")
+    started = {kind: (int(port), Path(data)) for kind, port, data in STARTED.findall(text)}
+    assert set(started) == {"PostgreSQL", "Redis"}, text[-3000:]
+    for kind, (port, _) in started.items():
+        assert _stopped(port), f"{kind} still answers on {port}"
+    pg_data = started["PostgreSQL"][1]
+    # Stopped cleanly, and the data kept for the next `up`.
+    assert (pg_data / "PG_VERSION").exists()
+    assert not (pg_data / "postmaster.pid").exists()
+    for port in (api_port, simulator_port):
+        assert _stopped(port)
