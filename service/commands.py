@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.config import Settings, get_settings
+from service.config import STACK_ENV_FILE, Settings, get_settings
 from service.logging import configure_logging
 
 
@@ -197,27 +197,34 @@ def up(args: argparse.Namespace) -> int:
     from service.devservices import provide
 
     _ensure_dev_credentials_key()
-    get_settings.cache_clear()
-    settings, defaults = get_settings(), Settings.model_fields
-    # Given URLs (environment or .env) win; otherwise the machine's servers when they
-    # answer, embedded ones when not (service/devservices.py), stopped when the stack stops.
-    database_url = settings.database_url
+    # Given URLs (environment or .env, not an earlier stack's file) win; otherwise the
+    # machine's servers when they answer, embedded ones when not (service/devservices.py),
+    # stopped when the stack stops.
+    given, defaults = Settings(_env_file=".env"), Settings.model_fields
+    database_url = given.database_url
     explicit_database = database_url != defaults["database_url"].default
-    explicit_redis = settings.redis_url != defaults["redis_url"].default
+    explicit_redis = given.redis_url != defaults["redis_url"].default
     services = provide(
         "up",
         database_url=database_url if explicit_database else None,
-        redis_url=settings.redis_url if explicit_redis else None,
+        redis_url=given.redis_url if explicit_redis else None,
     )
     print(services.summary(), flush=True)
+    stack_env = Path(STACK_ENV_FILE)
     try:
+        # The stack's own simulator is the exchange for every process it starts.
+        chosen = {"BYBIT_BASE_URL": f"http://127.0.0.1:{args.simulator_port}"}
         if not explicit_database:
-            os.environ["DATABASE_URL"] = services.database_url(database_url.rsplit("/", 1)[1])
+            chosen["DATABASE_URL"] = services.database_url(database_url.rsplit("/", 1)[1])
         if not explicit_redis:
-            os.environ["REDIS_URL"] = services.redis_url(0)
+            chosen["REDIS_URL"] = services.redis_url(0)
+        os.environ.update(chosen)
+        stack_env.parent.mkdir(parents=True, exist_ok=True)
+        stack_env.write_text("".join(f"{name}={value}\n" for name, value in chosen.items()))
         get_settings.cache_clear()
         return _run_stack(args)
     finally:
+        stack_env.unlink(missing_ok=True)
         services.stop()
 
 
@@ -227,8 +234,6 @@ def _run_stack(args: argparse.Namespace) -> int:
     asyncio.run(migrate())
     asyncio.run(seed())
     python = sys.executable
-    # The stack's own simulator is the exchange for every process it starts.
-    os.environ["BYBIT_BASE_URL"] = f"http://127.0.0.1:{args.simulator_port}"
     roles = {
         "simulator": [python, "-m", "service", "simulator", "--port", str(args.simulator_port)],
         "api": [python, "-m", "service", "api", "--port", str(args.api_port)],

@@ -9,15 +9,23 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# While `python -m service up` runs, the addresses of the servers it chose (embedded ones on
+# free ports, service/devservices.py), so that any command run from the same directory (the
+# demo, `users create`) reaches the same stack. Removed when the stack stops.
+STACK_ENV_FILE = ".dev/stack.env"
+
 
 class Settings(BaseSettings):
     """Environment variables of the contract (DESIGN.md), plus a few operational knobs.
 
     A `.env` file in the working directory is read too (the dev stack writes its generated
-    `CREDENTIALS_KEYS` there); real environment variables win over it.
+    `CREDENTIALS_KEYS` there), and while the dev stack runs, its `STACK_ENV_FILE`; real
+    environment variables win over `.env`, and `.env` over the stack's file.
     """
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_file=(STACK_ENV_FILE, ".env"), extra="ignore", frozen=True
+    )
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/trader"
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import uuid
 from urllib.parse import urlparse
 
 import aiohttp
@@ -58,20 +59,30 @@ async def _demo(*, api_url: str, index: str, size: str, direction: str, wait_sec
             headers=auth,
         ) as response:
             response.raise_for_status()
-        async with http.post(
-            f"{api_url}/api/positions",
-            json={"index": index, "size": size, "direction": direction},
-            headers=auth,
-        ) as response:
-            body = await response.json()
-            if response.status != 202:
+        deadline = time.monotonic() + wait_seconds
+        # Idempotency-Key: a POST repeated after a 503 opens one position, not two.
+        auth_once = {**auth, "Idempotency-Key": f"demo-{uuid.uuid4()}"}
+        while True:
+            async with http.post(
+                f"{api_url}/api/positions",
+                json={"index": index, "size": size, "direction": direction},
+                headers=auth_once,
+            ) as response:
+                body = await response.json()
+                retry_after = float(response.headers.get("Retry-After", "1"))
+            if response.status == 202:
+                break
+            # A stack just started has no market snapshot until Beat's first refresh.
+            if response.status != 503 or time.monotonic() + retry_after > deadline:
                 print(f"POST /api/positions answered {response.status}: {body}")
                 return 1
+            # The stack is on this machine: a second is plenty, whatever Retry-After says.
+            print(f"{body['detail']} (503): trying again in a second", flush=True)
+            await asyncio.sleep(1.0)
         position_id = body["id"]
         print(f"position {position_id}: {direction} {size} USDT of {index}")
         print(f"status: {body['status']}", flush=True)
         last = body["status"]
-        deadline = time.monotonic() + wait_seconds
         while last not in ("ACTIVE", "FAILED"):
             if time.monotonic() > deadline:
                 print(f"still {last} after {wait_seconds}s")

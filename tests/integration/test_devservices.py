@@ -42,7 +42,11 @@ def _embedded_env(services_dir: Path) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "REDIS_URL", "TEST_PG_HOST", "TEST_PG_PORT", "TEST_REDIS_URL")
+        if k
+        not in (
+            *("DATABASE_URL", "REDIS_URL", "BYBIT_BASE_URL"),
+            *("TEST_PG_HOST", "TEST_PG_PORT", "TEST_REDIS_URL"),
+        )
     }
     env.update({"DEV_SERVICES": "embedded", "DEV_SERVICES_DIR": str(services_dir)})
     return env
@@ -118,6 +122,22 @@ def test_up_on_embedded_servers_serves_and_ctrl_c_stops_everything(services_dir:
                     break
                 time.sleep(0.2)
             assert ready, log.read_text(errors="replace")[-3000:]
+            # As a new user would, in another shell in the same directory: the demo reaches
+            # the stack's own (embedded) database and simulator through its stack file.
+            demo = subprocess.run(
+                [
+                    *(sys.executable, "-m", "service", "demo"),
+                    *("--api-url", f"http://127.0.0.1:{api_port}"),
+                ],
+                cwd=services_dir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert demo.returncode == 0, demo.stdout + demo.stderr
+            assert "status: ACTIVE" in demo.stdout
             # Ctrl-C: SIGINT to the terminal's foreground process group.
             os.killpg(up.pid, signal.SIGINT)
             assert up.wait(timeout=60) == 0
@@ -136,3 +156,5 @@ def test_up_on_embedded_servers_serves_and_ctrl_c_stops_everything(services_dir:
     assert not (pg_data / "postmaster.pid").exists()
     for port in (api_port, simulator_port):
         assert _stopped(port)
+    # The stack's addresses are gone with it: later commands fall back to the defaults.
+    assert not (services_dir / ".dev" / "stack.env").exists()
