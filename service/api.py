@@ -21,7 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.config import Settings, get_settings
 from service.credentials.endpoints import router as credentials_router
 from service.db import create_engine, create_pool, create_session_factory
-from service.errors import DomainError
+from service.dependencies import BEARER_SECURITY, request_bearer_token
+from service.errors import AuthenticationError, DomainError
 from service.indices.cache import IndexCache
 from service.indices.endpoints import router as indices_router
 from service.market.snapshot import MarketCache
@@ -31,6 +32,7 @@ from service.positions.hot_path import RenderedPositions
 from service.positions.repository import count_by_status
 from service.queue import RedisTaskPublisher
 from service.security import CredentialCipher
+from service.users.service import authenticate
 
 logger = structlog.stdlib.get_logger("service.api")
 
@@ -42,7 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings.database_url, pool_size=10)
+        # The engine serves the full paths only (refusals, replays, first renders, lists,
+        # credentials): with the hot paths' pool, at most 20 connections a process as before.
+        engine = create_engine(settings.database_url, pool_size=5)
         # The hot paths' own pool (one statement per request, no ORM). It connects on first
         # use, so the API starts, and answers 503, while the database is down.
         pool = await create_pool(settings.database_url, max_size=10)
@@ -183,6 +187,22 @@ def _add_health(app: FastAPI) -> None:
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
+async def _token_refused(request: Request) -> JSONResponse | None:
+    """The hot paths check the token inside their one statement, after FastAPI has validated
+    the request; so that a caller without a valid token hears 401 before any 422, as from
+    every other route, an invalid request to one of them has its token checked here."""
+    if getattr(request.scope.get("route"), "openapi_extra", None) is not BEARER_SECURITY:
+        return None
+    try:
+        async with request.app.state.session_factory() as session:
+            await authenticate(session, request_bearer_token(request))
+    except AuthenticationError as error:
+        return JSONResponse({"detail": error.message}, 401, headers={"WWW-Authenticate": "Bearer"})
+    except (OperationalError, InterfaceError, OSError):
+        return None  # the database is down: the request is invalid anyway
+    return None
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, error: DomainError) -> JSONResponse:
@@ -195,7 +215,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": error.message}, error.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        refused = await _token_refused(request)
+        if refused is not None:
+            return refused
         # Without the input echo: a rejected credential must not come back in the body.
         details: list[dict[str, Any]] = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
@@ -208,7 +231,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OSError)
     # The hot paths' pool (asyncpg's own errors): connection lost or refused, server
     # shutting down or out of connections.
-    @app.exception_handler(asyncpg.InterfaceError)
     @app.exception_handler(asyncpg.PostgresConnectionError)
     @app.exception_handler(asyncpg.exceptions.OperatorInterventionError)
     @app.exception_handler(asyncpg.exceptions.InsufficientResourcesError)
@@ -217,3 +239,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"detail": "database unavailable, try again shortly"}, 503, headers={"Retry-After": "5"}
         )
+
+    @app.exception_handler(asyncpg.InterfaceError)
+    async def driver_error(request: Request, error: Exception) -> JSONResponse:
+        # asyncpg says "connection is closed" or "pool is closing" with InterfaceError itself;
+        # its subclasses (bad input, configuration, an unsupported feature) are our bugs, and
+        # a 503 with Retry-After would hide them.
+        if type(error) is asyncpg.InterfaceError or isinstance(
+            error, asyncpg.exceptions.ClientCannotConnectError
+        ):
+            return await unavailable(request, error)
+        logger.error("api.database_client_error", error=type(error).__name__)
+        return JSONResponse({"detail": "internal error"}, 500)

@@ -140,13 +140,20 @@ class StatementPool:
     (fair since Python 3.11.1) in front of it keeps the order.
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, size: int) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, size: int, wait_seconds: float) -> None:
         self._pool = pool
         self._turns = asyncio.Semaphore(size)
+        self._wait = wait_seconds
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        async with self._turns:
+        # A turn not had in time (the database stalls) is a TimeoutError: a 503, not a queue
+        # growing without bound.
+        async with asyncio.timeout(self._wait):
+            await self._turns.acquire()
+        try:
             return await self._pool.fetchrow(query, *args)
+        finally:
+            self._turns.release()
 
     async def close(self) -> None:
         await self._pool.close()
@@ -172,7 +179,7 @@ async def create_pool(
         init=configure,
         reset=_keep_session,
     )
-    return StatementPool(pool, size=max_size)
+    return StatementPool(pool, size=max_size, wait_seconds=health.statement_timeout)
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:

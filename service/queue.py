@@ -36,10 +36,17 @@ PUBLISH_TIMEOUT_SECONDS = 2.0
 logger = structlog.stdlib.get_logger("service.queue")
 
 _AFTER_COMMIT = "publish_after_commit"
-# Celery's `origin` header: who sent the task (celery.utils.nodenames.anon_nodename).
-_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+_HOST = socket.gethostname()
 # No result backend: the reply queue is never read, but Celery always names one.
-_REPLY_TO = str(uuid.uuid3(uuid.NAMESPACE_OID, f"{_ORIGIN}-synthetic-index-trader"))
+_REPLY_TO = str(uuid.uuid3(uuid.NAMESPACE_OID, f"{_HOST}-synthetic-index-trader"))
+
+
+def _origin() -> str:
+    """Celery's `origin` header, who sent the task (celery.utils.nodenames.anon_nodename):
+    read per message, so each forked worker process names itself."""
+    return f"gen{os.getpid()}@{_HOST}"
+
+
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
@@ -56,7 +63,7 @@ def publishes_requested(session: AsyncSession) -> list[uuid.UUID]:
 
 
 def task_message(
-    task_name: str, args: list[Any], *, task_id: str, queue: str, origin: str = _ORIGIN
+    task_name: str, args: list[Any], *, task_id: str, queue: str, origin: str | None = None
 ) -> bytes:
     """The document Celery's Redis transport pushes for `send_task(task_name, args,
     task_id=task_id, queue=queue)`: protocol-2 headers, the body base64-encoded JSON of
@@ -77,7 +84,7 @@ def task_message(
         "parent_id": None,
         "argsrepr": repr(args),
         "kwargsrepr": "{}",
-        "origin": origin,
+        "origin": origin or _origin(),
         "ignore_result": None,
         "replaced_task_nesting": 0,
         "stamped_headers": None,

@@ -65,7 +65,17 @@ async def mark_reconciled(
         .returning(SyntheticPosition.id)
         .execution_options(synchronize_session=False)
     )
-    return result.scalar_one_or_none() is not None
+    marked = result.scalar_one_or_none() is not None
+    if changed and not marked:
+        # Moved meanwhile, but what was recorded here (a fill, an issue) must still move the
+        # ETag, or a 304 or a body kept for the old tag would hide it.
+        await session.execute(
+            update(SyntheticPosition)
+            .where(SyntheticPosition.id == position_id)
+            .values(updated_at=func.clock_timestamp())
+            .execution_options(synchronize_session=False)
+        )
+    return marked
 
 
 async def add_reconciliation_issue(session: AsyncSession, values: dict[str, object]) -> bool:

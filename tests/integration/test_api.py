@@ -55,6 +55,28 @@ async def test_missing_or_bad_token_is_401(
 
 
 @pytest.mark.asyncio
+async def test_the_token_is_refused_before_the_request_is_found_invalid(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    invalid = {"index": "BLUECHIP", "size": "-5", "direction": "sideways"}
+    for headers in ({}, {"Authorization": "Bearer sit_not-a-token"}):
+        for response in (
+            await client.post("/api/positions", json=invalid, headers=headers),
+            await client.post(
+                "/api/positions",
+                json={"index": "BLUECHIP", "size": "1000", "direction": "long"},
+                headers={**headers, "Idempotency-Key": "k" * 300},
+            ),
+            await client.get("/api/positions/not-a-uuid", headers=headers),
+        ):
+            assert response.status_code == 401, response.text
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+    # With a valid token, the same requests are what is wrong with them.
+    assert (await client.post("/api/positions", json=invalid, headers=auth)).status_code == 422
+    assert (await client.get("/api/positions/not-a-uuid", headers=auth)).status_code == 422
+
+
+@pytest.mark.asyncio
 async def test_post_writes_pending_and_sends_the_task_after_commit(
     client: httpx.AsyncClient, auth: dict[str, str]
 ) -> None:

@@ -233,3 +233,25 @@ async def test_a_change_is_reconciled_only_once_it_has_settled(
     assert (await _reconciled_at(sessions, [position_id]))[position_id][0] is None
     await reconcile_positions(deps, settle_seconds=0)
     assert (await _reconciled_at(sessions, [position_id]))[position_id][0] is not None
+
+
+@pytest.mark.asyncio
+async def test_what_reconciliation_records_moves_the_etag_even_if_the_position_moved_meanwhile(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> None:
+    from service.positions.reconciliation_rows import mark_reconciled
+
+    position_id, _ = await _active_position(deps, sessions, sim)
+    seen = await _updated_at(sessions, position_id)
+    async with sessions() as session:  # another writer first (the sweep, a resumed run)
+        await repository.mark_changed(session, position_id)
+    moved = await _updated_at(sessions, position_id)
+    async with sessions() as session:
+        # Reconciliation recorded a fill or an issue on what it saw at `seen`.
+        assert not await mark_reconciled(session, position_id, seen=seen, changed=True)  # type: ignore[arg-type]
+    assert await _updated_at(sessions, position_id) != moved
+    async with sessions() as session:
+        # Nothing recorded: nothing moves.
+        before = await _updated_at(sessions, position_id)
+        assert not await mark_reconciled(session, position_id, seen=seen, changed=False)  # type: ignore[arg-type]
+    assert await _updated_at(sessions, position_id) == before
