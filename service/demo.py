@@ -16,7 +16,11 @@ from service.users.service import create_user_with_token
 
 
 def _is_simulator(base_url: str) -> bool:
-    return urlparse(base_url).hostname in {"127.0.0.1", "localhost", "::1"}
+    """Loopback, or a single-label name such as a compose service (`simulator`): never a
+    public exchange host, which always has dots. The simulator's admin endpoint must also
+    answer (checked in _demo)."""
+    host = urlparse(base_url).hostname or ""
+    return host in {"127.0.0.1", "localhost", "::1"} or (bool(host) and "." not in host)
 
 
 async def run_demo(
@@ -36,6 +40,13 @@ async def _demo(*, api_url: str, index: str, size: str, direction: str, wait_sec
     if not _is_simulator(settings.bybit_base_url):
         print("demo refuses to trade on a real exchange: BYBIT_BASE_URL is not the simulator")
         return 2
+    async with (
+        aiohttp.ClientSession() as probe,
+        probe.get(f"{settings.bybit_base_url}/sim/config") as answer,
+    ):
+        if answer.status != 200:
+            print("demo refuses to trade: BYBIT_BASE_URL does not answer as the simulator")
+            return 2
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         async with session_scope(create_session_factory(engine)) as session:

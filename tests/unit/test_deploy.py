@@ -100,3 +100,23 @@ def test_dockerfile_runs_as_non_root_from_one_image() -> None:
     assert re.search(r"^USER \w+", text, re.MULTILINE)
     assert text.count("FROM ") == 2  # multi-stage
     assert 'ENTRYPOINT ["python", "-m", "service"]' in text
+
+
+def test_the_stand_in_base_runs_the_python_the_dockerfile_names() -> None:
+    """`scripts/dev image` builds python:X.Y-slim from Debian when no registry answers: the
+    suite it uses must ship the X.Y the Dockerfile names (a Dockerfile moved to 3.12 must move
+    the stand-in too, not build silently on 3.11)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "podman_stack", ROOT / "deploy" / "podman_stack.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    stack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stack)
+    assert stack.DEBIAN_PYTHON[stack.STANDIN_SUITE] == stack.dockerfile_python()
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert {line.split()[1] for line in text.splitlines() if line.startswith("FROM ")} == {
+        f"python:{stack.dockerfile_python()}-slim"
+    }
