@@ -14,6 +14,7 @@ unset (or `auto`), each server is embedded only when nothing answers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -213,6 +214,31 @@ class EmbeddedRedis:
         return f"embedded Redis on 127.0.0.1:{self.port} (data in {self.data})"
 
 
+def data_root() -> Path:
+    """STATE_DIR; or, when the embedded PostgreSQL's account (as root) could not enter the
+    checkout (one under a 0700 directory, such as `mktemp -d` makes), a directory named after
+    the checkout under the system's temporary directory, which it can."""
+    if os.geteuid() != 0 or _enterable(STATE_DIR):
+        return STATE_DIR
+    digest = hashlib.sha256(str(STATE_DIR).encode()).hexdigest()[:12]
+    fallback = Path(tempfile.gettempdir()) / f"trader-devservices-{digest}"
+    fallback.mkdir(exist_ok=True)
+    if fallback.is_symlink() or fallback.stat().st_uid != os.geteuid():
+        raise DevServicesError(f"{fallback} exists and is not ours: remove it or set DATABASE_URL")
+    fallback.chmod(0o755)
+    return fallback
+
+
+def _enterable(path: Path) -> bool:
+    """Whether a user who is neither owner nor group could reach `path` (the directories
+    still to be made are made 0755)."""
+    return all(
+        os.stat(directory).st_mode & 0o001
+        for directory in (path, *path.parents)
+        if directory.exists()
+    )
+
+
 def postgres_account() -> str | None:
     """None when not root; as root, the system user the embedded server runs as (created
     without asking when missing)."""
@@ -273,6 +299,10 @@ class Services:
         self.started.clear()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            if self.scratch.parent.name.startswith("trader-devservices-"):
+                # The fallback under the temporary directory (data_root): gone when empty.
+                with contextlib.suppress(OSError):
+                    self.scratch.parent.rmdir()
             self.scratch = None
 
 
@@ -296,11 +326,12 @@ def provide(
 
     def workdir() -> Path:
         """Made on first need: a run on the machine's servers leaves no directory behind."""
+        root = data_root()
         if purpose == "up":
-            return STATE_DIR / "up"
+            return root / "up"
         if services.scratch is None:
-            STATE_DIR.mkdir(parents=True, exist_ok=True)
-            services.scratch = Path(tempfile.mkdtemp(prefix="test-", dir=STATE_DIR))
+            root.mkdir(parents=True, exist_ok=True)
+            services.scratch = Path(tempfile.mkdtemp(prefix="test-", dir=root))
             services.scratch.chmod(0o755)  # the embedded PostgreSQL's account must enter it
         return services.scratch
 

@@ -91,6 +91,36 @@ def test_a_test_run_on_embedded_servers_stops_them_and_removes_their_data(
     assert list(services_dir.iterdir()) == []
 
 
+def test_a_checkout_its_postgres_account_cannot_enter_uses_a_directory_it_can(
+    services_dir: Path,
+) -> None:
+    """A checkout under a 0700 directory (as `mktemp -d` makes): as root, the embedded
+    PostgreSQL runs as its own account, so its data goes where that account can go."""
+    locked = services_dir / "locked"
+    locked.mkdir(mode=0o700)
+    env = {**_embedded_env(services_dir), "DEV_SERVICES_DIR": str(locked / ".dev" / "services")}
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"),
+            "tests/unit/test_hot_path.py",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    started = {kind: (int(port), Path(data)) for kind, port, data in STARTED.findall(done.stdout)}
+    assert set(started) == {"PostgreSQL", "Redis"}, done.stdout
+    if os.geteuid() == 0:
+        assert not started["PostgreSQL"][1].is_relative_to(locked)
+    for kind, (port, data) in started.items():
+        assert _stopped(port), f"{kind} still answers on {port}"
+        assert not data.exists()
+
+
 def test_up_on_embedded_servers_serves_and_ctrl_c_stops_everything(services_dir: Path) -> None:
     api_port, simulator_port = free_port(), free_port()
     env = _embedded_env(services_dir)
