@@ -19,6 +19,7 @@ from tests.conftest import TEST_ENV
 from tests.integration.conftest import api_client, start_worker
 from tests.reliability.helpers import duplicate_links, funded_trader, orders_of, wait_final
 from tests.reliability.report import table, write_section
+from tests.support import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
@@ -59,6 +60,16 @@ async def test_duplicate_enqueues_of_live_positions_place_no_extra_order(
                     copies_sent += 1
             final = await wait_final(api, owners, timeout=180)
             orders = await orders_of(sim, users)
+
+            # Every copy read and turned away before the workers stop: a copy still queued
+            # when they stop would be counted as neither.
+            async def turned_away() -> bool:
+                seen = "".join(w.output() for w in workers)
+                return seen.count('"event": "position.discarded"') >= copies_sent
+
+            await eventually(
+                turned_away, timeout=60, interval=0.2, message="every copy turned away"
+            )
     finally:
         for worker in workers:
             worker.stop()
