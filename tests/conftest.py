@@ -122,10 +122,13 @@ def _clean_redis() -> Iterator[None]:
     yield
     import redis
 
+    from tests.support import forget_unacked
+
     client = redis.Redis.from_url(TEST_ENV["REDIS_URL"])
     try:
         for key in client.scan_iter(match=f"*{TEST_ENV['CELERY_QUEUE']}*"):
             client.delete(key)
+        forget_unacked(client, TEST_ENV["CELERY_QUEUE"])
         # Celery's remote-control bindings are shared by every worker on the db: remove them
         # only when nothing else (another run's queue) is left there.
         remaining = list(client.scan_iter(count=1000))

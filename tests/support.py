@@ -155,3 +155,20 @@ def run_command(
         timeout=timeout,
         check=True,
     )
+
+
+def forget_unacked(client: object, queue: str) -> None:
+    """Drop this run's messages from kombu's shared `unacked` hash and `unacked_index` (those
+    a killed worker held). Left there, a worker of a later run restores them, once they are
+    older than the visibility timeout, onto this run's queue: a key this run would leave
+    behind after all."""
+    import json
+
+    for tag, raw in client.hscan_iter("unacked"):  # type: ignore[attr-defined]
+        try:
+            routing_key = json.loads(raw)[2]
+        except (ValueError, IndexError, TypeError):
+            continue
+        if routing_key == queue:
+            client.hdel("unacked", tag)  # type: ignore[attr-defined]
+            client.zrem("unacked_index", tag)  # type: ignore[attr-defined]

@@ -17,7 +17,14 @@ from pathlib import Path
 import httpx
 from cryptography.fernet import Fernet
 
-from tests.support import ApiUser, ServiceProcess, free_port, prepare_database, wait_for_port
+from tests.support import (
+    ApiUser,
+    ServiceProcess,
+    forget_unacked,
+    free_port,
+    prepare_database,
+    wait_for_port,
+)
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
@@ -134,6 +141,7 @@ def _clean_redis(queue: str) -> None:
     try:
         for key in [*client.scan_iter(match=f"*{queue}*"), CACHE_KEY]:
             client.delete(key)
+        forget_unacked(client, queue)
         remaining = list(client.scan_iter(count=1000))
         if all(key.startswith((b"_kombu.binding", b"unacked")) for key in remaining):
             for key in remaining:
