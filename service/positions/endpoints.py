@@ -149,16 +149,9 @@ async def create_position(
     market = await state.market_cache.load()
     # The common case in one statement (hot_path); a position this request created has no
     # components, trades or issues yet.
+    opening = service.OpenRequest(body.index, body.size, body.direction, idempotency_key)
     created = await hot_path.accept_position(
-        state.pool,
-        state.publisher,
-        token=token,
-        index_code=body.index,
-        size=body.size,
-        direction=body.direction,
-        market=market,
-        indices=state.index_cache,
-        idempotency_key=idempotency_key,
+        state.pool, state.publisher, opening, token=token, market=market, indices=state.index_cache
     )
     if created is not None:
         return _json(service.PositionDetail(position=created, components=[], trades=[]), 202)
@@ -167,14 +160,7 @@ async def create_position(
     async with request_transaction(request) as session:
         user = await authenticate(session, token)
         opened = await service.open_position(
-            session,
-            user,
-            index_code=body.index,
-            size=body.size,
-            direction=body.direction,
-            market=market,
-            indices=state.index_cache,
-            idempotency_key=idempotency_key,
+            session, user, opening, market=market, indices=state.index_cache
         )
         if opened.created:
             detail = service.PositionDetail(position=opened.position, components=[], trades=[])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from decimal import Decimal
 
 from service.db import StatementPool
 from service.errors import DomainError
@@ -27,13 +26,13 @@ from service.market.snapshot import MarketSnapshot
 from service.models import PositionStatus
 from service.positions.service import (
     AcceptedPosition,
+    OpenRequest,
     check_tradeable,
     etag_of,
     request_fingerprint,
 )
 from service.queue import RedisTaskPublisher
 from service.security import hash_token
-from service.trading_logic import Direction
 
 # One statement: the caller's live token, their stored credentials, the row. ON CONFLICT: a
 # taken Idempotency-Key inserts nothing (the full path replays it). The statement commits
@@ -63,17 +62,16 @@ WHERE p.id = $1 AND t.token_hash = $2 AND t.revoked_at IS NULL
 async def accept_position(
     pool: StatementPool,
     publisher: RedisTaskPublisher,
+    request: OpenRequest,
     *,
     token: str | None,
-    index_code: str,
-    size: Decimal,
-    direction: Direction,
     market: MarketSnapshot | None,
     indices: IndexCache,
-    idempotency_key: str | None,
 ) -> AcceptedPosition | None:
     """The new PENDING position, committed and its task pushed; None when this request is
     not the common case (the full path answers it)."""
+    index_code, size, direction = request.index_code, request.size, request.direction
+    idempotency_key = request.idempotency_key
     index = indices.peek(index_code)
     if not token or index is None:
         return None

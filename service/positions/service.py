@@ -125,17 +125,27 @@ def check_tradeable(
         raise ValidationError(f"index {index.code}: {error}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """What a POST /api/positions asks for, as both of its paths (hot_path.accept_position,
+    open_position) take it."""
+
+    index_code: str
+    size: Decimal
+    direction: Direction
+    idempotency_key: str | None = None
+
+
 async def open_position(
     session: AsyncSession,
     user: User,
+    request: OpenRequest,
     *,
-    index_code: str,
-    size: Decimal,
-    direction: Direction,
     market: MarketSnapshot | None,
     indices: IndexCache,
-    idempotency_key: str | None = None,
 ) -> OpenedPosition:
+    index_code, size, direction = request.index_code, request.size, request.direction
+    idempotency_key = request.idempotency_key
     fingerprint = request_fingerprint(index_code, size, direction) if idempotency_key else None
     if idempotency_key and fingerprint:
         existing = await repository.get_by_idempotency_key(session, user.id, idempotency_key)

@@ -61,44 +61,9 @@ def _stopped(port: int, deadline_seconds: float = 20) -> bool:
     return False
 
 
-def test_a_test_run_on_embedded_servers_stops_them_and_removes_their_data(
-    services_dir: Path,
-) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "tests/unit/test_hot_path.py",
-        ],
-        cwd=ROOT,
-        env=_embedded_env(services_dir),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    started = {kind: (int(port), Path(data)) for kind, port, data in STARTED.findall(done.stdout)}
-    # One line says which servers the run used.
-    assert set(started) == {"PostgreSQL", "Redis"}, done.stdout
-    for kind, (port, data) in started.items():
-        assert _stopped(port), f"{kind} still answers on {port}"
-        assert not data.exists(), f"{kind}'s throwaway data left in {data}"
-    assert list(services_dir.iterdir()) == []
-
-
-def test_a_checkout_its_postgres_account_cannot_enter_uses_a_directory_it_can(
-    services_dir: Path,
-) -> None:
-    """A checkout under a 0700 directory (as `mktemp -d` makes): as root, the embedded
-    PostgreSQL runs as its own account, so its data goes where that account can go."""
-    locked = services_dir / "locked"
-    locked.mkdir(mode=0o700)
-    env = {**_embedded_env(services_dir), "DEV_SERVICES_DIR": str(locked / ".dev" / "services")}
+def _test_run_on_embedded_servers(env: dict[str, str]) -> dict[str, tuple[int, Path]]:
+    """A test run (a nested pytest) forced onto embedded servers: what it started, by kind,
+    checked to be stopped and its throwaway data gone once the run ended."""
     done = subprocess.run(
         [
             *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"),
@@ -113,12 +78,32 @@ def test_a_checkout_its_postgres_account_cannot_enter_uses_a_directory_it_can(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     started = {kind: (int(port), Path(data)) for kind, port, data in STARTED.findall(done.stdout)}
+    # One line says which servers the run used.
     assert set(started) == {"PostgreSQL", "Redis"}, done.stdout
-    if os.geteuid() == 0:
-        assert not started["PostgreSQL"][1].is_relative_to(locked)
     for kind, (port, data) in started.items():
         assert _stopped(port), f"{kind} still answers on {port}"
-        assert not data.exists()
+        assert not data.exists(), f"{kind}'s throwaway data left in {data}"
+    return started
+
+
+def test_a_test_run_on_embedded_servers_stops_them_and_removes_their_data(
+    services_dir: Path,
+) -> None:
+    _test_run_on_embedded_servers(_embedded_env(services_dir))
+    assert list(services_dir.iterdir()) == []
+
+
+def test_a_checkout_its_postgres_account_cannot_enter_uses_a_directory_it_can(
+    services_dir: Path,
+) -> None:
+    """A checkout under a 0700 directory (as `mktemp -d` makes): as root, the embedded
+    PostgreSQL runs as its own account, so its data goes where that account can go."""
+    locked = services_dir / "locked"
+    locked.mkdir(mode=0o700)
+    env = {**_embedded_env(services_dir), "DEV_SERVICES_DIR": str(locked / ".dev" / "services")}
+    started = _test_run_on_embedded_servers(env)
+    if os.geteuid() == 0:
+        assert not started["PostgreSQL"][1].is_relative_to(locked)
 
 
 def test_up_on_embedded_servers_serves_and_ctrl_c_stops_everything(services_dir: Path) -> None:
