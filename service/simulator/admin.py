@@ -11,7 +11,7 @@ from service.simulator.errors import now_ms
 from service.simulator.instruments import LOT_SIZE_FIELDS, Instrument
 from service.simulator.keys import STATE_KEY
 from service.simulator.state import DEFAULT_BALANCE, MARGIN_MODES
-from service.simulator.values import loose_decimal
+from service.simulator.values import loose_decimal, price_string, scaled
 
 INSTRUMENT_STATUSES = ("PreLaunch", "Trading", "Delivering", "Closed")
 
@@ -114,6 +114,26 @@ async def post_position(request: web.Request) -> web.Response:
     return web.json_response({"symbol": instrument.symbol, "positionIdx": idx})
 
 
+async def get_positions(request: web.Request) -> web.Response:
+    """Every non-empty position of an account, by symbol and positionIdx."""
+    state = request.app[STATE_KEY]
+    account = state.accounts.get(request.match_info["api_key"])
+    if account is None:
+        raise web.HTTPNotFound(text="unknown api_key")
+    positions = [
+        {
+            "symbol": p.symbol,
+            "positionIdx": p.idx,
+            "side": p.side,
+            "size": scaled(abs(p.size), state.instruments[p.symbol].qty_step),
+            "avgPrice": price_string(p.avg_price),
+        }
+        for _, p in sorted(account.positions.items())
+        if p.size
+    ]
+    return web.json_response({"positions": positions})
+
+
 async def get_orders(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     key = request.query.get("api_key")
@@ -146,11 +166,30 @@ def _instrument(request: web.Request) -> Instrument:
 
 
 async def put_ticker(request: web.Request) -> web.Response:
+    """Move the last price, the mark price, or both. The mark follows the last price until it
+    is set on its own; `"markPrice": null` makes it follow again."""
     state = request.app[STATE_KEY]
     instrument = _instrument(request)
     data = await _json_object(request)
-    state.prices[instrument.symbol] = instrument.price(_decimal(data, "lastPrice", positive=True))
-    return web.json_response(instrument.ticker(state.prices[instrument.symbol], now_ms()))
+    unknown = set(data) - {"lastPrice", "markPrice"}
+    if unknown:
+        raise _bad(f"unknown fields: {', '.join(sorted(unknown))}")
+    if not data:
+        raise _bad("lastPrice or markPrice is required")
+    last = _decimal(data, "lastPrice", positive=True) if "lastPrice" in data else None
+    mark = None if data.get("markPrice") is None else _decimal(data, "markPrice", positive=True)
+    if last is not None:
+        state.prices[instrument.symbol] = instrument.price(last)
+    if "markPrice" in data:
+        if mark is None:
+            state.marks.pop(instrument.symbol, None)
+        else:
+            state.marks[instrument.symbol] = instrument.price(mark)
+    return web.json_response(
+        instrument.ticker(
+            state.prices[instrument.symbol], now_ms(), state.mark_price(instrument.symbol)
+        )
+    )
 
 
 async def put_instrument(request: web.Request) -> web.Response:
@@ -272,6 +311,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/sim/accounts", post_account)
     app.router.add_post("/sim/positions", post_position)
     app.router.add_put("/sim/accounts/{api_key}/position-mode", put_position_mode)
+    app.router.add_get("/sim/accounts/{api_key}/positions", get_positions)
     app.router.add_get("/sim/orders", get_orders)
     app.router.add_get("/sim/requests", get_requests)
     app.router.add_get("/sim/calls", get_calls)

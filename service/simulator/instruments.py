@@ -103,9 +103,10 @@ class Instrument:
             "displayName": "",
         }
 
-    def ticker(self, last: Decimal, now: int) -> dict[str, Any]:
-        """One entry of tickers (category=linear): mark and index follow the last price, the
-        best bid and ask sit one tick either side of it."""
+    def ticker(self, last: Decimal, now: int, mark: Decimal | None = None) -> dict[str, Any]:
+        """One entry of tickers (category=linear): the index follows the last price, and so does
+        the mark unless one is given; the best bid and ask sit one tick either side of it."""
+        mark = last if mark is None else mark
         bid = last - self.tick_size if last > self.tick_size else last
         ask = last + self.tick_size
         depth = plain(self.max_mkt_order_qty)
@@ -113,7 +114,7 @@ class Instrument:
             "symbol": self.symbol,
             "lastPrice": str(last),
             "indexPrice": str(last),
-            "markPrice": str(last),
+            "markPrice": str(mark),
             "prevPrice24h": str(last),
             "price24hPcnt": "0",
             "highPrice24h": str(last),

@@ -40,7 +40,7 @@ def tickers(state: SimulatorState, params: dict[str, Any]) -> dict[str, Any]:
         raise BybitError(10001, "Not supported symbols")
     now = now_ms()
     items = [
-        state.instruments[name].ticker(price, now)
+        state.instruments[name].ticker(price, now, state.mark_price(name))
         for name, price in sorted(state.prices.items())
         if not symbol or name == symbol
     ]

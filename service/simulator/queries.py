@@ -12,7 +12,7 @@ from urllib.parse import quote
 from service.simulator.errors import now_ms, params_error
 from service.simulator.state import Account, Execution, Order, Position, SimulatorState
 from service.simulator.trading import require_linear
-from service.simulator.values import plain, scaled
+from service.simulator.values import PRICE_PLACES, plain, price_string, scaled
 
 T = TypeVar("T")
 
@@ -25,7 +25,6 @@ class _Listed(Protocol):
 
 L = TypeVar("L", bound=_Listed)
 REALTIME_CLOSED_KEPT = 500  # order/realtime shows the 500 most recent closed orders
-PRICE_PLACES = Decimal("0.00000001")
 
 
 def page_limit(params: dict[str, Any], default: int, maximum: int) -> int:
@@ -141,18 +140,17 @@ def _position_payload(
     state: SimulatorState, account: Account, position: Position
 ) -> dict[str, Any]:
     instrument = state.instruments[position.symbol]
-    mark = state.prices[position.symbol]
+    mark = state.mark_price(position.symbol)
     size = abs(position.size)
-    side = "" if not position.size else "Buy" if position.size > 0 else "Sell"
     pnl = position.size * (mark - position.avg_price)
     return {
         "positionIdx": position.idx,
         "riskId": 1,
         "riskLimitValue": plain(instrument.max_order_qty * mark),
         "symbol": position.symbol,
-        "side": side,
+        "side": position.side,
         "size": scaled(size, instrument.qty_step),
-        "avgPrice": plain(position.avg_price.quantize(PRICE_PLACES)),
+        "avgPrice": price_string(position.avg_price),
         "positionValue": plain((size * position.avg_price).quantize(PRICE_PLACES)),
         "tradeMode": 0,
         "positionStatus": "Normal",
@@ -212,8 +210,9 @@ def wallet_balance(
     if params.get("accountType") != "UNIFIED":
         raise params_error("accountType only support UNIFIED")
     coins = str(params.get("coin") or "USDT").split(",")
+    # Unrealised PnL is marked to the mark price, as Bybit does.
     pnl = sum(
-        (p.size * (state.prices[p.symbol] - p.avg_price) for p in account.positions.values()),
+        (p.size * (state.mark_price(p.symbol) - p.avg_price) for p in account.positions.values()),
         Decimal(0),
     )
     wallet = account.wallet_balance

@@ -37,6 +37,11 @@ class Position:
     updated_ms: int = 0
     seq: int = -1
 
+    @property
+    def side(self) -> str:
+        """Bybit's side of a position: `Buy` long, `Sell` short, `""` empty."""
+        return "" if not self.size else "Buy" if self.size > 0 else "Sell"
+
 
 @dataclass
 class Account:
@@ -206,6 +211,7 @@ class Execution:
     closed_size: Decimal
     qty_step: Decimal
     tick_size: Decimal
+    mark_price: Decimal  # the mark when it filled
 
     def payload(self) -> dict[str, Any]:
         """An entry of execution/list."""
@@ -233,7 +239,7 @@ class Execution:
             "feeRate": plain(TAKER_FEE_RATE),
             "tradeIv": "",
             "markIv": "",
-            "markPrice": price,
+            "markPrice": scaled(self.mark_price, self.tick_size),
             "indexPrice": price,
             "underlyingPrice": "",
             "blockTradeId": "",
@@ -290,7 +296,10 @@ class Config:
 @dataclass
 class SimulatorState:
     instruments: dict[str, Instrument] = field(default_factory=dict)
+    # Last prices. The mark follows the last price unless a test moved it on its own: `marks`
+    # holds those overrides.
     prices: dict[str, Decimal] = field(default_factory=dict)
+    marks: dict[str, Decimal] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
     orders: list[Order] = field(default_factory=list)
     executions: list[Execution] = field(default_factory=list)
@@ -316,6 +325,7 @@ class SimulatorState:
     def reset(self) -> None:
         """Back to the start: no accounts, orders or faults, default knobs and market."""
         self.instruments, self.prices = load_market()
+        self.marks.clear()
         self.accounts.clear()
         self.orders.clear()
         self.executions.clear()
@@ -352,6 +362,10 @@ class SimulatorState:
             account.order_link_ids = previous.order_link_ids
         self.accounts[api_key] = account
         return account
+
+    def mark_price(self, symbol: str) -> Decimal:
+        """The mark price: the override a test set, else the last price."""
+        return self.marks.get(symbol, self.prices[symbol])
 
     def server_ms(self) -> int:
         """Now, by the exchange's clock."""

@@ -4,6 +4,13 @@ Checks follow Bybit's order: parameters (10001), the instrument's status (110074
 filters (10001), the minimum order value (110094), reduce-only (110017), the orderLinkId
 (110072), then the margin (110007). A market order fills at once at the last price, moved by
 the configured slippage, or partly (fill_ratio) and then ends Cancelled, as Bybit's IOC does.
+
+Reduce-only (Bybit's create-order page and error codes; docs/simulator.md has the sources): the
+order only reduces the position it names, and is cut to that position's size. With no position
+to reduce, or (one-way mode) on the position's own side, it is refused with 110017, in the words
+Bybit answers with. Above the maximum order qty it is not refused (Bybit splits it). `qty` "0"
+with `reduceOnly` and `closeOnTrigger` closes the position up to `maxMktOrderQty`. The qty
+minimum and the minimum order value apply as to any order: Bybit's API docs name no exemption.
 """
 
 from __future__ import annotations
@@ -102,30 +109,34 @@ def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) 
     if order_type != "Market":
         raise params_error("the simulator accepts Market orders only")
     reduce_only = _flag(body.get("reduceOnly"), "reduceOnly")
+    close_on_trigger = _flag(body.get("closeOnTrigger"), "closeOnTrigger")
     idx = _position_idx(account, instrument.symbol, body.get("positionIdx", 0), side, reduce_only)
     link = body.get("orderLinkId", "")
     if not isinstance(link, str) or (link and not ORDER_LINK_ID.match(link)):
         raise params_error("orderLinkId invalid")
     qty = decimal_string(body.get("qty"), "qty")
-    if qty <= 0:
+    close_all = qty == 0 and reduce_only and close_on_trigger
+    if qty <= 0 and not close_all:
         raise params_error("qty invalid")
     if instrument.status != "Trading":
         raise BybitError(110074, "This contract is not live")
-    _check_lot_size(instrument, qty)
+    position = account.positions.get((instrument.symbol, idx))
+    size = position.size if position is not None else Decimal(0)
+    if close_all:
+        # qty "0" + reduceOnly + closeOnTrigger: the whole position, up to maxMktOrderQty.
+        _check_reduce_only(size, side)
+        qty = min(abs(size), instrument.max_mkt_order_qty)
+    _check_lot_size(instrument, qty, reduce_only=reduce_only)
     last = state.prices[instrument.symbol]
     if qty * last < instrument.min_notional_value:
         raise BybitError(
             110094,
             f"Order does not meet minimum order value {plain(instrument.min_notional_value)}USDT",
         )
-    position = account.positions.get((instrument.symbol, idx))
-    size = position.size if position is not None else Decimal(0)
-    signed = qty if side == "Buy" else -qty
     if reduce_only:
-        if size == 0 or (size > 0) == (signed > 0):
-            raise BybitError(110017, "Reduce-only rule not satisfied")
+        _check_reduce_only(size, side)
         qty = min(qty, abs(size))  # Bybit cuts a reduce-only order to the position
-        signed = qty if side == "Buy" else -qty
+    signed = qty if side == "Buy" else -qty
     if link and link in account.order_link_ids:
         raise BybitError(110072, "OrderLinkedID is duplicate")
     price = _fill_price(state, instrument, side)
@@ -140,6 +151,15 @@ def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) 
         filled = min(filled, floor_to_step(instrument.book_depth, instrument.qty_step))
     filled = min(max(filled, Decimal(0)), qty)
     return _execute(state, account, instrument, side, qty, filled, price, link, reduce_only, idx)
+
+
+def _check_reduce_only(size: Decimal, side: str) -> None:
+    """110017 unless the order is on the other side of a position it can reduce (in hedge mode
+    the positionIdx rule already points a reduce-only order at the opposite side's position)."""
+    if size == 0:
+        raise BybitError(110017, "current position is zero, cannot fix reduce-only order qty")
+    if (size > 0) == (side == "Buy"):
+        raise BybitError(110017, "reduce-only order has same side with current position")
 
 
 def _position_idx(account: Account, symbol: str, raw: object, side: str, reduce_only: bool) -> int:
@@ -174,7 +194,9 @@ def _levels(
     return [(q, p) for q, p in fills if q > 0]
 
 
-def _check_lot_size(instrument: Instrument, qty: Decimal) -> None:
+def _check_lot_size(instrument: Instrument, qty: Decimal, *, reduce_only: bool = False) -> None:
+    """qtyStep, minOrderQty and maxMktOrderQty (10001). A reduce-only order above the maximum is
+    not refused: Bybit splits it into several orders (here it stays one order)."""
     if qty % instrument.qty_step:
         raise BybitError(10001, f"Qty invalid: must be a multiple of qtyStep {instrument.qty_step}")
     if qty < instrument.min_order_qty:
@@ -184,7 +206,7 @@ def _check_lot_size(instrument: Instrument, qty: Decimal) -> None:
             f"order_qty:{plain(qty * QTY_SCALE)} < "
             f"min_qty:{plain(instrument.min_order_qty * QTY_SCALE)}",
         )
-    if qty > instrument.max_mkt_order_qty:
+    if qty > instrument.max_mkt_order_qty and not reduce_only:
         raise BybitError(
             10001,
             "The number of contracts exceeds maximum limit allowed: too large, "
@@ -268,6 +290,7 @@ def _execute(
                 closed_size=closed,
                 qty_step=instrument.qty_step,
                 tick_size=instrument.tick_size,
+                mark_price=state.mark_price(instrument.symbol),
             )
         )
     return {"orderId": order_id, "orderLinkId": link}

@@ -8,6 +8,7 @@ from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from service.simulator.errors import params_error
 
 _PLAIN_DECIMAL = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+PRICE_PLACES = Decimal("0.00000001")
 
 
 def plain(value: Decimal) -> str:
@@ -15,6 +16,11 @@ def plain(value: Decimal) -> str:
     if value == 0:
         return "0"
     return format(value.normalize(), "f")
+
+
+def price_string(value: Decimal) -> str:
+    """A price or amount to eight places, without trailing zeros (position/list's avgPrice)."""
+    return plain(value.quantize(PRICE_PLACES))
 
 
 def scaled(value: Decimal, step: Decimal) -> str:

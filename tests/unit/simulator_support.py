@@ -59,6 +59,21 @@ class Simulator:
         query = f"?api_key={key}" if key else ""
         return list((await self.admin("GET", f"/sim/orders{query}"))["orders"])
 
+    async def positions(self, key: str = KEY) -> list[dict[str, Any]]:
+        """The account's non-empty positions, by the admin read (`GET /sim/accounts/…`)."""
+        return list((await self.admin("GET", f"/sim/accounts/{key}/positions"))["positions"])
+
+    async def position_rows(self, symbol: str = "BTCUSDT") -> list[dict[str, Any]]:
+        """position/list for one symbol, signed, as the account sees it."""
+        reply = await self.signed(
+            "GET", "/v5/position/list", {"category": "linear", "symbol": symbol}
+        )
+        return list(reply.body["result"]["list"])
+
+    async def ticker(self, symbol: str = "BTCUSDT") -> dict[str, Any]:
+        reply = await self.public(f"/v5/market/tickers?category=linear&symbol={symbol}")
+        return dict(reply.body["result"]["list"][0])
+
     async def signed(
         self,
         method: str,

@@ -607,6 +607,213 @@ async def test_a_retcode_after_fill_lands_the_order(simulator: Simulator) -> Non
     assert [o["orderLinkId"] for o in await simulator.orders()] == ["landed-1"]
 
 
+# ---- marks, positions, reduce-only ---------------------------------------------------------
+
+
+async def test_the_mark_moves_alone_or_follows_the_last_price(simulator: Simulator) -> None:
+    moved = await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"markPrice": "96000"})
+    assert (moved["lastPrice"], moved["markPrice"]) == ("95000.00", "96000.00")
+    ticker = await simulator.ticker()
+    assert (ticker["lastPrice"], ticker["markPrice"], ticker["indexPrice"]) == (
+        "95000.00",
+        "96000.00",
+        "95000.00",
+    )
+    # Once set on its own, the mark stays where it was put when the last price moves...
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "94000"})
+    ticker = await simulator.ticker()
+    assert (ticker["lastPrice"], ticker["markPrice"]) == ("94000.00", "96000.00")
+    # ...until it is released (null): then it follows the last price again.
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"markPrice": None})
+    assert (await simulator.ticker())["markPrice"] == "94000.00"
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "93000"})
+    assert (await simulator.ticker())["markPrice"] == "93000.00"
+    both = await simulator.admin(
+        "PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "92000", "markPrice": "92500"}
+    )
+    assert (both["lastPrice"], both["markPrice"]) == ("92000.00", "92500.00")
+    # Other symbols are untouched.
+    assert (await simulator.ticker("ETHUSDT"))["markPrice"] == "3500.00"
+
+
+async def test_positions_and_wallet_are_marked_to_the_mark(simulator: Simulator) -> None:
+    assert (await simulator.order("mk-1", qty="1.00", symbol="ETHUSDT")).code == 0
+    await simulator.admin("PUT", "/sim/tickers/ETHUSDT", {"markPrice": "3600"})
+    (row,) = await simulator.position_rows("ETHUSDT")
+    assert (row["avgPrice"], row["markPrice"], row["unrealisedPnl"]) == ("3500", "3600.00", "100")
+    wallet = (await simulator.signed("GET", WALLET, {"accountType": "UNIFIED"})).body["result"][
+        "list"
+    ][0]
+    assert (wallet["totalPerpUPL"], wallet["coin"][0]["unrealisedPnl"]) == ("100", "100")
+    fee = Decimal(3500) * Decimal("0.00055")
+    assert Decimal(wallet["totalEquity"]) == Decimal(100000) - fee + 100
+    # Orders still fill at the last price; the execution shows the mark it filled under.
+    assert (await simulator.order("mk-2", qty="1.00", symbol="ETHUSDT")).code == 0
+    fills = await simulator.signed(
+        "GET", "/v5/execution/list", {"category": "linear", "orderLinkId": "mk-2"}
+    )
+    (fill,) = fills.body["result"]["list"]
+    assert (fill["execPrice"], fill["markPrice"]) == ("3500.00", "3600.00")
+
+
+async def test_the_admin_reads_an_accounts_positions(simulator: Simulator) -> None:
+    assert await simulator.positions() == []
+    assert (await simulator.order("ap-1", qty="0.002")).code == 0
+    await simulator.admin(
+        "POST",
+        "/sim/positions",
+        {"api_key": KEY, "symbol": "ETHUSDT", "side": "Sell", "size": "2", "price": "3400"},
+    )
+    assert await simulator.positions() == [
+        {
+            "symbol": "BTCUSDT",
+            "positionIdx": 0,
+            "side": "Buy",
+            "size": "0.002",
+            "avgPrice": "95000",
+        },
+        {"symbol": "ETHUSDT", "positionIdx": 0, "side": "Sell", "size": "2.00", "avgPrice": "3400"},
+    ]
+    assert await simulator.positions(OTHER_KEY) == []
+    # A closed position is no longer listed.
+    assert (await simulator.order("ap-2", qty="0.002", side="Sell", reduceOnly=True)).code == 0
+    assert [p["symbol"] for p in await simulator.positions()] == ["ETHUSDT"]
+    async with simulator.http.get(f"{simulator.url}/sim/accounts/NOBODY/positions") as response:
+        assert response.status == 404
+
+
+async def test_reduce_only_is_capped_at_the_position_and_realises_pnl(
+    simulator: Simulator,
+) -> None:
+    assert (await simulator.order("ro-open", qty="0.005")).code == 0
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "96000"})
+    assert (await simulator.order("ro-1", qty="0.010", side="Sell", reduceOnly=True)).code == 0
+    for order in (await _realtime(simulator, "ro-1"))[0], (await _history(simulator, "ro-1"))[0]:
+        assert (order["qty"], order["cumExecQty"], order["orderStatus"]) == (
+            "0.005",
+            "0.005",
+            "Filled",
+        )
+        assert order["reduceOnly"] is True
+    assert await simulator.positions() == []  # closed, never flipped short
+    (row,) = await simulator.position_rows()
+    assert (row["side"], row["size"], row["cumRealisedPnl"]) == ("", "0.000", "5")
+    fills = await simulator.signed(
+        "GET", "/v5/execution/list", {"category": "linear", "orderLinkId": "ro-1"}
+    )
+    assert fills.body["result"]["list"][0]["closedSize"] == "0.005"
+    wallet = (await simulator.signed("GET", WALLET, {"accountType": "UNIFIED"})).body["result"]
+    fees = Decimal("0.005") * (95000 + 96000) * Decimal("0.00055")
+    assert Decimal(wallet["list"][0]["totalWalletBalance"]) == Decimal(100000) - fees + 5
+
+
+async def test_reduce_only_above_the_maximum_qty_is_not_refused(simulator: Simulator) -> None:
+    assert (await simulator.order("mx-open", qty="0.005")).code == 0
+    await simulator.admin("PUT", "/sim/instruments/BTCUSDT", {"maxMktOrderQty": "0.003"})
+    assert (await simulator.order("mx-1", qty="0.005", side="Sell")).code == 10001
+    # Bybit splits a reduce-only order above the maximum instead of refusing it.
+    assert (await simulator.order("mx-2", qty="0.005", side="Sell", reduceOnly=True)).code == 0
+    assert await simulator.positions() == []
+
+
+async def test_reduce_only_with_nothing_to_reduce_is_110017(simulator: Simulator) -> None:
+    none = await simulator.order("rz-1", side="Sell", reduceOnly=True)
+    assert (none.code, none.body["retMsg"]) == (
+        110017,
+        "current position is zero, cannot fix reduce-only order qty",
+    )
+    assert await simulator.orders() == []
+    # One-way mode: a reduce-only order on the position's own side would increase it.
+    assert (await simulator.order("rz-long", qty="0.002")).code == 0
+    same = await simulator.order("rz-2", reduceOnly=True)
+    assert (same.code, same.body["retMsg"]) == (
+        110017,
+        "reduce-only order has same side with current position",
+    )
+    await simulator.admin(
+        "POST", "/sim/positions", {"api_key": KEY, "symbol": "ETHUSDT", "side": "Sell", "size": "1"}
+    )
+    short = await simulator.order(
+        "rz-3", qty="0.10", symbol="ETHUSDT", side="Sell", reduceOnly=True
+    )
+    assert short.code == 110017
+    assert [(p["symbol"], p["side"], p["size"]) for p in await simulator.positions()] == [
+        ("BTCUSDT", "Buy", "0.002"),
+        ("ETHUSDT", "Sell", "1.00"),
+    ]
+    assert [o["orderLinkId"] for o in await simulator.orders()] == ["rz-long"]
+
+
+async def test_hedge_mode_reduce_only_reduces_the_opposite_side(simulator: Simulator) -> None:
+    await simulator.admin(
+        "POST",
+        "/sim/accounts",
+        {"api_key": KEY, "api_secret": SECRET, "balance": "100000", "position_mode": "hedge"},
+    )
+    assert (await simulator.order("hr-long", qty="0.003", positionIdx=1)).code == 0
+    assert (await simulator.order("hr-short", qty="0.002", side="Sell", positionIdx=2)).code == 0
+    # A reduce-only Sell reduces the long (1), a reduce-only Buy the short (2); not the other.
+    wrong = await simulator.order("hr-0", side="Sell", reduceOnly=True, positionIdx=2)
+    assert wrong.code == 10001
+    assert (await simulator.order("hr-1", side="Buy", reduceOnly=True, positionIdx=1)).code == 10001
+    sell = await simulator.order("hr-2", side="Sell", reduceOnly=True, positionIdx=1)
+    assert sell.code == 0
+    assert [(p["positionIdx"], p["side"], p["size"]) for p in await simulator.positions()] == [
+        (1, "Buy", "0.002"),
+        (2, "Sell", "0.002"),
+    ]
+    buy = await simulator.order("hr-3", qty="0.005", reduceOnly=True, positionIdx=2)
+    assert buy.code == 0
+    (order,) = await _realtime(simulator, "hr-3")
+    assert (order["positionIdx"], order["qty"], order["reduceOnly"]) == (2, "0.002", True)
+    assert [(p["positionIdx"], p["side"], p["size"]) for p in await simulator.positions()] == [
+        (1, "Buy", "0.002")
+    ]
+    again = await simulator.order("hr-4", reduceOnly=True, positionIdx=2)
+    assert again.code == 110017
+
+
+async def test_a_partial_reduce_keeps_the_entry_price(simulator: Simulator) -> None:
+    assert (await simulator.order("pr-1", qty="0.004")).code == 0
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "97000"})
+    assert (await simulator.order("pr-2", qty="0.004")).code == 0  # average entry 96,000
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "99000"})
+    assert (await simulator.order("pr-3", qty="0.003", side="Sell", reduceOnly=True)).code == 0
+    (row,) = await simulator.position_rows()
+    assert (row["size"], row["avgPrice"], row["cumRealisedPnl"], row["unrealisedPnl"]) == (
+        "0.005",
+        "96000",
+        "9",  # 0.003 x (99,000 - 96,000)
+        "15",  # 0.005 x (99,000 - 96,000)
+    )
+    (held,) = await simulator.positions()
+    assert (held["size"], held["avgPrice"]) == ("0.005", "96000")
+
+
+async def test_qty_zero_closes_the_position_with_close_on_trigger(simulator: Simulator) -> None:
+    empty = await simulator.order(
+        "cz-0", qty="0", side="Sell", reduceOnly=True, closeOnTrigger=True
+    )
+    assert empty.code == 110017
+    assert (await simulator.order("cz-open", qty="0.004")).code == 0
+    assert (await simulator.order("cz-1", qty="0", side="Sell", reduceOnly=True)).code == 10001
+    close = await simulator.order(
+        "cz-2", qty="0", side="Sell", reduceOnly=True, closeOnTrigger=True
+    )
+    assert close.code == 0
+    assert (await _realtime(simulator, "cz-2"))[0]["qty"] == "0.004"
+    assert await simulator.positions() == []
+
+
+async def test_reduce_only_still_needs_the_minimum_order_value(simulator: Simulator) -> None:
+    # Bybit's API docs name no exemption for reduce-only orders, so 110094 applies.
+    assert (await simulator.order("mv-open", qty="0.004")).code == 0
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "1000"})
+    reply = await simulator.order("mv-1", qty="0.004", side="Sell", reduceOnly=True)
+    assert reply.code == 110094
+    assert [p["size"] for p in await simulator.positions()] == ["0.004"]
+
+
 # ---- faults ------------------------------------------------------------------------------
 
 
@@ -775,7 +982,7 @@ async def test_latency_is_added_to_every_v5_reply(simulator: Simulator) -> None:
 async def test_reset_restores_the_start(simulator: Simulator) -> None:
     await simulator.order("z-1")
     await simulator.admin("PUT", "/sim/instruments/BTCUSDT", {"status": "Closed"})
-    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "1"})
+    await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "1", "markPrice": "2"})
     await simulator.admin("PUT", "/sim/config", {"latency_ms": 5})
     await _fault(simulator, kind="empty")
     await simulator.admin("POST", "/sim/reset")
@@ -785,6 +992,8 @@ async def test_reset_restores_the_start(simulator: Simulator) -> None:
     assert state.faults.faults == []
     assert state.instruments["BTCUSDT"].status == "Trading"
     assert state.prices["BTCUSDT"] == Decimal("95000.00")
+    assert state.marks == {}
+    assert state.mark_price("BTCUSDT") == Decimal("95000.00")
     assert state.config.latency_ms == 0
     assert (await simulator.order("z-2")).code == 10003  # accounts are gone too
 
@@ -793,6 +1002,10 @@ async def test_admin_refuses_bad_input(simulator: Simulator) -> None:
     for method, path, body in [
         ("POST", "/sim/accounts", {"api_key": "k"}),
         ("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "-1"}),
+        ("PUT", "/sim/tickers/BTCUSDT", {}),
+        ("PUT", "/sim/tickers/BTCUSDT", {"markPrice": "0"}),
+        ("PUT", "/sim/tickers/BTCUSDT", {"markPrice": "abc"}),
+        ("PUT", "/sim/tickers/BTCUSDT", {"indexPrice": "1"}),
         ("PUT", "/sim/config", {"fill_ratio": "2"}),
         ("PUT", "/sim/config", {"nonsense": 1}),
         ("PUT", "/sim/instruments/BTCUSDT", {"status": "Sleeping"}),
