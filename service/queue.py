@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 EXECUTE_TRADE_TASK = "workers.trade_executor.execute_trade_task"
+# A close of a position: the same run (service.execution.execute_position), named apart so
+# that the queue and the logs say which it is.
+CLOSE_POSITION_TASK = "workers.trade_executor.close_position_task"
 # Give up quickly: the recovery sweep is the safety net, not publish retries.
 PUBLISH_TIMEOUT_SECONDS = 2.0
 
@@ -110,10 +113,18 @@ def task_message(
     ).encode()
 
 
-class TaskPublisher(Protocol):
-    """Sends execute_trade_task for a position (RedisTaskPublisher; tests record instead)."""
+def task_for(status: str) -> str:
+    """The task that carries a position in `status` on: its close while CLOSING."""
+    return CLOSE_POSITION_TASK if status == "CLOSING" else EXECUTE_TRADE_TASK
 
-    async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None: ...
+
+class TaskPublisher(Protocol):
+    """Sends execute_trade_task (or `task`) for a position (RedisTaskPublisher; tests record
+    instead)."""
+
+    async def publish(
+        self, position_id: uuid.UUID, *, task_id: str | None = None, task: str = ...
+    ) -> None: ...
 
 
 class RedisTaskPublisher:
@@ -131,9 +142,15 @@ class RedisTaskPublisher:
         self._queue = queue
         self._timeout = timeout_seconds
 
-    async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None:
+    async def publish(
+        self,
+        position_id: uuid.UUID,
+        *,
+        task_id: str | None = None,
+        task: str = EXECUTE_TRADE_TASK,
+    ) -> None:
         message = task_message(
-            EXECUTE_TRADE_TASK,
+            task,
             [str(position_id)],
             task_id=task_id or str(uuid.uuid4()),
             queue=self._queue,
@@ -141,10 +158,11 @@ class RedisTaskPublisher:
         async with asyncio.timeout(self._timeout):
             await self._redis.lpush(self._queue, message)
 
-    async def try_publish(self, position_id: uuid.UUID) -> bool:
-        """Publish, or log and report False: the position stays PENDING for the sweep."""
+    async def try_publish(self, position_id: uuid.UUID, *, task: str = EXECUTE_TRADE_TASK) -> bool:
+        """Publish, or log and report False: the position stays PENDING (or its close
+        unclaimed) for the sweep."""
         try:
-            await self.publish(position_id)
+            await self.publish(position_id, task=task)
         except Exception as error:  # the broker's errors are many (redis, OSError, timeout)
             logger.warning(
                 "position.enqueue_failed",

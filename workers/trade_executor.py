@@ -1,4 +1,7 @@
-"""execute_trade_task: a thin Celery adapter over service.execution.execute_position."""
+"""execute_trade_task and close_position_task: thin Celery adapters over
+service.execution.execute_position, which opens a position or, while it is CLOSING, closes
+it (the position's status decides; the two names say in the queue and the logs which the
+sender meant)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from celery.signals import worker_process_shutdown, worker_shutdown
 from celery_app import app
 from service.config import get_settings
 from service.execution import Outcome, execute_position
-from service.queue import EXECUTE_TRADE_TASK
+from service.queue import CLOSE_POSITION_TASK, EXECUTE_TRADE_TASK
 from workers.runtime import WorkerRuntime
 
 logger = structlog.stdlib.get_logger("workers.trade_executor")
@@ -21,6 +24,15 @@ runtime = WorkerRuntime(get_settings())
 
 @app.task(bind=True, name=EXECUTE_TRADE_TASK, max_retries=None)
 def execute_trade_task(self: Task[[str], str], position_id: str) -> str:
+    return _run(self, position_id)
+
+
+@app.task(bind=True, name=CLOSE_POSITION_TASK, max_retries=None)
+def close_position_task(self: Task[[str], str], position_id: str) -> str:
+    return _run(self, position_id)
+
+
+def _run(self: Task[[str], str], position_id: str) -> str:
     try:
         parsed = uuid.UUID(position_id)
     except (ValueError, TypeError, AttributeError):

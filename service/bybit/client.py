@@ -237,8 +237,11 @@ class BybitClient:
         qty: Decimal,
         order_link_id: str,
         position_idx: int = 0,
+        reduce_only: bool = False,
     ) -> OrderAck:
-        """`position_idx`: 0 in one-way mode; in hedge mode 1 (Buy side) or 2 (Sell side)."""
+        """`position_idx`: 0 in one-way mode; in hedge mode 1 (Buy side) or 2 (Sell side), the
+        side of the position the order opens or, with `reduce_only`, reduces. A reduce-only
+        order never increases a position and Bybit caps it at the position's size."""
         if len(order_link_id) > constants.ORDER_LINK_ID_MAX_LENGTH:
             raise ValueError("orderLinkId is longer than 36 characters")
         body = {
@@ -250,6 +253,8 @@ class BybitClient:
             "orderLinkId": order_link_id,
             "positionIdx": position_idx,
         }
+        if reduce_only:
+            body["reduceOnly"] = True
         result = await self._post("/v5/order/create", body, credentials)
         return self._parse(result, OrderAck.from_payload, "/v5/order/create")
 

@@ -13,9 +13,10 @@ Nothing here imports Celery or FastAPI: the worker and the Beat jobs are thin ad
 
 from service.execution.deps import ExecutionDeps, RunLease, RunLock
 from service.execution.flow import execute_position
-from service.execution.legs import remainder_link_id, trade_values
+from service.execution.legs import trade_values
 from service.execution.outcomes import Outcome, RunResult
 from service.execution.plan import order_link_id
+from service.models.position import remainder_link_id
 
 __all__ = [
     "ExecutionDeps",

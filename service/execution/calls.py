@@ -26,7 +26,7 @@ from service.execution.outcomes import (
     TransientRunError,
     leg_message,
 )
-from service.models import PositionLeg
+from service.models import PlannedLeg
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -44,7 +44,7 @@ async def call(
 async def checked(
     deps: ExecutionDeps,
     action: str,
-    leg: PositionLeg | None,
+    leg: PlannedLeg | None,
     fn: Callable[P, Awaitable[T]],
     /,
     *args: P.args,
@@ -63,7 +63,7 @@ async def call_order(deps: ExecutionDeps, send: Callable[[], Awaitable[T]]) -> T
     return await _retrying(deps, _rate_limited(deps), deps.rate_limit_attempts, send)
 
 
-def classify(error: BybitError, leg: PositionLeg | None, action: str) -> RunError:
+def classify(error: BybitError, leg: PlannedLeg | None, action: str) -> RunError:
     """The exchange's error as the run's: transient (the run is tried again, or waits out a
     limit without using an attempt) or permanent (the position fails)."""
     message = f"{action} failed: {error}"

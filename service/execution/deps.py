@@ -35,10 +35,13 @@ class RunLease(Protocol):
         *,
         submitting_leg: int | None = None,
         submitting_remainder: int = 0,
+        close_round: int | None = None,
     ) -> bool:
         """True when the run still holds the position's lock and its claim (then, with
         `submitting_leg`, that leg's order, the first or remainder number
-        `submitting_remainder`, is marked submitted in the same round trip)."""
+        `submitting_remainder`, is marked submitted in the same round trip). `close_round`:
+        the run is that close round's (CLOSING, its legs in position_close_legs); None: the
+        opening's (EXECUTING, position_legs)."""
         ...
 
     def account(
@@ -147,3 +150,5 @@ class Run:
     deadline: float | None  # event-loop time; None: no deadline (tests awaiting directly)
     # Runs of this position before this one (its retries so far).
     retries_done: int = 0
+    # The close round this run closes; None for the opening.
+    close_round: int | None = None

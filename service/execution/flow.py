@@ -20,24 +20,19 @@ from datetime import UTC, datetime
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.bybit.auth import ApiCredentials
-from service.credentials.service import load_decrypted
-from service.execution import accounts, legs, plan, states
+from service.execution import accounts, closing, legs, plan, runs, states
 from service.execution.deps import ExecutionDeps, Run, RunLease
 from service.execution.outcomes import (
     CredentialsUnreadableError,
     Outcome,
     OwnershipLostError,
     PermanentRunError,
-    RunError,
     RunResult,
     TransientRunError,
 )
 from service.execution.preflight import preflight
-from service.metrics import RETRIES
 from service.models import PositionStatus, SyntheticPosition
 from service.positions import repository
-from service.security import CredentialDecryptionError
 
 logger = structlog.stdlib.get_logger("service.execution")
 
@@ -78,6 +73,10 @@ async def _execute(
         position = await _eligible(deps, position_id, task_id, log)
         if isinstance(position, RunResult):
             return position
+        if position.status == PositionStatus.CLOSING:
+            structlog.contextvars.bind_contextvars(phase="close")
+            return await closing.close_position(deps, position, task_id, lease, deadline)
+        structlog.contextvars.bind_contextvars(phase="open")
         resuming = position.status == PositionStatus.EXECUTING
         wait = deps.account_lock_wait_seconds if resuming else 0
         result: RunResult | None = None
@@ -110,16 +109,19 @@ async def _execute(
 async def _eligible(
     deps: ExecutionDeps, position_id: uuid.UUID, task_id: str, log: structlog.stdlib.BoundLogger
 ) -> SyntheticPosition | RunResult:
-    """May this task run the position? PENDING, or EXECUTING under this task's claim with its
-    retry due. Only read: the claim is written once the account is held."""
+    """May this task run the position? PENDING, or a CLOSING one not claimed yet, or EXECUTING
+    or CLOSING under this task's claim with its retry due. Only read: the claim is written
+    once the account is held."""
     async with deps.sessions() as session:
         current = await repository.get_position(session, position_id)
     if current is None:
         log.warning("position.not_found")
         return RunResult(Outcome.NOT_FOUND)
-    if current.status == PositionStatus.PENDING:
+    if current.status == PositionStatus.PENDING or (
+        current.status == PositionStatus.CLOSING and current.claim is None
+    ):
         return current
-    if current.status != PositionStatus.EXECUTING or current.claim != task_id:
+    if not PositionStatus(current.status).is_run or current.claim != task_id:
         log.info("position.discarded", status=current.status, reason="not this task's claim")
         return RunResult(Outcome.DISCARDED, detail=current.status)
     if current.next_attempt_at is not None:
@@ -140,9 +142,7 @@ async def _run_holding_account(
     log: structlog.stdlib.BoundLogger,
 ) -> RunResult:
     try:
-        # Decrypted once per run, kept only in this run's memory; a rotation of the
-        # encryption keys meanwhile changes the stored ciphertext, not the key itself.
-        credentials = await _credentials(deps, position)
+        credentials = await runs.credentials(deps, position)
     except CredentialsUnreadableError as error:
         log.error("run.credentials_unreadable", error=str(error))
         age = (datetime.now(UTC) - position.created_at).total_seconds()
@@ -182,7 +182,7 @@ async def _run_claimed(
                 legs_planned,
                 recorded,
                 log,
-                ends_position=lambda error: _ends_position(deps, run, error),
+                ends_position=lambda error: runs.ends_run(deps, run, error),
                 deadline_expired=deadline.expired,
             )
             await states.finish(deps, run, legs_planned, log)
@@ -206,56 +206,12 @@ async def _run_claimed(
         return await _retry_later(deps, run, error, log)
 
 
-def _pause_refunded(deps: ExecutionDeps, run: Run, error: RunError) -> bool:
-    """Waiting out a rate limit or an IP ban is not an attempt, within the pause budget."""
-    if not (error.pause and error.retry_after is not None):
-        return False
-    age = (datetime.now(UTC) - run.position.created_at).total_seconds()
-    return age < deps.pause_budget_seconds
-
-
-def _ends_position(deps: ExecutionDeps, run: Run, error: RunError) -> bool:
-    """Does this error fail the position (permanent, or transient with no attempt left)?"""
-    if isinstance(error, PermanentRunError):
-        return True
-    return not _pause_refunded(deps, run, error) and run.retries_done >= len(deps.retry_delays)
-
-
 async def _retry_later(
     deps: ExecutionDeps, run: Run, error: TransientRunError, log: structlog.stdlib.BoundLogger
 ) -> RunResult:
-    position, task_id, refund = run.position, run.claim, _pause_refunded(deps, run, error)
-    if not refund and run.retries_done >= len(deps.retry_delays):
+    if runs.ends_run(deps, run, error):
         reason = f"gave up after {run.retries_done + 1} attempts: {error.message}"
-        return await states.fail(deps, position.id, task_id, reason, error.leg, log, run.lease.pid)
-    if refund:
-        assert error.retry_after is not None
-        delay = error.retry_after  # come back when the limit or the ban ends
-    else:
-        # Never before the exchange said (an IP ban lasts ten minutes or more).
-        delay = max(float(deps.retry_delays[run.retries_done]), error.retry_after or 0.0)
-    async with deps.sessions() as session:
-        due = await repository.set_next_attempt(
-            session, position.id, task_id, delay, lock_pid=run.lease.pid, refund_attempt=refund
+        return await states.fail(
+            deps, run.position.id, run.claim, reason, error.leg, log, run.lease.pid
         )
-    RETRIES.labels(error.metric_label).inc()
-    log.warning(
-        "leg.retry_scheduled",
-        leg=error.leg,
-        error=error.message,
-        retry_in_s=delay,
-        next_attempt_at=due.isoformat() if due else None,
-        **({"attempt_used": False} if refund else {}),
-    )
-    return RunResult(Outcome.RETRY, retry_in=delay, detail=error.message)
-
-
-async def _credentials(deps: ExecutionDeps, position: SyntheticPosition) -> ApiCredentials:
-    try:
-        async with deps.sessions() as session:
-            credentials = await load_decrypted(session, deps.cipher, position.user_id)
-    except CredentialDecryptionError as error:
-        raise CredentialsUnreadableError(str(error)) from None
-    if credentials is None:
-        raise PermanentRunError("the user has no Bybit credentials stored")
-    return credentials
+    return await runs.schedule_retry(deps, run, error, log)

@@ -30,7 +30,7 @@ from service.execution.outcomes import (
 from service.execution.preflight import ensure_leverage, position_idx_for
 from service.market.data import MarketDataUnavailableError
 from service.metrics import LEG_LATENCY
-from service.models import PositionLeg, Trade
+from service.models import PlannedLeg, PositionLeg, Trade
 from service.positions import repository
 from service.trading_logic import order_filter_violation
 
@@ -38,7 +38,7 @@ from service.trading_logic import order_filter_violation
 async def execute_legs(
     deps: ExecutionDeps,
     run: Run,
-    plan: Sequence[PositionLeg],
+    plan: Sequence[PlannedLeg],
     recorded: Sequence[Trade],
     log: structlog.stdlib.BoundLogger,
     *,
@@ -67,7 +67,7 @@ async def execute_legs(
             raise
 
 
-def _report_failed(log: structlog.stdlib.BoundLogger, leg: PositionLeg, error: RunError) -> None:
+def _report_failed(log: structlog.stdlib.BoundLogger, leg: PlannedLeg, error: RunError) -> None:
     log.error(
         "leg.failed",
         leg=leg.leg,
@@ -92,7 +92,7 @@ def _on_order(error: RunError, leg_order: LegOrder) -> RunError:
 class LegOrder:
     """One order of a leg: the first (`remainder` 0), or one for a partial fill's remainder."""
 
-    leg: PositionLeg
+    leg: PlannedLeg
     remainder: int
     link: str
     qty: Decimal
@@ -107,7 +107,7 @@ class LegOrder:
 async def _execute_leg(
     deps: ExecutionDeps,
     run: Run,
-    leg: PositionLeg,
+    leg: PlannedLeg,
     recorded: Sequence[Trade],
     run_log: structlog.stdlib.BoundLogger,
 ) -> None:
@@ -118,7 +118,8 @@ async def _execute_leg(
     links = {t.order_link_id for t in recorded}
     filled = sum((t.quantity for t in recorded), Decimal(0))
     if leg.order_link_id not in links:
-        await ensure_leverage(deps, run.credentials, leg, log)
+        if isinstance(leg, PositionLeg):  # a close's reduce-only order adds no margin
+            await ensure_leverage(deps, run.credentials, leg, log)
         first = LegOrder(leg, 0, leg.order_link_id, leg.quantity)
         order = await _send_and_record(deps, run, first, log)
         assert order is not None  # a refusal of the first order raises
@@ -131,7 +132,7 @@ async def _execute_leg(
     for remainder in range(1, deps.remainder_attempts + 1):
         if filled >= leg.quantity:
             return
-        link = remainder_link_id(run.position.id, leg.leg, remainder)
+        link = leg.remainder_link(remainder)
         if link in links:
             continue  # recorded by an earlier run: already counted in `filled`
         if remainder <= leg.remainders_submitted:
@@ -167,14 +168,8 @@ async def _execute_leg(
         )
 
 
-def remainder_link_id(position_id: uuid.UUID, leg: int, remainder: int) -> str:
-    """Deterministic per position, leg and remainder order, within Bybit's 36 characters:
-    28 hex of the position (112 bits) + '-' + leg + '-r' + the remainder's number."""
-    return f"{position_id.hex[:28]}-{leg}-r{remainder}"
-
-
 async def _tradeable_remainder(
-    deps: ExecutionDeps, leg: PositionLeg, remainder: Decimal
+    deps: ExecutionDeps, leg: PlannedLeg, remainder: Decimal
 ) -> Decimal | None:
     """The remainder as an order the exchange accepts now (a multiple of qtyStep, at least
     minOrderQty and minNotionalValue at the current price), or None: it is the shortfall."""
@@ -287,7 +282,7 @@ async def _record_outcome(
 
 
 def trade_values(
-    position_id: uuid.UUID, leg_order: LegOrder | PositionLeg, order: Order, price: Decimal
+    position_id: uuid.UUID, leg_order: LegOrder | PlannedLeg, order: Order, price: Decimal
 ) -> dict[str, object]:
     """The `trades` row of one filled order."""
     leg = leg_order.leg if isinstance(leg_order, LegOrder) else leg_order
@@ -308,6 +303,7 @@ def trade_values(
             else None
         ),
         "order_status": order.order_status,
+        "phase": "close" if leg.reduce_only else "open",
         "executed_at": order.updated_at or datetime.now(UTC),
     }
 
@@ -330,7 +326,10 @@ async def _prove_ownership(deps: ExecutionDeps, run: Run, leg_order: LegOrder) -
                 label="deadline",
             )
     if not await run.lease.confirm(
-        run.claim, submitting_leg=leg.leg, submitting_remainder=leg_order.remainder
+        run.claim,
+        submitting_leg=leg.leg,
+        submitting_remainder=leg_order.remainder,
+        close_round=run.close_round,
     ):
         raise OwnershipLostError(
             leg_message(
@@ -356,6 +355,7 @@ async def _place(
             qty=leg_order.qty,
             order_link_id=leg_order.link,
             position_idx=leg.position_idx,
+            reduce_only=leg.reduce_only,
         )
 
     async def send() -> OrderAck:
@@ -373,7 +373,7 @@ async def _place(
         # mode's index, once, and remember it.
         flipped = True
         hedge = leg.position_idx == 0
-        leg.position_idx = position_idx_for(leg.side, hedge=hedge)
+        leg.position_idx = position_idx_for(leg.opening_side, hedge=hedge)
         await deps.memo.remember_hedge_mode(credentials.account, leg.symbol, hedge)
         log.warning("leg.position_mode_changed", hedge_mode=hedge)
         await _prove_ownership(deps, run, leg_order)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 
-from service.models import PositionLeg
+from service.models import PlannedLeg
 
 
 class Outcome(StrEnum):
@@ -21,6 +21,9 @@ class Outcome(StrEnum):
     # A new basket whose account is busy with another: marked waiting, sent again when that
     # one is final (or by the recovery sweep).
     WAITING = "WAITING"
+    # A close's ends: every leg flat for this position, or some still held.
+    CLOSED = "CLOSED"
+    CLOSE_FAILED = "CLOSE_FAILED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,5 +80,5 @@ class CredentialsUnreadableError(Exception):
     say): not the position's fault, so nothing about it is decided."""
 
 
-def leg_message(leg: PositionLeg, message: str) -> str:
+def leg_message(leg: PlannedLeg, message: str) -> str:
     return f"leg {leg.leg} ({leg.side} {leg.quantity} {leg.symbol}): {message}"

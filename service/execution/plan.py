@@ -15,6 +15,7 @@ from service.execution.outcomes import PermanentRunError
 from service.indices import repository as indices_repository
 from service.market.data import MarketDataUnavailableError
 from service.models import PositionLeg, SyntheticPosition, Trade
+from service.models.position import open_link_id
 from service.positions import repository
 from service.trading_logic import (
     CompositionError,
@@ -24,8 +25,9 @@ from service.trading_logic import (
 
 
 def order_link_id(position_id: uuid.UUID, leg: int) -> str:
-    """Deterministic per position and leg: 32 hex + '-' + leg, at most 36 characters."""
-    return f"{position_id.hex}-{leg}"
+    """Deterministic per position and leg (service/models/position.py: every orderLinkId's
+    shape, the closing ones' too)."""
+    return open_link_id(position_id, leg)
 
 
 async def ensure_plan(

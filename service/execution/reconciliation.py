@@ -35,9 +35,10 @@ from service.bybit.errors import BybitError
 from service.bybit.types import Order
 from service.credentials.service import load_decrypted
 from service.execution.deps import ExecutionDeps
-from service.execution.legs import remainder_link_id, trade_values
+from service.execution.legs import trade_values
 from service.metrics import RECONCILIATION_MISMATCHES
 from service.models import PositionLeg, PositionStatus, SyntheticPosition, Trade
+from service.models.position import remainder_link_id
 from service.positions import locks, reconciliation_rows, repository
 from service.security import CredentialDecryptionError
 

@@ -53,7 +53,12 @@ class AdvisoryRunLease:
         self.pid = pid  # the lock connection's backend: status writes are fenced with it
 
     async def confirm(
-        self, claim: str, *, submitting_leg: int | None = None, submitting_remainder: int = 0
+        self,
+        claim: str,
+        *,
+        submitting_leg: int | None = None,
+        submitting_remainder: int = 0,
+        close_round: int | None = None,
     ) -> bool:
         try:
             async with asyncio.timeout(self._confirm_timeout):
@@ -63,6 +68,7 @@ class AdvisoryRunLease:
                     claim,
                     submitting_leg=submitting_leg,
                     submitting_remainder=submitting_remainder,
+                    close_round=close_round,
                 )
         except _CONNECTION_ERRORS as error:
             logger.warning("run.lock_connection_lost", error=f"{type(error).__name__}: {error}")

@@ -67,6 +67,9 @@ class MarketData:
         self._clock = clock
         self._instruments: dict[str, _Entry[Instrument]] = {}
         self._prices: dict[str, _Entry[Decimal]] = {}
+        # Mark prices read with the last prices (the tickers carry both): what positions are
+        # valued at (service/positions/valuation.py), published with the snapshot.
+        self._marks: dict[str, Decimal] = {}
 
     async def instruments(
         self, symbols: Iterable[str], *, max_age: float | None = None
@@ -130,7 +133,14 @@ class MarketData:
                 if not match:
                     raise MarketDataUnavailableError(f"exchange has no ticker for {symbol}")
                 self._prices[symbol] = _Entry(match[0].last_price, self._clock())
+                if match[0].mark_price is not None:
+                    self._marks[symbol] = match[0].mark_price
         return {s: self._prices[s].value for s in wanted}
+
+    def marks(self, symbols: Iterable[str]) -> dict[str, Decimal]:
+        """The mark prices read from the exchange with the last `prices` call that went to it
+        (symbols Bybit gave none for are left out)."""
+        return {s: self._marks[s] for s in symbols if s in self._marks}
 
     async def _shared(self, max_age: float) -> Snapshot | None:
         if self._snapshot is None or max_age <= 0:

@@ -18,7 +18,12 @@ async def fetch_snapshot(market: MarketData, symbols: Iterable[str]) -> MarketSn
     wanted = sorted(set(symbols))
     instruments = await market.instruments(wanted, max_age=0)
     prices = await market.prices(wanted, max_age=0)
-    return MarketSnapshot(instruments=dict(instruments), prices=prices, fetched_at=time.time())
+    return MarketSnapshot(
+        instruments=dict(instruments),
+        prices=prices,
+        fetched_at=time.time(),
+        marks=market.marks(wanted),
+    )
 
 
 async def refresh_market_cache(

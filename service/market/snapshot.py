@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -27,12 +27,16 @@ class MarketSnapshot:
     instruments: dict[str, Instrument]
     prices: dict[str, Decimal]
     fetched_at: float  # epoch seconds
+    # Mark prices (what positions are valued at); a snapshot written before they were kept
+    # (a rolling deploy) has none, and positions show no value until the next refresh.
+    marks: dict[str, Decimal] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "fetched_at": self.fetched_at,
                 "prices": {s: str(p) for s, p in self.prices.items()},
+                "marks": {s: str(p) for s, p in self.marks.items()},
                 "instruments": {
                     s: {k: str(v) for k, v in asdict(i).items()}
                     for s, i in self.instruments.items()
@@ -59,7 +63,13 @@ class MarketSnapshot:
             for symbol, item in data["instruments"].items()
         }
         prices = {symbol: Decimal(price) for symbol, price in data["prices"].items()}
-        return cls(instruments=instruments, prices=prices, fetched_at=float(data["fetched_at"]))
+        marks = {symbol: Decimal(price) for symbol, price in data.get("marks", {}).items()}
+        return cls(
+            instruments=instruments,
+            prices=prices,
+            fetched_at=float(data["fetched_at"]),
+            marks=marks,
+        )
 
 
 class MarketCache:

@@ -3,7 +3,14 @@
 from service.models.base import Base
 from service.models.credential import ExchangeCredential
 from service.models.index import Index, IndexComponent
-from service.models.position import PositionLeg, PositionStatus, SyntheticPosition
+from service.models.position import (
+    PlannedLeg,
+    PositionCloseLeg,
+    PositionCloseRequest,
+    PositionLeg,
+    PositionStatus,
+    SyntheticPosition,
+)
 from service.models.position_component import PositionComponent
 from service.models.reconciliation import ReconciliationIssue
 from service.models.trade import Trade
@@ -15,6 +22,9 @@ __all__ = [
     "ExchangeCredential",
     "Index",
     "IndexComponent",
+    "PlannedLeg",
+    "PositionCloseLeg",
+    "PositionCloseRequest",
     "PositionComponent",
     "PositionLeg",
     "PositionStatus",

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    func,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -27,10 +28,32 @@ class PositionStatus(StrEnum):
     EXECUTING = "EXECUTING"
     ACTIVE = "ACTIVE"
     FAILED = "FAILED"
+    # Closing: ACTIVE, or FAILED holding legs, -> CLOSING -> CLOSED | CLOSE_FAILED, and
+    # CLOSE_FAILED -> CLOSING again.
+    CLOSING = "CLOSING"
+    CLOSED = "CLOSED"
+    CLOSE_FAILED = "CLOSE_FAILED"
 
     @property
     def is_final(self) -> bool:
-        return self in (PositionStatus.ACTIVE, PositionStatus.FAILED)
+        """No run is due: the opening or a close has ended (CLOSED is the only end of all)."""
+        return self in _AT_REST
+
+    @property
+    def is_run(self) -> bool:
+        """A run holds (or is about to hold) the position: opening or closing."""
+        return self in (PositionStatus.EXECUTING, PositionStatus.CLOSING)
+
+
+_AT_REST = frozenset(
+    {
+        PositionStatus.ACTIVE,
+        PositionStatus.FAILED,
+        PositionStatus.CLOSED,
+        PositionStatus.CLOSE_FAILED,
+    }
+)
+STATUS_VALUES = "'PENDING', 'EXECUTING', 'ACTIVE', 'FAILED', 'CLOSING', 'CLOSED', 'CLOSE_FAILED'"
 
 
 class SyntheticPosition(TimestampMixin, Base):
@@ -38,9 +61,7 @@ class SyntheticPosition(TimestampMixin, Base):
     __table_args__ = (
         CheckConstraint("size > 0", name="size_positive"),
         CheckConstraint("direction IN ('long', 'short')", name="direction_known"),
-        CheckConstraint(
-            "status IN ('PENDING', 'EXECUTING', 'ACTIVE', 'FAILED')", name="status_known"
-        ),
+        CheckConstraint(f"status IN ({STATUS_VALUES})", name="status_known"),
         Index("ix_synthetic_positions_user_created", "user_id", "created_at"),
         # An Idempotency-Key names one intent per user.
         UniqueConstraint("user_id", "idempotency_key"),
@@ -49,7 +70,7 @@ class SyntheticPosition(TimestampMixin, Base):
             "ix_synthetic_positions_unfinished",
             "status",
             "updated_at",
-            postgresql_where="status IN ('PENDING', 'EXECUTING')",
+            postgresql_where="status IN ('PENDING', 'EXECUTING', 'CLOSING')",
         ),
         # Reconciliation pages through the positions changed since they were last reconciled.
         Index(
@@ -86,6 +107,11 @@ class SyntheticPosition(TimestampMixin, Base):
     # When reconciliation last compared this position with the exchange; it is due again
     # once `updated_at` moves past it.
     reconciled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # How many times a close was asked for (0: never): a close's orders carry its round in
+    # their orderLinkIds, so a close tried again after CLOSE_FAILED never reuses one.
+    close_round: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    # Why the last close ended CLOSE_FAILED (the opening's own failure stays in `error`).
+    close_error: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # SHA-256 of the canonical request body sent with the Idempotency-Key.
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
@@ -117,3 +143,90 @@ class PositionLeg(Base):
     position_idx: Mapped[int] = mapped_column(
         Integer, nullable=False, default=0, server_default="0"
     )
+
+    reduce_only = False
+
+    @property
+    def opening_side(self) -> str:
+        return self.side
+
+    def remainder_link(self, remainder: int) -> str:
+        return remainder_link_id(self.position_id, self.leg, remainder)
+
+
+class PositionCloseLeg(Base):
+    """The plan of one close round: per leg that held something when the round began, a
+    reduce-only order for exactly that quantity. Written once before the round's first
+    order; a later run of the round reads it back."""
+
+    __tablename__ = "position_close_legs"
+
+    position_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("synthetic_positions.id", ondelete="CASCADE"), primary_key=True
+    )
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    leg: Mapped[int] = mapped_column(Integer, primary_key=True)
+    symbol: Mapped[str] = mapped_column(String(32), nullable=False)
+    # The closing order's side: the opposite of the leg's opening side.
+    side: Mapped[str] = mapped_column(String(4), nullable=False)
+    quantity: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    # The positionIdx of the position being reduced (the opening leg's).
+    position_idx: Mapped[int] = mapped_column(Integer, nullable=False)
+    order_link_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    remainders_submitted: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
+    # Why this leg could not be closed in this round (it is not tried again in the round).
+    error: Mapped[str | None] = mapped_column(Text)
+
+    reduce_only = True
+
+    @property
+    def opening_side(self) -> str:
+        return "Buy" if self.side == "Sell" else "Sell"
+
+    def remainder_link(self, remainder: int) -> str:
+        return close_remainder_link_id(self.position_id, self.round, self.leg, remainder)
+
+
+class PositionCloseRequest(Base):
+    """An Idempotency-Key sent with POST /api/positions/{id}/close, and the round it began
+    (a repeat answers with the position as it is, and starts nothing)."""
+
+    __tablename__ = "position_close_requests"
+
+    position_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("synthetic_positions.id", ondelete="CASCADE"), primary_key=True
+    )
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )
+
+
+def open_link_id(position_id: uuid.UUID, leg: int) -> str:
+    """A leg's first opening order: 32 hex + '-' + leg, at most 36 characters."""
+    return f"{position_id.hex}-{leg}"
+
+
+def remainder_link_id(position_id: uuid.UUID, leg: int, remainder: int) -> str:
+    """An opening order for a partial fill's remainder: 28 hex of the position (112 bits) +
+    '-' + leg + '-r' + the remainder's number."""
+    return f"{position_id.hex[:28]}-{leg}-r{remainder}"
+
+
+def close_link_id(position_id: uuid.UUID, round_: int, leg: int) -> str:
+    """A leg's first closing order in close round `round_`: 24 hex + '-c' + round + '-' +
+    leg. The 'c' keeps it apart from every opening id; at most 36 characters for rounds and
+    legs below 1000."""
+    return f"{position_id.hex[:24]}-c{round_}-{leg}"
+
+
+def close_remainder_link_id(position_id: uuid.UUID, round_: int, leg: int, remainder: int) -> str:
+    return f"{position_id.hex[:20]}-c{round_}-{leg}-r{remainder}"
+
+
+# A leg as the per-leg exchange protocol sees it: an opening leg or a close round's leg.
+PlannedLeg = PositionLeg | PositionCloseLeg

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import DateTime, ForeignKey, Integer, Numeric, String, Uuid, func
+from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Integer, Numeric, String, Uuid, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -16,6 +16,7 @@ class Trade(Base):
     as soon as the exchange reports the fill."""
 
     __tablename__ = "trades"
+    __table_args__ = (CheckConstraint("phase IN ('open', 'close')", name="phase_known"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     position_id: Mapped[uuid.UUID] = mapped_column(
@@ -35,6 +36,11 @@ class Trade(Base):
     fee_coin: Mapped[str | None] = mapped_column(String(16))
     fee_detail: Mapped[dict[str, str] | None] = mapped_column(JSONB)
     order_status: Mapped[str] = mapped_column(String(32), nullable=False)
+    # 'open': an order of the opening (side = the leg's side); 'close': a reduce-only order
+    # of a close (side = the opposite).
+    phase: Mapped[str] = mapped_column(
+        String(8), nullable=False, default="open", server_default="open"
+    )
     executed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), nullable=False

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
+from service.db import scope_for
 from service.dependencies import (
     BEARER_SECURITY,
     CurrentUser,
@@ -14,18 +14,12 @@ from service.dependencies import (
     request_transaction,
 )
 from service.errors import error_responses
+from service.market.snapshot import MarketSnapshot
 from service.models import PositionStatus
 from service.positions import hot_path, service
-from service.positions.schemas import (
-    ComponentOut,
-    ExposureOut,
-    LegOut,
-    PositionCreate,
-    PositionOut,
-    PositionPage,
-    ReconciliationOut,
-    TradeOut,
-)
+from service.positions.schemas import PositionCreate, PositionOut, PositionPage
+from service.positions.views import market_version, position_out
+from service.queue import CLOSE_POSITION_TASK
 from service.users.service import authenticate
 
 router = APIRouter(prefix="/api/positions", tags=["positions"])
@@ -39,88 +33,6 @@ _ERRORS = error_responses(
     "with another body",
     r503="market data or the database is unavailable: try again shortly",
 )
-
-
-def _exposure(trades: list[TradeOut]) -> list[ExposureOut]:
-    held: dict[tuple[str, str], Decimal] = {}
-    for trade in trades:
-        key = (trade.symbol, trade.side)
-        held[key] = held.get(key, Decimal(0)) + trade.quantity
-    return [ExposureOut(symbol=s, side=side, quantity=q) for (s, side), q in held.items()]
-
-
-def _legs(detail: service.PositionDetail) -> list[LegOut]:
-    filled: dict[int, Decimal] = {}
-    for trade in detail.trades:
-        filled[trade.leg] = filled.get(trade.leg, Decimal(0)) + trade.quantity
-    return [
-        LegOut(
-            leg=leg.leg,
-            symbol=leg.symbol,
-            side=leg.side,
-            planned_quantity=leg.quantity,
-            filled_quantity=filled.get(leg.leg, Decimal(0)),
-            shortfall_quantity=max(leg.quantity - filled.get(leg.leg, Decimal(0)), Decimal(0)),
-            reference_price=leg.reference_price,
-        )
-        for leg in detail.plan
-    ]
-
-
-def _out(detail: service.PositionDetail) -> PositionOut:
-    p = detail.position
-    trades = [
-        TradeOut(
-            leg=t.leg,
-            symbol=t.symbol,
-            side=t.side,
-            bybit_order_id=t.bybit_order_id,
-            order_link_id=t.order_link_id,
-            price=t.price,
-            quantity=t.quantity,
-            fee=t.fee,
-            fee_coin=t.fee_coin,
-            order_status=t.order_status,
-            executed_at=t.executed_at,
-        )
-        for t in detail.trades
-    ]
-    legs = _legs(detail)
-    return PositionOut(
-        id=p.id,
-        index=p.index_code,
-        size=p.size,
-        direction=p.direction,
-        status=p.status,
-        error=p.error,
-        failed_leg=p.failed_leg,
-        attempts=p.attempts,
-        next_attempt_at=p.next_attempt_at,
-        waiting_for_account=p.account_wait_since is not None,
-        waiting_since=p.account_wait_since,
-        created_at=p.created_at,
-        updated_at=p.updated_at,
-        components=[
-            ComponentOut(symbol=c.symbol, side=c.side, expected_quantity=c.expected_quantity)
-            for c in detail.components
-        ],
-        legs=legs,
-        # Only once the basket is done: while it executes, unfilled legs are not short yet.
-        shortfall=p.status in ("ACTIVE", "FAILED")
-        and any(leg.shortfall_quantity > 0 and leg.filled_quantity > 0 for leg in legs),
-        trades=trades,
-        exposure=_exposure(trades),
-        reconciliation=[
-            ReconciliationOut(
-                kind=i.kind,
-                order_link_id=i.order_link_id,
-                exchange=i.exchange,
-                recorded=i.recorded,
-                found_at=i.created_at,
-            )
-            for i in detail.issues
-        ],
-    )
 
 
 @router.post(
@@ -154,7 +66,9 @@ async def create_position(
         state.pool, state.publisher, opening, token=token, market=market, indices=state.index_cache
     )
     if created is not None:
-        return _json(service.PositionDetail(position=created, components=[], trades=[]), 202)
+        return _json(
+            service.PositionDetail(position=created, components=[], trades=[]), market, 202
+        )
     # Everything else, with every check in its order and its own answer. The task of a
     # position created here is sent once the transaction has committed.
     async with request_transaction(request) as session:
@@ -165,18 +79,76 @@ async def create_position(
         if opened.created:
             detail = service.PositionDetail(position=opened.position, components=[], trades=[])
         else:
-            detail = await service.load_detail(session, opened.position)
-    return _json(detail, 202, replayed=not opened.created)
+            detail = await service.load_detail(session, opened.position, state.index_cache)
+    return _json(detail, market, 202, replayed=not opened.created)
 
 
-def _json(detail: service.PositionDetail, status_code: int, *, replayed: bool = False) -> Response:
+_CLOSE_ERRORS = error_responses(
+    r401="missing, invalid or revoked token",
+    r404="no such position for this user",
+    r409="the position cannot be closed now: still opening (PENDING, EXECUTING), already "
+    "closing or closed, or FAILED with nothing filled",
+    r503="the database is unavailable: try again shortly",
+)
+
+
+@router.post(
+    "/{position_id}/close",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=PositionOut,
+    responses=_CLOSE_ERRORS,
+    summary="Close a position: answers at once with the CLOSING position; a worker sends a "
+    "reduce-only market order per leg for what this position holds",
+    openapi_extra=BEARER_SECURITY,
+)
+async def close_position(
+    position_id: uuid.UUID,
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="one key per intent: a repeat returns the position as it is and "
+            "starts nothing. Keys are per position and do not expire.",
+        ),
+    ] = None,
+) -> Response:
+    """ACTIVE, FAILED holding legs (to flatten what a failed basket left), or CLOSE_FAILED
+    (to close what the last close could not). Each leg is closed on its own: one that cannot
+    be closed does not stop the others; the position ends CLOSED, or CLOSE_FAILED with each
+    leg still held in `close_error` and `legs[].held_quantity`."""
+    state = request.app.state
+    token = request_bearer_token(request)
+    market = await state.market_cache.load()
+    async with request_transaction(request) as session:
+        user = await authenticate(session, token)
+    requested = await service.request_close(
+        scope_for(state.session_factory), user, position_id, idempotency_key=idempotency_key
+    )
+    if requested.started:
+        # If this push is lost, the recovery sweep sends the unclaimed close.
+        await state.publisher.try_publish(position_id, task=CLOSE_POSITION_TASK)
+    async with request_transaction(request) as session:
+        position = await service.get_position(session, user, position_id)
+        detail = await service.load_detail(session, position, state.index_cache)
+    return _json(detail, market, 202, replayed=not requested.started)
+
+
+def _json(
+    detail: service.PositionDetail,
+    market: MarketSnapshot | None,
+    status_code: int,
+    *,
+    replayed: bool = False,
+) -> Response:
     """The position as JSON, with its Location. Rendered here rather than by FastAPI's
     response_model, which would validate the model a second time."""
     headers = {"Location": f"/api/positions/{detail.position.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return Response(
-        _out(detail).model_dump_json().encode(),
+        position_out(detail, market).model_dump_json().encode(),
         status_code=status_code,
         headers=headers,
         media_type="application/json",
@@ -196,9 +168,11 @@ async def get_position(
 ) -> Response:
     state = request.app.state
     token = request_bearer_token(request)
+    market = await state.market_cache.load()
+    version = market_version(market)
     # Polling costs one statement (the caller's token and the position's version); an
     # unchanged position is a 304, a version already rendered is served from memory.
-    tag = await hot_path.position_etag(state.pool, token, position_id)
+    tag = await hot_path.position_etag(state.pool, token, position_id, version)
     rendered: hot_path.RenderedPositions = state.rendered
     if tag is not None:
         if if_none_match and _matches(tag, if_none_match):
@@ -210,10 +184,11 @@ async def get_position(
     async with request_transaction(request) as session:
         user = await authenticate(session, token)
         position = await service.get_position(session, user, position_id)
-        tag = service.etag(position)
+        tag = service.etag(position, version)
         if if_none_match and _matches(tag, if_none_match):
             return _not_modified(tag)
-        body = _out(await service.load_detail(session, position)).model_dump_json().encode()
+        detail = await service.load_detail(session, position, state.index_cache)
+        body = position_out(detail, market).model_dump_json().encode()
     rendered.put(position_id, tag, body)
     return Response(body, headers=_cache_headers(tag), media_type="application/json")
 
@@ -232,13 +207,23 @@ def _cache_headers(tag: str) -> dict[str, str]:
 
 @router.get("", response_model=PositionPage, responses=_ERRORS)
 async def list_positions(
+    request: Request,
     user: CurrentUser,
     session: Session,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     status_filter: Annotated[PositionStatus | None, Query(alias="status")] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> PositionPage:
+    state = request.app.state
+    market = await state.market_cache.load()
     page = await service.list_positions(
-        session, user, limit=limit, status=status_filter, cursor=cursor
+        session,
+        user,
+        limit=limit,
+        indices=state.index_cache,
+        status=status_filter,
+        cursor=cursor,
     )
-    return PositionPage(items=[_out(d) for d in page.items], next_cursor=page.next_cursor)
+    return PositionPage(
+        items=[position_out(d, market) for d in page.items], next_cursor=page.next_cursor
+    )

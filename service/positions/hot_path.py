@@ -107,16 +107,16 @@ async def accept_position(
 
 
 async def position_etag(
-    pool: StatementPool, token: str | None, position_id: uuid.UUID
+    pool: StatementPool, token: str | None, position_id: uuid.UUID, market_version: int
 ) -> str | None:
-    """The ETag of the caller's position; None when the token or the position is not found
-    (the full path says which)."""
+    """The ETag of the caller's position (valued at the market snapshot `market_version`);
+    None when the token or the position is not found (the full path says which)."""
     if not token:
         return None
     row = await pool.fetchrow(_VERSION, position_id, hash_token(token))
     if row is None:
         return None
-    return etag_of(position_id, row["updated_at"], row["attempts"])
+    return etag_of(position_id, row["updated_at"], row["attempts"], market_version)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,19 +31,24 @@ _LOCK_HELD = (
 )
 
 
-# The run's ownership proof (confirm_run), on its lock connection: lock, status and claim.
-_CONFIRM_RUN = (
+# The run's ownership proof (confirm_run), on its lock connection: lock, status and claim;
+# the opening's legs are in position_legs, a close round's in position_close_legs.
+_CONFIRM = (
     "WITH owner AS ("  # noqa: S608 - constants only; every value is a bound parameter
     " UPDATE synthetic_positions SET heartbeat_at = now()"
-    " WHERE id = :id AND status = 'EXECUTING' AND claim = :claim AND "
+    " WHERE id = :id AND status = '{status}' AND claim = :claim AND "
     + _LOCK_HELD.format(holder=" AND pid = pg_backend_pid()")
     + " RETURNING id), "
     "submitted AS ("
-    " UPDATE position_legs SET submitted_at = coalesce(submitted_at, now()),"
+    " UPDATE {legs} SET submitted_at = coalesce(submitted_at, now()),"
     " remainders_submitted = greatest(remainders_submitted, CAST(:remainder AS integer))"
-    " WHERE position_id IN (SELECT id FROM owner) AND leg = CAST(:leg AS integer)"
+    " WHERE position_id IN (SELECT id FROM owner) AND leg = CAST(:leg AS integer){round}"
     " RETURNING leg) "
     "SELECT count(*) FROM owner"
+)
+_CONFIRM_OPENING = _CONFIRM.format(status="EXECUTING", legs="position_legs", round="")
+_CONFIRM_CLOSING = _CONFIRM.format(
+    status="CLOSING", legs="position_close_legs", round=" AND round = CAST(:round AS integer)"
 )
 
 
@@ -140,6 +145,7 @@ async def confirm_run(
     *,
     submitting_leg: int | None = None,
     submitting_remainder: int = 0,
+    close_round: int | None = None,
 ) -> bool:
     """One round trip on the connection that holds the run's lock: True when this connection
     still holds the position's lock and the position is still EXECUTING under `claim`. Then
@@ -147,13 +153,15 @@ async def confirm_run(
     it may resume the position elsewhere) and `submitting_leg`'s order (its first, or
     remainder number `submitting_remainder`), if given, is marked submitted (before it is
     sent: a later run looks it up before placing anything)."""
+    closing = close_round is not None
     result = await connection.execute(
-        text(_CONFIRM_RUN),
+        text(_CONFIRM_CLOSING if closing else _CONFIRM_OPENING),
         {
             "id": position_id,
             "claim": claim,
             "leg": submitting_leg,
             "remainder": submitting_remainder,
+            **({"round": close_round} if closing else {}),
             **_lock_params(position_id),
         },
     )

@@ -30,6 +30,8 @@ from sqlalchemy.sql.elements import TextClause
 
 from service.models import (
     ExchangeCredential,
+    PositionCloseLeg,
+    PositionCloseRequest,
     PositionComponent,
     PositionLeg,
     PositionStatus,
@@ -42,14 +44,19 @@ from service.positions.locks import lock_held_by, no_run_holds
 async def account_holder(
     session: AsyncSession, user_id: uuid.UUID, *, other_than: uuid.UUID
 ) -> SyntheticPosition | None:
-    """Another basket of the account that has begun and not ended (EXECUTING): the account is
-    its until it is final, between its retries too, so no other basket's pre-flight counts on
-    a balance that basket still needs."""
+    """Another basket of the account that has begun and not ended (EXECUTING, or CLOSING
+    under a claim): the account is its until it is final, between its retries too, so no
+    other basket's pre-flight counts on a balance that basket still needs, and a basket's
+    orders never interleave with another's on the same symbols."""
     result = await session.execute(
         select(SyntheticPosition)
         .where(
             SyntheticPosition.user_id == user_id,
-            SyntheticPosition.status == PositionStatus.EXECUTING,
+            (SyntheticPosition.status == PositionStatus.EXECUTING)
+            | (
+                (SyntheticPosition.status == PositionStatus.CLOSING)
+                & SyntheticPosition.claim.is_not(None)
+            ),
             SyntheticPosition.id != other_than,
         )
         .order_by(SyntheticPosition.created_at)
@@ -189,7 +196,9 @@ async def compare_and_set_status(
 ) -> SyntheticPosition | None:
     """Move a position from `expected` to `new`; None when it was not in `expected` (or not
     under `require_claim`, or its run lock is not held by backend `lock_pid`, or, with
-    `require_no_run`, a run holds its lock)."""
+    `require_no_run`, a run holds its lock). To CLOSING: a new close round begins, unclaimed
+    (its task claims it), with its attempts counted afresh. `error` of CLOSE_FAILED is the
+    close's (`close_error`): the opening's own stays."""
     conditions: list[ColumnElement[bool] | TextClause] = [
         SyntheticPosition.id == position_id,
         SyntheticPosition.status == expected,
@@ -213,9 +222,20 @@ async def compare_and_set_status(
             attempts=SyntheticPosition.attempts + 1,
             next_attempt_at=None,
         )
+    if new is PositionStatus.CLOSING:
+        values.update(
+            claim=None,
+            heartbeat_at=func.now(),
+            attempts=0,
+            next_attempt_at=None,
+            close_round=SyntheticPosition.close_round + 1,
+            close_error=None,
+        )
     if new.is_final:
         values.update(next_attempt_at=None)
-    if error is not None:
+    if error is not None and new is PositionStatus.CLOSE_FAILED:
+        values.update(close_error=error)
+    elif error is not None:
         values.update(error=error, failed_leg=failed_leg)
     result = await session.execute(
         update(SyntheticPosition)
@@ -223,6 +243,33 @@ async def compare_and_set_status(
         .values(**values)
         .returning(SyntheticPosition)
         # Refresh an instance this session already holds with what the UPDATE returned.
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    return result.scalar_one_or_none()
+
+
+async def claim_close(
+    session: AsyncSession, position_id: uuid.UUID, claim: str, *, lock_pid: int
+) -> SyntheticPosition | None:
+    """A close task takes the CLOSING position's round: unclaimed, or already its own (a retry,
+    a redelivery). Not a change of status: the close request made that."""
+    result = await session.execute(
+        update(SyntheticPosition)
+        .where(
+            SyntheticPosition.id == position_id,
+            SyntheticPosition.status == PositionStatus.CLOSING,
+            SyntheticPosition.claim.is_(None) | (SyntheticPosition.claim == claim),
+            lock_held_by(position_id, lock_pid),
+        )
+        .values(
+            claim=claim,
+            heartbeat_at=func.now(),
+            attempts=SyntheticPosition.attempts + 1,
+            next_attempt_at=None,
+            account_wait_since=None,
+            updated_at=func.clock_timestamp(),
+        )
+        .returning(SyntheticPosition)
         .execution_options(synchronize_session=False, populate_existing=True)
     )
     return result.scalar_one_or_none()
@@ -283,7 +330,9 @@ async def mark_waiting_for_account(
         update(SyntheticPosition)
         .where(
             SyntheticPosition.id == position_id,
-            SyntheticPosition.status.in_([PositionStatus.PENDING, PositionStatus.EXECUTING]),
+            SyntheticPosition.status.in_(
+                [PositionStatus.PENDING, PositionStatus.EXECUTING, PositionStatus.CLOSING]
+            ),
         )
         .values(
             account_wait_since=func.coalesce(SyntheticPosition.account_wait_since, func.now()),
@@ -297,10 +346,10 @@ async def mark_waiting_for_account(
     return result.scalar_one_or_none()
 
 
-async def touch_heartbeat(session: AsyncSession, position_id: uuid.UUID) -> None:
-    await _touch(
-        session, position_id, {"heartbeat_at": func.now()}, status=PositionStatus.EXECUTING
-    )
+async def touch_heartbeat(
+    session: AsyncSession, position_id: uuid.UUID, status: PositionStatus = PositionStatus.EXECUTING
+) -> None:
+    await _touch(session, position_id, {"heartbeat_at": func.now()}, status=status)
 
 
 async def set_next_attempt(
@@ -318,7 +367,7 @@ async def set_next_attempt(
         update(SyntheticPosition)
         .where(
             SyntheticPosition.id == position_id,
-            SyntheticPosition.status == PositionStatus.EXECUTING,
+            SyntheticPosition.status.in_([PositionStatus.EXECUTING, PositionStatus.CLOSING]),
             SyntheticPosition.claim == claim,
             *([lock_held_by(position_id, lock_pid)] if lock_pid is not None else []),
         )
@@ -449,14 +498,22 @@ async def add_components(session: AsyncSession, components: Sequence[dict[str, o
         await session.execute(insert(PositionComponent).values(list(components)))
 
 
+def _unclaimed() -> ColumnElement[bool]:
+    """Waiting for a task to take it: a new basket, or a close not claimed yet."""
+    return (SyntheticPosition.status == PositionStatus.PENDING) | (
+        (SyntheticPosition.status == PositionStatus.CLOSING) & SyntheticPosition.claim.is_(None)
+    )
+
+
 async def stale_pending(
     session: AsyncSession, *, older_than_seconds: float, limit: int
-) -> Sequence[uuid.UUID]:
+) -> Sequence[SyntheticPosition]:
+    """PENDING positions, and CLOSING ones no task has claimed, not sent on for a while."""
     older_than = func.now() - timedelta(seconds=older_than_seconds)
     result = await session.execute(
-        select(SyntheticPosition.id)
+        select(SyntheticPosition)
         .where(
-            SyntheticPosition.status == PositionStatus.PENDING,
+            _unclaimed(),
             SyntheticPosition.updated_at < older_than,
             # One waiting for its account asks again by itself (and shows it in heartbeat_at);
             # re-sending it would only add a second chain of messages.
@@ -472,12 +529,17 @@ async def stale_pending(
 async def stale_executing(
     session: AsyncSession, *, older_than_seconds: float, limit: int
 ) -> Sequence[SyntheticPosition]:
-    """EXECUTING positions with no recent heartbeat and no retry due in the future."""
+    """EXECUTING positions, and claimed CLOSING ones, with no recent heartbeat and no retry
+    due in the future."""
     older_than = func.now() - timedelta(seconds=older_than_seconds)
     result = await session.execute(
         select(SyntheticPosition)
         .where(
-            SyntheticPosition.status == PositionStatus.EXECUTING,
+            (SyntheticPosition.status == PositionStatus.EXECUTING)
+            | (
+                (SyntheticPosition.status == PositionStatus.CLOSING)
+                & SyntheticPosition.claim.is_not(None)
+            ),
             SyntheticPosition.heartbeat_at < older_than,
             (SyntheticPosition.next_attempt_at.is_(None))
             | (SyntheticPosition.next_attempt_at < older_than),
@@ -489,12 +551,12 @@ async def stale_executing(
 
 
 async def touch_pending(session: AsyncSession, position_id: uuid.UUID) -> None:
-    """Restart a PENDING position's staleness clock after it has been re-sent."""
-    await _touch(
-        session,
-        position_id,
-        {"updated_at": func.clock_timestamp()},
-        status=PositionStatus.PENDING,
+    """Restart an unclaimed position's staleness clock after it has been re-sent."""
+    await session.execute(
+        update(SyntheticPosition)
+        .where(SyntheticPosition.id == position_id, _unclaimed())
+        .values(updated_at=func.clock_timestamp())
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -503,3 +565,73 @@ async def count_by_status(session: AsyncSession) -> dict[str, int]:
         select(SyntheticPosition.status, func.count()).group_by(SyntheticPosition.status)
     )
     return {status: int(count) for status, count in result.all()}
+
+
+async def get_close_plan(
+    session: AsyncSession, position_id: uuid.UUID, round_: int
+) -> Sequence[PositionCloseLeg]:
+    result = await session.execute(
+        select(PositionCloseLeg)
+        .where(PositionCloseLeg.position_id == position_id, PositionCloseLeg.round == round_)
+        .order_by(PositionCloseLeg.leg)
+    )
+    return result.scalars().all()
+
+
+async def get_close_plans_of(
+    session: AsyncSession, position_ids: Sequence[uuid.UUID]
+) -> Sequence[PositionCloseLeg]:
+    result = await session.execute(
+        select(PositionCloseLeg)
+        .where(PositionCloseLeg.position_id.in_(position_ids))
+        .order_by(PositionCloseLeg.position_id, PositionCloseLeg.round, PositionCloseLeg.leg)
+    )
+    return result.scalars().all()
+
+
+async def add_close_plan(
+    session: AsyncSession, legs: Sequence[dict[str, object]]
+) -> Sequence[PositionCloseLeg]:
+    """Insert a close round's legs; returns them as stored, in leg order."""
+    if not legs:
+        return []
+    result = await session.scalars(insert(PositionCloseLeg).returning(PositionCloseLeg), list(legs))
+    return sorted(result.all(), key=lambda leg: leg.leg)
+
+
+async def fail_close_leg(
+    session: AsyncSession, position_id: uuid.UUID, round_: int, leg: int, error: str
+) -> None:
+    """A close round's leg could not be closed: it is not tried again in this round."""
+    await session.execute(
+        update(PositionCloseLeg)
+        .where(
+            PositionCloseLeg.position_id == position_id,
+            PositionCloseLeg.round == round_,
+            PositionCloseLeg.leg == leg,
+        )
+        .values(error=error)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def add_close_request(
+    session: AsyncSession, position_id: uuid.UUID, idempotency_key: str
+) -> None:
+    """Note the Idempotency-Key of a close request, with the round it begins (the next one:
+    written in the same transaction as the change to CLOSING)."""
+    await session.execute(
+        insert(PositionCloseRequest).values(
+            position_id=position_id,
+            idempotency_key=idempotency_key,
+            round=select(SyntheticPosition.close_round + 1)
+            .where(SyntheticPosition.id == position_id)
+            .scalar_subquery(),
+        )
+    )
+
+
+async def get_close_request(
+    session: AsyncSession, position_id: uuid.UUID, idempotency_key: str
+) -> PositionCloseRequest | None:
+    return await session.get(PositionCloseRequest, (position_id, idempotency_key))

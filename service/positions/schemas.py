@@ -74,25 +74,103 @@ class TradeOut(BaseModel):
     fee: DecimalString | None
     fee_coin: str | None = Field(default=None, description="the coin the fee was charged in")
     order_status: str
+    phase: str = Field(
+        default="open",
+        description="open: an order of the opening (side = the leg's side); close: a "
+        "reduce-only order of a close (the opposite side)",
+    )
     executed_at: datetime
+
+
+OptionalDecimal = DecimalString | None
 
 
 class LegOut(BaseModel):
     """One leg of the basket: what was planned, what filled (over all its orders: a market
-    order that fills only in part is followed by orders for the remainder), and the
-    shortfall that could not be traded."""
+    order that fills only in part is followed by orders for the remainder), the shortfall
+    that could not be traded, what was closed and what is still held, and what it is worth.
+    Prices and money in USDT, as decimal strings; null where not known (nothing filled yet,
+    no mark price)."""
 
     leg: int
     symbol: str
-    side: str
+    side: str = Field(description="the opening side: Buy (long) or Sell (short)")
     planned_quantity: DecimalString
-    filled_quantity: DecimalString
+    filled_quantity: DecimalString = Field(description="filled by the opening's orders")
     shortfall_quantity: DecimalString
     reference_price: DecimalString = Field(description="the price the leg was sized with")
+    closed_quantity: DecimalString = Field(
+        default=Decimal(0), description="bought back or sold by closes"
+    )
+    held_quantity: DecimalString = Field(
+        default=Decimal(0), description="what this position still holds: filled - closed"
+    )
+    target_weight: OptionalDecimal = Field(
+        default=None, description="the index's weight of the component, normalised"
+    )
+    planned_weight: OptionalDecimal = Field(
+        default=None,
+        description="the leg's share of the planned notional after lot-size rounding "
+        "(planned quantity x reference price)",
+    )
+    filled_weight: OptionalDecimal = Field(
+        default=None, description="the leg's share of the entry notional that filled"
+    )
+    average_entry_price: OptionalDecimal = None
+    slippage_bps: OptionalDecimal = Field(
+        default=None,
+        description="average entry against the reference price in basis points, signed so "
+        "that positive is worse for the user",
+    )
+    average_exit_price: OptionalDecimal = Field(
+        default=None, description="average price of the closing fills"
+    )
+    mark_price: OptionalDecimal = Field(
+        default=None, description="Bybit's mark price from the market snapshot"
+    )
+    mark_price_at: datetime | None = Field(
+        default=None,
+        description="when the mark price was read (its age is now minus this; the snapshot "
+        "is refreshed every MARKET_REFRESH_SECONDS)",
+    )
+    entry_notional: DecimalString = Field(
+        default=Decimal(0), description="sum of quantity x price of the opening fills"
+    )
+    current_value: OptionalDecimal = Field(default=None, description="held quantity x mark price")
+    unrealised_pnl: OptionalDecimal = Field(
+        default=None, description="of the held quantity at the mark price, before fees"
+    )
+    realised_pnl: DecimalString = Field(
+        default=Decimal(0), description="of the closed quantity, before fees"
+    )
+    fees: DecimalString = Field(
+        default=Decimal(0), description="USDT fees of the leg's opening and closing fills"
+    )
+    close_error: str | None = Field(
+        default=None, description="why the last close could not close this leg"
+    )
+
+
+class ValueOut(BaseModel):
+    """What the basket is worth, in USDT (decimal strings): unrealised PnL at the mark price,
+    realised PnL of what closes bought back or sold, both before fees; net = realised +
+    unrealised - fees. Null where a mark price is missing."""
+
+    entry_notional: DecimalString
+    current_value: OptionalDecimal
+    unrealised_pnl: OptionalDecimal
+    realised_pnl: DecimalString
+    fees: DecimalString
+    fees_other: dict[str, DecimalString] = Field(
+        default_factory=dict, description="fees Bybit charged in other coins, by coin"
+    )
+    net_pnl: OptionalDecimal
+    marked_at: datetime | None = Field(default=None, description="when the mark prices were read")
 
 
 class ExposureOut(BaseModel):
-    """What the user holds from this position, per symbol, from the recorded fills."""
+    """What the user holds from this position, per symbol, from the recorded fills (opened
+    less closed)."""
 
     symbol: str
     side: str
@@ -149,7 +227,18 @@ class PositionOut(BaseModel):
     )
     exposure: list[ExposureOut] = Field(
         description="open exposure per symbol from the fills: for a FAILED basket, exactly "
-        "what the user holds (nothing is reversed)"
+        "what the user holds (nothing is reversed); after a close, what it did not close"
+    )
+    value: ValueOut | None = Field(
+        default=None, description="what the basket is worth (null until something filled)"
+    )
+    close_round: int = Field(
+        default=0, description="how many times a close was asked for (0: never)"
+    )
+    close_error: str | None = Field(
+        default=None,
+        description="why the last close ended CLOSE_FAILED: each leg still held, how much, "
+        "and why (POST /close again to retry them)",
     )
 
 

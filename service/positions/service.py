@@ -1,6 +1,6 @@
-"""Opening and reading positions: this module only ever writes a new PENDING row (and asks
-for its task to be sent after the commit). Status changes go through
-service/positions/status.py."""
+"""Opening, closing and reading positions: this module writes a new PENDING row (and asks for
+its task to be sent after the commit), and asks for a close through
+service/positions/status.py, which makes every status change."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.credentials.service import has_credentials
+from service.db import SessionScope
 from service.errors import (
     ConflictError,
     NotFoundError,
@@ -27,6 +29,7 @@ from service.indices.cache import IndexCache
 from service.market.snapshot import MarketSnapshot
 from service.models import (
     Index,
+    PositionCloseLeg,
     PositionComponent,
     PositionLeg,
     PositionStatus,
@@ -36,6 +39,7 @@ from service.models import (
     User,
 )
 from service.positions import reconciliation_rows, repository
+from service.positions.status import Transition, change_status
 from service.queue import publish_after_commit
 from service.trading_logic import (
     CompositionError,
@@ -62,6 +66,8 @@ class AcceptedPosition:
     attempts: int = 0
     next_attempt_at: datetime | None = None
     account_wait_since: datetime | None = None
+    close_round: int = 0
+    close_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,10 @@ class PositionDetail:
     trades: list[Trade]
     issues: list[ReconciliationIssue] = field(default_factory=list)
     plan: list[PositionLeg] = field(default_factory=list)
+    # The legs of the last close round (each with why it could not be closed, if so).
+    close_plan: list[PositionCloseLeg] = field(default_factory=list)
+    # The index's weight per symbol (the basket's target weights).
+    weights: dict[str, Decimal] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +190,72 @@ async def open_position(
     return _replay(winner, fingerprint, idempotency_key)
 
 
+_NOT_CLOSEABLE = {
+    PositionStatus.PENDING: "it is still opening (PENDING): close it once it is ACTIVE or FAILED",
+    PositionStatus.EXECUTING: "it is still opening (EXECUTING): close it once it is ACTIVE or "
+    "FAILED",
+    PositionStatus.CLOSING: "it is already closing (CLOSING)",
+    PositionStatus.CLOSED: "it is already closed (CLOSED)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequested:
+    position: SyntheticPosition
+    started: bool  # False: the Idempotency-Key named an earlier close request
+
+
+async def request_close(
+    sessions: SessionScope,
+    user: User,
+    position_id: uuid.UUID,
+    *,
+    idempotency_key: str | None,
+) -> CloseRequested:
+    """ACTIVE, FAILED holding legs, or CLOSE_FAILED -> CLOSING (a new close round, its task
+    sent by the caller). A repeat of an Idempotency-Key already used for this position's close
+    starts nothing and answers with the position as it is. Anything else is a 409 that says
+    why, and writes nothing."""
+    for _ in range(2):
+        async with sessions() as session:
+            position = await get_position(session, user, position_id)
+            if idempotency_key is not None:
+                earlier = await repository.get_close_request(session, position.id, idempotency_key)
+                if earlier is not None:
+                    return CloseRequested(position, started=False)
+            status = PositionStatus(position.status)
+            if status in _NOT_CLOSEABLE:
+                raise ConflictError(
+                    f"position {position.id} cannot be closed: {_NOT_CLOSEABLE[status]}"
+                )
+            if status is PositionStatus.FAILED and not await repository.get_trades(
+                session, position.id
+            ):
+                raise ConflictError(
+                    f"position {position.id} cannot be closed: it FAILED with nothing filled, "
+                    "so it holds nothing"
+                )
+
+        async def note_key(session: AsyncSession) -> None:
+            if idempotency_key is not None:
+                await repository.add_close_request(session, position_id, idempotency_key)
+
+        try:
+            closing = await change_status(
+                sessions,
+                position_id,
+                Transition(status, PositionStatus.CLOSING),
+                with_writes=note_key,
+            )
+        except IntegrityError:
+            # A concurrent request with the same key won: the next look replays it.
+            continue
+        if closing is not None:
+            return CloseRequested(closing, started=True)
+        # The status moved since it was read (a concurrent close): look again.
+    raise ConflictError(f"position {position_id} is being closed by another request; retry")
+
+
 async def get_position(
     session: AsyncSession, user: User, position_id: uuid.UUID
 ) -> SyntheticPosition:
@@ -190,23 +266,47 @@ async def get_position(
     return position
 
 
-def etag(position: SyntheticPosition) -> str:
-    """Changes whenever anything GET shows changes (every such write moves updated_at)."""
-    return etag_of(position.id, position.updated_at, position.attempts)
+def etag(position: SyntheticPosition, market_version: int) -> str:
+    """Changes whenever anything GET shows changes: every write of what it shows moves
+    updated_at, and the mark prices it is valued at come with the market snapshot's
+    version."""
+    return etag_of(position.id, position.updated_at, position.attempts, market_version)
 
 
-def etag_of(position_id: uuid.UUID, updated_at: datetime, attempts: int) -> str:
+def etag_of(
+    position_id: uuid.UUID, updated_at: datetime, attempts: int, market_version: int
+) -> str:
     stamp = int(updated_at.timestamp() * 1_000_000)
-    return f'"{position_id.hex}-{stamp}-{attempts}"'
+    return f'"{position_id.hex}-{stamp}-{attempts}-{market_version}"'
 
 
-async def load_detail(session: AsyncSession, position: SyntheticPosition) -> PositionDetail:
+async def _weights(
+    session: AsyncSession, indices: IndexCache, codes: set[str]
+) -> dict[str, dict[str, Decimal]]:
+    found: dict[str, dict[str, Decimal]] = {}
+    for code in codes:
+        index = await indices.get(session, code)
+        found[code] = {c.symbol: c.weight for c in index.components} if index else {}
+    return found
+
+
+async def load_detail(
+    session: AsyncSession, position: SyntheticPosition, indices: IndexCache
+) -> PositionDetail:
+    close_plan = (
+        list(await repository.get_close_plan(session, position.id, position.close_round))
+        if position.close_round
+        else []
+    )
+    weights = await _weights(session, indices, {position.index_code})
     return PositionDetail(
         position=position,
         components=list(await repository.get_components(session, position.id)),
         trades=list(await repository.get_trades(session, position.id)),
         issues=list(await reconciliation_rows.get_reconciliation_issues(session, position.id)),
         plan=list(await repository.get_plan(session, position.id)),
+        close_plan=close_plan,
+        weights=weights[position.index_code],
     )
 
 
@@ -229,6 +329,7 @@ async def list_positions(
     user: User,
     *,
     limit: int,
+    indices: IndexCache,
     status: PositionStatus | None = None,
     cursor: str | None = None,
 ) -> PositionPage:
@@ -243,6 +344,8 @@ async def list_positions(
     components: dict[uuid.UUID, list[PositionComponent]] = defaultdict(list)
     trades: dict[uuid.UUID, list[Trade]] = defaultdict(list)
     plans: dict[uuid.UUID, list[PositionLeg]] = defaultdict(list)
+    close_plans: dict[uuid.UUID, list[PositionCloseLeg]] = defaultdict(list)
+    rounds = {p.id: p.close_round for p in page}
     if ids:
         for component in await repository.get_components_of(session, ids):
             components[component.position_id].append(component)
@@ -250,7 +353,22 @@ async def list_positions(
             trades[trade.position_id].append(trade)
         for leg in await repository.get_plans_of(session, ids):
             plans[leg.position_id].append(leg)
+        closed = [p.id for p in page if p.close_round]
+        for close_leg in await repository.get_close_plans_of(session, closed) if closed else []:
+            if close_leg.round == rounds[close_leg.position_id]:
+                close_plans[close_leg.position_id].append(close_leg)
+    weights = await _weights(session, indices, {p.index_code for p in page})
     return PositionPage(
-        items=[PositionDetail(p, components[p.id], trades[p.id], plan=plans[p.id]) for p in page],
+        items=[
+            PositionDetail(
+                p,
+                components[p.id],
+                trades[p.id],
+                plan=plans[p.id],
+                close_plan=close_plans[p.id],
+                weights=weights[p.index_code],
+            )
+            for p in page
+        ],
         next_cursor=_encode_cursor(page[-1]) if more and page else None,
     )

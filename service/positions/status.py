@@ -1,8 +1,8 @@
 """The one function that changes a position's status: the compare-and-set, the finished-count
 metric and the `position.status_changed` audit event, together, after the commit.
 
-Every transition goes through here: the claim and the finish or failure of a run, and the
-recovery sweep giving up on a dead one.
+Every transition goes through here: the claim and the finish or failure of a run, a close
+request, the end of a close, and the recovery sweep giving up on a dead run.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ async def change_status(
     }
     if transition.error is not None:
         fields.update(error=transition.error, leg=transition.failed_leg)
-    if transition.new is PositionStatus.FAILED:
+    if transition.new in (PositionStatus.FAILED, PositionStatus.CLOSE_FAILED):
         log.error("position.status_changed", **fields)
     else:
         log.info("position.status_changed", **fields)

@@ -119,7 +119,9 @@ class _RecordingPublisher:
     def __init__(self) -> None:
         self.sent: list[tuple[uuid.UUID, str | None]] = []
 
-    async def publish(self, position_id: uuid.UUID, *, task_id: str | None = None) -> None:
+    async def publish(
+        self, position_id: uuid.UUID, *, task_id: str | None = None, task: str = ""
+    ) -> None:
         self.sent.append((position_id, task_id))
 
 

@@ -14,6 +14,7 @@ REPORT = ROOT / "docs" / "reliability.md"
 ORDER = (
     "duplicates",
     "crashes",
+    "crashes-closing",
     "deadline",
     "soft-limit",
     "lost-lock",

@@ -1,5 +1,6 @@
-"""Workers SIGKILLed at random points of live baskets: every position still ends ACTIVE or
-FAILED, no order is placed twice, none is left behind. Run with `scripts/dev reliability`;
+"""Workers SIGKILLed at random points of live baskets, opening and closing: every position
+still ends ACTIVE or FAILED (CLOSED when it was being closed), no order is placed twice, none
+is left behind. Run with `scripts/dev reliability`;
 the figures go to docs/reliability.md.
 
 The kill points are random on purpose (before, during and right after orders), so the sleep
@@ -21,7 +22,7 @@ import pytest
 
 from service.config import get_settings
 from tests.integration.conftest import api_client, start_worker
-from tests.reliability.helpers import funded_trader
+from tests.reliability.helpers import funded_trader, wait_final
 from tests.reliability.report import table, write_section
 from tests.support import ApiUser, ServiceProcess, eventually
 
@@ -173,3 +174,134 @@ its heartbeat is that old and its run lock is free); with the defaults (60 s, sw
 20 s) a killed position resumes within about 80 s.
 """
     write_section("crashes", "Workers SIGKILLed at random points", body)
+
+
+@pytest.mark.asyncio
+async def test_random_worker_kills_during_closes_lose_and_double_nothing(
+    service_env: dict[str, str], sim: httpx.AsyncClient, sessions: object, tmp_path: Path
+) -> None:
+    """The same, with the kill inside the closes: each round opens its baskets, closes them
+    all at once and kills the worker at a random point of the closes."""
+    rng = random.Random(int(os.environ.get("CRASH_SEED", "20261129")))
+    await sim.put("/sim/config", json={"latency_ms": 50, "order_rate_limit": 0})
+    beat = ServiceProcess(
+        ["beat", "-s", str(tmp_path / "beat-schedule")], service_env, tmp_path / "beat.log"
+    )
+    outcomes: Counter[str] = Counter()
+    duplicates = closes_placed = left_on_exchange = kills_mid_close = 0
+    recoveries: list[float] = []
+    try:
+        async with api_client(get_settings()) as api:
+            for round_number in range(ROUNDS):
+                user = await funded_trader(sessions, sim, api)
+                opener = start_worker(service_env, tmp_path)
+                try:
+                    ids = []
+                    for _ in range(PER_ROUND):
+                        response = await api.post(
+                            "/api/positions", json=BASKET, headers=user.headers
+                        )
+                        assert response.status_code == 202, response.text
+                        ids.append(response.json()["id"])
+                    opened = await wait_final(api, dict.fromkeys(ids, user), timeout=120)
+                finally:
+                    opener.stop()
+                assert all(p["status"] == "ACTIVE" for p in opened.values())
+                for position_id in ids:
+                    response = await api.post(
+                        f"/api/positions/{position_id}/close", headers=user.headers
+                    )
+                    assert response.status_code == 202, response.text
+                worker = start_worker(service_env, tmp_path)
+
+                async def closing_started(
+                    api: httpx.AsyncClient = api, ids: list[str] = ids, user: ApiUser = user
+                ) -> bool:
+                    first = await api.get(f"/api/positions/{ids[0]}", headers=user.headers)
+                    return bool(first.json()["attempts"] > 0)
+
+                await eventually(
+                    closing_started, timeout=60, interval=0.02, message="closing started"
+                )
+                await asyncio.sleep(rng.uniform(0.0, 1.5))
+                worker.kill()
+                killed_at = time.monotonic()
+                statuses = [
+                    (await api.get(f"/api/positions/{i}", headers=user.headers)).json()["status"]
+                    for i in ids
+                ]
+                kills_mid_close += statuses.count("CLOSING")
+                replacement = start_worker(service_env, tmp_path)
+                try:
+
+                    async def all_closed(
+                        api: httpx.AsyncClient = api, ids: list[str] = ids, user: ApiUser = user
+                    ) -> list[str] | None:
+                        now = [
+                            (await api.get(f"/api/positions/{i}", headers=user.headers)).json()[
+                                "status"
+                            ]
+                            for i in ids
+                        ]
+                        return now if all(s in ("CLOSED", "CLOSE_FAILED") for s in now) else None
+
+                    final = await eventually(
+                        all_closed, timeout=120, interval=0.2, message=f"round {round_number}"
+                    )
+                finally:
+                    replacement.stop()
+                recoveries.append(time.monotonic() - killed_at)
+                outcomes.update(final)
+                orders = (await sim.get("/sim/orders", params={"api_key": user.api_key})).json()[
+                    "orders"
+                ]
+                links = [o["orderLinkId"] for o in orders]
+                duplicates += len(links) - len(set(links))
+                closes_placed += sum(1 for o in orders if o["reduceOnly"])
+                held = (await sim.get(f"/sim/accounts/{user.api_key}/positions")).json()
+                left_on_exchange += len(held["positions"])
+    finally:
+        beat.stop()
+        await sim.put("/sim/config", json={"latency_ms": 0, "order_rate_limit": 10})
+
+    total = ROUNDS * PER_ROUND
+    stuck = total - outcomes["CLOSED"] - outcomes["CLOSE_FAILED"]
+    write_section(
+        "crashes-closing",
+        "Workers SIGKILLed at random points of closes",
+        f"""
+Command: `scripts/dev reliability -k crash` (`CRASH_ROUNDS={ROUNDS} CRASH_POSITIONS={PER_ROUND}`).
+Settings as above.
+
+{ROUNDS} rounds; each opens {PER_ROUND} ten-leg baskets of one account (no kill), then posts a
+close for every one of them, kills the worker's process group with SIGKILL at a random point
+0 to 1.5 s after the first close was claimed, starts a new worker, and lets the recovery sweep
+resume the closes the dead one held (each looks up every order of its round by orderLinkId
+before sending anything).
+
+{
+            table(
+                [
+                    ("positions closed", total),
+                    ("still CLOSING when the worker was killed", kills_mid_close),
+                    ("ended CLOSED", outcomes["CLOSED"]),
+                    ("ended CLOSE_FAILED", outcomes["CLOSE_FAILED"]),
+                    ("left CLOSING (stuck)", stuck),
+                    ("reduce-only orders on the exchange (10 legs each)", closes_placed),
+                    ("orders placed twice (same orderLinkId)", duplicates),
+                    ("positions left open on the exchange after the closes", left_on_exchange),
+                    (
+                        "kill to all closed, median",
+                        f"{sorted(recoveries)[len(recoveries) // 2]:.1f} s",
+                    ),
+                    ("kill to all closed, worst", f"{max(recoveries):.1f} s"),
+                ]
+            )
+        }
+""",
+    )
+    assert duplicates == 0
+    assert stuck == 0
+    assert outcomes["CLOSED"] == total
+    assert closes_placed == 10 * total
+    assert left_on_exchange == 0

@@ -1,0 +1,325 @@
+"""Closing a position: per leg it holds, a reduce-only market order (the opposite side, the
+positionIdx of the position it reduces) for exactly the quantity this position holds on that
+symbol, so another basket's quantity on the same symbol is never touched.
+
+A close has the opening's guarantees: the run holds the position's lock and the account's
+(one basket's orders at a time per account), claims the CLOSING position's round, plans the
+round once (`position_close_legs`) and places each order through the same per-leg protocol
+(`legs`: deterministic orderLinkIds of the round's own, looked up before any re-send,
+remainders of partial fills, ownership proven before each order), with the same retries,
+deadline and recovery sweep. Unlike the opening, a leg that fails for good does not stop the
+others: every leg is tried, and the round ends CLOSED (all flat for this position) or
+CLOSE_FAILED (naming each leg still held and why); a CLOSE_FAILED position can be closed
+again, in a new round with new orderLinkIds for what is still held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import structlog
+
+from service.bybit.auth import ApiCredentials
+from service.execution import accounts, legs, runs
+from service.execution.deps import ExecutionDeps, Run, RunLease
+from service.execution.outcomes import (
+    CredentialsUnreadableError,
+    Outcome,
+    OwnershipLostError,
+    PermanentRunError,
+    RunResult,
+    TransientRunError,
+    leg_message,
+)
+from service.models import PositionCloseLeg, PositionStatus, SyntheticPosition, Trade
+from service.models.position import close_link_id
+from service.positions import repository
+from service.positions.status import Transition, change_status
+
+logger = structlog.stdlib.get_logger("service.execution")
+
+
+async def close_position(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    task_id: str,
+    lease: RunLease,
+    deadline: float | None,
+) -> RunResult:
+    """Run (or resume) the CLOSING position's round, holding its lock already."""
+    log = logger.bind()
+    result: RunResult | None = None
+    holder: SyntheticPosition | None = None
+    async with lease.account(
+        position.user_id, wait_seconds=deps.account_lock_wait_seconds
+    ) as account_locked:
+        if account_locked:
+            holder = await accounts.holder_of(deps, position)
+            if holder is None:
+                result = await _close_holding_account(deps, position, task_id, lease, deadline, log)
+    if result is None:
+        # Another basket of the account is opening or closing: ask again shortly, with no
+        # attempt used (a close never fails for waiting).
+        await accounts.mark_waiting(deps, position.id)
+        log.info(
+            "position.waiting_for_account",
+            busy_with=str(holder.id) if holder is not None else "the account's lock",
+            retry_in_s=deps.account_retry_seconds,
+        )
+        return RunResult(
+            Outcome.RETRY, retry_in=deps.account_retry_seconds, detail="waiting for the account"
+        )
+    if result.outcome in (Outcome.CLOSED, Outcome.CLOSE_FAILED):
+        await accounts.hand_off(deps, position.user_id, log)
+    return result
+
+
+async def _close_holding_account(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    task_id: str,
+    lease: RunLease,
+    deadline: float | None,
+    log: structlog.stdlib.BoundLogger,
+) -> RunResult:
+    key: ApiCredentials | None = None
+    refusal: str | None = None
+    try:
+        key = await runs.credentials(deps, position)
+    except CredentialsUnreadableError as error:
+        log.error("run.credentials_unreadable", error=str(error))
+        waited = (datetime.now(UTC) - position.updated_at).total_seconds()
+        if position.claim is not None or waited <= deps.unreadable_key_grace_seconds:
+            return RunResult(Outcome.ABORTED, detail=str(error))
+        refusal = (
+            f"the stored API key cannot be decrypted ({error}); store it again with "
+            "PUT /api/credentials and close again. No order was sent"
+        )
+    except PermanentRunError as error:
+        refusal = f"{error.message}; no order was sent"
+    async with deps.sessions() as session:
+        claimed = await repository.claim_close(session, position.id, task_id, lock_pid=lease.pid)
+    if claimed is None:
+        log.info("position.discarded", reason="the claim changed before this run could take it")
+        return RunResult(Outcome.DISCARDED, detail="claim lost")
+    structlog.contextvars.bind_contextvars(
+        attempt=claimed.attempts, close_round=claimed.close_round
+    )
+    log.info("position.close_claimed", close_round=claimed.close_round)
+    if key is None:
+        assert refusal is not None
+        return await _end(deps, claimed, task_id, lease, [], log, refusal=refusal)
+    run = Run(
+        claimed,
+        task_id,
+        key,
+        lease,
+        deadline,
+        retries_done=claimed.attempts - 1,
+        close_round=claimed.close_round,
+    )
+    return await _close_claimed(deps, run, log)
+
+
+async def _close_claimed(
+    deps: ExecutionDeps, run: Run, log: structlog.stdlib.BoundLogger
+) -> RunResult:
+    deadline = asyncio.timeout_at(run.deadline)
+    retry: TransientRunError | None = None
+    try:
+        async with deadline:
+            plan = await ensure_close_plan(deps, run.position, log)
+            recorded = await _recorded(deps, run.position, plan)
+            for leg in plan:
+                if leg.error is not None:
+                    continue  # failed for good earlier in this round
+                try:
+                    await legs.execute_legs(
+                        deps,
+                        run,
+                        [leg],
+                        recorded,
+                        log,
+                        ends_position=lambda error: runs.ends_run(deps, run, error),
+                        deadline_expired=deadline.expired,
+                    )
+                except PermanentRunError as error:
+                    await _fail_leg(deps, run, leg, error.message)
+                except TransientRunError as error:
+                    if runs.ends_run(deps, run, error):
+                        reason = f"gave up after {run.retries_done + 1} attempts: {error.message}"
+                        await _fail_leg(deps, run, leg, reason)
+                    else:
+                        # The other legs are still tried; this one in the next run.
+                        retry = retry or error
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        log.warning("run.deadline_passed")
+        passed = TransientRunError("the run's deadline passed before it finished", label="deadline")
+        if not runs.ends_run(deps, run, passed):
+            return await runs.schedule_retry(deps, run, passed, log)
+        return await _finish(deps, run, log, unfinished=passed.message)
+    except OwnershipLostError as error:
+        log.error("position.ownership_lost", error=str(error))
+        return RunResult(Outcome.DISCARDED, detail="ownership lost")
+    if retry is not None:
+        return await runs.schedule_retry(deps, run, retry, log)
+    return await _finish(deps, run, log)
+
+
+def held_by_leg(trades: Sequence[Trade]) -> dict[int, Decimal]:
+    """What each leg holds from the recorded fills: opened less closed."""
+    held: dict[int, Decimal] = {}
+    for trade in trades:
+        signed = trade.quantity if trade.phase == "open" else -trade.quantity
+        held[trade.leg] = held.get(trade.leg, Decimal(0)) + signed
+    return held
+
+
+async def ensure_close_plan(
+    deps: ExecutionDeps, position: SyntheticPosition, log: structlog.stdlib.BoundLogger
+) -> Sequence[PositionCloseLeg]:
+    """The round's legs, planned once from what this position holds when it begins: the
+    recorded fills, never the exchange's position (which other baskets share)."""
+    round_ = position.close_round
+    async with deps.sessions() as session:
+        stored = await repository.get_close_plan(session, position.id, round_)
+        if stored:
+            return stored
+        opening = await repository.get_plan(session, position.id)
+        held = held_by_leg(await repository.get_trades(session, position.id))
+    values: list[dict[str, object]] = [
+        {
+            "position_id": position.id,
+            "round": round_,
+            "leg": leg.leg,
+            "symbol": leg.symbol,
+            "side": "Sell" if leg.side == "Buy" else "Buy",
+            "quantity": held[leg.leg],
+            "position_idx": leg.position_idx,
+            "order_link_id": close_link_id(position.id, round_, leg.leg),
+        }
+        for leg in opening
+        if held.get(leg.leg, Decimal(0)) > 0
+    ]
+    async with deps.sessions() as session:
+        rows = await repository.add_close_plan(session, values)
+        await repository.mark_changed(session, position.id, run_alive=True)
+    log.info(
+        "position.close_planned",
+        close_round=round_,
+        legs=[
+            {"leg": r.leg, "symbol": r.symbol, "side": r.side, "qty": str(r.quantity)} for r in rows
+        ],
+    )
+    return rows
+
+
+def _round_links(plan: Sequence[PositionCloseLeg], remainders: int) -> set[str]:
+    return {
+        link
+        for leg in plan
+        for link in (leg.order_link_id, *(leg.remainder_link(n) for n in range(1, remainders + 1)))
+    }
+
+
+async def _recorded(
+    deps: ExecutionDeps, position: SyntheticPosition, plan: Sequence[PositionCloseLeg]
+) -> list[Trade]:
+    """The fills of this round's orders (earlier rounds' and the opening's are not)."""
+    links = _round_links(plan, deps.remainder_attempts)
+    async with deps.sessions() as session:
+        trades = await repository.get_trades(session, position.id)
+    return [t for t in trades if t.order_link_id in links]
+
+
+async def _fail_leg(deps: ExecutionDeps, run: Run, leg: PositionCloseLeg, reason: str) -> None:
+    """The leg could not be closed in this round (reported as leg.failed by the leg loop)."""
+    assert run.close_round is not None
+    leg.error = reason
+    async with deps.sessions() as session:
+        await repository.fail_close_leg(session, run.position.id, run.close_round, leg.leg, reason)
+
+
+async def _finish(
+    deps: ExecutionDeps,
+    run: Run,
+    log: structlog.stdlib.BoundLogger,
+    *,
+    unfinished: str | None = None,
+) -> RunResult:
+    assert run.close_round is not None
+    async with deps.sessions() as session:
+        plan = list(await repository.get_close_plan(session, run.position.id, run.close_round))
+    return await _end(deps, run.position, run.claim, run.lease, plan, log, unfinished=unfinished)
+
+
+async def _end(
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    claim: str,
+    lease: RunLease,
+    plan: Sequence[PositionCloseLeg],
+    log: structlog.stdlib.BoundLogger,
+    *,
+    refusal: str | None = None,
+    unfinished: str | None = None,
+) -> RunResult:
+    """CLOSED when every leg of the round is flat for this position; otherwise CLOSE_FAILED,
+    naming each leg still held, how much, and why. `refusal`: the round could not begin."""
+    closed: dict[int, Decimal] = {leg.leg: Decimal(0) for leg in plan}
+    if plan:
+        for trade in await _recorded(deps, position, plan):
+            closed[trade.leg] += trade.quantity
+    still_held = [(leg, leg.quantity - closed[leg.leg]) for leg in plan]
+    still_held = [(leg, remaining) for leg, remaining in still_held if remaining > 0]
+    reasons = [
+        f"{leg.error or leg_message(leg, unfinished or _shortfall(leg, closed[leg.leg]))} "
+        f"({remaining} {leg.symbol} still held)"
+        for leg, remaining in still_held
+    ]
+    if refusal is not None:
+        reasons.insert(0, refusal)
+    new = PositionStatus.CLOSE_FAILED if reasons else PositionStatus.CLOSED
+    done = await change_status(
+        deps.sessions,
+        position.id,
+        Transition(
+            PositionStatus.CLOSING,
+            new,
+            require_claim=claim,
+            lock_pid=lease.pid,
+            error="; ".join(reasons) if reasons else None,
+        ),
+        log=log,
+    )
+    if done is None:
+        log.error("position.ownership_lost", error="the close was not this run's to finish")
+        return RunResult(Outcome.DISCARDED, detail="ownership lost")
+    if still_held:
+        log.error(
+            "position.close_incomplete",
+            legs=[
+                {
+                    "leg": leg.leg,
+                    "symbol": leg.symbol,
+                    "side": leg.side,
+                    "planned_qty": str(leg.quantity),
+                    "closed_qty": str(closed[leg.leg]),
+                    "held_qty": str(remaining),
+                    "error": leg.error,
+                }
+                for leg, remaining in still_held
+            ],
+        )
+    if new is PositionStatus.CLOSED:
+        return RunResult(Outcome.CLOSED)
+    return RunResult(Outcome.CLOSE_FAILED, detail="; ".join(reasons))
+
+
+def _shortfall(leg: PositionCloseLeg, closed: Decimal) -> str:
+    return f"closed {closed} of {leg.quantity}; the rest could not be traded"

@@ -1,0 +1,85 @@
+"""What the opening and the closing of a position share about a run: the user's key, whether
+an error ends the run's tries, and scheduling the next try."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import structlog
+
+from service.bybit.auth import ApiCredentials
+from service.credentials.service import load_decrypted
+from service.execution.deps import ExecutionDeps, Run
+from service.execution.outcomes import (
+    CredentialsUnreadableError,
+    Outcome,
+    PermanentRunError,
+    RunError,
+    RunResult,
+    TransientRunError,
+)
+from service.metrics import RETRIES
+from service.models import SyntheticPosition
+from service.positions import repository
+from service.security import CredentialDecryptionError
+
+
+async def credentials(deps: ExecutionDeps, position: SyntheticPosition) -> ApiCredentials:
+    """The user's key, decrypted now (kept only in the run's memory; a rotation of the
+    encryption keys meanwhile changes the stored ciphertext, not the key itself)."""
+    try:
+        async with deps.sessions() as session:
+            found = await load_decrypted(session, deps.cipher, position.user_id)
+    except CredentialDecryptionError as error:
+        raise CredentialsUnreadableError(str(error)) from None
+    if found is None:
+        raise PermanentRunError("the user has no Bybit credentials stored")
+    return found
+
+
+def pause_refunded(deps: ExecutionDeps, run: Run, error: RunError) -> bool:
+    """Waiting out a rate limit or an IP ban is not an attempt, within the pause budget."""
+    if not (error.pause and error.retry_after is not None):
+        return False
+    age = (datetime.now(UTC) - run.position.created_at).total_seconds()
+    return age < deps.pause_budget_seconds
+
+
+def ends_run(deps: ExecutionDeps, run: Run, error: RunError) -> bool:
+    """Is this error the last word (permanent, or transient with no attempt left)?"""
+    if isinstance(error, PermanentRunError):
+        return True
+    return not pause_refunded(deps, run, error) and run.retries_done >= len(deps.retry_delays)
+
+
+async def schedule_retry(
+    deps: ExecutionDeps, run: Run, error: TransientRunError, log: structlog.stdlib.BoundLogger
+) -> RunResult:
+    """The run stops; the claim holder runs again after the next delay (for a rate limit or
+    an IP ban: when it ends, with no attempt used). The caller has checked `ends_run`."""
+    refund = pause_refunded(deps, run, error)
+    if refund:
+        assert error.retry_after is not None
+        delay = error.retry_after  # come back when the limit or the ban ends
+    else:
+        # Never before the exchange said (an IP ban lasts ten minutes or more).
+        delay = max(float(deps.retry_delays[run.retries_done]), error.retry_after or 0.0)
+    async with deps.sessions() as session:
+        due = await repository.set_next_attempt(
+            session,
+            run.position.id,
+            run.claim,
+            delay,
+            lock_pid=run.lease.pid,
+            refund_attempt=refund,
+        )
+    RETRIES.labels(error.metric_label).inc()
+    log.warning(
+        "leg.retry_scheduled",
+        leg=error.leg,
+        error=error.message,
+        retry_in_s=delay,
+        next_attempt_at=due.isoformat() if due else None,
+        **({"attempt_used": False} if refund else {}),
+    )
+    return RunResult(Outcome.RETRY, retry_in=delay, detail=error.message)
