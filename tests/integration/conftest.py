@@ -38,27 +38,39 @@ def simulator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process.stop()
 
 
-@pytest_asyncio.fixture(autouse=True)
-async def warm_market(simulator_url: str, sessions: object) -> AsyncIterator[None]:
-    """What Beat's refresh job does: the simulator's filters and prices in the Redis cache."""
+async def refresh_market(sessions: object, simulator_url: str) -> None:
+    """What Beat's refresh job does: the simulator's filters, prices and mark prices in the
+    Redis cache (tests that move a price call it again)."""
     import redis.asyncio as aioredis
 
     from service.bybit.client import BybitClient, create_http_session
     from service.market.data import MarketData
     from service.market.refresh import refresh_market_cache
-    from service.market.snapshot import CACHE_KEY, MarketCache
+    from service.market.snapshot import MarketCache
 
     redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
-    async with create_http_session(connect_timeout=2, read_timeout=5) as http:
-        market = MarketData(BybitClient(http, simulator_url))
-        await refresh_market_cache(
-            sessions,  # type: ignore[arg-type]
-            market,
-            MarketCache(redis, max_age_seconds=600),
-        )
+    try:
+        async with create_http_session(connect_timeout=2, read_timeout=5) as http:
+            await refresh_market_cache(
+                sessions,  # type: ignore[arg-type]
+                MarketData(BybitClient(http, simulator_url)),
+                MarketCache(redis, max_age_seconds=600),
+            )
+    finally:
+        await redis.aclose()
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def warm_market(simulator_url: str, sessions: object) -> AsyncIterator[None]:
+    import redis.asyncio as aioredis
+
+    from service.market.snapshot import CACHE_KEY
+
+    await refresh_market(sessions, simulator_url)
     try:
         yield
     finally:
+        redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
         await redis.delete(CACHE_KEY)
         await redis.aclose()
 

@@ -16,12 +16,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from service.bybit.client import BybitClient, create_http_session
-from service.market.data import MarketData
-from service.market.refresh import refresh_market_cache
-from service.market.snapshot import MarketCache
 from service.queue import CLOSE_POSITION_TASK, RedisTaskPublisher
 from tests.conftest import TEST_ENV
+from tests.integration.conftest import refresh_market
 from tests.support import ApiUser, ServiceProcess, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -104,18 +101,15 @@ async def _fault(sim: httpx.AsyncClient, user: ApiUser, **fault: Any) -> None:
     response.raise_for_status()
 
 
-async def _refresh_market(sessions: object, simulator_url: str) -> None:
-    """What Beat's refresh job does: the simulator's prices and marks in the shared cache."""
-    redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
-    try:
-        async with create_http_session(connect_timeout=2, read_timeout=5) as http:
-            await refresh_market_cache(
-                sessions,  # type: ignore[arg-type]
-                MarketData(BybitClient(http, simulator_url)),
-                MarketCache(redis, max_age_seconds=600),
-            )
-    finally:
-        await redis.aclose()
+async def _active(
+    client: httpx.AsyncClient, user: ApiUser, index: str = "BLUECHIP", size: str = "2000"
+) -> dict[str, Any]:
+    """A basket of `user` (its key stored first) opened and ACTIVE."""
+    await _store_key(client, user)
+    opened = await _open(client, user, index=index, size=size)
+    active = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
+    assert active["status"] == "ACTIVE", active
+    return active
 
 
 async def test_open_then_close_leaves_the_exchange_flat_and_says_closed(
@@ -237,10 +231,8 @@ async def test_a_transient_close_error_is_retried_and_a_lost_reply_is_looked_up(
 ) -> None:
     user = funded_user
     async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        await _store_key(client, user)
-        opened = await _open(client, user)
-        active = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
-        assert active["status"] == "ACTIVE"
+        active = await _active(client, user)
+        opened = active
         # The first close order gets a 502 (nothing placed); the second lands and its reply
         # is lost.
         await _fault(sim, user, kind="http_status", status=502, times=1)
@@ -265,11 +257,8 @@ async def test_a_permanent_error_on_one_leg_closes_the_others_and_can_be_closed_
 ) -> None:
     user = funded_user
     async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        await _store_key(client, user)
-        opened = await _open(client, user, index="TOP10", size="5000")
-        pid = opened["id"]
-        active = await _until(client, user, pid, ("ACTIVE", "FAILED"))
-        assert active["status"] == "ACTIVE"
+        active = await _active(client, user, index="TOP10", size="5000")
+        pid = active["id"]
         filled = _filled(active)
         # The close's first order (leg 0, BTCUSDT) is refused for good.
         await _fault(sim, user, kind="retcode", retCode=10001, retMsg="params error", times=1)
@@ -305,11 +294,8 @@ async def test_duplicate_close_requests_and_deliveries_place_one_set_of_orders(
     publisher = RedisTaskPublisher(redis, queue=TEST_ENV["CELERY_QUEUE"])
     try:
         async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-            await _store_key(client, user)
-            opened = await _open(client, user, index="TOP10", size="5000")
-            pid = opened["id"]
-            active = await _until(client, user, pid, ("ACTIVE", "FAILED"))
-            assert active["status"] == "ACTIVE"
+            active = await _active(client, user, index="TOP10", size="5000")
+            pid = active["id"]
             answers = await asyncio.gather(
                 *(_close(client, user, pid, key="same") for _ in range(4)),
                 *(_close(client, user, pid) for _ in range(4)),
@@ -345,11 +331,8 @@ async def test_value_and_pnl_follow_the_mark_price_and_the_exit(
 ) -> None:
     user = funded_user
     async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        await _store_key(client, user)
-        opened = await _open(client, user)
-        pid = opened["id"]
-        active = await _until(client, user, pid, ("ACTIVE", "FAILED"))
-        assert active["status"] == "ACTIVE"
+        active = await _active(client, user)
+        pid = active["id"]
         btc_trades = [t for t in active["trades"] if t["symbol"] == "BTCUSDT"]
         qty = sum((Decimal(t["quantity"]) for t in btc_trades), Decimal(0))
         cost = sum((Decimal(t["quantity"]) * Decimal(t["price"]) for t in btc_trades), Decimal(0))
@@ -365,7 +348,7 @@ async def test_value_and_pnl_follow_the_mark_price_and_the_exit(
         mark = (entry * Decimal("1.05")).quantize(Decimal("0.1"))
         moved = await sim.put("/sim/tickers/BTCUSDT", json={"markPrice": str(mark)})
         moved.raise_for_status()
-        await _refresh_market(sessions, simulator_url)
+        await refresh_market(sessions, simulator_url)
 
         async def revalued() -> dict[str, Any] | None:
             body = dict((await client.get(f"/api/positions/{pid}", headers=user.headers)).json())

@@ -22,7 +22,7 @@ import pytest
 
 from service.config import get_settings
 from tests.integration.conftest import api_client, start_worker
-from tests.reliability.helpers import funded_trader, wait_final
+from tests.reliability.helpers import FINAL, funded_trader, wait_final
 from tests.reliability.report import table, write_section
 from tests.support import ApiUser, ServiceProcess, eventually
 
@@ -31,6 +31,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenar
 ROUNDS = int(os.environ.get("CRASH_ROUNDS", "10"))
 PER_ROUND = int(os.environ.get("CRASH_POSITIONS", "5"))
 BASKET = {"index": "TOP10", "size": "5000", "direction": "long"}
+
+
+async def _all_in(
+    api: httpx.AsyncClient, user: ApiUser, ids: list[str], statuses: tuple[str, ...], what: str
+) -> list[str]:
+    """Poll until every position is in one of `statuses`; their statuses then."""
+
+    async def probe() -> list[str] | None:
+        now = [
+            (await api.get(f"/api/positions/{i}", headers=user.headers)).json()["status"]
+            for i in ids
+        ]
+        return now if all(s in statuses for s in now) else None
+
+    return await eventually(probe, timeout=120, interval=0.2, message=what)
 
 
 @pytest.mark.asyncio
@@ -79,21 +94,7 @@ async def test_random_worker_kills_lose_and_double_nothing(
                 kills_mid_basket += statuses.count("EXECUTING")
                 replacement = start_worker(service_env, tmp_path)
                 try:
-
-                    async def all_final(
-                        api: httpx.AsyncClient = api, ids: list[str] = ids, user: ApiUser = user
-                    ) -> list[str] | None:
-                        now = [
-                            (await api.get(f"/api/positions/{i}", headers=user.headers)).json()[
-                                "status"
-                            ]
-                            for i in ids
-                        ]
-                        return now if all(s in ("ACTIVE", "FAILED") for s in now) else None
-
-                    final = await eventually(
-                        all_final, timeout=120, interval=0.2, message=f"round {round_number}"
-                    )
+                    final = await _all_in(api, user, ids, FINAL, f"round {round_number}")
                 finally:
                     replacement.stop()
                 # Bybit's duplicate refusal is the second line of defence: count every time
@@ -233,20 +234,8 @@ async def test_random_worker_kills_during_closes_lose_and_double_nothing(
                 kills_mid_close += statuses.count("CLOSING")
                 replacement = start_worker(service_env, tmp_path)
                 try:
-
-                    async def all_closed(
-                        api: httpx.AsyncClient = api, ids: list[str] = ids, user: ApiUser = user
-                    ) -> list[str] | None:
-                        now = [
-                            (await api.get(f"/api/positions/{i}", headers=user.headers)).json()[
-                                "status"
-                            ]
-                            for i in ids
-                        ]
-                        return now if all(s in ("CLOSED", "CLOSE_FAILED") for s in now) else None
-
-                    final = await eventually(
-                        all_closed, timeout=120, interval=0.2, message=f"round {round_number}"
+                    final = await _all_in(
+                        api, user, ids, ("CLOSED", "CLOSE_FAILED"), f"round {round_number}"
                     )
                 finally:
                     replacement.stop()
