@@ -303,6 +303,13 @@ class BybitClient:
             if not cursor:
                 return executions
 
+    async def get_account_uid(self, credentials: ApiCredentials) -> str:
+        """The UID of the Bybit account the key belongs to (`/v5/user/query-api` userID):
+        two keys of one account share it."""
+        path = "/v5/user/query-api"
+        result = await self._get(path, {}, credentials)
+        return self._parse(result, _user_id, path)
+
     async def get_wallet_balance(self, credentials: ApiCredentials) -> WalletBalance:
         path = "/v5/account/wallet-balance"
         # The USDT coin's row too: under isolated margin the available balance is read there.
@@ -537,3 +544,10 @@ class BybitClient:
             raise BybitServerError(
                 f"unexpected payload: {exc}", path=path, http_status=200
             ) from None
+
+
+def _user_id(result: dict[str, Any]) -> str:
+    uid = result.get("userID")
+    if isinstance(uid, bool) or not isinstance(uid, int | str) or str(uid) in ("", "0"):
+        raise PayloadError(f"query-api has no userID: {uid!r}")
+    return str(uid)

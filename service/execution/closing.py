@@ -16,25 +16,34 @@ again, in a new round with new orderLinkIds for what is still held.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import structlog
 
 from service.bybit.auth import ApiCredentials
-from service.execution import accounts, legs, runs
+from service.bybit.errors import BybitError
+from service.execution import accounts, calls, legs, runs
 from service.execution.deps import ExecutionDeps, Run, RunLease
 from service.execution.outcomes import (
     CredentialsUnreadableError,
     Outcome,
     OwnershipLostError,
     PermanentRunError,
+    RunError,
     RunResult,
     TransientRunError,
     leg_message,
 )
-from service.models import PositionCloseLeg, PositionStatus, SyntheticPosition, Trade
+from service.models import (
+    PlannedLeg,
+    PositionCloseLeg,
+    PositionStatus,
+    SyntheticPosition,
+    Trade,
+)
 from service.models.position import close_link_id
 from service.positions import repository
 from service.positions.status import Transition, change_status
@@ -91,7 +100,8 @@ async def _close_holding_account(
         key = await runs.credentials(deps, position)
     except CredentialsUnreadableError as error:
         log.error("run.credentials_unreadable", error=str(error))
-        waited = (datetime.now(UTC) - position.updated_at).total_seconds()
+        asked = position.close_requested_at or position.updated_at
+        waited = (datetime.now(UTC) - asked).total_seconds()
         if position.claim is not None or waited <= deps.unreadable_key_grace_seconds:
             return RunResult(Outcome.ABORTED, detail=str(error))
         refusal = (
@@ -128,33 +138,18 @@ async def _close_claimed(
     deps: ExecutionDeps, run: Run, log: structlog.stdlib.BoundLogger
 ) -> RunResult:
     deadline = asyncio.timeout_at(run.deadline)
-    retry: TransientRunError | None = None
+    deferred: list[TransientRunError] = []
     try:
         async with deadline:
-            plan = await ensure_close_plan(deps, run.position, log)
+            await _check_account(deps, run)
+            plan = await _plan_round(deps, run, log)
             recorded = await _recorded(deps, run.position, plan)
             for leg in plan:
-                if leg.error is not None:
-                    continue  # failed for good earlier in this round
-                try:
-                    await legs.execute_legs(
-                        deps,
-                        run,
-                        [leg],
-                        recorded,
-                        log,
-                        ends_position=lambda error: runs.ends_run(deps, run, error),
-                        deadline_expired=deadline.expired,
-                    )
-                except PermanentRunError as error:
-                    await _fail_leg(deps, run, leg, error.message)
-                except TransientRunError as error:
-                    if runs.ends_run(deps, run, error):
-                        reason = f"gave up after {run.retries_done + 1} attempts: {error.message}"
-                        await _fail_leg(deps, run, leg, reason)
-                    else:
-                        # The other legs are still tried; this one in the next run.
-                        retry = retry or error
+                if leg.error is not None or leg.closed_elsewhere > 0:
+                    continue  # ended earlier in this round
+                retry = await _close_leg(deps, run, leg, recorded, log, deadline.expired)
+                if retry is not None:
+                    deferred.append(retry)  # the other legs are still tried
     except TimeoutError:
         if not deadline.expired():
             raise
@@ -166,9 +161,184 @@ async def _close_claimed(
     except OwnershipLostError as error:
         log.error("position.ownership_lost", error=str(error))
         return RunResult(Outcome.DISCARDED, detail="ownership lost")
-    if retry is not None:
-        return await runs.schedule_retry(deps, run, retry, log)
+    except TransientRunError as error:
+        # Before any leg: the account check, or looking up the orders sent before.
+        if not runs.ends_run(deps, run, error):
+            return await runs.schedule_retry(deps, run, error, log)
+        reason = f"gave up after {run.retries_done + 1} attempts: {error.message}"
+        return await _finish(deps, run, log, refusal=f"{reason}; close again")
+    except PermanentRunError as error:
+        return await _finish(deps, run, log, refusal=error.message)
+    if deferred:
+        # The latest the exchange asked for decides when the next run comes.
+        worst = max(deferred, key=lambda e: e.retry_after or 0.0)
+        others = [e for e in deferred if e is not worst]
+        return await runs.schedule_retry(deps, run, worst, log, also=others)
     return await _finish(deps, run, log)
+
+
+async def _check_account(deps: ExecutionDeps, run: Run) -> None:
+    """The stored key must trade the account the opening traded: a key of another account
+    would sell what that account holds, not this position."""
+    opened_on = run.position.exchange_uid
+    if opened_on is None:
+        return  # opened before the UID was kept
+    try:
+        uid = await calls.call(deps, deps.exchange.get_account_uid, run.credentials)
+    except BybitError as error:
+        raise calls.classify(error, None, "read the key's account") from None
+    if uid != opened_on:
+        raise PermanentRunError(
+            f"the stored Bybit key is for account {uid}, but this position was opened on "
+            f"account {opened_on}: store a key of that account with PUT /api/credentials and "
+            "close again. No order was sent"
+        )
+
+
+async def _plan_round(
+    deps: ExecutionDeps, run: Run, log: structlog.stdlib.BoundLogger
+) -> Sequence[PositionCloseLeg]:
+    """The round's stored plan, or, for a new round, every order sent before settled first
+    and then the plan made from the fills."""
+    assert run.close_round is not None
+    async with deps.sessions() as session:
+        stored = await repository.get_close_plan(session, run.position.id, run.close_round)
+    if stored:
+        return stored
+    await _settle_sent_orders(deps, run, log)
+    return await ensure_close_plan(deps, run.position, log)
+
+
+async def _settle_sent_orders(
+    deps: ExecutionDeps, run: Run, log: structlog.stdlib.BoundLogger
+) -> None:
+    """Every order this position may have sent whose fill is not recorded (the opening's, or
+    an earlier round's: a run that died after an order, a lookup that kept failing, a
+    deadline) is looked up by its orderLinkId, and what it filled is recorded, before a
+    round is planned from the fills: what was sold already is never sold again."""
+    position = run.position
+    async with deps.sessions() as session:
+        opening = list(await repository.get_plan(session, position.id))
+        earlier = [
+            leg
+            for leg in await repository.get_close_plans_of(session, [position.id])
+            if leg.round != run.close_round
+        ]
+        recorded = {t.order_link_id for t in await repository.get_trades(session, position.id)}
+    every: list[PlannedLeg] = [*opening, *earlier]
+    sent = [leg for leg in every if leg.submitted_at is not None]
+    for leg in sent:
+        links = [] if leg.refused_at is not None else [(0, leg.order_link_id)]
+        links += [(n, leg.remainder_link(n)) for n in range(1, leg.remainders_submitted + 1)]
+        for remainder, link in links:
+            if link in recorded:
+                continue
+            order = legs.LegOrder(leg, remainder, link, leg.quantity)
+            if await legs.lookup_patiently(deps, run.credentials, order) is None:
+                continue  # never placed
+            log.info(
+                "leg.found_existing",
+                leg=leg.leg,
+                symbol=leg.symbol,
+                side=leg.side,
+                order_link_id=link,
+                settled_before_round=run.close_round,
+            )
+            await legs.record_outcome(deps, run, order, log, time.perf_counter())
+
+
+async def _close_leg(
+    deps: ExecutionDeps,
+    run: Run,
+    leg: PositionCloseLeg,
+    recorded: Sequence[Trade],
+    log: structlog.stdlib.BoundLogger,
+    deadline_expired: Callable[[], bool],
+) -> TransientRunError | None:
+    """Try one leg: its orders (legs.execute_legs), then, if it is not flat for this
+    position, why. A transient error is handed back (the leg is tried again by the next
+    run); a refusal, a shortfall or the last attempt's error ends the leg in this round
+    (`leg.failed`), unless the exchange holds nothing of it any more."""
+    error: RunError | None = None
+    try:
+        await legs.execute_legs(
+            deps,
+            run,
+            [leg],
+            recorded,
+            log,
+            ends_position=lambda _: False,  # reported here, once the exchange is asked
+            deadline_expired=deadline_expired,
+        )
+    except PermanentRunError as refused:
+        error = refused
+    except TransientRunError as transient:
+        if not runs.ends_run(deps, run, transient):
+            return transient
+        # Its orders may have landed unseen: the next round looks them up before planning.
+        transient.message = f"gave up after {run.retries_done + 1} attempts: {transient.message}"
+        await _fail_leg(deps, run, leg, transient, log)
+        return None
+    remaining = leg.quantity - await _closed_in_round(deps, run, leg)
+    if remaining <= 0:
+        return None
+    if await _exchange_holds_none(deps, run, leg):
+        # A reduce-only order is capped at (or refused for) what the exchange holds: the
+        # rest was reduced outside the service. Not held, not sold by this round.
+        assert run.close_round is not None
+        leg.closed_elsewhere = remaining
+        async with deps.sessions() as session:
+            await repository.set_closed_elsewhere(
+                session, run.position.id, run.close_round, leg.leg, remaining
+            )
+        log.warning(
+            "leg.closed_elsewhere",
+            leg=leg.leg,
+            symbol=leg.symbol,
+            side=leg.side,
+            qty=str(remaining),
+            order_link_id=leg.order_link_id,
+            error=error.message if error else None,
+        )
+        return None
+    if error is None:
+        shortfall = _shortfall(leg, leg.quantity - remaining)
+        error = PermanentRunError(leg_message(leg, shortfall), leg=leg.leg, label="shortfall")
+        error.qty = remaining
+    await _fail_leg(deps, run, leg, error, log)
+    return None
+
+
+async def _closed_in_round(deps: ExecutionDeps, run: Run, leg: PositionCloseLeg) -> Decimal:
+    links = _round_links([leg], deps.remainder_attempts)
+    async with deps.sessions() as session:
+        trades = await repository.get_trades(session, run.position.id)
+    return sum((t.quantity for t in trades if t.order_link_id in links), Decimal(0))
+
+
+async def _exchange_holds_none(deps: ExecutionDeps, run: Run, leg: PositionCloseLeg) -> bool:
+    """Does the exchange hold nothing on the leg's side of its symbol (positionIdx)? False
+    when that cannot be read: the leg's failure then stands."""
+    try:
+        rows = await calls.checked(
+            deps,
+            "read the position",
+            leg,
+            deps.exchange.get_positions,
+            run.credentials,
+            symbol=leg.symbol,
+        )
+    except RunError:
+        return False
+    held = sum(
+        (
+            row.size
+            for row in rows
+            if row.position_idx == leg.position_idx and row.side == leg.opening_side
+        ),
+        Decimal(0),
+    )
+    return held == 0
 
 
 def held_by_leg(trades: Sequence[Trade]) -> dict[int, Decimal]:
@@ -237,12 +407,21 @@ async def _recorded(
     return [t for t in trades if t.order_link_id in links]
 
 
-async def _fail_leg(deps: ExecutionDeps, run: Run, leg: PositionCloseLeg, reason: str) -> None:
-    """The leg could not be closed in this round (reported as leg.failed by the leg loop)."""
+async def _fail_leg(
+    deps: ExecutionDeps,
+    run: Run,
+    leg: PositionCloseLeg,
+    error: RunError,
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    """The leg could not be closed in this round: not tried again in it (`leg.failed`)."""
     assert run.close_round is not None
-    leg.error = reason
+    legs.report_failed(log, leg, error)
+    leg.error = error.message
     async with deps.sessions() as session:
-        await repository.fail_close_leg(session, run.position.id, run.close_round, leg.leg, reason)
+        await repository.fail_close_leg(
+            session, run.position.id, run.close_round, leg.leg, error.message
+        )
 
 
 async def _finish(
@@ -251,11 +430,21 @@ async def _finish(
     log: structlog.stdlib.BoundLogger,
     *,
     unfinished: str | None = None,
+    refusal: str | None = None,
 ) -> RunResult:
     assert run.close_round is not None
     async with deps.sessions() as session:
         plan = list(await repository.get_close_plan(session, run.position.id, run.close_round))
-    return await _end(deps, run.position, run.claim, run.lease, plan, log, unfinished=unfinished)
+    return await _end(
+        deps,
+        run.position,
+        run.claim,
+        run.lease,
+        plan,
+        log,
+        unfinished=unfinished,
+        refusal=refusal,
+    )
 
 
 async def _end(
@@ -275,7 +464,7 @@ async def _end(
     if plan:
         for trade in await _recorded(deps, position, plan):
             closed[trade.leg] += trade.quantity
-    still_held = [(leg, leg.quantity - closed[leg.leg]) for leg in plan]
+    still_held = [(leg, leg.quantity - closed[leg.leg] - leg.closed_elsewhere) for leg in plan]
     still_held = [(leg, remaining) for leg, remaining in still_held if remaining > 0]
     reasons = [
         f"{leg.error or leg_message(leg, unfinished or _shortfall(leg, closed[leg.leg]))} "

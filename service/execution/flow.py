@@ -68,8 +68,7 @@ async def _execute(
 ) -> RunResult:
     async with deps.run_lock(position_id) as lease:
         if lease is None:
-            log.warning("position.discarded", reason="another run holds the position")
-            return RunResult(Outcome.DISCARDED, detail="locked")
+            return await _locked(deps, position_id, log)
         position = await _eligible(deps, position_id, task_id, log)
         if isinstance(position, RunResult):
             return position
@@ -104,6 +103,25 @@ async def _execute(
             # The account is free: its next basket need not wait for the recovery sweep.
             await accounts.hand_off(deps, position.user_id, log)
         return result
+
+
+async def _locked(
+    deps: ExecutionDeps, position_id: uuid.UUID, log: structlog.stdlib.BoundLogger
+) -> RunResult:
+    """Another run holds the position's lock. A close no task has claimed yet is asked for
+    again shortly: the holder is the opening's run finishing (a close asked for the moment
+    it ended), which will not run the close. Anything else is that run's."""
+    async with deps.sessions() as session:
+        current = await repository.get_position(session, position_id)
+    if current is not None and current.status == PositionStatus.CLOSING and current.claim is None:
+        log.info(
+            "position.waiting_for_lock",
+            reason="another run holds the position",
+            retry_in_s=deps.account_retry_seconds,
+        )
+        return RunResult(Outcome.RETRY, retry_in=deps.account_retry_seconds, detail="locked")
+    log.warning("position.discarded", reason="another run holds the position")
+    return RunResult(Outcome.DISCARDED, detail="locked")
 
 
 async def _eligible(

@@ -53,7 +53,7 @@ async def execute_legs(
             await _execute_leg(deps, run, leg, [t for t in recorded if t.leg == leg.leg], log)
         except RunError as error:
             if error.leg == leg.leg and ends_position(error):
-                _report_failed(log, leg, error)
+                report_failed(log, leg, error)
             raise
         except asyncio.CancelledError:
             # The run's deadline cancels it where it is (asyncio.timeout): on the last
@@ -63,11 +63,11 @@ async def execute_legs(
                     "the run's deadline passed before it finished", leg=leg.leg, label="deadline"
                 )
                 if ends_position(passed):
-                    _report_failed(log, leg, passed)
+                    report_failed(log, leg, passed)
             raise
 
 
-def _report_failed(log: structlog.stdlib.BoundLogger, leg: PlannedLeg, error: RunError) -> None:
+def report_failed(log: structlog.stdlib.BoundLogger, leg: PlannedLeg, error: RunError) -> None:
     log.error(
         "leg.failed",
         leg=leg.leg,
@@ -140,12 +140,12 @@ async def _execute_leg(
             # the price are now.
             sent = LegOrder(leg, remainder, link, leg.quantity - filled)
             try:
-                found = await _lookup_patiently(deps, run.credentials, sent)
+                found = await lookup_patiently(deps, run.credentials, sent)
                 if found is not None:
                     log.info(
                         "leg.found_existing", order_link_id=link, bybit_order_id=found.order_id
                     )
-                    order = await _record_outcome(deps, run, sent, log, time.perf_counter())
+                    order = await record_outcome(deps, run, sent, log, time.perf_counter())
                     filled += order.cum_exec_qty
                     continue
             except RunError as error:
@@ -228,19 +228,26 @@ async def _send_and_record_order(
         if order is not None:
             log.info("leg.found_existing", bybit_order_id=order.order_id)
     if order is None:
+        first_send = not leg_order.may_have_been_sent
         await _prove_ownership(deps, run, leg_order)
         log.info("leg.submitted")
         try:
             await _place(deps, run, leg_order, log)
         except PermanentRunError as error:
+            if error.placed_nothing and first_send and leg_order.remainder == 0:
+                # Marked submitted, but certainly not on the exchange: nothing to look up.
+                async with deps.sessions() as session:
+                    await repository.mark_refused(
+                        session, run.position.id, leg_order.leg.leg, run.close_round
+                    )
             if not refusal_ends_leg:
                 raise
             log.warning("leg.remainder_refused", error=error.message)
             return None
-    return await _record_outcome(deps, run, leg_order, log, started)
+    return await record_outcome(deps, run, leg_order, log, started)
 
 
-async def _record_outcome(
+async def record_outcome(
     deps: ExecutionDeps,
     run: Run,
     leg_order: LegOrder,
@@ -389,12 +396,14 @@ async def _place(
         log.warning("leg.duplicate_order_link_id")
     except BybitError as error:
         if not error.ambiguous:
-            raise calls.classify(error, leg, "place order") from None
+            refused = calls.classify(error, leg, "place order")
+            refused.placed_nothing = True
+            raise refused from None
         log.warning("leg.outcome_unknown", error=str(error))
         if not error.transient:
             # A retCode Bybit does not document: the order may have landed and not be listed
             # yet. Look for it for a while; only if it never shows does the leg fail with it.
-            if await _lookup_patiently(deps, credentials, leg_order) is None:
+            if await lookup_patiently(deps, credentials, leg_order) is None:
                 raise calls.classify(error, leg, "place order") from None
             return
         if await _lookup(deps, credentials, leg_order) is None:
@@ -424,7 +433,7 @@ async def _lookup(
     )
 
 
-async def _lookup_patiently(
+async def lookup_patiently(
     deps: ExecutionDeps, credentials: ApiCredentials, leg_order: LegOrder
 ) -> Order | None:
     """Look the order up until it shows or `visibility_wait_seconds` have passed: Bybit

@@ -60,6 +60,8 @@ class RunError(Exception):
         self.order_link_id: str | None = None
         self.qty: Decimal | None = None
         self.bybit_order_id: str | None = None  # when the exchange had given it
+        # The exchange refused the order outright: it certainly placed nothing.
+        self.placed_nothing = False
         super().__init__(message)
 
 

@@ -38,8 +38,9 @@ async def preflight(
     symbol. A basket that fails half-way leaves the user holding part of an index, so whatever
     can be known before the first order is checked here, in as few exchange calls as can be,
     side by side: every trading instrument's status and filters (one request), prices from
-    the shared snapshot, the balance, and the open positions (and, when the account holds
-    none, one symbol's row for the position mode)."""
+    the shared snapshot, the balance, the open positions (and, when the account holds
+    none, one symbol's row for the position mode), and the account's UID (a close is sent
+    only with a key of the same account)."""
     credentials = run.credentials
     symbols = [leg.symbol for leg in plan]
     fresh = deps.market_max_age_seconds
@@ -49,6 +50,7 @@ async def preflight(
         calls.call(deps, deps.market.prices, symbols, max_age=fresh),
         calls.call(deps, deps.exchange.get_wallet_balance, credentials),
         calls.call(deps, deps.exchange.get_positions, credentials),
+        calls.call(deps, deps.exchange.get_account_uid, credentials),
         return_exceptions=True,
     )
     for result in reads:
@@ -58,12 +60,13 @@ async def preflight(
             raise _refused(log, calls.classify(result, None, "pre-flight reads")) from None
         if isinstance(result, BaseException):
             raise result
-    instruments, prices, wallet, held = cast(
+    instruments, prices, wallet, held, uid = cast(
         tuple[
             dict[str, InstrumentFilters],
             dict[str, Decimal],
             WalletBalance,
             list[PositionInfo],
+            str,
         ],
         tuple(reads),
     )
@@ -98,6 +101,7 @@ async def preflight(
         await repository.set_position_idx(
             session, run.position.id, {leg.leg: leg.position_idx for leg in plan}
         )
+        await repository.set_exchange_uid(session, run.position.id, uid)
     log.info(
         "preflight.passed",
         required_usdt=str(needed),

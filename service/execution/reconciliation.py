@@ -1,13 +1,13 @@
 """Reconciliation (a Beat job): our recorded fills against the exchange's own records.
 
-Every position that may have legs on the exchange (EXECUTING, ACTIVE, FAILED) and changed since
-it was last reconciled is covered once that change has settled (RECONCILE_SETTLE_SECONDS: the
-exchange's history may lag a moment), EXECUTING ones first (a dead run's missing fill is the
-most urgent), then the others, oldest change first, in pages, until none is left or the
+Every position that may have orders on the exchange (all but PENDING) and changed since it was
+last reconciled is covered once that change has settled (RECONCILE_SETTLE_SECONDS: the
+exchange's history may lag a moment), EXECUTING and CLOSING ones first (a dead run's missing
+fill is the most urgent), then the others, oldest change first, in pages, until none is left or the
 run's deadline comes (the next run goes on where this one stopped: `reconciled_at` on each
 position is the durable bookmark). A position whose run is alive right now is left to that run
-and looked at after it. For each leg that was sent, the exchange's order (by orderLinkId) is
-compared with `trades`:
+and looked at after it. For each order that was sent (the opening's legs and every close
+round's), the exchange's order (by orderLinkId) is compared with `trades`:
 - the exchange filled it and we have no trade: `missing_fill` (the fill is recorded now, never
   dropped; on an EXECUTING position this is what a run that died after the fill left behind);
 - quantities or prices differ: `quantity_mismatch` / `price_mismatch`;
@@ -37,8 +37,7 @@ from service.credentials.service import load_decrypted
 from service.execution.deps import ExecutionDeps
 from service.execution.legs import trade_values
 from service.metrics import RECONCILIATION_MISMATCHES
-from service.models import PositionLeg, PositionStatus, SyntheticPosition, Trade
-from service.models.position import remainder_link_id
+from service.models import PlannedLeg, PositionStatus, SyntheticPosition, Trade
 from service.positions import locks, reconciliation_rows, repository
 from service.security import CredentialDecryptionError
 
@@ -63,7 +62,7 @@ class _NotSettled(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Difference:
-    leg: PositionLeg
+    leg: PlannedLeg
     link: str  # the order's orderLinkId: the leg's first, or one for its remainder
     kind: str
     order: Order | None
@@ -106,8 +105,13 @@ async def reconcile_positions(
     # Positions a dead run left EXECUTING first: a fill missing from their books is the most
     # urgent difference there is. Then the final ones.
     for statuses in (
-        [PositionStatus.EXECUTING],
-        [PositionStatus.ACTIVE, PositionStatus.FAILED],
+        [PositionStatus.EXECUTING, PositionStatus.CLOSING],
+        [
+            PositionStatus.ACTIVE,
+            PositionStatus.FAILED,
+            PositionStatus.CLOSED,
+            PositionStatus.CLOSE_FAILED,
+        ],
     ):
         after: tuple[datetime, uuid.UUID] | None = None
         while True:
@@ -137,7 +141,7 @@ async def _reconcile_one(
     report: ReconciliationReport,
     settle_seconds: float,
 ) -> None:
-    if position.status == PositionStatus.EXECUTING and await _left_to_its_run(
+    if PositionStatus(position.status).is_run and await _left_to_its_run(
         deps, position, settle_seconds
     ):
         report.live += 1
@@ -181,8 +185,8 @@ async def _reconcile_one(
 async def _left_to_its_run(
     deps: ExecutionDeps, position: SyntheticPosition, settle_seconds: float
 ) -> bool:
-    """An EXECUTING position is its run's to record while that run is alive, has a retry
-    ahead, or showed a sign of life lately; only what a dead run left behind is ours."""
+    """An EXECUTING or CLOSING position is its run's to record while that run is alive, has a
+    retry ahead, or showed a sign of life lately; only what a dead run left behind is ours."""
     now = datetime.now(UTC)
     if position.next_attempt_at is not None and position.next_attempt_at > now:
         return True
@@ -202,7 +206,9 @@ async def _compare(
     deps: ExecutionDeps, position: SyntheticPosition, report: ReconciliationReport
 ) -> list[_Difference]:
     async with deps.sessions() as session:
-        legs = [leg for leg in await repository.get_plan(session, position.id) if leg.submitted_at]
+        sent: list[PlannedLeg] = [*await repository.get_plan(session, position.id)]
+        sent += await repository.get_close_plans_of(session, [position.id])
+        legs = [leg for leg in sent if leg.submitted_at]
         trades = {t.order_link_id: t for t in await repository.get_trades(session, position.id)}
         credentials = await load_decrypted(session, deps.cipher, position.user_id) if legs else None
     report.positions += 1
@@ -213,11 +219,10 @@ async def _compare(
     differences: list[_Difference] = []
     for leg in legs:
         report.legs += 1
-        # Every order of the leg: the first, and those sent for a partial fill's remainder.
-        links = [leg.order_link_id] + [
-            remainder_link_id(position.id, leg.leg, number)
-            for number in range(1, leg.remainders_submitted + 1)
-        ]
+        # Every order of the leg: the first (unless refused outright), and those sent for a
+        # partial fill's remainder.
+        links = [] if leg.refused_at is not None else [leg.order_link_id]
+        links += [leg.remainder_link(number) for number in range(1, leg.remainders_submitted + 1)]
         for link in links:
             order = await deps.exchange.get_order(
                 credentials, symbol=leg.symbol, order_link_id=link

@@ -3,6 +3,7 @@ an error ends the run's tries, and scheduling the next try."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import structlog
@@ -41,7 +42,11 @@ def pause_refunded(deps: ExecutionDeps, run: Run, error: RunError) -> bool:
     """Waiting out a rate limit or an IP ban is not an attempt, within the pause budget."""
     if not (error.pause and error.retry_after is not None):
         return False
-    age = (datetime.now(UTC) - run.position.created_at).total_seconds()
+    # Measured from when this run's work was asked for: the basket, or its close.
+    began = run.position.created_at
+    if run.close_round is not None and run.position.close_requested_at is not None:
+        began = run.position.close_requested_at
+    age = (datetime.now(UTC) - began).total_seconds()
     return age < deps.pause_budget_seconds
 
 
@@ -53,17 +58,26 @@ def ends_run(deps: ExecutionDeps, run: Run, error: RunError) -> bool:
 
 
 async def schedule_retry(
-    deps: ExecutionDeps, run: Run, error: TransientRunError, log: structlog.stdlib.BoundLogger
+    deps: ExecutionDeps,
+    run: Run,
+    error: TransientRunError,
+    log: structlog.stdlib.BoundLogger,
+    *,
+    also: Sequence[TransientRunError] = (),
 ) -> RunResult:
     """The run stops; the claim holder runs again after the next delay (for a rate limit or
-    an IP ban: when it ends, with no attempt used). The caller has checked `ends_run`."""
+    an IP ban: when it ends, with no attempt used). The caller has checked `ends_run`.
+    `also`: other legs' transient errors of the same run (a close tries every leg): each is
+    reported, and none is retried before the exchange said."""
+    errors = [error, *also]
     refund = pause_refunded(deps, run, error)
     if refund:
         assert error.retry_after is not None
         delay = error.retry_after  # come back when the limit or the ban ends
     else:
         # Never before the exchange said (an IP ban lasts ten minutes or more).
-        delay = max(float(deps.retry_delays[run.retries_done]), error.retry_after or 0.0)
+        delay = float(deps.retry_delays[run.retries_done])
+    delay = max(delay, *(e.retry_after or 0.0 for e in errors))
     async with deps.sessions() as session:
         due = await repository.set_next_attempt(
             session,
@@ -73,13 +87,14 @@ async def schedule_retry(
             lock_pid=run.lease.pid,
             refund_attempt=refund,
         )
-    RETRIES.labels(error.metric_label).inc()
-    log.warning(
-        "leg.retry_scheduled",
-        leg=error.leg,
-        error=error.message,
-        retry_in_s=delay,
-        next_attempt_at=due.isoformat() if due else None,
-        **({"attempt_used": False} if refund else {}),
-    )
+    for each in errors:
+        RETRIES.labels(each.metric_label).inc()
+        log.warning(
+            "leg.retry_scheduled",
+            leg=each.leg,
+            error=each.message,
+            retry_in_s=delay,
+            next_attempt_at=due.isoformat() if due else None,
+            **({"attempt_used": False} if refund else {}),
+        )
     return RunResult(Outcome.RETRY, retry_in=delay, detail=error.message)

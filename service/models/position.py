@@ -78,8 +78,7 @@ class SyntheticPosition(TimestampMixin, Base):
             "updated_at",
             "id",
             postgresql_where=(
-                "status IN ('EXECUTING', 'ACTIVE', 'FAILED') "
-                "AND (reconciled_at IS NULL OR reconciled_at < updated_at)"
+                "status <> 'PENDING' AND (reconciled_at IS NULL OR reconciled_at < updated_at)"
             ),
         ),
     )
@@ -112,6 +111,11 @@ class SyntheticPosition(TimestampMixin, Base):
     close_round: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     # Why the last close ended CLOSE_FAILED (the opening's own failure stays in `error`).
     close_error: Mapped[str | None] = mapped_column(Text)
+    # When the last close was asked for: what its waits and budgets are measured from.
+    close_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The exchange account (Bybit's UID, from /v5/user/query-api) the opening traded, read by
+    # pre-flight: a close sent with a key of another account is refused, nothing sent.
+    exchange_uid: Mapped[str | None] = mapped_column(String(32))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # SHA-256 of the canonical request body sent with the Idempotency-Key.
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
@@ -133,6 +137,9 @@ class PositionLeg(Base):
     order_link_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
     # Set before the order is sent: a leg with it set may exist on the exchange already.
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when the exchange refused the leg's first order outright (it placed nothing): a
+    # basket whose every submitted leg was refused holds nothing.
+    refused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # How many orders for a partly filled leg's remainder may have been sent (each with its
     # own orderLinkId, looked up by a later run before anything is placed again).
     remainders_submitted: Mapped[int] = mapped_column(
@@ -174,11 +181,17 @@ class PositionCloseLeg(Base):
     position_idx: Mapped[int] = mapped_column(Integer, nullable=False)
     order_link_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    refused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     remainders_submitted: Mapped[int] = mapped_column(
         Integer, nullable=False, default=0, server_default="0"
     )
     # Why this leg could not be closed in this round (it is not tried again in the round).
     error: Mapped[str | None] = mapped_column(Text)
+    # What the exchange no longer held of this leg when the round tried it (reduced outside
+    # the service: by hand, a liquidation, ADL): not sold by this round, not held either.
+    closed_elsewhere: Mapped[Decimal] = mapped_column(
+        Numeric, nullable=False, default=0, server_default="0"
+    )
 
     reduce_only = True
 

@@ -23,14 +23,12 @@ async def unreconciled_positions(
     statuses: Sequence[PositionStatus],
     after: tuple[datetime, uuid.UUID] | None = None,
 ) -> Sequence[SyntheticPosition]:
-    """Positions in `statuses` (of those that may have legs on the exchange: EXECUTING,
-    ACTIVE, FAILED) that changed since they were last reconciled, between `window_seconds` and
+    """Positions in `statuses` (of those that may have orders on the exchange: all but
+    PENDING) that changed since they were last reconciled, between `window_seconds` and
     `settle_seconds` ago, oldest change first; `after` is the (updated_at, id) of the last row
     of the previous page."""
     query = select(SyntheticPosition).where(
-        SyntheticPosition.status.in_(
-            [PositionStatus.EXECUTING, PositionStatus.ACTIVE, PositionStatus.FAILED]
-        ),
+        SyntheticPosition.status != PositionStatus.PENDING,
         SyntheticPosition.status.in_(statuses),
         SyntheticPosition.reconciled_at.is_(None)
         | (SyntheticPosition.reconciled_at < SyntheticPosition.updated_at),

@@ -230,6 +230,7 @@ async def compare_and_set_status(
             next_attempt_at=None,
             close_round=SyntheticPosition.close_round + 1,
             close_error=None,
+            close_requested_at=func.now(),
         )
     if new.is_final:
         values.update(next_attempt_at=None)
@@ -611,6 +612,51 @@ async def fail_close_leg(
             PositionCloseLeg.leg == leg,
         )
         .values(error=error)
+        .execution_options(synchronize_session=False)
+    )
+    await mark_changed(session, position_id, run_alive=True)  # GET shows the leg's error
+
+
+async def set_closed_elsewhere(
+    session: AsyncSession, position_id: uuid.UUID, round_: int, leg: int, quantity: Decimal
+) -> None:
+    """The exchange no longer held `quantity` of the leg: the round does not sell it."""
+    await session.execute(
+        update(PositionCloseLeg)
+        .where(
+            PositionCloseLeg.position_id == position_id,
+            PositionCloseLeg.round == round_,
+            PositionCloseLeg.leg == leg,
+        )
+        .values(closed_elsewhere=quantity, error=None)
+        .execution_options(synchronize_session=False)
+    )
+    await mark_changed(session, position_id, run_alive=True)
+
+
+async def mark_refused(
+    session: AsyncSession, position_id: uuid.UUID, leg: int, close_round: int | None
+) -> None:
+    """The leg's first order (the opening's, or close round `close_round`'s) was refused
+    outright: it is not on the exchange."""
+    table = PositionLeg if close_round is None else PositionCloseLeg
+    conditions = [table.position_id == position_id, table.leg == leg]
+    if close_round is not None:
+        conditions.append(PositionCloseLeg.round == close_round)
+    await session.execute(
+        update(table)
+        .where(*conditions)
+        .values(refused_at=func.now())
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def set_exchange_uid(session: AsyncSession, position_id: uuid.UUID, uid: str) -> None:
+    """The Bybit account the opening trades (the first pre-flight's reading stands)."""
+    await session.execute(
+        update(SyntheticPosition)
+        .where(SyntheticPosition.id == position_id, SyntheticPosition.exchange_uid.is_(None))
+        .values(exchange_uid=uid)
         .execution_options(synchronize_session=False)
     )
 

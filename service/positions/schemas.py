@@ -149,6 +149,11 @@ class LegOut(BaseModel):
     close_error: str | None = Field(
         default=None, description="why the last close could not close this leg"
     )
+    closed_elsewhere_quantity: DecimalString = Field(
+        default=Decimal(0),
+        description="what the exchange no longer held of this leg when a close tried it "
+        "(reduced outside the service: by hand, a liquidation): not held, no PnL counted",
+    )
 
 
 class ValueOut(BaseModel):

@@ -77,7 +77,8 @@ class PositionDetail:
     trades: list[Trade]
     issues: list[ReconciliationIssue] = field(default_factory=list)
     plan: list[PositionLeg] = field(default_factory=list)
-    # The legs of the last close round (each with why it could not be closed, if so).
+    # The legs of every close round (each with why it could not be closed, if so, and what
+    # the exchange no longer held of it).
     close_plan: list[PositionCloseLeg] = field(default_factory=list)
     # The index's weight per symbol (the basket's target weights).
     weights: dict[str, Decimal] = field(default_factory=dict)
@@ -228,9 +229,7 @@ async def request_close(
                 raise ConflictError(
                     f"position {position.id} cannot be closed: {_NOT_CLOSEABLE[status]}"
                 )
-            if status is PositionStatus.FAILED and not await repository.get_trades(
-                session, position.id
-            ):
+            if status is PositionStatus.FAILED and not await _may_hold(session, position.id):
                 raise ConflictError(
                     f"position {position.id} cannot be closed: it FAILED with nothing filled, "
                     "so it holds nothing"
@@ -254,6 +253,15 @@ async def request_close(
             return CloseRequested(closing, started=True)
         # The status moved since it was read (a concurrent close): look again.
     raise ConflictError(f"position {position_id} is being closed by another request; retry")
+
+
+async def _may_hold(session: AsyncSession, position_id: uuid.UUID) -> bool:
+    """A fill is recorded, or an order was sent whose outcome may not be (the close looks it
+    up before it plans anything)."""
+    if await repository.get_trades(session, position_id):
+        return True
+    plan = await repository.get_plan(session, position_id)
+    return any(leg.submitted_at is not None and leg.refused_at is None for leg in plan)
 
 
 async def get_position(
@@ -294,7 +302,7 @@ async def load_detail(
     session: AsyncSession, position: SyntheticPosition, indices: IndexCache
 ) -> PositionDetail:
     close_plan = (
-        list(await repository.get_close_plan(session, position.id, position.close_round))
+        list(await repository.get_close_plans_of(session, [position.id]))
         if position.close_round
         else []
     )
@@ -345,7 +353,6 @@ async def list_positions(
     trades: dict[uuid.UUID, list[Trade]] = defaultdict(list)
     plans: dict[uuid.UUID, list[PositionLeg]] = defaultdict(list)
     close_plans: dict[uuid.UUID, list[PositionCloseLeg]] = defaultdict(list)
-    rounds = {p.id: p.close_round for p in page}
     if ids:
         for component in await repository.get_components_of(session, ids):
             components[component.position_id].append(component)
@@ -355,8 +362,7 @@ async def list_positions(
             plans[leg.position_id].append(leg)
         closed = [p.id for p in page if p.close_round]
         for close_leg in await repository.get_close_plans_of(session, closed) if closed else []:
-            if close_leg.round == rounds[close_leg.position_id]:
-                close_plans[close_leg.position_id].append(close_leg)
+            close_plans[close_leg.position_id].append(close_leg)
     weights = await _weights(session, indices, {p.index_code for p in page})
     return PositionPage(
         items=[

@@ -6,7 +6,8 @@ mixing of float and Decimal).
 Per leg, with sign = +1 for a "Buy" (long) leg and -1 for a "Sell" (short) leg:
 
 - filled = Σq over the opening fills, closed = Σq over the closing fills,
-  held = max(filled - closed, 0).
+  held = max(filled - closed - closed_elsewhere, 0) (closed_elsewhere: what the exchange no
+  longer held when a close tried the leg; no PnL is counted on it, its price is not known).
 - cost = Σq·p over the opening fills (`entry_notional`); average_entry = cost / filled;
   average_exit = Σq·p / closed over the closing fills.
 - slippage_bps = sign · (average_entry - reference) / reference · 10000: positive is worse for
@@ -87,6 +88,9 @@ class LegInput:
     opening: Sequence[Fill]  # fills of the opening orders (side = `side`)
     closing: Sequence[Fill]  # fills of the closing (reduce-only, opposite side) orders
     mark_price: Decimal | None  # current mark price, None if unknown
+    # What the exchange no longer held of the leg when a close tried it (reduced outside the
+    # service): neither held nor realised here (its price is not known).
+    closed_elsewhere: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,7 @@ class LegValue:
     unrealised_pnl: Decimal | None
     realised_pnl: Decimal
     fees: Decimal
+    closed_elsewhere_quantity: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +201,8 @@ def _value_leg(leg: LegInput) -> _Leg:
 
     filled, cost = _totals(leg.opening, f"{name} opening fill")
     closed, proceeds = _totals(leg.closing, f"{name} closing fill")
-    held = max(filled - closed, _ZERO)
+    elsewhere = _decimal(leg.closed_elsewhere, f"{name} closed elsewhere", minimum=_ZERO)
+    held = max(filled - closed - elsewhere, _ZERO)
     average_entry = cost / filled if filled > 0 else None
     average_exit = proceeds / closed if closed > 0 else None
     slippage = (
@@ -306,6 +312,7 @@ def value_basket(legs: Sequence[LegInput]) -> BasketValue:
                 unrealised_pnl=_round_or_none(leg.unrealised, MONEY_UNIT),
                 realised_pnl=_round(leg.realised, MONEY_UNIT),
                 fees=_round(leg.fees, MONEY_UNIT),
+                closed_elsewhere_quantity=leg.source.closed_elsewhere,
             )
             for i, leg in enumerate(raw)
         ]

@@ -42,6 +42,9 @@ def _value(detail: PositionDetail, market: MarketSnapshot | None) -> valuation.B
             opening=[_fill(t) for t in detail.trades if t.leg == leg.leg and t.phase == "open"],
             closing=[_fill(t) for t in detail.trades if t.leg == leg.leg and t.phase == "close"],
             mark_price=marks.get(leg.symbol),
+            closed_elsewhere=sum(
+                (c.closed_elsewhere for c in detail.close_plan if c.leg == leg.leg), Decimal(0)
+            ),
         )
         for leg in detail.plan
     ]
@@ -58,7 +61,8 @@ def _value(detail: PositionDetail, market: MarketSnapshot | None) -> valuation.B
 def _legs(
     detail: PositionDetail, value: valuation.BasketValue | None, marked_at: datetime | None
 ) -> list[LegOut]:
-    close_errors = {leg.leg: leg.error for leg in detail.close_plan}
+    last_round = max((leg.round for leg in detail.close_plan), default=0)
+    close_errors = {leg.leg: leg.error for leg in detail.close_plan if leg.round == last_round}
     values = {v.leg: v for v in value.legs} if value is not None else {}
     out = []
     for leg in detail.plan:
@@ -85,6 +89,7 @@ def _legs(
                 "unrealised_pnl": worth.unrealised_pnl,
                 "realised_pnl": worth.realised_pnl,
                 "fees": worth.fees,
+                "closed_elsewhere_quantity": worth.closed_elsewhere_quantity,
             }
         out.append(
             LegOut(
@@ -110,6 +115,9 @@ def _exposure(detail: PositionDetail) -> list[ExposureOut]:
         side = sides.get(trade.leg, trade.side)
         signed = trade.quantity if trade.phase == "open" else -trade.quantity
         held[(trade.symbol, side)] = held.get((trade.symbol, side), Decimal(0)) + signed
+    for gone in detail.close_plan:  # what the exchange no longer held
+        key = (gone.symbol, gone.opening_side)
+        held[key] = held.get(key, Decimal(0)) - gone.closed_elsewhere
     return [ExposureOut(symbol=s, side=side, quantity=q) for (s, side), q in held.items() if q > 0]
 
 

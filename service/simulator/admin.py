@@ -60,8 +60,11 @@ async def post_account(request: web.Request) -> web.Response:
     margin_mode = data.get("margin_mode", "REGULAR_MARGIN")
     if margin_mode not in MARGIN_MODES:
         raise _bad(f"margin_mode must be one of {', '.join(MARGIN_MODES)}")
+    uid = data.get("uid")
+    if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool) or uid <= 0):
+        raise _bad("uid must be a positive integer (two keys of one account share it)")
     account = state.add_account(
-        key, secret, balance, hedge_mode=mode == "hedge", margin_mode=margin_mode
+        key, secret, balance, hedge_mode=mode == "hedge", margin_mode=margin_mode, uid=uid
     )
     for field_name, hedge in (("hedge_symbols", True), ("one_way_symbols", False)):
         symbols = data.get(field_name, [])

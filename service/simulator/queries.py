@@ -294,7 +294,7 @@ def query_api(state: SimulatorState, account: Account, params: dict[str, Any]) -
         "createdAt": "",
         "unified": 0,
         "uta": 1,
-        "userID": 1,
+        "userID": account.user_id,
         "inviterID": 0,
         "vipLevel": "No VIP",
         "mktMakerLevel": "0",

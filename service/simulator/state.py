@@ -3,6 +3,7 @@ faults and request counts. One SimulatorState per app; `reset()` restores the st
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -59,6 +60,13 @@ class Account:
     order_link_ids: set[str] = field(default_factory=set)
     # Accepted private calls per path (ms timestamps), for the rate limit and its headers.
     calls: dict[str, deque[int]] = field(default_factory=dict)
+    # Bybit's UID of the account the key belongs to (query-api's userID); by default one per
+    # key, or given, to model two keys of one account.
+    uid: int | None = None
+
+    @property
+    def user_id(self) -> int:
+        return self.uid if self.uid is not None else zlib.crc32(self.api_key.encode()) % 10**9
 
     def leverage_for(self, symbol: str) -> Decimal:
         return self.leverage.get(symbol, DEFAULT_LEVERAGE)
@@ -346,6 +354,7 @@ class SimulatorState:
         *,
         hedge_mode: bool = False,
         margin_mode: str = "REGULAR_MARGIN",
+        uid: int | None = None,
     ) -> Account:
         """Create or replace an account with a USDT wallet balance. A replaced account starts
         afresh (balance, leverage, positions) but keeps its orders: an orderLinkId it used is
@@ -356,6 +365,7 @@ class SimulatorState:
             wallet_balance=balance,
             hedge_mode=hedge_mode,
             margin_mode=margin_mode,
+            uid=uid,
         )
         previous = self.accounts.get(api_key)
         if previous is not None:

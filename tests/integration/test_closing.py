@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -380,3 +381,125 @@ async def test_value_and_pnl_follow_the_mark_price_and_the_exit(
     assert Decimal(closed["value"]["net_pnl"]) == (
         Decimal(closed["value"]["realised_pnl"]) - Decimal(closed["value"]["fees"])
     )
+
+
+async def test_a_new_round_never_sells_what_an_earlier_round_sold(
+    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+) -> None:
+    """Round 1's orders land but no lookup ever answers: it ends CLOSE_FAILED with their
+    fills unrecorded. Round 2 looks them up before it plans, and sells nothing more, so the
+    other basket's quantity on the same symbols stays."""
+    user = funded_user
+    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
+        first = await _active(client, user, size="2000")
+        second = await _open(client, user, size="3000")
+        kept = _filled(await _until(client, user, second["id"], ("ACTIVE",)))
+        lookups = {"path": "/v5/order/realtime", "api_key": user.api_key}
+        await sim.post(
+            "/sim/faults", json={**lookups, "kind": "http_status", "status": 502, "times": None}
+        )
+        assert (await _close(client, user, first["id"])).status_code == 202
+        unseen = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
+        assert unseen["status"] == "CLOSE_FAILED", unseen
+        assert await _held(sim, user) == kept  # the orders did land
+        (await sim.delete("/sim/faults")).raise_for_status()
+        assert (await _close(client, user, first["id"])).status_code == 202
+        closed = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
+    assert closed["status"] == "CLOSED", closed
+    assert await _held(sim, user) == kept
+    closes = [o for o in await _orders(sim, user) if o["reduceOnly"]]
+    assert len(closes) == len(first["legs"])  # round 2 sent nothing
+    assert all(Decimal(leg["held_quantity"]) == 0 for leg in closed["legs"])
+
+
+async def test_a_leg_reduced_outside_the_service_is_closed_elsewhere_not_failed(
+    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+) -> None:
+    user = funded_user
+    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
+        active = await _active(client, user)
+        btc = _filled(active)["BTCUSDT"]
+        # The user trims BTC on Bybit's own site (or a liquidation, ADL, did).
+        trimmed = await sim.post(
+            "/sim/positions",
+            json={"api_key": user.api_key, "symbol": "BTCUSDT", "side": "Buy", "size": "0.002"},
+        )
+        trimmed.raise_for_status()
+        assert (await _close(client, user, active["id"])).status_code == 202
+        closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+    assert closed["status"] == "CLOSED", closed
+    assert await _held(sim, user) == {}
+    leg = next(leg for leg in closed["legs"] if leg["symbol"] == "BTCUSDT")
+    assert Decimal(leg["closed_quantity"]) == Decimal("0.002")
+    assert Decimal(leg["closed_elsewhere_quantity"]) == btc - Decimal("0.002")
+    assert Decimal(leg["held_quantity"]) == 0
+    assert closed["exposure"] == []
+    events = [_json_line(line) for line in worker.output().splitlines()]
+    assert any(e and e.get("event") == "leg.closed_elsewhere" for e in events)
+
+
+async def test_a_failed_basket_s_unseen_fill_is_found_and_closed(
+    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+) -> None:
+    """The opening's second order lands but its outcome is never read: the basket FAILED
+    with that fill unrecorded. The close looks it up first and closes it too."""
+    user = funded_user
+    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
+        await _store_key(client, user)
+        await _fault(sim, user, kind="delay", skip=1, times=1, delay_ms=3000)
+        opened = await _open(client, user)
+
+        async def first_leg_recorded() -> bool:
+            body = (await client.get(f"/api/positions/{opened['id']}", headers=user.headers)).json()
+            return len(body["trades"]) == 1
+
+        await eventually(first_leg_recorded, timeout=20, message="leg 0 recorded")
+        lookups = {"path": "/v5/order/realtime", "api_key": user.api_key}
+        await sim.post(
+            "/sim/faults", json={**lookups, "kind": "http_status", "status": 502, "times": None}
+        )
+        failed = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
+        (await sim.delete("/sim/faults")).raise_for_status()
+        assert failed["status"] == "FAILED", failed
+        assert len(await _held(sim, user)) == 2  # both legs are on the exchange
+        assert (await _close(client, user, opened["id"])).status_code == 202
+        closed = await _until(client, user, opened["id"], ("CLOSED", "CLOSE_FAILED"))
+    assert closed["status"] == "CLOSED", closed
+    assert await _held(sim, user) == {}
+    assert len([t for t in closed["trades"] if t["phase"] == "open"]) == 2
+
+
+async def test_a_close_with_a_key_of_another_account_sends_nothing(
+    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+) -> None:
+    user = funded_user
+    other = ApiUser(
+        email=user.email,
+        token=user.token,
+        api_key=f"TK{secrets.token_hex(8).upper()}",
+        api_secret=secrets.token_hex(16),
+    )
+    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
+        active = await _active(client, user)
+        # The user now stores a key of another Bybit account, which holds BTC of its own.
+        await sim.post(
+            "/sim/accounts",
+            json={"api_key": other.api_key, "api_secret": other.api_secret, "balance": "1000000"},
+        )
+        await sim.post(
+            "/sim/positions",
+            json={"api_key": other.api_key, "symbol": "BTCUSDT", "side": "Buy", "size": "0.5"},
+        )
+        await _store_key(client, other)
+        assert (await _close(client, user, active["id"])).status_code == 202
+        refused = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+        assert refused["status"] == "CLOSE_FAILED", refused
+        assert "another account" not in refused["close_error"]
+        assert "was opened on account" in refused["close_error"]
+        assert await _held(sim, other) == {"BTCUSDT": Decimal("0.5")}
+        assert await _held(sim, user) == _filled(active)
+        await _store_key(client, user)  # the right key again
+        assert (await _close(client, user, active["id"])).status_code == 202
+        closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+    assert closed["status"] == "CLOSED", closed
+    assert await _held(sim, user) == {}

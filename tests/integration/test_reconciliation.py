@@ -255,3 +255,77 @@ async def test_what_reconciliation_records_moves_the_etag_even_if_the_position_m
         before = await _updated_at(sessions, position_id)
         assert not await mark_reconciled(session, position_id, seen=seen, changed=False)  # type: ignore[arg-type]
     assert await _updated_at(sessions, position_id) == before
+
+
+@pytest.mark.asyncio
+async def test_a_close_round_s_unrecorded_fill_is_found_and_recorded(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient
+) -> None:
+    """A close round that ended with an order's fill unrecorded (its run died, its lookups
+    kept failing): reconciliation finds it by orderLinkId and records it as a closing fill."""
+    import structlog
+
+    from service.bybit.auth import ApiCredentials
+    from service.credentials.service import load_decrypted
+    from service.execution.closing import ensure_close_plan
+    from service.models import PositionStatus
+    from service.positions.status import Transition, change_status
+
+    position_id, token = await _active_position(deps, sessions, sim)
+    closing = await change_status(
+        sessions, position_id, Transition(PositionStatus.ACTIVE, PositionStatus.CLOSING)
+    )
+    assert closing is not None
+    plan = await ensure_close_plan(deps, closing, structlog.stdlib.get_logger("test"))
+    leg = plan[0]
+    async with sessions() as session:
+        credentials = await load_decrypted(session, deps.cipher, closing.user_id)
+        await session.execute(
+            text(
+                "UPDATE position_close_legs SET submitted_at = now() "
+                "WHERE position_id = :id AND round = 1 AND leg = :leg"
+            ),
+            {"id": position_id, "leg": leg.leg},
+        )
+    assert isinstance(credentials, ApiCredentials)
+    await deps.exchange.create_market_order(
+        credentials,
+        symbol=leg.symbol,
+        side=leg.side,
+        qty=leg.quantity,
+        order_link_id=leg.order_link_id,
+        position_idx=leg.position_idx,
+        reduce_only=True,
+    )
+    ended = await change_status(
+        sessions,
+        position_id,
+        Transition(PositionStatus.CLOSING, PositionStatus.CLOSE_FAILED, error="test: run died"),
+    )
+    assert ended is not None
+
+    report = await reconcile_positions(deps)
+
+    assert (leg.order_link_id, "missing_fill") in report.mismatches
+    async with sessions() as session:
+        closing_fills = (
+            (
+                await session.execute(
+                    select(Trade).where(Trade.position_id == position_id, Trade.phase == "close")
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert [(t.order_link_id, t.side, t.quantity) for t in closing_fills] == [
+        (leg.order_link_id, "Buy", leg.quantity)  # DEFI is short: its close buys back
+    ]
+    async with api_client(get_settings()) as api:
+        body = (
+            await api.get(
+                f"/api/positions/{position_id}", headers={"Authorization": f"Bearer {token}"}
+            )
+        ).json()
+    shown = next(x for x in body["legs"] if x["leg"] == leg.leg)
+    assert Decimal(shown["held_quantity"]) == 0
+    assert Decimal(shown["closed_quantity"]) == leg.quantity

@@ -2,11 +2,20 @@
 the Idempotency-Keys of close requests, and the phase of every fill.
 
 - `synthetic_positions.close_round`: how many closes were asked for (their orderLinkIds carry
-  it); `close_error`: why the last one ended CLOSE_FAILED.
-- `position_close_legs`: per round, the reduce-only order of each leg that held something.
+  it); `close_error`: why the last one ended CLOSE_FAILED; `close_requested_at`: when the last
+  was asked for; `exchange_uid`: the Bybit account the opening traded.
+- `position_close_legs`: per round, the reduce-only order of each leg that held something
+  (and what the exchange no longer held of it).
 - `position_close_requests`: the Idempotency-Key of a close request and the round it began.
+- `position_legs.refused_at`: the exchange refused the leg's first order outright (it placed
+  nothing), so a FAILED basket whose submitted legs were all refused holds nothing.
 - `trades.phase`: 'open' or 'close' (every fill recorded before is an opening one).
-- The recovery sweep's index covers CLOSING.
+- The recovery sweep's index covers CLOSING, reconciliation's every status but PENDING (a
+  close's orders are reconciled too).
+
+The CHECK constraints are added NOT VALID and validated after, so the tables are not locked
+against writes while their rows are checked. Deploy the workers before the API: the API
+sends close_position_task, which older workers do not know.
 
 Revision ID: 0005_closing
 Revises: 0004_partial_fills_fee_coins
@@ -33,7 +42,20 @@ def _status_check(statuses: str) -> None:
     op.execute(f"ALTER TABLE synthetic_positions DROP CONSTRAINT {_STATUS_CHECK}")
     op.execute(
         f"ALTER TABLE synthetic_positions ADD CONSTRAINT {_STATUS_CHECK} "
-        f"CHECK (status IN ({statuses}))"
+        f"CHECK (status IN ({statuses})) NOT VALID"
+    )
+    op.execute(f"ALTER TABLE synthetic_positions VALIDATE CONSTRAINT {_STATUS_CHECK}")
+
+
+def _reconciliation_index(statuses: str) -> None:
+    op.drop_index("ix_synthetic_positions_unreconciled", table_name="synthetic_positions")
+    op.create_index(
+        "ix_synthetic_positions_unreconciled",
+        "synthetic_positions",
+        ["updated_at", "id"],
+        postgresql_where=sa.text(
+            f"{statuses} AND (reconciled_at IS NULL OR reconciled_at < updated_at)"
+        ),
     )
 
 
@@ -44,6 +66,11 @@ def upgrade() -> None:
         sa.Column("close_round", sa.Integer(), server_default="0", nullable=False),
     )
     op.add_column("synthetic_positions", sa.Column("close_error", sa.Text()))
+    op.add_column(
+        "synthetic_positions", sa.Column("close_requested_at", sa.DateTime(timezone=True))
+    )
+    op.add_column("synthetic_positions", sa.Column("exchange_uid", sa.String(32)))
+    op.add_column("position_legs", sa.Column("refused_at", sa.DateTime(timezone=True)))
     op.drop_index("ix_synthetic_positions_unfinished", table_name="synthetic_positions")
     op.create_index(
         "ix_synthetic_positions_unfinished",
@@ -51,10 +78,13 @@ def upgrade() -> None:
         ["status", "updated_at"],
         postgresql_where=sa.text("status IN ('PENDING', 'EXECUTING', 'CLOSING')"),
     )
+    _reconciliation_index("status <> 'PENDING'")
     op.add_column("trades", sa.Column("phase", sa.String(8), server_default="open", nullable=False))
     op.execute(
-        "ALTER TABLE trades ADD CONSTRAINT ck_trades_phase_known CHECK (phase IN ('open', 'close'))"
+        "ALTER TABLE trades ADD CONSTRAINT ck_trades_phase_known "
+        "CHECK (phase IN ('open', 'close')) NOT VALID"
     )
+    op.execute("ALTER TABLE trades VALIDATE CONSTRAINT ck_trades_phase_known")
     op.create_table(
         "position_close_legs",
         sa.Column("position_id", sa.Uuid(), nullable=False),
@@ -66,8 +96,10 @@ def upgrade() -> None:
         sa.Column("position_idx", sa.Integer(), nullable=False),
         sa.Column("order_link_id", sa.String(36), nullable=False),
         sa.Column("submitted_at", sa.DateTime(timezone=True)),
+        sa.Column("refused_at", sa.DateTime(timezone=True)),
         sa.Column("remainders_submitted", sa.Integer(), server_default="0", nullable=False),
         sa.Column("error", sa.Text()),
+        sa.Column("closed_elsewhere", sa.Numeric(), server_default="0", nullable=False),
         sa.ForeignKeyConstraint(
             ["position_id"],
             ["synthetic_positions.id"],
@@ -98,6 +130,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Without `phase`, closing fills would read as opening ones (twice what is held): refuse
+    # while any close happened.
+    op.execute(
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM synthetic_positions WHERE close_round > 0) THEN "
+        "RAISE EXCEPTION 'positions were closed: downgrading would misread their fills'; "
+        "END IF; END $$"
+    )
     op.drop_table("position_close_requests")
     op.drop_table("position_close_legs")
     op.execute("ALTER TABLE trades DROP CONSTRAINT ck_trades_phase_known")
@@ -109,6 +148,10 @@ def downgrade() -> None:
         ["status", "updated_at"],
         postgresql_where=sa.text("status IN ('PENDING', 'EXECUTING')"),
     )
+    _reconciliation_index("status IN ('EXECUTING', 'ACTIVE', 'FAILED')")
+    op.drop_column("position_legs", "refused_at")
+    op.drop_column("synthetic_positions", "exchange_uid")
+    op.drop_column("synthetic_positions", "close_requested_at")
     op.drop_column("synthetic_positions", "close_error")
     op.drop_column("synthetic_positions", "close_round")
     _status_check(_OPENING_STATUSES)
