@@ -267,6 +267,7 @@ def order_filter_violation(
     price: Decimal,
     *,
     keep_headroom: bool,
+    reduce_only: bool = False,
 ) -> FilterViolation | None:
     """The exchange's rules for a market order of `quantity` at `price`, in one place: the
     instrument trades, minOrderQty <= quantity <= maxMktOrderQty, and the notional is at
@@ -286,7 +287,9 @@ def order_filter_violation(
         )
     notional = _CONTEXT.multiply(quantity, price)
     minimum = _min_notional(instrument) if keep_headroom else instrument.min_notional_value
-    if notional < minimum:
+    # Bybit's trading rules exempt closing (reduce-only) orders from the minimum order value,
+    # not from the minimum quantity.
+    if notional < minimum and not reduce_only:
         what = f"notional {notional.normalize():f} USDT"
         kept = (
             f" plus the {NOTIONAL_HEADROOM:.0%} kept for price moves ({minimum.normalize():f})"

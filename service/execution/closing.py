@@ -102,7 +102,7 @@ async def _close_holding_account(
         log.error("run.credentials_unreadable", error=str(error))
         asked = position.close_requested_at or position.updated_at
         waited = (datetime.now(UTC) - asked).total_seconds()
-        if position.claim is not None or waited <= deps.unreadable_key_grace_seconds:
+        if waited <= deps.unreadable_key_grace_seconds:
             return RunResult(Outcome.ABORTED, detail=str(error))
         refusal = (
             f"the stored API key cannot be decrypted ({error}); store it again with "
@@ -236,15 +236,17 @@ async def _settle_sent_orders(
             order = legs.LegOrder(leg, remainder, link, leg.quantity)
             if await legs.lookup_patiently(deps, run.credentials, order) is None:
                 continue  # never placed
-            log.info(
-                "leg.found_existing",
+            leg_log = log.bind(
                 leg=leg.leg,
                 symbol=leg.symbol,
                 side=leg.side,
+                qty=str(leg.quantity),
                 order_link_id=link,
-                settled_before_round=run.close_round,
+                remainder=remainder,
+                phase="close" if leg.reduce_only else "open",
             )
-            await legs.record_outcome(deps, run, order, log, time.perf_counter())
+            leg_log.info("leg.found_existing", settled_before_round=run.close_round)
+            await legs.record_outcome(deps, run, order, leg_log, time.perf_counter())
 
 
 async def _close_leg(
@@ -362,6 +364,9 @@ async def ensure_close_plan(
             return stored
         opening = await repository.get_plan(session, position.id)
         held = held_by_leg(await repository.get_trades(session, position.id))
+        # What earlier rounds found the exchange no longer holding is not held either.
+        for gone in await repository.get_close_plans_of(session, [position.id]):
+            held[gone.leg] = held.get(gone.leg, Decimal(0)) - gone.closed_elsewhere
     values: list[dict[str, object]] = [
         {
             "position_id": position.id,

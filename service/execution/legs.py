@@ -186,7 +186,10 @@ async def _tradeable_remainder(
     qty = min((steps * rules.qty_step).quantize(rules.qty_step), rules.max_mkt_order_qty)
     # The price is a few seconds old and may have moved against the leg (that is what thinned
     # the book): keep the same headroom above the minimum as planning does.
-    if order_filter_violation(leg.symbol, qty, rules, price, keep_headroom=True) is not None:
+    violation = order_filter_violation(
+        leg.symbol, qty, rules, price, keep_headroom=True, reduce_only=leg.reduce_only
+    )
+    if violation is not None:
         return None
     return qty
 
@@ -382,6 +385,11 @@ async def _place(
         hedge = leg.position_idx == 0
         leg.position_idx = position_idx_for(leg.opening_side, hedge=hedge)
         await deps.memo.remember_hedge_mode(credentials.account, leg.symbol, hedge)
+        if isinstance(leg, PositionLeg):  # a close reduces the position this one opens
+            async with deps.sessions() as session:
+                await repository.set_position_idx(
+                    session, run.position.id, {leg.leg: leg.position_idx}
+                )
         log.warning("leg.position_mode_changed", hedge_mode=hedge)
         await _prove_ownership(deps, run, leg_order)
         return await create()

@@ -70,10 +70,10 @@ async def schedule_retry(
     `also`: other legs' transient errors of the same run (a close tries every leg): each is
     reported, and none is retried before the exchange said."""
     errors = [error, *also]
-    refund = pause_refunded(deps, run, error)
+    # Waiting out a limit costs no attempt only when nothing else went wrong.
+    refund = all(pause_refunded(deps, run, each) for each in errors)
     if refund:
-        assert error.retry_after is not None
-        delay = error.retry_after  # come back when the limit or the ban ends
+        delay = max(each.retry_after or 0.0 for each in errors)  # when the limits end
     else:
         # Never before the exchange said (an IP ban lasts ten minutes or more).
         delay = float(deps.retry_delays[run.retries_done])

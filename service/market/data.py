@@ -135,6 +135,8 @@ class MarketData:
                 self._prices[symbol] = _Entry(match[0].last_price, self._clock())
                 if match[0].mark_price is not None:
                     self._marks[symbol] = match[0].mark_price
+                else:
+                    self._marks.pop(symbol, None)
         return {s: self._prices[s].value for s in wanted}
 
     def marks(self, symbols: Iterable[str]) -> dict[str, Decimal]:

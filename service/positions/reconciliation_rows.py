@@ -87,6 +87,17 @@ async def add_reconciliation_issue(session: AsyncSession, values: dict[str, obje
     return result.scalar_one_or_none() is not None
 
 
+async def get_reconciliation_issues_of(
+    session: AsyncSession, position_ids: Sequence[uuid.UUID]
+) -> Sequence[ReconciliationIssue]:
+    result = await session.execute(
+        select(ReconciliationIssue)
+        .where(ReconciliationIssue.position_id.in_(position_ids))
+        .order_by(ReconciliationIssue.created_at)
+    )
+    return result.scalars().all()
+
+
 async def get_reconciliation_issues(
     session: AsyncSession, position_id: uuid.UUID
 ) -> Sequence[ReconciliationIssue]:

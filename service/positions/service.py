@@ -353,6 +353,7 @@ async def list_positions(
     trades: dict[uuid.UUID, list[Trade]] = defaultdict(list)
     plans: dict[uuid.UUID, list[PositionLeg]] = defaultdict(list)
     close_plans: dict[uuid.UUID, list[PositionCloseLeg]] = defaultdict(list)
+    issues: dict[uuid.UUID, list[ReconciliationIssue]] = defaultdict(list)
     if ids:
         for component in await repository.get_components_of(session, ids):
             components[component.position_id].append(component)
@@ -360,6 +361,8 @@ async def list_positions(
             trades[trade.position_id].append(trade)
         for leg in await repository.get_plans_of(session, ids):
             plans[leg.position_id].append(leg)
+        for issue in await reconciliation_rows.get_reconciliation_issues_of(session, ids):
+            issues[issue.position_id].append(issue)
         closed = [p.id for p in page if p.close_round]
         for close_leg in await repository.get_close_plans_of(session, closed) if closed else []:
             close_plans[close_leg.position_id].append(close_leg)
@@ -370,6 +373,7 @@ async def list_positions(
                 p,
                 components[p.id],
                 trades[p.id],
+                issues=issues[p.id],
                 plan=plans[p.id],
                 close_plan=close_plans[p.id],
                 weights=weights[p.index_code],

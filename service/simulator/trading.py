@@ -128,7 +128,9 @@ def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) 
         qty = min(abs(size), instrument.max_mkt_order_qty)
     _check_lot_size(instrument, qty, reduce_only=reduce_only)
     last = state.prices[instrument.symbol]
-    if qty * last < instrument.min_notional_value:
+    # Bybit's Derivatives Trading Rules exempt closing orders from the minimum order value
+    # (not from the minimum quantity).
+    if qty * last < instrument.min_notional_value and not reduce_only:
         raise BybitError(
             110094,
             f"Order does not meet minimum order value {plain(instrument.min_notional_value)}USDT",

@@ -503,3 +503,64 @@ async def test_a_close_with_a_key_of_another_account_sends_nothing(
         closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     assert await _held(sim, user) == {}
+
+
+async def test_what_a_round_found_closed_elsewhere_is_not_sold_by_the_next(
+    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+) -> None:
+    """Round 1 finds BTC trimmed on the exchange (closed elsewhere) and fails on ETH; the
+    user then opens another basket; round 2 sells only ETH, never the new basket's BTC."""
+    user = funded_user
+    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
+        first = await _active(client, user)
+        await sim.post(
+            "/sim/positions",
+            json={"api_key": user.api_key, "symbol": "BTCUSDT", "side": "Buy", "size": "0.001"},
+        )
+        # The third order call of the close: BTC (capped), its remainder (refused), then ETH.
+        await _fault(sim, user, kind="retcode", retCode=10001, retMsg="params error", skip=2)
+        assert (await _close(client, user, first["id"])).status_code == 202
+        partly = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
+        assert partly["status"] == "CLOSE_FAILED", partly
+        (await sim.delete("/sim/faults")).raise_for_status()
+        second = await _open(client, user)
+        kept = _filled(await _until(client, user, second["id"], ("ACTIVE",)))
+        assert (await _close(client, user, first["id"])).status_code == 202
+        closed = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
+    assert closed["status"] == "CLOSED", closed
+    assert await _held(sim, user) == kept
+    btc = next(leg for leg in closed["legs"] if leg["symbol"] == "BTCUSDT")
+    assert Decimal(btc["closed_quantity"]) + Decimal(btc["closed_elsewhere_quantity"]) == Decimal(
+        btc["filled_quantity"]
+    )
+    second_round = [o for o in await _orders(sim, user) if "-c2-" in o["orderLinkId"]]
+    assert [o["symbol"] for o in second_round] == ["ETHUSDT"]
+
+
+async def test_a_leg_worth_less_than_the_minimum_order_value_still_closes(
+    api_url: str,
+    worker: ServiceProcess,
+    funded_user: ApiUser,
+    sim: httpx.AsyncClient,
+    sessions: object,
+    simulator_url: str,
+) -> None:
+    """Closing orders are exempt from the minimum order value (Bybit's trading rules): a
+    leg whose price fell far below it is still closed."""
+    user = funded_user
+    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
+        active = await _active(client, user, size="400")
+        eth = next(leg for leg in active["legs"] if leg["symbol"] == "ETHUSDT")
+        cheap = (Decimal(eth["average_entry_price"]) / 40).quantize(Decimal("0.01"))
+        try:
+            (
+                await sim.put("/sim/tickers/ETHUSDT", json={"lastPrice": str(cheap)})
+            ).raise_for_status()
+            await refresh_market(sessions, simulator_url)
+            assert (await _close(client, user, active["id"])).status_code == 202
+            closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+        finally:
+            await sim.put("/sim/tickers/ETHUSDT", json={"lastPrice": eth["reference_price"]})
+            await refresh_market(sessions, simulator_url)
+    assert closed["status"] == "CLOSED", closed
+    assert await _held(sim, user) == {}

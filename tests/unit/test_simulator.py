@@ -805,13 +805,20 @@ async def test_qty_zero_closes_the_position_with_close_on_trigger(simulator: Sim
     assert await simulator.positions() == []
 
 
-async def test_reduce_only_still_needs_the_minimum_order_value(simulator: Simulator) -> None:
-    # Bybit's API docs name no exemption for reduce-only orders, so 110094 applies.
+async def test_reduce_only_is_exempt_from_the_minimum_order_value_not_the_minimum_qty(
+    simulator: Simulator,
+) -> None:
+    # Bybit's Derivatives Trading Rules: closing orders are exempt from the minimum order
+    # value, not from the minimum quantity.
     assert (await simulator.order("mv-open", qty="0.004")).code == 0
     await simulator.admin("PUT", "/sim/tickers/BTCUSDT", {"lastPrice": "1000"})
-    reply = await simulator.order("mv-1", qty="0.004", side="Sell", reduceOnly=True)
-    assert reply.code == 110094
-    assert [p["size"] for p in await simulator.positions()] == ["0.004"]
+    opening = await simulator.order("mv-0", qty="0.004", side="Buy")
+    assert opening.code == 110094  # 4 USDT opening more: refused
+    closing = await simulator.order("mv-1", qty="0.002", side="Sell", reduceOnly=True)
+    assert closing.code == 0  # 2 USDT closing part of it: accepted
+    assert [p["size"] for p in await simulator.positions()] == ["0.002"]
+    dust = await simulator.order("mv-2", qty="0.0005", side="Sell", reduceOnly=True)
+    assert dust.code == 10001  # below minOrderQty 0.001 (and not a multiple of qtyStep)
 
 
 # ---- faults ------------------------------------------------------------------------------

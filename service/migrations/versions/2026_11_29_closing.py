@@ -13,8 +13,9 @@ the Idempotency-Keys of close requests, and the phase of every fill.
 - The recovery sweep's index covers CLOSING, reconciliation's every status but PENDING (a
   close's orders are reconciled too).
 
-The CHECK constraints are added NOT VALID and validated after, so the tables are not locked
-against writes while their rows are checked. Deploy the workers before the API: the API
+The CHECK constraints are added NOT VALID and validated after the migration's transaction
+has committed (an autocommit block), so the tables are not locked against writes while their
+rows are checked. Deploy the workers before the API: the API
 sends close_position_task, which older workers do not know.
 
 Revision ID: 0005_closing
@@ -44,7 +45,6 @@ def _status_check(statuses: str) -> None:
         f"ALTER TABLE synthetic_positions ADD CONSTRAINT {_STATUS_CHECK} "
         f"CHECK (status IN ({statuses})) NOT VALID"
     )
-    op.execute(f"ALTER TABLE synthetic_positions VALIDATE CONSTRAINT {_STATUS_CHECK}")
 
 
 def _reconciliation_index(statuses: str) -> None:
@@ -84,7 +84,7 @@ def upgrade() -> None:
         "ALTER TABLE trades ADD CONSTRAINT ck_trades_phase_known "
         "CHECK (phase IN ('open', 'close')) NOT VALID"
     )
-    op.execute("ALTER TABLE trades VALIDATE CONSTRAINT ck_trades_phase_known")
+
     op.create_table(
         "position_close_legs",
         sa.Column("position_id", sa.Uuid(), nullable=False),
@@ -127,6 +127,10 @@ def upgrade() -> None:
             "position_id", "idempotency_key", name="pk_position_close_requests"
         ),
     )
+    # Checked with writes going on: VALIDATE takes a lock that lets them through.
+    with op.get_context().autocommit_block():
+        op.execute(f"ALTER TABLE synthetic_positions VALIDATE CONSTRAINT {_STATUS_CHECK}")
+        op.execute("ALTER TABLE trades VALIDATE CONSTRAINT ck_trades_phase_known")
 
 
 def downgrade() -> None:
