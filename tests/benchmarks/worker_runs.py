@@ -373,8 +373,8 @@ def run(
             f"{run_mean - floor_mean:.1f} ms to a {floor_mean:.0f} ms basket (API, queue, "
             "database writes before and after every order). Exchange calls per position: "
             f"{latency.calls_per_position:.1f} (the 21 round trips of the floor: the "
-            "pre-flight's filters, prices and balance go out side by side, one request per "
-            "symbol).",
+            "pre-flight's filters, prices, balance, positions and the key's account go out "
+            "side by side, one request each).",
             "",
             "Where the time of a run goes (means over the measured positions, from the "
             "timestamps of the worker's own log events; one exchange round trip in the floor "
