@@ -102,7 +102,9 @@ async def _close_holding_account(
         log.error("run.credentials_unreadable", error=str(error))
         asked = position.close_requested_at or position.updated_at
         waited = (datetime.now(UTC) - asked).total_seconds()
-        if waited <= deps.unreadable_key_grace_seconds:
+        if position.claim is not None or waited <= deps.unreadable_key_grace_seconds:
+            # A round under way is never ended for it (a rotation rolling out): the sweep
+            # sends it again, as it does an opening's.
             return RunResult(Outcome.ABORTED, detail=str(error))
         refusal = (
             f"the stored API key cannot be decrypted ({error}); store it again with "
@@ -332,14 +334,9 @@ async def _exchange_holds_none(deps: ExecutionDeps, run: Run, leg: PositionClose
         )
     except RunError:
         return False
-    held = sum(
-        (
-            row.size
-            for row in rows
-            if row.position_idx == leg.position_idx and row.side == leg.opening_side
-        ),
-        Decimal(0),
-    )
+    # By side, whatever the positionIdx (one-way: 0; hedge: 1 long, 2 short): a mode read
+    # wrong never makes a held position look gone.
+    held = sum((row.size for row in rows if row.side == leg.opening_side), Decimal(0))
     return held == 0
 
 

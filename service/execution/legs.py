@@ -385,11 +385,12 @@ async def _place(
         hedge = leg.position_idx == 0
         leg.position_idx = position_idx_for(leg.opening_side, hedge=hedge)
         await deps.memo.remember_hedge_mode(credentials.account, leg.symbol, hedge)
-        if isinstance(leg, PositionLeg):  # a close reduces the position this one opens
-            async with deps.sessions() as session:
-                await repository.set_position_idx(
-                    session, run.position.id, {leg.leg: leg.position_idx}
-                )
+        # Kept: a later run of the leg (and a close of the position this one opens) sends
+        # the right index.
+        async with deps.sessions() as session:
+            await repository.set_position_idx(
+                session, run.position.id, {leg.leg: leg.position_idx}, close_round=run.close_round
+            )
         log.warning("leg.position_mode_changed", hedge_mode=hedge)
         await _prove_ownership(deps, run, leg_order)
         return await create()

@@ -55,10 +55,13 @@ async def preflight(
     )
     *reads_needed, uid_read = reads
     uid: str | None = None
-    if isinstance(uid_read, BybitError):
+    if isinstance(uid_read, BybitError) and not uid_read.transient:
         # Bybit's Demo Trading does not serve query-api: the basket goes on, and a close
-        # cannot check the account its key trades.
+        # cannot check the account its key trades. (A transient failure is the run's, as
+        # for every other read: the basket is tried again, and the account read with it.)
         log.warning("preflight.account_unknown", error=str(uid_read))
+    elif isinstance(uid_read, BybitError):
+        raise _refused(log, calls.classify(uid_read, None, "pre-flight reads")) from None
     elif isinstance(uid_read, BaseException):
         raise uid_read
     else:

@@ -76,7 +76,9 @@ async def schedule_retry(
         delay = max(each.retry_after or 0.0 for each in errors)  # when the limits end
     else:
         # Never before the exchange said (an IP ban lasts ten minutes or more).
-        delay = float(deps.retry_delays[run.retries_done])
+        # The last delay again if the schedule is spent (a pause that stopped being free
+        # while the other legs were tried): the sweep's run limit still bounds the runs.
+        delay = float(deps.retry_delays[min(run.retries_done, len(deps.retry_delays) - 1)])
     delay = max(delay, *(e.retry_after or 0.0 for e in errors))
     async with deps.sessions() as session:
         due = await repository.set_next_attempt(

@@ -430,15 +430,34 @@ async def mark_changed(
 
 
 async def set_position_idx(
-    session: AsyncSession, position_id: uuid.UUID, by_leg: dict[int, int]
+    session: AsyncSession,
+    position_id: uuid.UUID,
+    by_leg: dict[int, int],
+    *,
+    close_round: int | None = None,
 ) -> None:
-    """The positionIdx each leg's orders are sent with (its symbol's position mode)."""
+    """The positionIdx each leg's orders are sent with (its symbol's position mode): the
+    opening's legs, or close round `close_round`'s."""
     if not by_leg:
         return
+    if close_round is None:
+        await session.execute(
+            update(PositionLeg)
+            .where(PositionLeg.position_id == position_id)
+            .values(
+                position_idx=case(by_leg, value=PositionLeg.leg, else_=PositionLeg.position_idx)
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return
     await session.execute(
-        update(PositionLeg)
-        .where(PositionLeg.position_id == position_id)
-        .values(position_idx=case(by_leg, value=PositionLeg.leg, else_=PositionLeg.position_idx))
+        update(PositionCloseLeg)
+        .where(PositionCloseLeg.position_id == position_id, PositionCloseLeg.round == close_round)
+        .values(
+            position_idx=case(
+                by_leg, value=PositionCloseLeg.leg, else_=PositionCloseLeg.position_idx
+            )
+        )
         .execution_options(synchronize_session=False)
     )
 

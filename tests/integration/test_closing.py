@@ -564,3 +564,37 @@ async def test_a_leg_worth_less_than_the_minimum_order_value_still_closes(
             await refresh_market(sessions, simulator_url)
     assert closed["status"] == "CLOSED", closed
     assert await _held(sim, user) == {}
+
+
+async def test_an_exchange_without_query_api_still_trades_and_closes(
+    api_url: str,
+    worker: ServiceProcess,
+    funded_user: ApiUser,
+    sim: httpx.AsyncClient,
+    sessions: object,
+) -> None:
+    """Bybit's Demo Trading does not serve /v5/user/query-api: the opening goes on without
+    the account's UID (said in the log), and the close without the account check."""
+    from sqlalchemy import text
+
+    user = funded_user
+    refused = {"path": "/v5/user/query-api", "api_key": user.api_key, "times": None}
+    await sim.post("/sim/faults", json={**refused, "kind": "retcode", "retCode": 10005})
+    try:
+        async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
+            active = await _active(client, user)
+            assert (await _close(client, user, active["id"])).status_code == 202
+            closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+    finally:
+        await sim.delete("/sim/faults")
+    assert closed["status"] == "CLOSED", closed
+    async with sessions() as session:  # type: ignore[operator]
+        uid = (
+            await session.execute(
+                text("SELECT exchange_uid FROM synthetic_positions WHERE id = :id"),
+                {"id": uuid.UUID(active["id"])},
+            )
+        ).scalar_one()
+    assert uid is None
+    events = [_json_line(line) for line in worker.output().splitlines()]
+    assert any(e and e.get("event") == "preflight.account_unknown" for e in events)

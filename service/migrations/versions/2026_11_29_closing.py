@@ -13,9 +13,9 @@ the Idempotency-Keys of close requests, and the phase of every fill.
 - The recovery sweep's index covers CLOSING, reconciliation's every status but PENDING (a
   close's orders are reconciled too).
 
-The CHECK constraints are added NOT VALID and validated after the migration's transaction
-has committed (an autocommit block), so the tables are not locked against writes while their
-rows are checked. Deploy the workers before the API: the API
+The CHECK constraints are checked against every row inside the migration's one transaction
+(all or nothing): on a large `trades` table, run it at a quiet moment. Deploy the workers
+before the API: the API
 sends close_position_task, which older workers do not know.
 
 Revision ID: 0005_closing
@@ -43,7 +43,7 @@ def _status_check(statuses: str) -> None:
     op.execute(f"ALTER TABLE synthetic_positions DROP CONSTRAINT {_STATUS_CHECK}")
     op.execute(
         f"ALTER TABLE synthetic_positions ADD CONSTRAINT {_STATUS_CHECK} "
-        f"CHECK (status IN ({statuses})) NOT VALID"
+        f"CHECK (status IN ({statuses}))"
     )
 
 
@@ -81,8 +81,7 @@ def upgrade() -> None:
     _reconciliation_index("status <> 'PENDING'")
     op.add_column("trades", sa.Column("phase", sa.String(8), server_default="open", nullable=False))
     op.execute(
-        "ALTER TABLE trades ADD CONSTRAINT ck_trades_phase_known "
-        "CHECK (phase IN ('open', 'close')) NOT VALID"
+        "ALTER TABLE trades ADD CONSTRAINT ck_trades_phase_known CHECK (phase IN ('open', 'close'))"
     )
 
     op.create_table(
@@ -127,10 +126,6 @@ def upgrade() -> None:
             "position_id", "idempotency_key", name="pk_position_close_requests"
         ),
     )
-    # Checked with writes going on: VALIDATE takes a lock that lets them through.
-    with op.get_context().autocommit_block():
-        op.execute(f"ALTER TABLE synthetic_positions VALIDATE CONSTRAINT {_STATUS_CHECK}")
-        op.execute("ALTER TABLE trades VALIDATE CONSTRAINT ck_trades_phase_known")
 
 
 def downgrade() -> None:
