@@ -254,41 +254,42 @@ async def claim_close(
 ) -> SyntheticPosition | None:
     """A close task takes the CLOSING position's round: unclaimed, or already its own (a retry,
     a redelivery). Not a change of status: the close request made that."""
-    result = await session.execute(
-        update(SyntheticPosition)
-        .where(
-            SyntheticPosition.id == position_id,
-            SyntheticPosition.status == PositionStatus.CLOSING,
-            SyntheticPosition.claim.is_(None) | (SyntheticPosition.claim == claim),
-            lock_held_by(position_id, lock_pid),
-        )
-        .values(
-            claim=claim,
-            heartbeat_at=func.now(),
-            attempts=SyntheticPosition.attempts + 1,
-            next_attempt_at=None,
-            account_wait_since=None,
-            updated_at=func.clock_timestamp(),
-        )
-        .returning(SyntheticPosition)
-        .execution_options(synchronize_session=False, populate_existing=True)
+    return await _take_claim(
+        session, position_id, claim, PositionStatus.CLOSING, lock_pid=lock_pid, unclaimed=True
     )
-    return result.scalar_one_or_none()
 
 
 async def resume_claimed(
     session: AsyncSession, position_id: uuid.UUID, claim: str, *, lock_pid: int | None = None
 ) -> SyntheticPosition | None:
     """The claim holder continues an EXECUTING position (a retry or a redelivery)."""
+    return await _take_claim(
+        session, position_id, claim, PositionStatus.EXECUTING, lock_pid=lock_pid
+    )
+
+
+async def _take_claim(
+    session: AsyncSession,
+    position_id: uuid.UUID,
+    claim: str,
+    status: PositionStatus,
+    *,
+    lock_pid: int | None,
+    unclaimed: bool = False,
+) -> SyntheticPosition | None:
+    """A run of `claim` (re)starts the position in `status`, under its run lock when
+    `lock_pid` is given: one more attempt, no retry due, not waiting, a sign of life."""
+    held = SyntheticPosition.claim == claim
     result = await session.execute(
         update(SyntheticPosition)
         .where(
             SyntheticPosition.id == position_id,
-            SyntheticPosition.status == PositionStatus.EXECUTING,
-            SyntheticPosition.claim == claim,
+            SyntheticPosition.status == status,
+            (SyntheticPosition.claim.is_(None) | held) if unclaimed else held,
             *([lock_held_by(position_id, lock_pid)] if lock_pid is not None else []),
         )
         .values(
+            claim=claim,
             heartbeat_at=func.now(),
             attempts=SyntheticPosition.attempts + 1,
             next_attempt_at=None,
