@@ -624,23 +624,22 @@ async def fail_close_leg(
     session: AsyncSession, position_id: uuid.UUID, round_: int, leg: int, error: str
 ) -> None:
     """A close round's leg could not be closed: it is not tried again in this round."""
-    await session.execute(
-        update(PositionCloseLeg)
-        .where(
-            PositionCloseLeg.position_id == position_id,
-            PositionCloseLeg.round == round_,
-            PositionCloseLeg.leg == leg,
-        )
-        .values(error=error)
-        .execution_options(synchronize_session=False)
-    )
-    await mark_changed(session, position_id, run_alive=True)  # GET shows the leg's error
+    await _update_close_leg(session, position_id, round_, leg, error=error)
 
 
 async def set_closed_elsewhere(
     session: AsyncSession, position_id: uuid.UUID, round_: int, leg: int, quantity: Decimal
 ) -> None:
     """The exchange no longer held `quantity` of the leg: the round does not sell it."""
+    await _update_close_leg(
+        session, position_id, round_, leg, closed_elsewhere=quantity, error=None
+    )
+
+
+async def _update_close_leg(
+    session: AsyncSession, position_id: uuid.UUID, round_: int, leg: int, **values: object
+) -> None:
+    """Write what a close round found of one leg; GET shows it (updated_at moves)."""
     await session.execute(
         update(PositionCloseLeg)
         .where(
@@ -648,7 +647,7 @@ async def set_closed_elsewhere(
             PositionCloseLeg.round == round_,
             PositionCloseLeg.leg == leg,
         )
-        .values(closed_elsewhere=quantity, error=None)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     await mark_changed(session, position_id, run_alive=True)

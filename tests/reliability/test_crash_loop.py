@@ -33,16 +33,19 @@ PER_ROUND = int(os.environ.get("CRASH_POSITIONS", "5"))
 BASKET = {"index": "TOP10", "size": "5000", "direction": "long"}
 
 
+async def _statuses(api: httpx.AsyncClient, user: ApiUser, ids: list[str]) -> list[str]:
+    return [
+        (await api.get(f"/api/positions/{i}", headers=user.headers)).json()["status"] for i in ids
+    ]
+
+
 async def _all_in(
     api: httpx.AsyncClient, user: ApiUser, ids: list[str], statuses: tuple[str, ...], what: str
 ) -> list[str]:
     """Poll until every position is in one of `statuses`; their statuses then."""
 
     async def probe() -> list[str] | None:
-        now = [
-            (await api.get(f"/api/positions/{i}", headers=user.headers)).json()["status"]
-            for i in ids
-        ]
+        now = await _statuses(api, user, ids)
         return now if all(s in statuses for s in now) else None
 
     return await eventually(probe, timeout=120, interval=0.2, message=what)
@@ -87,10 +90,7 @@ async def test_random_worker_kills_lose_and_double_nothing(
                 await asyncio.sleep(rng.uniform(0.0, 1.5))
                 worker.kill()
                 killed_at = time.monotonic()
-                statuses = [
-                    (await api.get(f"/api/positions/{i}", headers=user.headers)).json()["status"]
-                    for i in ids
-                ]
+                statuses = await _statuses(api, user, ids)
                 kills_mid_basket += statuses.count("EXECUTING")
                 replacement = start_worker(service_env, tmp_path)
                 try:
@@ -227,10 +227,7 @@ async def test_random_worker_kills_during_closes_lose_and_double_nothing(
                 await asyncio.sleep(rng.uniform(0.0, 1.5))
                 worker.kill()
                 killed_at = time.monotonic()
-                statuses = [
-                    (await api.get(f"/api/positions/{i}", headers=user.headers)).json()["status"]
-                    for i in ids
-                ]
+                statuses = await _statuses(api, user, ids)
                 kills_mid_close += statuses.count("CLOSING")
                 replacement = start_worker(service_env, tmp_path)
                 try:
