@@ -371,20 +371,22 @@ async def shared_account_scenario(
     worker = start_worker(service_env, tmp_path)
     seen_waiting = False
 
-    async def watch(position_id: str) -> dict[str, Any] | None:
+    async def watch(position_ids: list[str]) -> list[dict[str, Any]] | None:
+        # Both are read on every poll: the one that waits may be either, and its wait ends
+        # when the other is final.
         nonlocal seen_waiting
-        body = (await api.get(f"/api/positions/{position_id}", headers=user.headers)).json()
-        seen_waiting = seen_waiting or body["waiting_for_account"]
-        return body if body["status"] in FINAL else None
+        found = [
+            (await api.get(f"/api/positions/{i}", headers=user.headers)).json()
+            for i in position_ids
+        ]
+        seen_waiting = seen_waiting or any(b["waiting_for_account"] for b in found)
+        return found if all(b["status"] in FINAL for b in found) else None
 
     try:
         ids = await asyncio.gather(post(api, user, BLUECHIP_1000), post(api, user, BLUECHIP_1000))
-        bodies = [
-            await eventually(
-                lambda i=i: watch(i), timeout=90, interval=0.02, message="a final status"
-            )
-            for i in ids
-        ]
+        bodies = await eventually(
+            lambda: watch(ids), timeout=90, interval=0.02, message="final statuses"
+        )
     finally:
         worker.stop()
     placed = await orders(sim, user)
