@@ -14,6 +14,7 @@ from service.simulator.state import DEFAULT_BALANCE, MARGIN_MODES
 from service.simulator.values import loose_decimal, price_string, scaled
 
 INSTRUMENT_STATUSES = ("PreLaunch", "Trading", "Delivering", "Closed")
+BATCH_MAX_ORDERS_RANGE = range(1, 101)
 
 
 def _bad(message: str) -> web.HTTPBadRequest:
@@ -150,14 +151,26 @@ async def get_requests(request: web.Request) -> web.Response:
 
 
 async def get_calls(request: web.Request) -> web.Response:
-    """The journal of /v5 calls as they arrived, filtered by `api_key` and `path`."""
+    """The journal of /v5 calls as they arrived, filtered by `api_key` and `path`. A batch is
+    listed once per order it carried, so orders are counted alike however they were sent."""
     key, path = request.query.get("api_key"), request.query.get("path")
     calls = [
-        c
+        entry
         for c in request.app[STATE_KEY].journal
         if (key is None or c["api_key"] == key) and (path is None or c["path"] == path)
+        for entry in _per_order(c)
     ]
     return web.json_response({"calls": calls})
+
+
+def _per_order(call: dict[str, Any]) -> list[dict[str, Any]]:
+    """A journal entry as /sim/calls lists it: a batch's entry (it keeps its items'
+    orderLinkIds in `batch_links`) becomes one entry per item, with the batch's arrival."""
+    links = call.get("batch_links")
+    if not links:
+        return [call]
+    shared = {name: value for name, value in call.items() if name != "batch_links"}
+    return [{**shared, "order_link_id": link} for link in links]
 
 
 def _instrument(request: web.Request) -> Instrument:
@@ -232,6 +245,8 @@ async def put_config(request: web.Request) -> web.Response:
         "latency_ms",
         "slippage_bps",
         "order_rate_limit",
+        "batch_rate_limit",
+        "batch_max_orders",
         "fill_ratio",
         "clock_offset_ms",
         "account_limits",
@@ -247,10 +262,15 @@ async def put_config(request: web.Request) -> web.Response:
         raise _bad(f"unknown fields: {', '.join(sorted(unknown))}")
     if "fill_ratio" in data and _decimal(data, "fill_ratio") > 1:
         raise _bad("fill_ratio must be between 0 and 1")
+    if "batch_max_orders" in data and (
+        _integer(data, "batch_max_orders") not in BATCH_MAX_ORDERS_RANGE
+    ):
+        raise _bad("batch_max_orders must be between 1 and 100")
     if "latency_ms" in data:
         config.latency_ms = _integer(data, "latency_ms")
-    if "order_rate_limit" in data:
-        config.order_rate_limit = _integer(data, "order_rate_limit")
+    for name in ("order_rate_limit", "batch_rate_limit", "batch_max_orders"):
+        if name in data:
+            setattr(config, name, _integer(data, name))
     if "slippage_bps" in data:
         config.slippage_bps = _decimal(data, "slippage_bps")
     if "fill_ratio" in data:

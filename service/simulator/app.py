@@ -10,12 +10,12 @@ from typing import Any
 
 from aiohttp import web
 
-from service.simulator import admin, market, queries, trading
+from service.simulator import admin, market, orders, queries, trading
 from service.simulator.auth import authenticate
 from service.simulator.errors import BybitError, envelope, now_ms, params_error
 from service.simulator.faults import Fault, client_gone, drop, pause, replacement
 from service.simulator.keys import CLOSING_KEY, IN_FLIGHT_KEY, STATE_KEY, InFlight
-from service.simulator.ratelimit import admit, ip_admit
+from service.simulator.ratelimit import admit, admit_batch, ip_admit
 from service.simulator.state import Account, SimulatorState
 
 PublicHandler = Callable[[SimulatorState, dict[str, Any]], dict[str, Any]]
@@ -26,8 +26,11 @@ PUBLIC: dict[str, PublicHandler] = {
     "/v5/market/instruments-info": market.instruments_info,
     "/v5/market/tickers": market.tickers,
 }
+# create-batch is private but answered on its own (`_answer_batch`): it counts orders, not
+# requests, against its rate limit, and its reply carries a retExtInfo list.
+BATCH = ("POST", orders.BATCH_CREATE)
 PRIVATE: dict[tuple[str, str], PrivateHandler] = {
-    ("POST", "/v5/order/create"): trading.create_order,
+    ("POST", orders.ORDER_CREATE): orders.create_order,
     ("POST", "/v5/position/set-leverage"): trading.set_leverage,
     ("GET", "/v5/order/realtime"): queries.order_realtime,
     ("GET", "/v5/order/history"): queries.order_history,
@@ -68,15 +71,7 @@ async def _v5(request: web.Request) -> web.StreamResponse:
     state.requests[path] += 1
     arrived = now_ms()
     raw = await request.read()
-    state.journal.append(
-        {
-            "method": request.method,
-            "path": path,
-            "api_key": request.headers.get("X-BAPI-API-KEY"),
-            "arrived_ms": arrived,
-            "order_link_id": _order_link_id(raw) if request.method == "POST" else None,
-        }
-    )
+    state.journal.append(_journal_entry(request, path, arrived, raw))
     if state.config.latency_ms:
         await pause(state.config.latency_ms / 1000, closing.is_set)
     if arrived < state.banned_until_ms or not ip_admit(
@@ -104,11 +99,31 @@ async def _v5(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _order_link_id(raw: bytes) -> str | None:
+def _journal_entry(request: web.Request, path: str, arrived: int, raw: bytes) -> dict[str, Any]:
+    """The call as it arrived; a POST's orderLinkId, and a batch's orderLinkIds (one per
+    item, for /sim/calls to list each order)."""
+    body = _json_or_none(raw) if request.method == "POST" else None
+    entry: dict[str, Any] = {
+        "method": request.method,
+        "path": path,
+        "api_key": request.headers.get("X-BAPI-API-KEY"),
+        "arrived_ms": arrived,
+        "order_link_id": _order_link_id(body),
+    }
+    items = body.get("request") if isinstance(body, dict) and path == orders.BATCH_CREATE else None
+    if isinstance(items, list) and items:
+        entry["batch_links"] = [_order_link_id(item) for item in items]
+    return entry
+
+
+def _json_or_none(raw: bytes) -> Any:
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except ValueError:
         return None
+
+
+def _order_link_id(body: Any) -> str | None:
     link = body.get("orderLinkId") if isinstance(body, dict) else None
     return link if isinstance(link, str) else None
 
@@ -140,7 +155,7 @@ async def _answer(
         except BybitError as error:
             return _json(envelope(code=error.code, msg=error.msg))
     handler = PRIVATE.get((request.method, path))
-    if handler is None:
+    if handler is None and (request.method, path) != BATCH:
         return web.Response(status=404, text="404 page not found")
     get = request.method == "GET"
     # The payload is what arrived: the raw query string, or the raw body.
@@ -149,6 +164,8 @@ async def _answer(
         account = authenticate(state, request.headers, payload, server_ms=state.server_ms())
     except BybitError as error:
         return _json(envelope(code=error.code, msg=error.msg))
+    if handler is None:
+        return _answer_batch(request, state, account, raw)
     rate = admit(
         account,
         path,
@@ -160,21 +177,59 @@ async def _answer(
     if rate.refused:
         state.refusals["10006"] += 1
         return _json(envelope(code=10006, msg="Too many visits!"), headers)
-    limit = state.config.max_in_flight
-    if limit and request.app[IN_FLIGHT_KEY].count > limit:
-        state.refusals["429"] += 1
-        return _json(
-            envelope(
-                code=429,
-                msg="The trading service is experiencing a high server load. Please retry.",
-            ),
-            headers,
-        )
+    overloaded = _overloaded(request, state, headers)
+    if overloaded is not None:
+        return overloaded
     try:
         params = dict(request.query) if get else _body_params(raw)
         return _json(envelope(handler(state, account, params)), headers)
     except BybitError as error:
         return _json(envelope(code=error.code, msg=error.msg), headers)
+
+
+def _answer_batch(
+    request: web.Request, state: SimulatorState, account: Account, raw: bytes
+) -> web.Response:
+    """create-batch, once authenticated: the rate limit counts its orders (the first ones
+    within what is left go on, the rest fail one by one with 10006; with nothing left the
+    whole request is 10006), then the load, then a batch that cannot be taken is 10001 as a
+    whole; otherwise every order gets its own outcome under retCode 0."""
+    refusal: BybitError | None = None
+    batch: list[dict[str, Any]] = []
+    try:
+        batch = orders.batch_orders(_body_params(raw), state.config.batch_max_orders)
+    except BybitError as error:
+        refusal = error  # answered after the rate limit, which is checked first
+    rate = admit_batch(account, state.config.batch_rate_limit, len(batch), now_ms())
+    headers = rate.status.headers()
+    if rate.status.refused:
+        state.refusals["10006"] += 1
+        return _json(envelope(code=10006, msg="Too many visits!"), headers)
+    overloaded = _overloaded(request, state, headers)
+    if overloaded is not None:
+        return overloaded
+    if refusal is not None:
+        return _json(envelope(code=refusal.code, msg=refusal.msg), headers)
+    # Each order the rate limit cut off counts as a refusal of its own.
+    state.refusals["10006"] += len(batch) - rate.granted
+    reply = orders.create_batch(state, account, batch, rate.granted)
+    return _json(envelope(reply.result, ext=reply.ext), headers)
+
+
+def _overloaded(
+    request: web.Request, state: SimulatorState, headers: dict[str, str]
+) -> web.Response | None:
+    """retCode 429 "high server load" with more private requests in flight than allowed."""
+    limit = state.config.max_in_flight
+    if not limit or request.app[IN_FLIGHT_KEY].count <= limit:
+        return None
+    state.refusals["429"] += 1
+    return _json(
+        envelope(
+            code=429, msg="The trading service is experiencing a high server load. Please retry."
+        ),
+        headers,
+    )
 
 
 def create_app(state: SimulatorState | None = None) -> web.Application:

@@ -24,12 +24,15 @@ def params_error(detail: str) -> BybitError:
     return BybitError(10001, f"params error: {detail}")
 
 
-def envelope(result: Any = None, code: int = 0, msg: str = "OK") -> dict[str, Any]:
-    """`{"retCode", "retMsg", "result", "retExtInfo", "time"}`, exactly as Bybit frames it."""
+def envelope(
+    result: Any = None, code: int = 0, msg: str = "OK", ext: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`{"retCode", "retMsg", "result", "retExtInfo", "time"}`, exactly as Bybit frames it.
+    `ext` fills retExtInfo, which is `{}` except on batch replies (`{"list": [...]}`)."""
     return {
         "retCode": code,
         "retMsg": msg,
         "result": result if result is not None else {},
-        "retExtInfo": {},
+        "retExtInfo": ext if ext is not None else {},
         "time": now_ms(),
     }

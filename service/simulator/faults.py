@@ -1,4 +1,9 @@
-"""Scripted faults: which call gets which failure, and how each failure is delivered."""
+"""Scripted faults: which call gets which failure, and how each failure is delivered.
+
+A fault with a `symbol` is a per-order fault: it never applies to a request as a whole, but
+to each order for that symbol on its path (each item of order/create-batch, or an
+order/create), counted order by order, and only as `retcode` or `retcode_after_fill`.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,10 @@ KINDS = (
     "drop_after_fill",
     "retcode_after_fill",
 )
+# What a per-order fault can do to one order: refuse it, or carry it out and report it failed
+# (an ambiguous order). The others act on a connection, which a batch's orders share.
+ORDER_KINDS = ("retcode", "retcode_after_fill")
+ORDER_PATHS = ("/v5/order/create-batch", "/v5/order/create")
 DEFAULT_HANG_MS = 60_000
 DEFAULT_DELAY_MS = 1_000
 POLL_SECONDS = 0.02
@@ -40,6 +49,7 @@ class Fault:
     skip: int = 0
     times: int | None = 1  # None: for ever
     api_key: str | None = None
+    symbol: str | None = None  # a per-order fault: the orders for this symbol
     status: int = 502
     body: str | None = None
     ret_code: int = 10016
@@ -59,6 +69,7 @@ class Fault:
         api_key = data.get("api_key")
         if api_key is not None and not isinstance(api_key, str):
             raise ValueError("api_key must be a string")
+        symbol = _order_symbol(data, kind, path)
         body = data.get("body")
         if body is not None and not isinstance(body, str):
             raise ValueError("body must be a string")
@@ -71,6 +82,7 @@ class Fault:
             skip=_count(data.get("skip", 0), "skip"),
             times=None if times is None else _count(times, "times"),
             api_key=api_key,
+            symbol=symbol,
             status=_count(data.get("status", 502), "status"),
             body=body,
             ret_code=_integer(data.get("retCode", 10016), "retCode"),
@@ -93,9 +105,27 @@ class Fault:
             "skip": self.skip,
             "times": self.times,
             "api_key": self.api_key,
+            "symbol": self.symbol,
             "seen": self.seen,
             "applied": self.applied,
         }
+
+
+def _order_symbol(data: dict[str, Any], kind: str, path: str) -> str | None:
+    """The symbol of a per-order fault (None for a request fault); ValueError when the fault
+    cannot act on single orders."""
+    symbol = data.get("symbol")
+    if symbol is None:
+        return None
+    if not isinstance(symbol, str) or not symbol:
+        raise ValueError("symbol must be a symbol such as ETHUSDT")
+    if kind not in ORDER_KINDS:
+        raise ValueError(
+            f"a fault with a symbol acts on single orders: kind must be {' or '.join(ORDER_KINDS)}"
+        )
+    if path not in ORDER_PATHS:
+        raise ValueError(f"a fault with a symbol needs path {' or '.join(ORDER_PATHS)}")
+    return symbol
 
 
 def _integer(value: object, name: str) -> int:
@@ -125,10 +155,21 @@ class FaultBook:
         self.faults.clear()
 
     def claim(self, path: str, api_key: str | None) -> Fault | None:
-        """Count this call against every matching fault; the first one due applies."""
+        """Count this request against every matching request fault (per-order faults are
+        skipped); the first one due applies."""
+        return self._claim(path, api_key, None)
+
+    def claim_order(self, path: str, api_key: str, symbol: str) -> Fault | None:
+        """Count one order for `symbol` (a batch item, or an order/create) against the
+        per-order faults for that symbol; the first one due applies."""
+        return self._claim(path, api_key, symbol)
+
+    def _claim(self, path: str, api_key: str | None, symbol: str | None) -> Fault | None:
         chosen: Fault | None = None
         for fault in self.faults:
-            if fault.path != path or (fault.api_key is not None and fault.api_key != api_key):
+            if fault.path != path or fault.symbol != symbol:
+                continue
+            if fault.api_key is not None and fault.api_key != api_key:
                 continue
             fault.seen += 1
             due = fault.seen > fault.skip and not fault.exhausted

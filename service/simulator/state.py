@@ -261,6 +261,10 @@ class Config:
     latency_ms: int = 0
     slippage_bps: Decimal = Decimal(0)
     order_rate_limit: int = 10  # order/create calls per second per account; 0 = off
+    # order/create-batch: orders (not requests) per second per account, in a window of its
+    # own (0 = off); and the most orders one batch may carry (Bybit: 20 for linear).
+    batch_rate_limit: int = 10
+    batch_max_orders: int = 20
     fill_ratio: Decimal = Decimal(1)
     # The exchange's clock minus the machine's: a skewed host is a client whose clock is
     # off by minus this much.
@@ -288,6 +292,8 @@ class Config:
             "latency_ms": self.latency_ms,
             "slippage_bps": plain(self.slippage_bps),
             "order_rate_limit": self.order_rate_limit,
+            "batch_rate_limit": self.batch_rate_limit,
+            "batch_max_orders": self.batch_max_orders,
             "fill_ratio": plain(self.fill_ratio),
             "clock_offset_ms": self.clock_offset_ms,
             "account_limits": self.account_limits,

@@ -97,7 +97,9 @@ def _fill_price(state: SimulatorState, instrument: Instrument, side: str) -> Dec
     )
 
 
-def create_order(state: SimulatorState, account: Account, body: dict[str, Any]) -> dict[str, Any]:
+def place_order(state: SimulatorState, account: Account, body: dict[str, Any]) -> Order:
+    """One market order, as order/create takes it and as each item of order/create-batch is
+    taken: checked, then recorded and filled; BybitError when refused (nothing recorded)."""
     require_linear(body)
     instrument = instrument_of(state, body)
     side = body.get("side")
@@ -235,7 +237,7 @@ def _execute(
     link: str,
     reduce_only: bool,
     idx: int = 0,
-) -> dict[str, Any]:
+) -> Order:
     now = now_ms()
     order_id = str(uuid.uuid4())
     fills = _levels(instrument, side, filled, price) if filled else []
@@ -295,7 +297,12 @@ def _execute(
                 mark_price=state.mark_price(instrument.symbol),
             )
         )
-    return {"orderId": order_id, "orderLinkId": link}
+    return order
+
+
+def acknowledgement(order: Order) -> dict[str, Any]:
+    """order/create's result: the order was accepted (not that it filled)."""
+    return {"orderId": order.order_id, "orderLinkId": order.order_link_id}
 
 
 def _apply_fill(
