@@ -59,7 +59,8 @@ IP_WINDOW_MS: Final = 5000
 ACCOUNT_WINDOW_MS: Final = 1050
 
 # KEYS: windows (count = ARGV[2]), then blocks (the rest).
-# ARGV: member, window count, then per window: limit, window ms.
+# ARGV: member, window count, then per window: limit, window ms, weight (the slots the call
+# takes in it: a batch takes one per order in the account's window, one in the address's).
 # Returns {0} when the call may go, else {wait ms, 1 if it is a ban or block, index}.
 _TAKE_SLOT = """
 local t = redis.call('TIME')
@@ -72,18 +73,24 @@ for i = windows + 1, #KEYS do
 end
 if wait > 0 then return {wait, blocked} end
 for i = 1, windows do
-  local limit, span = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  local limit, span = tonumber(ARGV[3 * i]), tonumber(ARGV[1 + 3 * i])
+  local weight = math.min(tonumber(ARGV[2 + 3 * i]), limit)
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - span)
-  if redis.call('ZCARD', KEYS[i]) >= limit then
-    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  local over = redis.call('ZCARD', KEYS[i]) + weight - limit
+  if over > 0 then
+    -- The call fits once the `over` oldest slots have aged out.
+    local oldest = redis.call('ZRANGE', KEYS[i], over - 1, over - 1, 'WITHSCORES')
     local left = tonumber(oldest[2]) + span - now + 1
     if left > wait then wait = left end
   end
 end
 if wait > 0 then return {wait, 0} end
 for i = 1, windows do
-  redis.call('ZADD', KEYS[i], now, ARGV[1])
-  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2 + 2 * i]))
+  local weight = math.min(tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 * i]))
+  for slot = 1, weight do
+    redis.call('ZADD', KEYS[i], now, ARGV[1] .. ':' .. slot)
+  end
+  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1 + 3 * i]))
 end
 return {0, 0}
 """
@@ -110,13 +117,14 @@ class RedisCallGate:
     def _account_key(self, kind: str, account: str, path: str) -> str:
         return f"{self.prefix}:{kind}:{account}:{path}"
 
-    async def before(self, path: str, account: str | None) -> None:
+    async def before(self, path: str, account: str | None, weight: int = 1) -> None:
         """Wait for a slot (at most `wait_max_seconds`), or raise a transient error that says
-        how long the real wait is."""
+        how long the real wait is. `weight`: the slots the call takes in the account's window
+        (a batch counts each of its orders, as Bybit does)."""
         waited = 0.0
         while True:
             try:
-                wait_ms, blocked = await self._take(path, account)
+                wait_ms, blocked = await self._take(path, account, weight)
             except RedisError as error:
                 # No slot can be counted: nothing is sent (the run is retried), rather than
                 # calls that could breach the limits for every process behind the address.
@@ -144,16 +152,17 @@ class RedisCallGate:
             await asyncio.sleep(wait)
             waited += wait
 
-    async def _take(self, path: str, account: str | None) -> tuple[int, int]:
+    async def _take(self, path: str, account: str | None, weight: int) -> tuple[int, int]:
         keys = [f"{self.prefix}:ip:{self.egress}"]
-        args: list[Any] = [uuid.uuid4().hex, 0, self._scaled(self.ip_limit), IP_WINDOW_MS]
+        # The address's limit counts requests; the account's counts orders.
+        args: list[Any] = [uuid.uuid4().hex, 0, self._scaled(self.ip_limit), IP_WINDOW_MS, 1]
         blocks = [self._ban_key()]
         if account is not None:
             limit = self._learnt.get((account, path)) or ACCOUNT_LIMITS.get(
                 path, DEFAULT_ACCOUNT_LIMIT
             )
             keys.append(self._account_key("window", account, path))
-            args += [limit, ACCOUNT_WINDOW_MS]
+            args += [limit, ACCOUNT_WINDOW_MS, max(1, weight)]
             blocks.append(self._account_key("block", account, path))
         args[1] = len(keys)
         result = await self._script(keys=[*keys, *blocks], args=args)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -55,7 +56,9 @@ class CallGate(Protocol):
     """Rate limits shared by every process that calls Bybit (service/rate_limits.py): asked
     before each call, told what Bybit answered."""
 
-    async def before(self, path: str, account: str | None) -> None: ...
+    async def before(self, path: str, account: str | None, weight: int = 1) -> None:
+        """`weight`: what the call counts against the account's limit (a batch: one per
+        order)."""
 
     async def after(
         self,
@@ -73,7 +76,7 @@ class CallGate(Protocol):
 class OpenGate:
     """No shared limits: for one-off commands and tests that count nothing."""
 
-    async def before(self, path: str, account: str | None) -> None:
+    async def before(self, path: str, account: str | None, weight: int = 1) -> None:
         return None
 
     async def after(
@@ -124,6 +127,76 @@ def _decimal_str(value: Decimal) -> str:
     return format(value, "f")
 
 
+@dataclass(frozen=True, slots=True)
+class MarketOrder:
+    """One market order as sent, alone or in a batch. `position_idx`: 0 in one-way mode; in
+    hedge mode 1 (Buy side) or 2 (Sell side), the side of the position the order opens or,
+    with `reduce_only`, reduces."""
+
+    symbol: str
+    side: str
+    qty: Decimal
+    order_link_id: str
+    position_idx: int = 0
+    reduce_only: bool = False
+
+    def fields(self) -> dict[str, object]:
+        if len(self.order_link_id) > constants.ORDER_LINK_ID_MAX_LENGTH:
+            raise ValueError("orderLinkId is longer than 36 characters")
+        fields: dict[str, object] = {
+            "symbol": self.symbol,
+            "side": self.side,
+            "orderType": "Market",
+            "qty": _decimal_str(self.qty),
+            "orderLinkId": self.order_link_id,
+            "positionIdx": self.position_idx,
+        }
+        if self.reduce_only:
+            fields["reduceOnly"] = True
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One order's outcome in a batch: accepted (`ack`) or refused (`error`, mapped from its
+    own code exactly as a single order's retCode is)."""
+
+    order_link_id: str
+    ack: OrderAck | None
+    error: BybitError | None
+
+
+def _batch_items(data: dict[str, Any], orders: Sequence[MarketOrder], path: str) -> list[BatchItem]:
+    results = _result(data).get("list")
+    ext = data.get("retExtInfo")
+    codes = ext.get("list") if isinstance(ext, dict) else None
+    if not isinstance(results, list) or not isinstance(codes, list):
+        raise PayloadError("create-batch reply without result.list and retExtInfo.list")
+    if len(results) != len(orders) or len(codes) != len(orders):
+        raise PayloadError(
+            f"create-batch answered {len(results)} results and {len(codes)} codes for "
+            f"{len(orders)} orders"
+        )
+    items = []
+    for order, result, outcome in zip(orders, results, codes, strict=True):
+        code = outcome.get("code") if isinstance(outcome, dict) else None
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise PayloadError(f"create-batch item without a code: {outcome!r}")
+        link = result.get("orderLinkId") if isinstance(result, dict) else None
+        if link not in (order.order_link_id, "", None):
+            # Matched by position: an answer for another order means we cannot tell which.
+            raise PayloadError(f"create-batch item {link!r} answers {order.order_link_id!r}")
+        if code == constants.RETCODE_OK:
+            ack = OrderAck.from_payload(result)
+            items.append(BatchItem(order.order_link_id, ack, None))
+            continue
+        message = str(outcome.get("msg", ""))
+        # The HTTP status is 200 (the request succeeded); the item's own code decides.
+        error = error_for_retcode(code, message, path=path, http_status=200)
+        items.append(BatchItem(order.order_link_id, None, error))
+    return items
+
+
 class BybitClient:
     def __init__(
         self,
@@ -164,7 +237,7 @@ class BybitClient:
             "GET", path, f"{self._base_url}{path}", {}, None
         )
         received = self._clock()
-        result = self._envelope(path, status, headers, raw)
+        result = _result(self._envelope(path, status, headers, raw))
         try:
             server_ms = int(str(result["timeNano"])) // 1_000_000
         except (KeyError, ValueError):
@@ -242,21 +315,26 @@ class BybitClient:
         """`position_idx`: 0 in one-way mode; in hedge mode 1 (Buy side) or 2 (Sell side), the
         side of the position the order opens or, with `reduce_only`, reduces. A reduce-only
         order never increases a position and Bybit caps it at the position's size."""
-        if len(order_link_id) > constants.ORDER_LINK_ID_MAX_LENGTH:
-            raise ValueError("orderLinkId is longer than 36 characters")
-        body = {
-            "category": constants.CATEGORY_LINEAR,
-            "symbol": symbol,
-            "side": side,
-            "orderType": "Market",
-            "qty": _decimal_str(qty),
-            "orderLinkId": order_link_id,
-            "positionIdx": position_idx,
-        }
-        if reduce_only:
-            body["reduceOnly"] = True
+        order = MarketOrder(symbol, side, qty, order_link_id, position_idx, reduce_only)
+        body = {"category": constants.CATEGORY_LINEAR, **order.fields()}
         result = await self._post("/v5/order/create", body, credentials)
         return self._parse(result, OrderAck.from_payload, "/v5/order/create")
+
+    async def create_market_orders(
+        self, credentials: ApiCredentials, orders: Sequence[MarketOrder]
+    ) -> list[BatchItem]:
+        """Several market orders in one `/v5/order/create-batch` request. Bybit answers
+        retCode 0 even when some orders failed: each order's own outcome is
+        `result.list[i]` and `retExtInfo.list[i]`, in the order sent. An error of the whole
+        request raises as any call does (ambiguous when it may have landed); a reply whose
+        lists do not match the request raises an ambiguous error too."""
+        path = "/v5/order/create-batch"
+        body = {
+            "category": constants.CATEGORY_LINEAR,
+            "request": [order.fields() for order in orders],
+        }
+        data = await self._post_envelope(path, body, credentials, weight=len(orders))
+        return self._parse(data, lambda d: _batch_items(d, orders, path), path)
 
     async def get_order(
         self, credentials: ApiCredentials, *, symbol: str, order_link_id: str
@@ -351,14 +429,25 @@ class BybitClient:
     ) -> dict[str, Any]:
         query = encode_query(params)
         url = f"{self._base_url}{path}?{query}" if query else f"{self._base_url}{path}"
-        return await self._signed("GET", path, url, query, None, credentials)
+        return _result(await self._signed("GET", path, url, query, None, credentials))
 
     async def _post(
         self, path: str, body: Mapping[str, object], credentials: ApiCredentials
     ) -> dict[str, Any]:
+        return _result(await self._post_envelope(path, body, credentials))
+
+    async def _post_envelope(
+        self,
+        path: str,
+        body: Mapping[str, object],
+        credentials: ApiCredentials,
+        *,
+        weight: int = 1,
+    ) -> dict[str, Any]:
+        """The whole reply (result and retExtInfo) of a POST whose retCode is 0."""
         payload = json.dumps(body, separators=(",", ":"))
         url = f"{self._base_url}{path}"
-        return await self._signed("POST", path, url, payload, payload, credentials)
+        return await self._signed("POST", path, url, payload, payload, credentials, weight)
 
     async def _signed(
         self,
@@ -368,6 +457,7 @@ class BybitClient:
         payload: str,
         body: str | None,
         credentials: ApiCredentials | None,
+        weight: int = 1,
     ) -> dict[str, Any]:
         """Send, signed when there are credentials. A timestamp Bybit refuses (10002) did
         nothing: the clock is measured again and the request signed and sent once more."""
@@ -381,7 +471,9 @@ class BybitClient:
             if body is not None:
                 headers["Content-Type"] = "application/json"
             try:
-                return await self._send(method, path, url, headers, body, credentials.account)
+                return await self._send(
+                    method, path, url, headers, body, credentials.account, weight
+                )
             except BybitClockError:
                 if attempt == 2:
                     raise
@@ -410,9 +502,10 @@ class BybitClient:
         headers: dict[str, str],
         body: str | None,
         account: str | None,
+        weight: int = 1,
     ) -> dict[str, Any]:
         try:
-            await self._gate.before(path, account)
+            await self._gate.before(path, account, weight)
             status, reply_headers, raw = await self._exchange(method, path, url, headers, body)
             try:
                 result = self._envelope(path, status, reply_headers, raw)
@@ -509,8 +602,7 @@ class BybitClient:
             )
         if status != 200:
             raise PermanentBybitError(f"HTTP {status} from exchange", path=path, http_status=status)
-        result = data.get("result")
-        return result if isinstance(result, dict) else {}
+        return data
 
     def _retry_after(self, headers: Mapping[str, str]) -> float | None:
         reset = headers.get("X-Bapi-Limit-Reset-Timestamp")
@@ -544,6 +636,11 @@ class BybitClient:
             raise BybitServerError(
                 f"unexpected payload: {exc}", path=path, http_status=200
             ) from None
+
+
+def _result(data: dict[str, Any]) -> dict[str, Any]:
+    result = data.get("result")
+    return result if isinstance(result, dict) else {}
 
 
 def _user_id(result: dict[str, Any]) -> str:

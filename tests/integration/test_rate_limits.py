@@ -5,6 +5,7 @@ every process sees."""
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -70,6 +71,26 @@ async def test_account_windows_are_per_account_and_endpoint(
     assert await _taken(gate, ORDER, "acct-a", 12) == 10  # order/create: 10/s
     assert await _taken(gate, ORDER, "acct-b", 12) == 10  # another account: its own window
     assert await _taken(gate, "/v5/order/realtime", "acct-a", 60) == 50  # reads: 50/s
+
+
+async def test_a_batch_counts_each_of_its_orders_in_its_own_bucket(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    batch = "/v5/order/create-batch"
+    gate = _gate(redis, prefix, share=1.0, wait_max_seconds=0)
+    await gate.before(batch, "acct", weight=6)  # six orders of Bybit's ten a second
+    with pytest.raises(BybitRateLimitError) as refused:
+        await gate.before(batch, "acct", weight=5)  # eleven would be one too many
+    assert refused.value.retry_after is not None
+    assert 0 < refused.value.retry_after <= 1.1
+    await gate.before(batch, "acct", weight=4)  # ten in all: fits
+    assert await _taken(gate, batch, "acct", 1) == 0
+    # order/create's bucket is another one: untouched by the batches.
+    assert await _taken(gate, ORDER, "acct", 10) == 10
+    waiting = _gate(redis, prefix, share=1.0, wait_max_seconds=5)
+    started = time.monotonic()
+    await waiting.before(batch, "acct", weight=10)  # waits for the whole window to age out
+    assert time.monotonic() - started >= 0.5
 
 
 async def test_a_higher_limit_bybit_reports_is_used(redis: aioredis.Redis, prefix: str) -> None:
