@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     order_visibility_wait_seconds: float = Field(default=3.0, ge=0)
     # A leg that filled only in part gets at most this many more orders for its remainder.
     remainder_orders: int = Field(default=3, ge=0, le=9)
+    # Batch execution: at most this many orders per /v5/order/create-batch request (Bybit's
+    # order page allows 20 linear orders, its rate-limit page 10).
+    batch_max_orders: int = Field(default=10, ge=1, le=20)
     # Short in-run retries of a transient exchange error, and their longest back-off; a
     # rate-limited call waits for Bybit's reset if it is this close, this many times.
     exchange_call_attempts: int = Field(default=3, ge=1)

@@ -33,13 +33,13 @@ class RunLease(Protocol):
         self,
         claim: str,
         *,
-        submitting_leg: int | None = None,
+        submitting_legs: Sequence[int] = (),
         submitting_remainder: int = 0,
         close_round: int | None = None,
     ) -> bool:
-        """True when the run still holds the position's lock and its claim (then, with
-        `submitting_leg`, that leg's order, the first or remainder number
-        `submitting_remainder`, is marked submitted in the same round trip). `close_round`:
+        """True when the run still holds the position's lock and its claim (then the orders
+        of `submitting_legs`, the first or remainder number `submitting_remainder`, are
+        marked submitted in the same round trip). `close_round`:
         the run is that close round's (CLOSING, its legs in position_close_legs); None: the
         opening's (EXECUTING, position_legs)."""
         ...
@@ -91,6 +91,7 @@ class ExecutionDeps:
     fill_timeout: float = _setting("order_fill_timeout_seconds")
     visibility_wait_seconds: float = _setting("order_visibility_wait_seconds")
     remainder_attempts: int = _setting("remainder_orders")
+    batch_max_orders: int = _setting("batch_max_orders")
     call_attempts: int = _setting("exchange_call_attempts")
     call_wait_max: float = _setting("exchange_call_wait_max_seconds")
     rate_limit_wait_max: float = _setting("rate_limit_wait_max_seconds")
@@ -129,6 +130,7 @@ class ExecutionDeps:
             fill_timeout=settings.order_fill_timeout_seconds,
             visibility_wait_seconds=settings.order_visibility_wait_seconds,
             remainder_attempts=settings.remainder_orders,
+            batch_max_orders=settings.batch_max_orders,
             call_attempts=settings.exchange_call_attempts,
             call_wait_max=settings.exchange_call_wait_max_seconds,
             rate_limit_wait_max=settings.rate_limit_wait_max_seconds,

@@ -14,13 +14,14 @@ This module imports neither Celery nor FastAPI; its dependencies come in `Execut
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.execution import accounts, closing, legs, plan, runs, states
+from service.execution import accounts, batch, closing, legs, plan, runs, states
 from service.execution.deps import ExecutionDeps, Run, RunLease
 from service.execution.outcomes import (
     CredentialsUnreadableError,
@@ -31,7 +32,7 @@ from service.execution.outcomes import (
     TransientRunError,
 )
 from service.execution.preflight import preflight
-from service.models import PositionStatus, SyntheticPosition
+from service.models import ExecutionMode, PositionStatus, SyntheticPosition
 from service.positions import repository
 
 logger = structlog.stdlib.get_logger("service.execution")
@@ -194,13 +195,20 @@ async def _run_claimed(
             recorded = await plan.recorded_trades(deps, position.id)
             if not recorded and all(leg.submitted_at is None for leg in legs_planned):
                 await preflight(deps, run, legs_planned, log)
+            ends_position = functools.partial(runs.ends_run, deps, run)
+            if position.execution == ExecutionMode.BATCH:
+                await batch.send_first_orders(
+                    deps, run, legs_planned, recorded, log, ends_position=ends_position
+                )
+                # What is left (a partial fill's remainder) goes one order at a time.
+                recorded = await plan.recorded_trades(deps, position.id)
             await legs.execute_legs(
                 deps,
                 run,
                 legs_planned,
                 recorded,
                 log,
-                ends_position=lambda error: runs.ends_run(deps, run, error),
+                ends_position=ends_position,
                 deadline_expired=deadline.expired,
             )
             await states.finish(deps, run, legs_planned, log)

@@ -6,9 +6,11 @@ until final, and its fill recorded at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_FLOOR, Decimal
@@ -34,6 +36,8 @@ from service.models import PlannedLeg, PositionLeg, Trade
 from service.positions import repository
 from service.trading_logic import order_filter_violation
 
+logger = structlog.stdlib.get_logger("service.execution")
+
 
 async def execute_legs(
     deps: ExecutionDeps,
@@ -47,24 +51,130 @@ async def execute_legs(
 ) -> None:
     """Every leg in order. A leg whose error ends the position (`ends_position`: permanent,
     or transient with no attempt left, the run's deadline included) is reported here, once,
-    as `leg.failed`, always with the same fields."""
-    for leg in plan:
+    as `leg.failed`, always with the same fields. Every fill read is recorded before this
+    returns or raises."""
+    pipe = Pipeline(deps, run, plan, recorded)
+    try:
+        for leg in plan:
+            try:
+                legs_trades = [t for t in recorded if t.leg == leg.leg]
+                await _execute_leg(deps, run, leg, legs_trades, log, pipe)
+            except RunError as error:
+                await pipe.withdraw_next(leg)
+                if error.leg == leg.leg and ends_position(error):
+                    report_failed(log, leg, error)
+                raise
+            except asyncio.CancelledError:
+                # The run's deadline cancels it where it is (asyncio.timeout): on the last
+                # attempt that fails the position at this leg.
+                if deadline_expired():
+                    passed = TransientRunError(
+                        "the run's deadline passed before it finished",
+                        leg=leg.leg,
+                        label="deadline",
+                    )
+                    if ends_position(passed):
+                        report_failed(log, leg, passed)
+                raise
+    finally:
+        await pipe.drain()
+
+
+# A proof of ownership taken ahead (while the previous leg's fill was read) is used only this
+# fresh: an order must follow its proof closely (a run that lost its lock sends nothing).
+PROOF_FRESH_SECONDS = 0.25
+
+
+class Pipeline:
+    """What a sequential run takes off the critical path between two orders.
+
+    - A fill is written while the next order is in flight. A run that dies before the write
+      commits has the order marked submitted: the next run looks it up and records it.
+    - The next leg's ownership proof, which marks its order submitted, is taken while this
+      leg's fill is read. If this leg then fails, the mark is withdrawn: that order was
+      certainly not sent (the run holds the lock; nobody else sends it).
+    """
+
+    def __init__(
+        self, deps: ExecutionDeps, run: Run, plan: Sequence[PlannedLeg], recorded: Sequence[Trade]
+    ) -> None:
+        self._deps, self._run, self._plan = deps, run, list(plan)
+        self._recorded = {t.order_link_id for t in recorded}
+        self._writes: list[asyncio.Task[None]] = []
+        self._ahead: dict[int, tuple[float, asyncio.Task[bool]]] = {}
+
+    def write(self, work: Awaitable[None]) -> None:
+        self._writes.append(asyncio.ensure_future(work))
+
+    async def drain(self) -> None:
+        """Every write started, committed (the first error raised once all have ended), and
+        no proof left running on the lock's connection."""
+        for _, task in self._ahead.values():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+        self._ahead.clear()
+        writes, self._writes = self._writes, []
+        if not writes:
+            return
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def prove_next(self, leg: PlannedLeg) -> None:
+        """Start the ownership proof of the leg after `leg`, if its first order is the next to
+        be sent (not recorded, never marked)."""
+        following = self._following(leg)
+        if following is None or following.leg in self._ahead:
+            return
+        if following.submitted_at is not None or following.order_link_id in self._recorded:
+            return
+        started = asyncio.get_running_loop().time()
+        task = asyncio.ensure_future(
+            self._run.lease.confirm(
+                self._run.claim,
+                submitting_legs=(following.leg,),
+                close_round=self._run.close_round,
+            )
+        )
+        self._ahead[following.leg] = (started, task)
+
+    async def proof(self, leg_order: LegOrder) -> bool | None:
+        """The proof taken ahead for this order, if fresh; None: prove it now."""
+        ahead = self._ahead.pop(leg_order.leg.leg, None)
+        if ahead is None or leg_order.remainder != 0:
+            return None
+        started, task = ahead
+        proven = await task
+        fresh = asyncio.get_running_loop().time() - started <= PROOF_FRESH_SECONDS
+        return proven if fresh or not proven else None
+
+    async def withdraw_next(self, leg: PlannedLeg) -> None:
+        """`leg` failed: a proof taken ahead for the next leg marked an order never sent."""
+        following = self._following(leg)
+        ahead = self._ahead.pop(following.leg, None) if following is not None else None
+        if following is None or ahead is None:
+            return
         try:
-            await _execute_leg(deps, run, leg, [t for t in recorded if t.leg == leg.leg], log)
-        except RunError as error:
-            if error.leg == leg.leg and ends_position(error):
-                report_failed(log, leg, error)
-            raise
-        except asyncio.CancelledError:
-            # The run's deadline cancels it where it is (asyncio.timeout): on the last
-            # attempt that fails the position at this leg.
-            if deadline_expired():
-                passed = TransientRunError(
-                    "the run's deadline passed before it finished", leg=leg.leg, label="deadline"
-                )
-                if ends_position(passed):
-                    report_failed(log, leg, passed)
-            raise
+            marked = await ahead[1]
+            if marked:
+                async with self._deps.sessions() as session:
+                    await repository.unmark_submitted(
+                        session,
+                        self._run.position.id,
+                        following.leg,
+                        self._run.close_round,
+                        self._run.lease.pid,
+                    )
+        except Exception as error:  # the leg's own error is the one that matters
+            # Left marked: a later run looks the order up (finds nothing) before sending it.
+            logger.warning("run.mark_not_withdrawn", leg=following.leg, error=str(error))
+
+    def _following(self, leg: PlannedLeg) -> PlannedLeg | None:
+        for earlier, later in itertools.pairwise(self._plan):
+            if earlier.leg == leg.leg:
+                return later
+        return None
 
 
 def report_failed(log: structlog.stdlib.BoundLogger, leg: PlannedLeg, error: RunError) -> None:
@@ -110,6 +220,7 @@ async def _execute_leg(
     leg: PlannedLeg,
     recorded: Sequence[Trade],
     run_log: structlog.stdlib.BoundLogger,
+    pipe: Pipeline | None = None,
 ) -> None:
     """The leg's first order, then, while it falls short of the plan and the rest can be
     traded, up to `remainder_attempts` more for the remainder. A market order is an IOC within
@@ -121,7 +232,7 @@ async def _execute_leg(
         if isinstance(leg, PositionLeg):  # a close's reduce-only order adds no margin
             await ensure_leverage(deps, run.credentials, leg, log)
         first = LegOrder(leg, 0, leg.order_link_id, leg.quantity)
-        order = await _send_and_record(deps, run, first, log)
+        order = await _send_and_record(deps, run, first, log, pipe=pipe)
         assert order is not None  # a refusal of the first order raises
         if order.cum_exec_qty <= 0:
             reason = f"order {order.order_id} ended {order.order_status} with nothing filled"
@@ -145,7 +256,9 @@ async def _execute_leg(
                     log.info(
                         "leg.found_existing", order_link_id=link, bybit_order_id=found.order_id
                     )
-                    order = await record_outcome(deps, run, sent, log, time.perf_counter())
+                    order = await record_outcome(
+                        deps, run, sent, log, time.perf_counter(), pipe=pipe
+                    )
                     filled += order.cum_exec_qty
                     continue
             except RunError as error:
@@ -154,7 +267,7 @@ async def _execute_leg(
         if qty is None:
             break
         placed = await _send_and_record(
-            deps, run, LegOrder(leg, remainder, link, qty), log, refusal_ends_leg=True
+            deps, run, LegOrder(leg, remainder, link, qty), log, refusal_ends_leg=True, pipe=pipe
         )
         if placed is None:
             break  # refused, nothing placed: the rest is the leg's shortfall
@@ -201,13 +314,14 @@ async def _send_and_record(
     run_log: structlog.stdlib.BoundLogger,
     *,
     refusal_ends_leg: bool = False,
+    pipe: Pipeline | None = None,
 ) -> Order | None:
     """Place one order of a leg (looked up first if it may have been sent), wait until it is
     final, and record its fill at once. `refusal_ends_leg` (remainder orders): a refusal that
     placed nothing (110094 after the price moved, say) ends the leg's tries (None) instead of
     failing the basket."""
     try:
-        return await _send_and_record_order(deps, run, leg_order, run_log, refusal_ends_leg)
+        return await _send_and_record_order(deps, run, leg_order, run_log, refusal_ends_leg, pipe)
     except RunError as error:
         raise _on_order(error, leg_order) from None
 
@@ -218,6 +332,7 @@ async def _send_and_record_order(
     leg_order: LegOrder,
     run_log: structlog.stdlib.BoundLogger,
     refusal_ends_leg: bool,
+    pipe: Pipeline | None,
 ) -> Order | None:
     credentials = run.credentials
     log = run_log.bind(
@@ -227,12 +342,12 @@ async def _send_and_record_order(
     order: Order | None = None
     if leg_order.may_have_been_sent:
         # A previous run may have sent it (and died, or lost the reply): look before placing.
-        order = await _lookup(deps, credentials, leg_order)
+        order = await lookup(deps, credentials, leg_order)
         if order is not None:
             log.info("leg.found_existing", bybit_order_id=order.order_id)
     if order is None:
         first_send = not leg_order.may_have_been_sent
-        await _prove_ownership(deps, run, leg_order)
+        await _prove_ownership(deps, run, leg_order, pipe)
         log.info("leg.submitted")
         try:
             await _place(deps, run, leg_order, log)
@@ -247,7 +362,9 @@ async def _send_and_record_order(
                 raise
             log.warning("leg.remainder_refused", error=error.message)
             return None
-    return await record_outcome(deps, run, leg_order, log, started)
+    if pipe is not None:
+        pipe.prove_next(leg_order.leg)
+    return await record_outcome(deps, run, leg_order, log, started, pipe=pipe)
 
 
 async def record_outcome(
@@ -256,8 +373,11 @@ async def record_outcome(
     leg_order: LegOrder,
     log: structlog.stdlib.BoundLogger,
     started: float,
+    *,
+    pipe: Pipeline | None = None,
 ) -> Order:
-    """Wait until the order is final and record its fill."""
+    """Wait until the order is final and record its fill: at once, or (`pipe`) while the run
+    goes on, committed before the run ends."""
     credentials = run.credentials
     order = await _await_outcome(deps, credentials, leg_order)
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
@@ -271,6 +391,23 @@ async def record_outcome(
         )
         return order
     price = order.avg_price or await _average_price(deps, credentials, leg_order, order)
+    write = _write_fill(deps, run, leg_order, order, price, log, latency_ms)
+    if pipe is None:
+        await write
+    else:
+        pipe.write(write)
+    return order
+
+
+async def _write_fill(
+    deps: ExecutionDeps,
+    run: Run,
+    leg_order: LegOrder,
+    order: Order,
+    price: Decimal,
+    log: structlog.stdlib.BoundLogger,
+    latency_ms: float,
+) -> None:
     async with deps.sessions() as session:
         if await repository.record_trade(
             session, trade_values(run.position.id, leg_order, order, price)
@@ -288,7 +425,6 @@ async def record_outcome(
         fee_coin=order.fee_coin,
         latency_ms=latency_ms,
     )
-    return order
 
 
 def trade_values(
@@ -318,10 +454,35 @@ def trade_values(
     }
 
 
-async def _prove_ownership(deps: ExecutionDeps, run: Run, leg_order: LegOrder) -> None:
+async def _prove_ownership(
+    deps: ExecutionDeps, run: Run, leg_order: LegOrder, pipe: Pipeline | None = None
+) -> None:
     """Right before an order: enough time left to see it through, and proof, on the lock's
     own connection, that this run still holds the position (the same round trip marks the
-    order submitted, so a later run looks it up before placing anything)."""
+    order submitted, so a later run looks it up before placing anything). A proof `pipe`
+    took moments ago, while the previous fill was read, stands for it."""
+    leg = leg_order.leg
+    check_time_left(deps, run, leg_order)
+    proven = await pipe.proof(leg_order) if pipe is not None else None
+    if proven is None:
+        proven = await run.lease.confirm(
+            run.claim,
+            submitting_legs=(leg.leg,),
+            submitting_remainder=leg_order.remainder,
+            close_round=run.close_round,
+        )
+    if not proven:
+        raise OwnershipLostError(
+            leg_message(
+                leg,
+                "the run could not prove it still holds the position (its lock connection "
+                "was lost, or the claim changed); nothing was sent",
+            )
+        )
+
+
+def check_time_left(deps: ExecutionDeps, run: Run, leg_order: LegOrder) -> None:
+    """Enough time left before the run's deadline to see an order through."""
     leg = leg_order.leg
     if run.deadline is not None:
         left = run.deadline - asyncio.get_running_loop().time()
@@ -335,19 +496,6 @@ async def _prove_ownership(deps: ExecutionDeps, run: Run, leg_order: LegOrder) -
                 leg=leg.leg,
                 label="deadline",
             )
-    if not await run.lease.confirm(
-        run.claim,
-        submitting_leg=leg.leg,
-        submitting_remainder=leg_order.remainder,
-        close_round=run.close_round,
-    ):
-        raise OwnershipLostError(
-            leg_message(
-                leg,
-                "the run could not prove it still holds the position (its lock connection "
-                "was lost, or the claim changed); nothing was sent",
-            )
-        )
 
 
 async def _place(
@@ -377,21 +525,10 @@ async def _place(
         try:
             return await create()
         except PermanentBybitError as error:
-            if flipped or not _wrong_position_idx(error):
+            if flipped or not wrong_position_idx(error):
                 raise
-        # The symbol's position mode changed since it was read (it placed nothing): the other
-        # mode's index, once, and remember it.
         flipped = True
-        hedge = leg.position_idx == 0
-        leg.position_idx = position_idx_for(leg.opening_side, hedge=hedge)
-        await deps.memo.remember_hedge_mode(credentials.account, leg.symbol, hedge)
-        # Kept: a later run of the leg (and a close of the position this one opens) sends
-        # the right index.
-        async with deps.sessions() as session:
-            await repository.set_position_idx(
-                session, run.position.id, {leg.leg: leg.position_idx}, close_round=run.close_round
-            )
-        log.warning("leg.position_mode_changed", hedge_mode=hedge)
+        await flip_position_idx(deps, run, leg, log)
         await _prove_ownership(deps, run, leg_order)
         return await create()
 
@@ -415,7 +552,7 @@ async def _place(
             if await lookup_patiently(deps, credentials, leg_order) is None:
                 raise calls.classify(error, leg, "place order") from None
             return
-        if await _lookup(deps, credentials, leg_order) is None:
+        if await lookup(deps, credentials, leg_order) is None:
             # Absent now; it may still appear. The next run looks again before re-sending.
             raise TransientRunError(
                 leg_message(leg, f"order outcome unknown: {error}"),
@@ -424,11 +561,27 @@ async def _place(
             ) from None
 
 
-def _wrong_position_idx(error: BybitError) -> bool:
+def wrong_position_idx(error: BybitError) -> bool:
     return error.retcode == 10001 and "position idx" in error.message.lower()
 
 
-async def _lookup(
+async def flip_position_idx(
+    deps: ExecutionDeps, run: Run, leg: PlannedLeg, log: structlog.stdlib.BoundLogger
+) -> None:
+    """The symbol's position mode changed since it was read (the order placed nothing): the
+    other mode's index, remembered for the account, and kept for the leg, so a later run of it
+    (and a close of the position this one opens) sends the right one."""
+    hedge = leg.position_idx == 0
+    leg.position_idx = position_idx_for(leg.opening_side, hedge=hedge)
+    await deps.memo.remember_hedge_mode(run.credentials.account, leg.symbol, hedge)
+    async with deps.sessions() as session:
+        await repository.set_position_idx(
+            session, run.position.id, {leg.leg: leg.position_idx}, close_round=run.close_round
+        )
+    log.warning("leg.position_mode_changed", hedge_mode=hedge)
+
+
+async def lookup(
     deps: ExecutionDeps, credentials: ApiCredentials, leg_order: LegOrder
 ) -> Order | None:
     return await calls.checked(
@@ -450,7 +603,7 @@ async def lookup_patiently(
     deadline = time.monotonic() + deps.visibility_wait_seconds
     pause = 0.05
     while True:
-        order = await _lookup(deps, credentials, leg_order)
+        order = await lookup(deps, credentials, leg_order)
         if order is not None or time.monotonic() >= deadline:
             return order
         await asyncio.sleep(pause)
@@ -466,7 +619,7 @@ async def _await_outcome(
     deadline = time.monotonic() + deps.fill_timeout
     pause = 0.02
     while True:
-        order = await _lookup(deps, credentials, leg_order)
+        order = await lookup(deps, credentials, leg_order)
         if order is not None and order.is_final:
             return order
         if time.monotonic() >= deadline:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import structlog
@@ -50,23 +50,26 @@ class AdvisoryRunLease:
         self._connection = connection
         self._position_id = position_id
         self._confirm_timeout = confirm_timeout
+        # One statement at a time on the connection: a proof taken ahead may still be running
+        # when the next is asked for.
+        self._busy = asyncio.Lock()
         self.pid = pid  # the lock connection's backend: status writes are fenced with it
 
     async def confirm(
         self,
         claim: str,
         *,
-        submitting_leg: int | None = None,
+        submitting_legs: Sequence[int] = (),
         submitting_remainder: int = 0,
         close_round: int | None = None,
     ) -> bool:
         try:
-            async with asyncio.timeout(self._confirm_timeout):
+            async with self._busy, asyncio.timeout(self._confirm_timeout):
                 return await locks.confirm_run(
                     self._connection,
                     self._position_id,
                     claim,
-                    submitting_leg=submitting_leg,
+                    submitting_legs=submitting_legs,
                     submitting_remainder=submitting_remainder,
                     close_round=close_round,
                 )

@@ -4,6 +4,7 @@ from service.models.base import Base
 from service.models.credential import ExchangeCredential
 from service.models.index import Index, IndexComponent
 from service.models.position import (
+    ExecutionMode,
     PlannedLeg,
     PositionCloseLeg,
     PositionCloseRequest,
@@ -20,6 +21,7 @@ __all__ = [
     "ApiToken",
     "Base",
     "ExchangeCredential",
+    "ExecutionMode",
     "Index",
     "IndexComponent",
     "PlannedLeg",

@@ -56,12 +56,28 @@ _AT_REST = frozenset(
 STATUS_VALUES = "'PENDING', 'EXECUTING', 'ACTIVE', 'FAILED', 'CLOSING', 'CLOSED', 'CLOSE_FAILED'"
 
 
+class ExecutionMode(StrEnum):
+    """How an opening's legs are sent."""
+
+    # One order after another, each fill read before the next order: stops at the first leg
+    # that fails for good, so a refusal leaves the fewest legs held.
+    SEQUENTIAL = "sequential"
+    # Every leg's first order in create-batch requests, then every fill read at once: the
+    # shortest time holding part of the basket, but a leg refused inside the batch leaves the
+    # other legs of the batch held (nothing is reversed).
+    BATCH = "batch"
+
+
+EXECUTION_VALUES = ", ".join(f"'{mode.value}'" for mode in ExecutionMode)
+
+
 class SyntheticPosition(TimestampMixin, Base):
     __tablename__ = "synthetic_positions"
     __table_args__ = (
         CheckConstraint("size > 0", name="size_positive"),
         CheckConstraint("direction IN ('long', 'short')", name="direction_known"),
         CheckConstraint(f"status IN ({STATUS_VALUES})", name="status_known"),
+        CheckConstraint(f"execution IN ({EXECUTION_VALUES})", name="execution_known"),
         Index("ix_synthetic_positions_user_created", "user_id", "created_at"),
         # An Idempotency-Key names one intent per user.
         UniqueConstraint("user_id", "idempotency_key"),
@@ -93,6 +109,13 @@ class SyntheticPosition(TimestampMixin, Base):
     size: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
     direction: Mapped[str] = mapped_column(String(8), nullable=False)
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="PENDING")
+    # How the legs are sent (ExecutionMode): one after another, or in create-batch requests.
+    execution: Mapped[str] = mapped_column(
+        String(16),
+        nullable=False,
+        default=ExecutionMode.SEQUENTIAL,
+        server_default=ExecutionMode.SEQUENTIAL.value,
+    )
     error: Mapped[str | None] = mapped_column(Text)
     failed_leg: Mapped[int | None] = mapped_column(Integer)
     # The Celery task id that holds the position while it is EXECUTING.

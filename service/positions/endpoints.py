@@ -61,7 +61,9 @@ async def create_position(
     market = await state.market_cache.load()
     # The common case in one statement (hot_path); a position this request created has no
     # components, trades or issues yet.
-    opening = service.OpenRequest(body.index, body.size, body.direction, idempotency_key)
+    opening = service.OpenRequest(
+        body.index, body.size, body.direction, idempotency_key, body.execution
+    )
     created = await hot_path.accept_position(
         state.pool, state.publisher, opening, token=token, market=market, indices=state.index_cache
     )

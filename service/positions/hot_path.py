@@ -41,8 +41,8 @@ from service.security import hash_token
 _ACCEPT = """
 INSERT INTO synthetic_positions
     (id, user_id, index_code, size, direction, status, attempts, idempotency_key,
-     request_fingerprint)
-SELECT $1, t.user_id, $3, $4, $5, $6, 0, $7, $8
+     request_fingerprint, execution)
+SELECT $1, t.user_id, $3, $4, $5, $6, 0, $7, $8, $9
 FROM api_tokens AS t
 WHERE t.token_hash = $2 AND t.revoked_at IS NULL
   AND EXISTS (SELECT 1 FROM exchange_credentials AS c WHERE c.user_id = t.user_id)
@@ -80,7 +80,11 @@ async def accept_position(
     except DomainError:
         return None
     position_id = uuid.uuid4()
-    fingerprint = request_fingerprint(index_code, size, direction) if idempotency_key else None
+    fingerprint = (
+        request_fingerprint(index_code, size, direction, request.execution)
+        if idempotency_key
+        else None
+    )
     row = await pool.fetchrow(
         _ACCEPT,
         position_id,
@@ -91,6 +95,7 @@ async def accept_position(
         PositionStatus.PENDING.value,
         idempotency_key,
         fingerprint,
+        request.execution.value,
     )
     if row is None:
         return None
@@ -101,6 +106,7 @@ async def accept_position(
         index_code=index.code,
         size=size,
         direction=direction.value,
+        execution=request.execution.value,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )

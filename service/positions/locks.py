@@ -5,6 +5,7 @@ fence every status write of a run carries (`lock_held_by`)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -42,7 +43,7 @@ _CONFIRM = (
     "submitted AS ("
     " UPDATE {legs} SET submitted_at = coalesce(submitted_at, now()),"
     " remainders_submitted = greatest(remainders_submitted, CAST(:remainder AS integer))"
-    " WHERE position_id IN (SELECT id FROM owner) AND leg = CAST(:leg AS integer){round}"
+    " WHERE position_id IN (SELECT id FROM owner) AND leg = ANY(CAST(:legs AS integer[])){round}"
     " RETURNING leg) "
     "SELECT count(*) FROM owner"
 )
@@ -143,23 +144,23 @@ async def confirm_run(
     position_id: uuid.UUID,
     claim: str,
     *,
-    submitting_leg: int | None = None,
+    submitting_legs: Sequence[int] = (),
     submitting_remainder: int = 0,
     close_round: int | None = None,
 ) -> bool:
     """One round trip on the connection that holds the run's lock: True when this connection
     still holds the position's lock and the position is still EXECUTING under `claim`. Then
     the heartbeat is renewed (the recovery sweep waits STALE_EXECUTING_SECONDS after it before
-    it may resume the position elsewhere) and `submitting_leg`'s order (its first, or
-    remainder number `submitting_remainder`), if given, is marked submitted (before it is
-    sent: a later run looks it up before placing anything)."""
+    it may resume the position elsewhere) and the orders of `submitting_legs` (their first,
+    or remainder number `submitting_remainder`) are marked submitted (before they are sent: a
+    later run looks them up before placing anything): one leg's order, or a batch's."""
     closing = close_round is not None
     result = await connection.execute(
         text(_CONFIRM_CLOSING if closing else _CONFIRM_OPENING),
         {
             "id": position_id,
             "claim": claim,
-            "leg": submitting_leg,
+            "legs": list(submitting_legs),
             "remainder": submitting_remainder,
             **({"round": close_round} if closing else {}),
             **_lock_params(position_id),

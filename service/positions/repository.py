@@ -87,6 +87,7 @@ async def add_position(
     index_code: str,
     size: Decimal,
     direction: str,
+    execution: str = "sequential",
     idempotency_key: str | None = None,
     request_fingerprint: str | None = None,
 ) -> SyntheticPosition | None:
@@ -108,6 +109,7 @@ async def add_position(
         literal(0, Integer),
         literal(idempotency_key, String),
         literal(request_fingerprint, String),
+        literal(execution, String),
     ).where(exists().where(ExchangeCredential.user_id == user_id))
     result = await session.execute(
         insert(SyntheticPosition)
@@ -122,6 +124,7 @@ async def add_position(
                 "attempts",
                 "idempotency_key",
                 "request_fingerprint",
+                "execution",
             ],
             row,
         )
@@ -666,6 +669,28 @@ async def mark_refused(
         update(table)
         .where(*conditions)
         .values(refused_at=func.now())
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def unmark_submitted(
+    session: AsyncSession,
+    position_id: uuid.UUID,
+    leg: int,
+    close_round: int | None,
+    lock_pid: int,
+) -> None:
+    """The leg's first order was marked submitted ahead of time and then certainly not sent
+    (the leg before it failed): withdraw the mark, written only while the run (`lock_pid`)
+    still holds the position."""
+    table = PositionLeg if close_round is None else PositionCloseLeg
+    conditions = [table.position_id == position_id, table.leg == leg, table.refused_at.is_(None)]
+    if close_round is not None:
+        conditions.append(PositionCloseLeg.round == close_round)
+    await session.execute(
+        update(table)
+        .where(*conditions, lock_held_by(position_id, lock_pid))
+        .values(submitted_at=None)
         .execution_options(synchronize_session=False)
     )
 

@@ -8,9 +8,21 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
+from service.models import ExecutionMode
 from service.trading_logic import Direction
 
 MAX_SIZE = Decimal("1000000000")
+EXECUTION_DESCRIPTION = (
+    "how the legs are sent. `sequential` (the default): one market order after another, "
+    "each fill read before the next order; the first leg that fails for good stops the "
+    "basket, so a refusal leaves the fewest legs held, but the basket is held in part for "
+    "two exchange round trips per leg while prices move. `batch`: every leg's order in "
+    "create-batch requests (BATCH_MAX_ORDERS per request), then every fill read at once: "
+    "the shortest time holding part of the basket, but a leg the exchange refuses inside "
+    "the batch leaves the batch's other legs filled (shown in `legs`; nothing is "
+    "reversed). Pre-flight checks run before either, so most refusals happen before any "
+    "order"
+)
 # ASCII digits only: Decimal() also reads other scripts' digits (Arabic-Indic ones make a
 # valid 1000), which no client means to send to a trading API.
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
@@ -55,6 +67,10 @@ class PositionCreate(BaseModel):
     index: str = Field(min_length=1, max_length=32, description="index code, see GET /api/indices")
     size: Size = Field(description="USDT notional, a decimal string (or number)")
     direction: Direction
+    execution: ExecutionMode = Field(
+        default=ExecutionMode.SEQUENTIAL,
+        description=EXECUTION_DESCRIPTION,
+    )
 
 
 class ComponentOut(BaseModel):
@@ -201,6 +217,9 @@ class PositionOut(BaseModel):
     size: DecimalString
     direction: str
     status: str
+    execution: ExecutionMode = Field(
+        default=ExecutionMode.SEQUENTIAL, description="how the legs are sent (see POST)"
+    )
     error: str | None
     failed_leg: int | None
     attempts: int

@@ -28,6 +28,7 @@ from service.errors import (
 from service.indices.cache import IndexCache
 from service.market.snapshot import MarketSnapshot
 from service.models import (
+    ExecutionMode,
     Index,
     PositionCloseLeg,
     PositionComponent,
@@ -60,6 +61,7 @@ class AcceptedPosition:
     direction: str
     created_at: datetime
     updated_at: datetime
+    execution: str = ExecutionMode.SEQUENTIAL.value
     status: str = PositionStatus.PENDING.value
     error: str | None = None
     failed_leg: int | None = None
@@ -96,12 +98,19 @@ class PositionPage:
     next_cursor: str | None
 
 
-def request_fingerprint(index_code: str, size: Decimal, direction: Direction) -> str:
-    """The same intent hashes the same: "100" and "100.00" are one size."""
-    canonical = json.dumps(
-        {"index": index_code, "size": format(size.normalize(), "f"), "direction": direction.value},
-        sort_keys=True,
-    )
+def request_fingerprint(
+    index_code: str, size: Decimal, direction: Direction, execution: ExecutionMode
+) -> str:
+    """The same intent hashes the same: "100" and "100.00" are one size. The default
+    execution is left out, so a body without it hashes as it did before the field existed."""
+    intent = {
+        "index": index_code,
+        "size": format(size.normalize(), "f"),
+        "direction": direction.value,
+    }
+    if execution != ExecutionMode.SEQUENTIAL:
+        intent["execution"] = execution.value
+    canonical = json.dumps(intent, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -145,6 +154,7 @@ class OpenRequest:
     size: Decimal
     direction: Direction
     idempotency_key: str | None = None
+    execution: ExecutionMode = ExecutionMode.SEQUENTIAL
 
 
 async def open_position(
@@ -157,7 +167,11 @@ async def open_position(
 ) -> OpenedPosition:
     index_code, size, direction = request.index_code, request.size, request.direction
     idempotency_key = request.idempotency_key
-    fingerprint = request_fingerprint(index_code, size, direction) if idempotency_key else None
+    fingerprint = (
+        request_fingerprint(index_code, size, direction, request.execution)
+        if idempotency_key
+        else None
+    )
     if idempotency_key and fingerprint:
         existing = await repository.get_by_idempotency_key(session, user.id, idempotency_key)
         if existing is not None:
@@ -173,6 +187,7 @@ async def open_position(
         index_code=index.code,
         size=size,
         direction=direction.value,
+        execution=request.execution.value,
         idempotency_key=idempotency_key,
         request_fingerprint=fingerprint,
     )

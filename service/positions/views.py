@@ -9,7 +9,7 @@ from decimal import Decimal
 import structlog
 
 from service.market.snapshot import MarketSnapshot
-from service.models import PositionStatus, Trade
+from service.models import ExecutionMode, PositionStatus, Trade
 from service.positions import valuation
 from service.positions.schemas import (
     ComponentOut,
@@ -149,6 +149,7 @@ def position_out(detail: PositionDetail, market: MarketSnapshot | None) -> Posit
         size=p.size,
         direction=p.direction,
         status=p.status,
+        execution=ExecutionMode(p.execution),
         error=p.error,
         failed_leg=p.failed_leg,
         attempts=p.attempts,
