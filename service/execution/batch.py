@@ -82,6 +82,10 @@ async def send_first_orders(
     await asyncio.gather(*(ensure_leverage(deps, run.credentials, leg, log) for leg in openings))
     size = deps.batch_max_orders
     for start in range(0, len(to_send), size):
+        if outcomes.refused or outcomes.unknown:
+            # The basket fails, or waits for its next run: sending more would only add to
+            # what the user holds of a basket that is not complete.
+            break
         await _send_chunk(deps, run, to_send[start : start + size], outcomes, log)
     fills = await _read_fills(deps, run, outcomes.placed, log)
     for leg_order, order in zip(outcomes.placed, fills, strict=True):

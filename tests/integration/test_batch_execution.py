@@ -259,3 +259,33 @@ async def test_an_unknown_execution_mode_is_a_clear_422(
     assert "execution" in response.text
     assert "sequential" in response.text
     assert "batch" in response.text
+
+
+async def test_a_basket_larger_than_a_batch_goes_in_several_and_stops_at_a_refusal(
+    api: httpx.AsyncClient,
+    sim: httpx.AsyncClient,
+    sessions: Any,
+    service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    env = {**service_env, "BATCH_MAX_ORDERS": "4"}
+    whole = await funded_trader(sessions, sim, api)
+    refused = await funded_trader(sessions, sim, api)
+    # ETHUSDT (the second leg, in the first batch of four) is refused for the second account.
+    await fault(sim, refused, path=BATCH_PATH, kind="retcode", symbol="ETHUSDT", retCode=110007)
+    worker = start_worker(env, tmp_path)
+    try:
+        complete = await post(api, whole, TOP10_BATCH)
+        failing = await post(api, refused, TOP10_BATCH)
+        complete_body = await final(api, whole, complete)
+        failing_body = await final(api, refused, failing)
+    finally:
+        worker.stop()
+    assert complete_body["status"] == "ACTIVE", complete_body["error"]
+    assert await _batch_requests(sim, whole) == 3  # 4 + 4 + 2
+    assert len(await orders(sim, whole)) == 10
+    # The refusal in the first batch fails the basket: the next batches are never sent, so the
+    # user holds only what that first batch filled.
+    assert failing_body["status"] == "FAILED"
+    assert await _batch_requests(sim, refused) == 1
+    assert len(await orders(sim, refused)) == 3
