@@ -14,6 +14,7 @@ REPORT = ROOT / "docs" / "reliability.md"
 ORDER = (
     "duplicates",
     "crashes",
+    "crashes-batch",
     "crashes-closing",
     "deadline",
     "soft-limit",
@@ -22,6 +23,7 @@ ORDER = (
     "dead-run-reconciliation",
     "exchange-rules",
     "retries",
+    "retries-batch",
     "infrastructure",
     "bad-requests",
     "bad-replies",

@@ -52,9 +52,15 @@ async def _all_in(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("execution", ["sequential", "batch"])
 async def test_random_worker_kills_lose_and_double_nothing(
-    service_env: dict[str, str], sim: httpx.AsyncClient, sessions: object, tmp_path: Path
+    execution: str,
+    service_env: dict[str, str],
+    sim: httpx.AsyncClient,
+    sessions: object,
+    tmp_path: Path,
 ) -> None:
+    basket = {**BASKET, "execution": execution}
     rng = random.Random(int(os.environ.get("CRASH_SEED", "20261124")))
     # Exchange round trips of 50 ms, so a kill lands inside a basket, not between baskets.
     await sim.put("/sim/config", json={"latency_ms": 50, "order_rate_limit": 0})
@@ -75,7 +81,7 @@ async def test_random_worker_kills_lose_and_double_nothing(
                 worker = start_worker(service_env, tmp_path)
                 ids = []
                 for _ in range(PER_ROUND):
-                    response = await api.post("/api/positions", json=BASKET, headers=user.headers)
+                    response = await api.post("/api/positions", json=basket, headers=user.headers)
                     assert response.status_code == 202, response.text
                     ids.append(response.json()["id"])
 
@@ -122,7 +128,15 @@ async def test_random_worker_kills_lose_and_double_nothing(
 
     total = ROUNDS * PER_ROUND
     _write_report(
-        total, outcomes, duplicates, resent, orders_placed, kills_mid_basket, recoveries, waits
+        execution,
+        total,
+        outcomes,
+        duplicates,
+        resent,
+        orders_placed,
+        kills_mid_basket,
+        recoveries,
+        waits,
     )
     assert duplicates == 0
     assert resent == 0
@@ -132,6 +146,7 @@ async def test_random_worker_kills_lose_and_double_nothing(
 
 
 def _write_report(
+    execution: str,
     total: int,
     outcomes: Counter[str],
     duplicates: int,
@@ -141,11 +156,18 @@ def _write_report(
     recoveries: list[float],
     waits: int,
 ) -> None:
+    batch = execution == "batch"
+    how = (
+        'with `"execution": "batch"` (every leg\'s order in one create-batch request, then '
+        "every fill read at once)"
+        if batch
+        else "sequential (one order after another)"
+    )
     body = f"""
 Command: `scripts/dev reliability -k crash` (`CRASH_ROUNDS={ROUNDS} CRASH_POSITIONS={PER_ROUND}`).
 Settings: `STALE_EXECUTING_SECONDS=3`, `RECOVERY_INTERVAL_SECONDS=1`, simulator latency 50 ms.
 
-{ROUNDS} rounds; each posts {PER_ROUND} ten-leg baskets of one account to a worker (2 pool
+{ROUNDS} rounds; each posts {PER_ROUND} ten-leg baskets, {how}, of one account to a worker (2 pool
 processes), kills the worker's whole process group with SIGKILL at a random point 0 to 1.5 s
 after it started its first basket (before, during or right after an order), starts a new
 worker, and lets Beat's recovery sweep resume what the dead one held. The baskets of one
@@ -174,7 +196,10 @@ Recovery time is dominated by `STALE_EXECUTING_SECONDS` (a dead run is recognise
 its heartbeat is that old and its run lock is free); with the defaults (60 s, sweep every
 20 s) a killed position resumes within about 80 s.
 """
-    write_section("crashes", "Workers SIGKILLed at random points", body)
+    if batch:
+        write_section("crashes-batch", "Workers SIGKILLed at random points: batch execution", body)
+    else:
+        write_section("crashes", "Workers SIGKILLed at random points", body)
 
 
 @pytest.mark.asyncio

@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenar
 POSITIONS = int(os.environ.get("RETRY_POSITIONS", "48"))
 L1 = {"index": "L1", "size": "3000", "direction": "long"}  # 5 legs
 LEGS = 5
+L1_SYMBOLS = ("SOLUSDT", "AVAXUSDT", "NEARUSDT", "SUIUSDT", "APTUSDT")  # its legs, in order
 DELAYS = [float(d) for d in TEST_ENV["TRADE_RETRY_DELAYS"].split(",")]
 
 # name -> (fault fields, transient?)
@@ -66,10 +67,28 @@ def _at(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
+def _fault_for(execution: str, fields: dict[str, Any], leg: int) -> dict[str, Any]:
+    """Sequential: the fault on the leg's own order/create. Batch: a retCode on the leg's own
+    order inside the create-batch request (Bybit answers per order); any other fault on the
+    whole request (every order of it)."""
+    if execution == "sequential":
+        return {**fields, "path": "/v5/order/create", "skip": leg}
+    path = "/v5/order/create-batch"
+    if fields["kind"] == "retcode":
+        return {**fields, "path": path, "symbol": L1_SYMBOLS[leg]}
+    return {**fields, "path": path}
+
+
 @pytest.mark.asyncio
+@pytest.mark.parametrize("execution", ["sequential", "batch"])
 async def test_injected_faults_are_classified_and_retried_on_schedule(
-    service_env: dict[str, str], sim: httpx.AsyncClient, sessions: object, tmp_path: Path
+    execution: str,
+    service_env: dict[str, str],
+    sim: httpx.AsyncClient,
+    sessions: object,
+    tmp_path: Path,
 ) -> None:
+    batch = execution == "batch"
     rng = random.Random(int(os.environ.get("RETRY_SEED", "7")))
     names = list(FAULTS)
     # Every kind at least three times, the rest at random.
@@ -89,15 +108,15 @@ async def test_injected_faults_are_classified_and_retried_on_schedule(
                 response = await sim.post(
                     "/sim/faults",
                     json={
-                        **fields,
-                        "path": "/v5/order/create",
+                        **_fault_for(execution, fields, leg),
                         "api_key": user.api_key,
-                        "skip": leg,
                         "times": times,
                     },
                 )
                 response.raise_for_status()
-                response = await api.post("/api/positions", json=L1, headers=user.headers)
+                response = await api.post(
+                    "/api/positions", json={**L1, "execution": execution}, headers=user.headers
+                )
                 assert response.status_code == 202, response.text
                 position_id = response.json()["id"]
                 owners[position_id] = user
@@ -133,10 +152,14 @@ async def test_injected_faults_are_classified_and_retried_on_schedule(
         if fault.transient:
             ok = body["status"] == "ACTIVE" and len(body["trades"]) == LEGS
         else:
+            # Sequential: the faulted leg, nothing after it sent. Batch: the faulted leg; the
+            # other four, sent in the same request, filled and are held.
+            held = LEGS - 1 if batch else fault.leg
             ok = (
                 body["status"] == "FAILED"
                 and body["attempts"] == 1
                 and body["failed_leg"] == fault.leg
+                and len(body["trades"]) == held
                 and not retries
             )
         if not ok:
@@ -155,13 +178,21 @@ async def test_injected_faults_are_classified_and_retried_on_schedule(
         f"| {name} | {'transient' if FAULTS[name][1] else 'permanent'} | {count} |"
         for name, count in sorted(per_kind.items())
     )
+    where = (
+        'with `"execution": "batch"`: a retCode on the leg\'s own order inside '
+        "`POST /v5/order/create-batch` (Bybit answers each order of a batch on its own; a "
+        "permanent one fails the basket with the other four legs filled and held), any other "
+        "fault on the whole create-batch request"
+        if batch
+        else "on `POST /v5/order/create` of a random leg"
+    )
     body = f"""
 Command: `scripts/dev reliability -k retries` (`RETRY_POSITIONS={POSITIONS}`).
 Settings: `TRADE_RETRY_DELAYS={TEST_ENV["TRADE_RETRY_DELAYS"]}` (the production schedule is
 60,300,900 s; the same code with a shorter schedule), `HTTP_READ_TIMEOUT_SECONDS=2`.
 
 {POSITIONS} five-leg positions (`L1`), each on its own account, each with one fault injected
-on `POST /v5/order/create` of a random leg (transient ones once or twice in a row):
+{where} (transient ones once or twice in a row):
 
 | fault | expected | positions |
 |---|---|---|
@@ -191,7 +222,11 @@ on `POST /v5/order/create` of a random leg (transient ones once or twice in a ro
         )
     }
 """
-    write_section("retries", "Faults on random legs: classification and retry schedule", body)
+    if batch:
+        title = "Faults on random legs, batch execution: classification and retry schedule"
+        write_section("retries-batch", title, body)
+    else:
+        write_section("retries", "Faults on random legs: classification and retry schedule", body)
     assert not misclassified, misclassified
     assert not off_schedule, off_schedule
     assert duplicates == 0
