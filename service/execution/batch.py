@@ -78,7 +78,11 @@ async def send_first_orders(
         return
     outcomes = _Outcomes()
     to_send = await _found_earlier(deps, run, orders, outcomes, log)
-    openings = [o.leg for o in to_send if isinstance(o.leg, PositionLeg)]
+    openings = [
+        o.leg
+        for o in to_send
+        if isinstance(o.leg, PositionLeg) and o.leg.symbol not in run.leverage_checked
+    ]
     await asyncio.gather(*(ensure_leverage(deps, run.credentials, leg, log) for leg in openings))
     size = deps.batch_max_orders
     for start in range(0, len(to_send), size):

@@ -154,3 +154,5 @@ class Run:
     retries_done: int = 0
     # The close round this run closes; None for the opening.
     close_round: int | None = None
+    # Symbols whose leverage this run has seen at 1x (its pre-flight): not asked again per leg.
+    leverage_checked: set[str] = field(default_factory=set)

@@ -229,7 +229,8 @@ async def _execute_leg(
     links = {t.order_link_id for t in recorded}
     filled = sum((t.quantity for t in recorded), Decimal(0))
     if leg.order_link_id not in links:
-        if isinstance(leg, PositionLeg):  # a close's reduce-only order adds no margin
+        # A close's reduce-only order adds no margin; this run's pre-flight saw the rest.
+        if isinstance(leg, PositionLeg) and leg.symbol not in run.leverage_checked:
             await ensure_leverage(deps, run.credentials, leg, log)
         first = LegOrder(leg, 0, leg.order_link_id, leg.quantity)
         order = await _send_and_record(deps, run, first, log, pipe=pipe)

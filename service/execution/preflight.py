@@ -96,9 +96,13 @@ async def preflight(
         )
     hedge = await _position_modes(deps, credentials, symbols, held, log)
     _check_held_positions(plan, held, hedge, log)
-    for row in held:
-        if row.leverage == 1:
-            await deps.memo.confirm_leverage(credentials.account, row.symbol)
+    await asyncio.gather(
+        *(
+            deps.memo.confirm_leverage(credentials.account, row.symbol)
+            for row in held
+            if row.leverage == 1
+        )
+    )
     outcomes = await asyncio.gather(
         *(ensure_leverage(deps, credentials, leg, log) for leg in plan), return_exceptions=True
     )
@@ -107,6 +111,7 @@ async def preflight(
             raise _refused(log, outcome)
         if isinstance(outcome, BaseException):
             raise outcome
+    run.leverage_checked.update(symbols)
     for leg in plan:
         leg.position_idx = position_idx_for(leg.side, hedge=hedge[leg.symbol])
     async with deps.sessions() as session:
@@ -145,11 +150,11 @@ async def _position_modes(
     positions' rows, the memo, and for the rest one row per symbol, side by side."""
     account = credentials.account
     modes = {row.symbol: row.hedge_mode for row in held if row.symbol in symbols}
-    for symbol in symbols:
-        if symbol not in modes:
-            known = await deps.memo.hedge_mode(account, symbol)
-            if known is not None:
-                modes[symbol] = known
+    asking = [s for s in symbols if s not in modes]
+    remembered = await asyncio.gather(*(deps.memo.hedge_mode(account, s) for s in asking))
+    for symbol, known in zip(asking, remembered, strict=True):
+        if known is not None:
+            modes[symbol] = known
     unknown = [s for s in symbols if s not in modes]
     if unknown:
         try:
@@ -163,11 +168,10 @@ async def _position_modes(
             raise _refused(log, calls.classify(error, None, "read the position modes")) from None
         for symbol, symbol_rows in zip(unknown, rows, strict=True):
             modes[symbol] = any(row.hedge_mode for row in symbol_rows)
-            for row in symbol_rows:
-                if row.leverage == 1:
-                    await deps.memo.confirm_leverage(account, symbol)
-    for symbol in symbols:
-        await deps.memo.remember_hedge_mode(account, symbol, modes[symbol])
+            if any(row.leverage == 1 for row in symbol_rows):
+                await deps.memo.confirm_leverage(account, symbol)
+    # Kept for every worker (and its time to live renewed), side by side.
+    await asyncio.gather(*(deps.memo.remember_hedge_mode(account, s, modes[s]) for s in symbols))
     return modes
 
 
