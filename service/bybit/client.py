@@ -318,7 +318,7 @@ class BybitClient:
         order = MarketOrder(symbol, side, qty, order_link_id, position_idx, reduce_only)
         body = {"category": constants.CATEGORY_LINEAR, **order.fields()}
         result = await self._post("/v5/order/create", body, credentials)
-        return self._parse(result, OrderAck.from_payload, "/v5/order/create")
+        return self._parse(result, OrderAck.from_payload, "/v5/order/create", ambiguous=True)
 
     async def create_market_orders(
         self, credentials: ApiCredentials, orders: Sequence[MarketOrder]
@@ -334,7 +334,7 @@ class BybitClient:
             "request": [order.fields() for order in orders],
         }
         data = await self._post_envelope(path, body, credentials, weight=len(orders))
-        return self._parse(data, lambda d: _batch_items(d, orders, path), path)
+        return self._parse(data, lambda d: _batch_items(d, orders, path), path, ambiguous=True)
 
     async def get_order(
         self, credentials: ApiCredentials, *, symbol: str, order_link_id: str
@@ -629,12 +629,20 @@ class BybitClient:
             ) from None
 
     @staticmethod
-    def _parse(result: dict[str, Any], parse: Callable[[dict[str, Any]], T], path: str) -> T:
+    def _parse(
+        result: dict[str, Any],
+        parse: Callable[[dict[str, Any]], T],
+        path: str,
+        *,
+        ambiguous: bool = False,
+    ) -> T:
+        """`ambiguous`: the call placed orders, so a reply we cannot read may hide some that
+        landed (they are looked up, never taken as not placed)."""
         try:
             return parse(result)
         except (PayloadError, TypeError, AttributeError) as exc:
             raise BybitServerError(
-                f"unexpected payload: {exc}", path=path, http_status=200
+                f"unexpected payload: {exc}", path=path, http_status=200, ambiguous=ambiguous
             ) from None
 
 

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, TypeVar, cast
 
 import structlog
 
 from service.bybit.client import BatchItem, MarketOrder
 from service.bybit.errors import (
     BybitError,
+    BybitIpBanError,
     BybitRateLimitError,
     DuplicateOrderLinkIdError,
 )
@@ -43,6 +45,8 @@ from service.execution.outcomes import (
 from service.execution.preflight import ensure_leverage
 from service.models import PlannedLeg, PositionLeg, Trade
 from service.positions import repository
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,20 +81,13 @@ async def send_first_orders(
     if not orders:
         return
     outcomes = _Outcomes()
-    to_send = await _found_earlier(deps, run, orders, outcomes, log)
-    openings = [
-        o.leg
-        for o in to_send
-        if isinstance(o.leg, PositionLeg) and o.leg.symbol not in run.leverage_checked
-    ]
-    await asyncio.gather(*(ensure_leverage(deps, run.credentials, leg, log) for leg in openings))
-    size = deps.batch_max_orders
-    for start in range(0, len(to_send), size):
-        if outcomes.refused or outcomes.unknown:
-            # The basket fails, or waits for its next run: sending more would only add to
-            # what the user holds of a basket that is not complete.
-            break
-        await _send_chunk(deps, run, to_send[start : start + size], outcomes, log)
+    try:
+        await _send_all(deps, run, orders, outcomes, log)
+    except (RunError, OwnershipLostError):
+        # What did land is read and recorded before the run ends (a later run would too,
+        # but a basket that fails here must show what it holds).
+        await _read_fills(deps, run, outcomes.placed, log)
+        raise
     fills = await _read_fills(deps, run, outcomes.placed, log)
     for leg_order, order in zip(outcomes.placed, fills, strict=True):
         if isinstance(order, RunError):
@@ -118,6 +115,39 @@ async def send_first_orders(
         raise error
 
 
+async def _send_all(
+    deps: ExecutionDeps,
+    run: Run,
+    orders: list[legs.LegOrder],
+    outcomes: _Outcomes,
+    log: structlog.stdlib.BoundLogger,
+) -> None:
+    to_send = await _found_earlier(deps, run, orders, outcomes, log)
+    openings = [
+        o.leg
+        for o in to_send
+        if isinstance(o.leg, PositionLeg) and o.leg.symbol not in run.leverage_checked
+    ]
+    await _all_of(ensure_leverage(deps, run.credentials, leg, log) for leg in openings)
+    size = deps.batch_max_orders
+    for start in range(0, len(to_send), size):
+        if outcomes.refused or outcomes.unknown:
+            # The basket fails, or waits for its next run: sending more would only add to
+            # what the user holds of a basket that is not complete.
+            break
+        await _send_chunk(deps, run, to_send[start : start + size], outcomes, log)
+
+
+async def _all_of(work: Iterable[Awaitable[T]]) -> list[T]:
+    """Every one to its end, side by side (none left running when one fails); then the first
+    error, if any, is raised."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)
+
+
 async def _found_earlier(
     deps: ExecutionDeps,
     run: Run,
@@ -128,7 +158,7 @@ async def _found_earlier(
     """Look up, all at once, the orders an earlier run may have sent; the others (and those
     not found) are to be sent."""
     maybe = [o for o in orders if o.may_have_been_sent]
-    found = await asyncio.gather(*(legs.lookup(deps, run.credentials, o) for o in maybe))
+    found = await _all_of(legs.lookup(deps, run.credentials, o) for o in maybe)
     seen = set()
     for leg_order, order in zip(maybe, found, strict=True):
         if order is not None:
@@ -174,12 +204,17 @@ async def _send_chunk(
             return
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         again: list[legs.LegOrder] = []
+        unclear: list[tuple[legs.LegOrder, BybitError]] = []
         for leg_order, item in zip(pending, items, strict=True):
-            resend = await _item_outcome(
+            verdict = await _item_outcome(
                 deps, run, leg_order, item, outcomes, log, latency_ms, flipped
             )
-            if resend:
+            if verdict == "resend":
                 again.append(leg_order)
+            elif verdict is not None:
+                unclear.append((leg_order, verdict))
+        # Orders whose own answer was ambiguous: looked up side by side.
+        await _all_of(_resolve_ambiguous(deps, run, o, e, outcomes, log) for o, e in unclear)
         if not again:
             return
         # Refused for Bybit's per-order limit (the shared limiter, told the window is used
@@ -265,7 +300,7 @@ async def _whole_batch_failed(
                 outcomes.unknown.append((leg_order, refused))
         return
     log.warning("batch.outcome_unknown", error=str(error), orders=len(pending))
-    await asyncio.gather(*(_resolve_ambiguous(deps, run, o, error, outcomes, log) for o in pending))
+    await _all_of(_resolve_ambiguous(deps, run, o, error, outcomes, log) for o in pending)
 
 
 async def _resolve_ambiguous(
@@ -311,31 +346,32 @@ async def _item_outcome(
     run_log: structlog.stdlib.BoundLogger,
     latency_ms: float,
     flipped: set[int],
-) -> bool:
-    """Record one order's own answer; True when it is to be sent again (it placed nothing)."""
+) -> Literal["resend"] | BybitError | None:
+    """Record one order's own answer: "resend" when it placed nothing and is to be sent
+    again, its error when the answer is ambiguous (to be looked up), None when settled."""
     log = _log_for(run_log, leg_order)
     if item.ack is not None:
         log.info("leg.accepted", bybit_order_id=item.ack.order_id, latency_ms=latency_ms)
         outcomes.placed.append(leg_order)
-        return False
+        return None
     error = item.error
     assert error is not None
     if isinstance(error, DuplicateOrderLinkIdError):
         # An earlier send of it landed: read it, never count it as a failure.
         log.warning("leg.duplicate_order_link_id")
         outcomes.placed.append(leg_order)
-        return False
-    if isinstance(error, BybitRateLimitError):
+        return None
+    if isinstance(error, BybitRateLimitError) and not isinstance(error, BybitIpBanError):
+        # Bybit's per-order quota of the batch bucket: this order placed nothing.
         log.warning("leg.rate_limited", error=str(error))
-        return True
+        return "resend"
     leg = leg_order.leg
     if legs.wrong_position_idx(error) and leg.leg not in flipped:
         flipped.add(leg.leg)
         await legs.flip_position_idx(deps, run, leg, log)
-        return True
+        return "resend"
     if error.ambiguous:
-        await _resolve_ambiguous(deps, run, leg_order, error, outcomes, run_log)
-        return False
+        return error
     refused = calls.classify(error, leg, "place order (batch)")
     refused.placed_nothing = True
     if isinstance(refused, PermanentRunError):
@@ -343,10 +379,14 @@ async def _item_outcome(
         outcomes.refused.append((leg_order, refused))
     else:
         outcomes.unknown.append((leg_order, refused))
-    return False
+    return None
 
 
 async def _mark_refused(deps: ExecutionDeps, run: Run, leg_order: legs.LegOrder) -> None:
+    """Refused outright, so certainly not on the exchange: unless an earlier run may have sent
+    it (a refusal of this send says nothing of that one, which may have landed unseen)."""
+    if leg_order.may_have_been_sent:
+        return
     async with deps.sessions() as session:
         await repository.mark_refused(session, run.position.id, leg_order.leg.leg, run.close_round)
 
@@ -368,4 +408,4 @@ async def _read_fills(
         except RunError as error:
             return error
 
-    return list(await asyncio.gather(*(read(o) for o in placed)))
+    return await _all_of(read(o) for o in placed)

@@ -6,7 +6,6 @@ until final, and its fill recorded at once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 import uuid
@@ -60,7 +59,6 @@ async def execute_legs(
                 legs_trades = [t for t in recorded if t.leg == leg.leg]
                 await _execute_leg(deps, run, leg, legs_trades, log, pipe)
             except RunError as error:
-                await pipe.withdraw_next(leg)
                 if error.leg == leg.leg and ends_position(error):
                     report_failed(log, leg, error)
                 raise
@@ -76,8 +74,11 @@ async def execute_legs(
                     if ends_position(passed):
                         report_failed(log, leg, passed)
                 raise
-    finally:
-        await pipe.drain()
+    except BaseException:
+        # The leg's own error is the run's: what is left of the pipeline is settled quietly.
+        await pipe.settle(failing=True)
+        raise
+    await pipe.settle(failing=False)
 
 
 # A proof of ownership taken ahead (while the previous leg's fill was read) is used only this
@@ -106,20 +107,27 @@ class Pipeline:
     def write(self, work: Awaitable[None]) -> None:
         self._writes.append(asyncio.ensure_future(work))
 
-    async def drain(self) -> None:
-        """Every write started, committed (the first error raised once all have ended), and
-        no proof left running on the lock's connection."""
-        for _, task in self._ahead.values():
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await task
-        self._ahead.clear()
+    async def settle(self, *, failing: bool) -> None:
+        """No proof left running on the lock's connection, a mark taken ahead for an order
+        that was never sent withdrawn, and every write committed. A write that failed is
+        raised, unless the run is failing already (then it is logged: the order is marked
+        submitted, so the next run or reconciliation records its fill)."""
+        ahead, self._ahead = self._ahead, {}
+        if ahead:
+            # asyncio.wait: the tasks' own errors are not raised here, a cancellation is.
+            await asyncio.wait([task for _, task in ahead.values()])
+            for leg, (_, task) in ahead.items():
+                if not task.cancelled() and task.exception() is None and task.result():
+                    await self._withdraw(leg)
         writes, self._writes = self._writes, []
         if not writes:
             return
         results = await asyncio.gather(*writes, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors if failing else errors[1:]:
+            logger.error("run.fill_unwritten", error=f"{type(error).__name__}: {error}")
+        if errors and not failing:
+            raise errors[0]
 
     def prove_next(self, leg: PlannedLeg) -> None:
         """Start the ownership proof of the leg after `leg`, if its first order is the next to
@@ -149,26 +157,20 @@ class Pipeline:
         fresh = asyncio.get_running_loop().time() - started <= PROOF_FRESH_SECONDS
         return proven if fresh or not proven else None
 
-    async def withdraw_next(self, leg: PlannedLeg) -> None:
-        """`leg` failed: a proof taken ahead for the next leg marked an order never sent."""
-        following = self._following(leg)
-        ahead = self._ahead.pop(following.leg, None) if following is not None else None
-        if following is None or ahead is None:
-            return
+    async def _withdraw(self, leg: int) -> None:
+        """A mark taken ahead for an order that was never sent (the run failed first)."""
         try:
-            marked = await ahead[1]
-            if marked:
-                async with self._deps.sessions() as session:
-                    await repository.unmark_submitted(
-                        session,
-                        self._run.position.id,
-                        following.leg,
-                        self._run.close_round,
-                        self._run.lease.pid,
-                    )
+            async with self._deps.sessions() as session:
+                await repository.unmark_submitted(
+                    session,
+                    self._run.position.id,
+                    leg,
+                    self._run.close_round,
+                    self._run.lease.pid,
+                )
         except Exception as error:  # the leg's own error is the one that matters
             # Left marked: a later run looks the order up (finds nothing) before sending it.
-            logger.warning("run.mark_not_withdrawn", leg=following.leg, error=str(error))
+            logger.warning("run.mark_not_withdrawn", leg=leg, error=str(error))
 
     def _following(self, leg: PlannedLeg) -> PlannedLeg | None:
         for earlier, later in itertools.pairwise(self._plan):
@@ -410,10 +412,9 @@ async def _write_fill(
     latency_ms: float,
 ) -> None:
     async with deps.sessions() as session:
-        if await repository.record_trade(
+        await repository.record_fill(
             session, trade_values(run.position.id, leg_order, order, price)
-        ):
-            await repository.mark_changed(session, run.position.id, run_alive=True)
+        )
     LEG_LATENCY.labels("filled").observe(latency_ms / 1000)
     log.info(
         "leg.filled",

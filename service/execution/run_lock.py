@@ -92,7 +92,7 @@ class AdvisoryRunLease:
     async def _release(self, unlock: Awaitable[None]) -> None:
         # A dead connection has released everything already; a live one answers quickly.
         try:
-            async with asyncio.timeout(self._confirm_timeout):
+            async with self._busy, asyncio.timeout(self._confirm_timeout):
                 await unlock
         except _CONNECTION_ERRORS as error:
             logger.warning("run.lock_connection_lost", error=f"{type(error).__name__}: {error}")

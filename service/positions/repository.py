@@ -506,6 +506,30 @@ async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool
     return result.scalar_one_or_none() is not None
 
 
+async def record_fill(session: AsyncSession, values: dict[str, object]) -> bool:
+    """A run's fill, in one statement: inserted once (a second report of the same orderLinkId
+    changes nothing: False) and, when new, the position's `updated_at` (GET shows it) and
+    heartbeat (the run is alive) moved."""
+    recorded = (
+        insert(Trade)
+        .values(id=uuid.uuid4(), **values)
+        .on_conflict_do_nothing(index_elements=[Trade.order_link_id])
+        .returning(Trade.id)
+        .cte("recorded")
+    )
+    result = await session.execute(
+        update(SyntheticPosition)
+        .where(
+            SyntheticPosition.id == values["position_id"],
+            exists(select(recorded.c.id)),
+        )
+        .values(updated_at=func.clock_timestamp(), heartbeat_at=func.now())
+        .returning(SyntheticPosition.id)
+        .execution_options(synchronize_session=False)
+    )
+    return result.scalar_one_or_none() is not None
+
+
 async def get_components(
     session: AsyncSession, position_id: uuid.UUID
 ) -> Sequence[PositionComponent]:

@@ -237,3 +237,20 @@ async def test_a_refused_remainder_is_shortfall_and_the_basket_goes_on(
     assert body["legs"][0]["shortfall_quantity"] == "0.007"
     assert body["legs"][1]["shortfall_quantity"] == "0.00"  # ETH traded all the same
     assert body["shortfall"] is True
+
+
+async def test_a_leg_that_fills_nothing_leaves_the_next_leg_unmarked(
+    deps: ExecutionDeps, sessions: SessionScope, sim: httpx.AsyncClient, thin_btc: Any
+) -> None:
+    # The next leg's order is marked submitted ahead, while this leg's fill is read; when
+    # this leg then fails, that order was never sent and its mark is withdrawn, so the
+    # failed basket does not look as if it might hold it.
+    position_id, key, _ = await _position(deps, sessions, sim)
+    await thin_btc("0")  # BTCUSDT (leg 0): the market order fills nothing
+    result = await execute_position(deps, position_id, task_id="pf-none")
+    assert result.outcome is Outcome.FAILED
+    assert [o["symbol"] for o in await _orders(sim, key)] == ["BTCUSDT"]
+    async with sessions() as session:
+        plan = {leg.leg: leg for leg in await repository.get_plan(session, position_id)}
+    assert plan[0].submitted_at is not None
+    assert plan[1].submitted_at is None  # ETHUSDT: never sent, not marked

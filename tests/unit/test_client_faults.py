@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from service.bybit.auth import ApiCredentials
-from service.bybit.client import BybitClient, create_http_session
+from service.bybit.client import BybitClient, MarketOrder, create_http_session
 from service.bybit.errors import (
     BybitAuthError,
     BybitError,
@@ -156,3 +156,53 @@ async def test_unknown_path_without_envelope_is_permanent(simulator: Simulator) 
         with pytest.raises(PermanentBybitError) as caught:
             await client.get_wallet_balance(CREDENTIALS)
     assert caught.value.http_status == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # An envelope that says OK but answers fewer orders than were sent.
+        '{"retCode":0,"retMsg":"OK","result":{"list":[]},"retExtInfo":{"list":[]},"time":1}',
+        # The per-order codes missing.
+        '{"retCode":0,"retMsg":"OK","result":{"list":[{"orderId":"1","orderLinkId":"b-1"}]},'
+        '"retExtInfo":{},"time":1}',
+        # An answer for another order than the one sent in that place.
+        '{"retCode":0,"retMsg":"OK","result":{"list":[{"orderId":"1","orderLinkId":"x"}]},'
+        '"retExtInfo":{"list":[{"code":0,"msg":"OK"}]},"time":1}',
+    ],
+)
+async def test_a_batch_reply_that_does_not_match_the_request_is_ambiguous(
+    simulator: Simulator, client: BybitClient, body: str
+) -> None:
+    # The orders may have landed: an unreadable answer must be looked up, never taken as
+    # "nothing placed".
+    await simulator.admin(
+        "POST",
+        "/sim/faults",
+        {"path": "/v5/order/create-batch", "kind": "malformed", "body": body},
+    )
+    with pytest.raises(BybitServerError) as caught:
+        await client.create_market_orders(
+            CREDENTIALS, [MarketOrder("BTCUSDT", "Buy", Decimal("0.001"), "b-1")]
+        )
+    assert caught.value.ambiguous
+    assert caught.value.transient
+
+
+async def test_a_batch_answers_each_order_on_its_own(
+    simulator: Simulator, client: BybitClient
+) -> None:
+    items = await client.create_market_orders(
+        CREDENTIALS,
+        [
+            MarketOrder("BTCUSDT", "Buy", Decimal("0.001"), "b-ok"),
+            MarketOrder("BTCUSDT", "Buy", Decimal("0.0001"), "b-small"),  # under minOrderQty
+            MarketOrder("BTCUSDT", "Buy", Decimal("0.001"), "b-ok"),  # a duplicate link
+        ],
+    )
+    assert [i.order_link_id for i in items] == ["b-ok", "b-small", "b-ok"]
+    assert items[0].ack is not None
+    assert items[0].error is None
+    assert items[1].ack is None
+    assert isinstance(items[1].error, PermanentBybitError)
+    assert isinstance(items[2].error, DuplicateOrderLinkIdError)
