@@ -43,19 +43,29 @@ Each section above says `met` or `not met`; for the ones not met:
   row is therefore the median of runs taking turns with the baseline. A poll of a version not
   rendered yet (the first after each change) still renders through the ORM (several
   statements).
-- **Worker POST to ACTIVE against the floor (goal 1.1x).** The phase table shows about 12 ms
-  per leg for the two durable writes every leg makes by design (`submitted_at` committed
-  before the order, so a resumed run looks before re-sending; the fill right after), plus
-  about 30 ms from POST to claim and about 30 ms of planning and finishing; the worker
-  profile shows the database as most of its CPU. Fixed on the way: one concurrent pre-flight
-  read, leverage on all symbols at once, the key decrypted once per run, no separate
-  heartbeat write per leg. Two safe next steps: mark every leg in one statement before the
-  first order, and write each fill while the next leg's order is in flight (a crash before
-  that commit is covered by the lookup on resume). The runs of 2026-11-29 before 02:30
-  measured 2.4x: the shared limiter kept 9 of an account's 10 order slots a second, so every
-  10-leg basket's last order waited about half a second for the window; an account's windows
-  now use Bybit's whole limit (the address's keeps its headroom). The baskets take turns over
+- **Worker POST to ACTIVE against the floor (goal 1.1x), sequential.** Taken off the
+  critical path so far: the next leg's ownership proof (it marks the order submitted) runs
+  while this leg's fill is read, the fill's write while the next order is in flight (one
+  statement), pre-flight's memo reads and writes side by side, and no per-leg leverage check
+  after this run's pre-flight. That leaves about 2 ms per leg (the limiter's Redis round trip
+  and the client's own work on each call, and the CPU of the overlapped writes, which share
+  the one event loop) and about 50 ms around the legs: POST to claim (API, broker, Celery's
+  hand-off to the pool process, the position and account locks, the claim), the plan, the
+  pre-flight's work beyond its one round trip, and the final snapshot; the worker profile
+  shows the database (SQLAlchemy) as most of the CPU. Next steps, in order of yield: start
+  the pre-flight's exchange reads (they need only the key) while the claim and the plan are
+  written; the run's few hot statements (claim, plan, fill, snapshot) as plain asyncpg
+  statements rather than ORM sessions. The runs of 2026-11-29 before 02:30 measured 2.4x: the
+  shared limiter kept 9 of an account's 10 order slots a second; an account's windows now use
+  Bybit's whole limit (the address's keeps its headroom). The baskets take turns over
   accounts: one account's baskets back to back go no faster than Bybit's ten orders a second.
+- **Batch POST to ACTIVE against its own floor (goal 1.1x).** The floor is three round trips
+  (about 70 ms at 20 ms a call), so 1.1x leaves about 7 ms for everything that is not the
+  exchange: the API's insert, the broker, Celery's hand-off, the locks and the claim, the
+  plan, the marks, the fills' writes and the snapshot. The same fixed costs as a sequential
+  basket's (above) are most of the gap; the batch-specific part (one proof marking every
+  order, ten fill writes side by side) is small. Legging time, what the batch mode is for, is
+  well within its goal.
 - **Our client against pybit (goal 0.5x), when it misses.** Both clients send the same
   signed request to the same simulator; the simulator's own time is in both figures, and
   when pybit's figure drops between runs (a faster machine, a lighter moment) the ratio moves
