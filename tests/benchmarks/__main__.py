@@ -52,10 +52,12 @@ Each section above says `met` or `not met`; for the ones not met:
   the one event loop) and about 50 ms around the legs: POST to claim (API, broker, Celery's
   hand-off to the pool process, the position and account locks, the claim), the plan, the
   pre-flight's work beyond its one round trip, and the final snapshot; the worker profile
-  shows the database (SQLAlchemy) as most of the CPU. Next steps, in order of yield: start
-  the pre-flight's exchange reads (they need only the key) while the claim and the plan are
-  written; the run's few hot statements (claim, plan, fill, snapshot) as plain asyncpg
-  statements rather than ORM sessions. The runs of 2026-11-29 before 02:30 measured 2.4x: the
+  shows the database (SQLAlchemy) as most of the CPU. Tried and dropped: sending the
+  pre-flight's reads (they need only the key) before the claim and the plan are written. It
+  moved about 12 ms out of pre-flight and the same into the claim and the plan: those steps
+  are CPU, not waiting, and the reads' own work (signing, the limiter) shares the one event
+  loop. So the next step is less CPU per run: the run's few hot statements (claim, plan,
+  fill, snapshot) as plain asyncpg statements rather than ORM sessions. The runs of 2026-11-29 before 02:30 measured 2.4x: the
   shared limiter kept 9 of an account's 10 order slots a second; an account's windows now use
   Bybit's whole limit (the address's keeps its headroom). The baskets take turns over
   accounts: one account's baskets back to back go no faster than Bybit's ten orders a second.
