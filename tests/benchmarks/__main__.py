@@ -57,9 +57,10 @@ Each section above says `met` or `not met`; for the ones not met:
   moved about 12 ms out of pre-flight and the same into the claim and the plan: those steps
   are CPU, not waiting, and the reads' own work (signing, the limiter) shares the one event
   loop. So the next step is less CPU per run: the run's few hot statements (claim, plan,
-  fill, snapshot) as plain asyncpg statements rather than ORM sessions. The runs of 2026-11-29 before 02:30 measured 2.4x: the
-  shared limiter kept 9 of an account's 10 order slots a second; an account's windows now use
-  Bybit's whole limit (the address's keeps its headroom). The baskets take turns over
+  fill, snapshot) as plain asyncpg statements rather than ORM sessions. The runs of
+  2026-11-29 before 02:30 measured 2.4x: the shared limiter kept 9 of an account's 10 order
+  slots a second; an account's windows now use Bybit's whole limit (the address's keeps its
+  headroom). The baskets take turns over
   accounts: one account's baskets back to back go no faster than Bybit's ten orders a second.
 - **Batch POST to ACTIVE against its own floor (goal 1.1x).** The floor is three round trips
   (about 70 ms at 20 ms a call), so 1.1x leaves about 7 ms for everything that is not the

@@ -12,7 +12,8 @@ import secrets
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -79,20 +80,34 @@ def _sim_calls(stack: Stack) -> dict[str, int]:
 # ---- POST to ACTIVE against the floor -----------------------------------------------------
 
 
+@asynccontextmanager
+async def _floor_client(
+    stack: Stack, user: ApiUser
+) -> AsyncIterator[tuple[BybitClient, ApiCredentials]]:
+    """Our client, its connection set up outside the timing."""
+    credentials = ApiCredentials(api_key=user.api_key, api_secret=user.api_secret)
+    async with create_http_session(connect_timeout=5, read_timeout=10) as http:
+        client = BybitClient(http, stack.simulator_url)
+        await client.get_wallet_balance(credentials)
+        yield client, credentials
+
+
+async def _floor_preflight(client: BybitClient, credentials: ApiCredentials, symbol: str) -> None:
+    """One concurrent pre-flight read: filters, prices, balance."""
+    await asyncio.gather(
+        client.get_instruments(symbol),
+        client.get_tickers(symbol),
+        client.get_wallet_balance(credentials),
+    )
+
+
 async def _floor_run(stack: Stack, user: ApiUser, symbols: list[str], qty: list[str]) -> float:
     """The unavoidable round trips of one basket with our client, nothing else: one
     concurrent pre-flight read (filters, prices, balance), then per leg the order and the
     read of its outcome, one leg after the other."""
-    credentials = ApiCredentials(api_key=user.api_key, api_secret=user.api_secret)
-    async with create_http_session(connect_timeout=5, read_timeout=10) as http:
-        client = BybitClient(http, stack.simulator_url)
-        await client.get_wallet_balance(credentials)  # connection set up outside the timing
+    async with _floor_client(stack, user) as (client, credentials):
         started = time.perf_counter()
-        await asyncio.gather(
-            client.get_instruments(symbols[0]),
-            client.get_tickers(symbols[0]),
-            client.get_wallet_balance(credentials),
-        )
+        await _floor_preflight(client, credentials, symbols[0])
         for symbol, amount in zip(symbols, qty, strict=True):
             link = f"floor-{secrets.token_hex(8)}"
             await client.create_market_order(
@@ -107,16 +122,9 @@ async def _batch_floor_run(
 ) -> float:
     """The unavoidable round trips of one batch basket with our client, nothing else: one
     concurrent pre-flight read, one create-batch request, every order's read side by side."""
-    credentials = ApiCredentials(api_key=user.api_key, api_secret=user.api_secret)
-    async with create_http_session(connect_timeout=5, read_timeout=10) as http:
-        client = BybitClient(http, stack.simulator_url)
-        await client.get_wallet_balance(credentials)  # connection set up outside the timing
+    async with _floor_client(stack, user) as (client, credentials):
         started = time.perf_counter()
-        await asyncio.gather(
-            client.get_instruments(symbols[0]),
-            client.get_tickers(symbols[0]),
-            client.get_wallet_balance(credentials),
-        )
+        await _floor_preflight(client, credentials, symbols[0])
         orders = [
             MarketOrder(symbol, "Buy", Decimal(amount), f"floor-{secrets.token_hex(8)}")
             for symbol, amount in zip(symbols, qty, strict=True)
