@@ -171,16 +171,7 @@ async def _found_earlier(
 def _log_for(
     log: structlog.stdlib.BoundLogger, leg_order: legs.LegOrder
 ) -> structlog.stdlib.BoundLogger:
-    leg = leg_order.leg
-    return log.bind(
-        leg=leg.leg,
-        symbol=leg.symbol,
-        side=leg.side,
-        qty=str(leg_order.qty),
-        order_link_id=leg_order.link,
-        remainder=leg_order.remainder,
-        batch=True,
-    )
+    return legs.order_log(log, leg_order).bind(batch=True)
 
 
 async def _send_chunk(

@@ -238,15 +238,7 @@ async def _settle_sent_orders(
             order = legs.LegOrder(leg, remainder, link, leg.quantity)
             if await legs.lookup_patiently(deps, run.credentials, order) is None:
                 continue  # never placed
-            leg_log = log.bind(
-                leg=leg.leg,
-                symbol=leg.symbol,
-                side=leg.side,
-                qty=str(leg.quantity),
-                order_link_id=link,
-                remainder=remainder,
-                phase="close" if leg.reduce_only else "open",
-            )
+            leg_log = legs.order_log(log, order).bind(phase="close" if leg.reduce_only else "open")
             leg_log.info("leg.found_existing", settled_before_round=run.close_round)
             await legs.record_outcome(deps, run, order, leg_log, time.perf_counter())
 

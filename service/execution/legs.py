@@ -179,6 +179,21 @@ class Pipeline:
         return None
 
 
+def order_log(
+    log: structlog.stdlib.BoundLogger, leg_order: LegOrder
+) -> structlog.stdlib.BoundLogger:
+    """The audit fields every event of one order of a leg carries."""
+    leg = leg_order.leg
+    return log.bind(
+        leg=leg.leg,
+        symbol=leg.symbol,
+        side=leg.side,
+        qty=str(leg_order.qty),
+        order_link_id=leg_order.link,
+        remainder=leg_order.remainder,
+    )
+
+
 def report_failed(log: structlog.stdlib.BoundLogger, leg: PlannedLeg, error: RunError) -> None:
     log.error(
         "leg.failed",
@@ -338,9 +353,7 @@ async def _send_and_record_order(
     pipe: Pipeline | None,
 ) -> Order | None:
     credentials = run.credentials
-    log = run_log.bind(
-        qty=str(leg_order.qty), order_link_id=leg_order.link, remainder=leg_order.remainder
-    )
+    log = order_log(run_log, leg_order)
     started = time.perf_counter()
     order: Order | None = None
     if leg_order.may_have_been_sent:

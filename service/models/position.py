@@ -144,7 +144,25 @@ class SyntheticPosition(TimestampMixin, Base):
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
-class PositionLeg(Base):
+class SentOrderColumns:
+    """The exactly-once protocol's record of a leg's orders (the opening's, or a close
+    round's): its first order's orderLinkId, and what may have been sent. A later run looks up
+    every order that may have been sent before it places anything."""
+
+    order_link_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
+    # Set before the order is sent: a leg with it set may exist on the exchange already.
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when the exchange refused the leg's first order outright (it placed nothing): a
+    # basket whose every submitted leg was refused holds nothing.
+    refused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # How many orders for a partly filled leg's remainder may have been sent (each with its
+    # own orderLinkId, looked up by a later run before anything is placed again).
+    remainders_submitted: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
+
+
+class PositionLeg(SentOrderColumns, Base):
     """The plan: computed once before the first order, then only read."""
 
     __tablename__ = "position_legs"
@@ -157,17 +175,6 @@ class PositionLeg(Base):
     side: Mapped[str] = mapped_column(String(4), nullable=False)
     quantity: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
     reference_price: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
-    order_link_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
-    # Set before the order is sent: a leg with it set may exist on the exchange already.
-    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # Set when the exchange refused the leg's first order outright (it placed nothing): a
-    # basket whose every submitted leg was refused holds nothing.
-    refused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # How many orders for a partly filled leg's remainder may have been sent (each with its
-    # own orderLinkId, looked up by a later run before anything is placed again).
-    remainders_submitted: Mapped[int] = mapped_column(
-        Integer, nullable=False, default=0, server_default="0"
-    )
     # Bybit's positionIdx for the leg's orders, found by pre-flight: 0 in one-way mode, 1
     # (buy side) or 2 (sell side) in hedge mode.
     position_idx: Mapped[int] = mapped_column(
@@ -184,7 +191,7 @@ class PositionLeg(Base):
         return remainder_link_id(self.position_id, self.leg, remainder)
 
 
-class PositionCloseLeg(Base):
+class PositionCloseLeg(SentOrderColumns, Base):
     """The plan of one close round: per leg that held something when the round began, a
     reduce-only order for exactly that quantity. Written once before the round's first
     order; a later run of the round reads it back."""
@@ -202,12 +209,6 @@ class PositionCloseLeg(Base):
     quantity: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
     # The positionIdx of the position being reduced (the opening leg's).
     position_idx: Mapped[int] = mapped_column(Integer, nullable=False)
-    order_link_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
-    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    refused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    remainders_submitted: Mapped[int] = mapped_column(
-        Integer, nullable=False, default=0, server_default="0"
-    )
     # Why this leg could not be closed in this round (it is not tried again in the round).
     error: Mapped[str | None] = mapped_column(Text)
     # What the exchange no longer held of this leg when the round tried it (reduced outside

@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.models import PositionStatus, ReconciliationIssue, SyntheticPosition
+from service.positions.repository import rows_of
 
 
 async def unreconciled_positions(
@@ -90,12 +91,7 @@ async def add_reconciliation_issue(session: AsyncSession, values: dict[str, obje
 async def get_reconciliation_issues_of(
     session: AsyncSession, position_ids: Sequence[uuid.UUID]
 ) -> Sequence[ReconciliationIssue]:
-    result = await session.execute(
-        select(ReconciliationIssue)
-        .where(ReconciliationIssue.position_id.in_(position_ids))
-        .order_by(ReconciliationIssue.created_at)
-    )
-    return result.scalars().all()
+    return await rows_of(session, ReconciliationIssue, position_ids, ReconciliationIssue.created_at)
 
 
 async def get_reconciliation_issues(

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -26,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import TextClause
 
 from service.models import (
@@ -35,6 +37,7 @@ from service.models import (
     PositionComponent,
     PositionLeg,
     PositionStatus,
+    ReconciliationIssue,
     SyntheticPosition,
     Trade,
 )
@@ -399,15 +402,31 @@ async def get_plan(session: AsyncSession, position_id: uuid.UUID) -> Sequence[Po
     return result.scalars().all()
 
 
+# The rows a page of positions shows, by table.
+PositionRow = TypeVar(
+    "PositionRow", PositionLeg, PositionCloseLeg, Trade, PositionComponent, ReconciliationIssue
+)
+
+
+async def rows_of(
+    session: AsyncSession,
+    table: type[PositionRow],
+    position_ids: Sequence[uuid.UUID],
+    *order_by: InstrumentedAttribute[Any],
+) -> Sequence[PositionRow]:
+    """Every row of `table` belonging to any of the positions, in one statement."""
+    result = await session.execute(
+        select(table).where(table.position_id.in_(position_ids)).order_by(*order_by)
+    )
+    return result.scalars().all()
+
+
 async def get_plans_of(
     session: AsyncSession, position_ids: Sequence[uuid.UUID]
 ) -> Sequence[PositionLeg]:
-    result = await session.execute(
-        select(PositionLeg)
-        .where(PositionLeg.position_id.in_(position_ids))
-        .order_by(PositionLeg.position_id, PositionLeg.leg)
+    return await rows_of(
+        session, PositionLeg, position_ids, PositionLeg.position_id, PositionLeg.leg
     )
-    return result.scalars().all()
 
 
 async def add_plan(
@@ -476,21 +495,19 @@ async def get_trades(session: AsyncSession, position_id: uuid.UUID) -> Sequence[
 async def get_trades_of(
     session: AsyncSession, position_ids: Sequence[uuid.UUID]
 ) -> Sequence[Trade]:
-    result = await session.execute(
-        select(Trade).where(Trade.position_id.in_(position_ids)).order_by(Trade.leg)
-    )
-    return result.scalars().all()
+    return await rows_of(session, Trade, position_ids, Trade.leg)
 
 
 async def get_components_of(
     session: AsyncSession, position_ids: Sequence[uuid.UUID]
 ) -> Sequence[PositionComponent]:
-    result = await session.execute(
-        select(PositionComponent)
-        .where(PositionComponent.position_id.in_(position_ids))
-        .order_by(PositionComponent.created_at, PositionComponent.symbol)
+    return await rows_of(
+        session,
+        PositionComponent,
+        position_ids,
+        PositionComponent.created_at,
+        PositionComponent.symbol,
     )
-    return result.scalars().all()
 
 
 async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool:
@@ -629,12 +646,14 @@ async def get_close_plan(
 async def get_close_plans_of(
     session: AsyncSession, position_ids: Sequence[uuid.UUID]
 ) -> Sequence[PositionCloseLeg]:
-    result = await session.execute(
-        select(PositionCloseLeg)
-        .where(PositionCloseLeg.position_id.in_(position_ids))
-        .order_by(PositionCloseLeg.position_id, PositionCloseLeg.round, PositionCloseLeg.leg)
+    return await rows_of(
+        session,
+        PositionCloseLeg,
+        position_ids,
+        PositionCloseLeg.position_id,
+        PositionCloseLeg.round,
+        PositionCloseLeg.leg,
     )
-    return result.scalars().all()
 
 
 async def add_close_plan(

@@ -80,6 +80,9 @@ class ComponentOut(BaseModel):
 
 
 class TradeOut(BaseModel):
+    # Read from a `trades` row: the fields are its columns.
+    model_config = ConfigDict(from_attributes=True)
+
     leg: int
     symbol: str
     side: str
@@ -176,6 +179,9 @@ class ValueOut(BaseModel):
     """What the basket is worth, in USDT (decimal strings): unrealised PnL at the mark price,
     realised PnL of what closes bought back or sold, both before fees; net = realised +
     unrealised - fees. Null where a mark price is missing."""
+
+    # Read from valuation.BasketValue (with `marked_at` beside it).
+    model_config = ConfigDict(from_attributes=True)
 
     entry_notional: DecimalString
     current_value: OptionalDecimal

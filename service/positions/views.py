@@ -123,23 +123,7 @@ def _exposure(detail: PositionDetail) -> list[ExposureOut]:
 
 def position_out(detail: PositionDetail, market: MarketSnapshot | None) -> PositionOut:
     p = detail.position
-    trades = [
-        TradeOut(
-            leg=t.leg,
-            symbol=t.symbol,
-            side=t.side,
-            bybit_order_id=t.bybit_order_id,
-            order_link_id=t.order_link_id,
-            price=t.price,
-            quantity=t.quantity,
-            fee=t.fee,
-            fee_coin=t.fee_coin,
-            order_status=t.order_status,
-            phase=t.phase,
-            executed_at=t.executed_at,
-        )
-        for t in detail.trades
-    ]
+    trades = [TradeOut.model_validate(t) for t in detail.trades]
     value = _value(detail, market) if detail.trades else None
     marked_at = datetime.fromtimestamp(market.fetched_at, UTC) if market and market.marks else None
     legs = _legs(detail, value, marked_at)
@@ -179,16 +163,7 @@ def position_out(detail: PositionDetail, market: MarketSnapshot | None) -> Posit
             for i in detail.issues
         ],
         value=(
-            ValueOut(
-                entry_notional=value.entry_notional,
-                current_value=value.current_value,
-                unrealised_pnl=value.unrealised_pnl,
-                realised_pnl=value.realised_pnl,
-                fees=value.fees,
-                fees_other=value.fees_other,
-                net_pnl=value.net_pnl,
-                marked_at=marked_at,
-            )
+            ValueOut.model_validate(value).model_copy(update={"marked_at": marked_at})
             if value is not None
             else None
         ),

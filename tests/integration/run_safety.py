@@ -106,6 +106,20 @@ async def final(
     return await eventually(probe, timeout=timeout, interval=0.1, message="a final status")
 
 
+async def send_copies(position_id: str, queue: str, copies: int) -> None:
+    """Copies of the position's task sent by Celery itself, beside the API's own message."""
+    from celery_app import app as celery_app
+
+    await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                celery_app.send_task, EXECUTE_TRADE_TASK, args=[position_id], queue=queue
+            )
+            for _ in range(copies)
+        )
+    )
+
+
 async def fault(sim: httpx.AsyncClient, user: ApiUser, **spec: object) -> None:
     response = await sim.post("/sim/faults", json={**spec, "api_key": user.api_key})
     response.raise_for_status()

@@ -5,7 +5,6 @@ Asserted on the exchange's own record (the simulator's orders and requests)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -17,10 +16,8 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import func, select
 
-from celery_app import app as celery_app
 from service.config import get_settings
 from service.models import Trade
-from service.queue import EXECUTE_TRADE_TASK
 from tests.integration.conftest import api_client, start_worker
 from tests.integration.run_safety import (
     beat,
@@ -30,9 +27,10 @@ from tests.integration.run_safety import (
     final,
     orders,
     post,
+    send_copies,
 )
 from tests.reliability.helpers import funded_trader
-from tests.support import ApiUser, eventually
+from tests.support import ApiUser, ServiceProcess, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -49,6 +47,19 @@ async def api(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
 @pytest_asyncio.fixture
 async def trader(api: httpx.AsyncClient, sim: httpx.AsyncClient, sessions: Any) -> ApiUser:
     return await funded_trader(sessions, sim, api)
+
+
+async def _one_basket(
+    api: httpx.AsyncClient, user: ApiUser, env: dict[str, str], tmp_path: Path
+) -> tuple[ServiceProcess, str, dict[str, Any]]:
+    """A batch TOP10 basket of `user`, run by a worker of its own until final (the worker is
+    stopped; its log stays readable)."""
+    worker = start_worker(env, tmp_path)
+    try:
+        position_id = await post(api, user, TOP10_BATCH)
+        return worker, position_id, await final(api, user, position_id)
+    finally:
+        worker.stop()
 
 
 async def _batch_requests(sim: httpx.AsyncClient, user: ApiUser) -> int:
@@ -86,12 +97,7 @@ async def test_a_batch_basket_sends_every_leg_in_one_request_and_reads_every_fil
     service_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
-    worker = start_worker(service_env, tmp_path)
-    try:
-        position_id = await post(api, trader, TOP10_BATCH)
-        body = await final(api, trader, position_id)
-    finally:
-        worker.stop()
+    worker, position_id, body = await _one_basket(api, trader, service_env, tmp_path)
     assert body["status"] == "ACTIVE", body["error"]
     assert body["execution"] == "batch"
     placed = await orders(sim, trader)
@@ -129,12 +135,7 @@ async def test_an_order_refused_inside_the_batch_fails_the_basket_and_shows_the_
         retCode=110007,
         retMsg="ab not enough for new order",
     )
-    worker = start_worker(service_env, tmp_path)
-    try:
-        position_id = await post(api, trader, TOP10_BATCH)
-        body = await final(api, trader, position_id)
-    finally:
-        worker.stop()
+    worker, position_id, body = await _one_basket(api, trader, service_env, tmp_path)
     assert body["status"] == "FAILED"
     eth = next(leg for leg in body["legs"] if leg["symbol"] == "ETHUSDT")
     assert body["failed_leg"] == eth["leg"]
@@ -160,12 +161,7 @@ async def test_a_batch_whose_reply_is_lost_is_looked_up_not_sent_again(
 ) -> None:
     # The batch is carried out and recorded by the exchange; the connection then drops.
     await fault(sim, trader, path=BATCH_PATH, kind="drop_after_fill")
-    worker = start_worker(service_env, tmp_path)
-    try:
-        position_id = await post(api, trader, TOP10_BATCH)
-        body = await final(api, trader, position_id)
-    finally:
-        worker.stop()
+    worker, position_id, body = await _one_basket(api, trader, service_env, tmp_path)
     assert body["status"] == "ACTIVE", body["error"]
     placed = await orders(sim, trader)
     assert (len(placed), duplicates(placed)) == (10, 0)
@@ -223,17 +219,7 @@ async def test_duplicate_deliveries_of_a_batch_basket_place_one_set_of_orders(
     worker = start_worker(service_env, tmp_path)
     try:
         position_id = await post(api, trader, TOP10_BATCH)
-        await asyncio.gather(
-            *(
-                asyncio.to_thread(
-                    celery_app.send_task,
-                    EXECUTE_TRADE_TASK,
-                    args=[position_id],
-                    queue=service_env["CELERY_QUEUE"],
-                )
-                for _ in range(5)
-            )
-        )
+        await send_copies(position_id, service_env["CELERY_QUEUE"], 5)
         body = await final(api, trader, position_id)
 
         async def all_delivered() -> bool:

@@ -10,11 +10,13 @@ import asyncio
 import json
 import secrets
 import uuid
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 
 from service.queue import CLOSE_POSITION_TASK, RedisTaskPublisher
@@ -25,6 +27,13 @@ from tests.support import ApiUser, ServiceProcess, eventually
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 CENT = Decimal("1E-8")
+
+
+@pytest_asyncio.fixture
+async def client(api_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The API of a separate process (the worker's, too, is one)."""
+    async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
+        yield api
 
 
 async def _store_key(client: httpx.AsyncClient, user: ApiUser) -> None:
@@ -114,32 +123,31 @@ async def _active(
 
 
 async def test_open_then_close_leaves_the_exchange_flat_and_says_closed(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        await _store_key(client, user)
-        opened = await _open(client, user)
-        pid = opened["id"]
-        early = await _close(client, user, pid)
-        assert early.status_code == 409, early.text
-        assert "still opening" in early.json()["detail"]
-        active = await _until(client, user, pid, ("ACTIVE", "FAILED"))
-        assert active["status"] == "ACTIVE", active
-        filled = _filled(active)
-        assert await _held(sim, user) == filled
+    await _store_key(client, user)
+    opened = await _open(client, user)
+    pid = opened["id"]
+    early = await _close(client, user, pid)
+    assert early.status_code == 409, early.text
+    assert "still opening" in early.json()["detail"]
+    active = await _until(client, user, pid, ("ACTIVE", "FAILED"))
+    assert active["status"] == "ACTIVE", active
+    filled = _filled(active)
+    assert await _held(sim, user) == filled
 
-        closing = await _close(client, user, pid, key="close-1")
-        assert closing.status_code == 202, closing.text
-        assert closing.json()["status"] == "CLOSING"
-        assert closing.headers["Location"] == f"/api/positions/{pid}"
-        again = await _close(client, user, pid, key="close-1")
-        assert again.status_code == 202
-        assert again.headers.get("Idempotent-Replayed") == "true"
-        closed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
-        after = await _close(client, user, pid)
-        assert after.status_code == 409
-        assert "already closed" in after.json()["detail"]
+    closing = await _close(client, user, pid, key="close-1")
+    assert closing.status_code == 202, closing.text
+    assert closing.json()["status"] == "CLOSING"
+    assert closing.headers["Location"] == f"/api/positions/{pid}"
+    again = await _close(client, user, pid, key="close-1")
+    assert again.status_code == 202
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    closed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
+    after = await _close(client, user, pid)
+    assert after.status_code == 409
+    assert "already closed" in after.json()["detail"]
 
     assert closed["status"] == "CLOSED", closed
     assert closed["close_error"] is None
@@ -166,43 +174,41 @@ async def test_open_then_close_leaves_the_exchange_flat_and_says_closed(
 
 
 async def test_closing_one_of_two_baskets_on_the_same_symbols_keeps_the_other_s_quantity(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        await _store_key(client, user)
-        first = await _open(client, user, size="2000")
-        second = await _open(client, user, size="3000")
-        one = await _until(client, user, first["id"], ("ACTIVE", "FAILED"))
-        two = await _until(client, user, second["id"], ("ACTIVE", "FAILED"))
-        assert one["status"] == two["status"] == "ACTIVE"
-        kept = _filled(two)
-        both = {s: q + kept[s] for s, q in _filled(one).items()}
-        assert await _held(sim, user) == both
-        assert (await _close(client, user, first["id"])).status_code == 202
-        closed = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
-        still = await _until(client, user, second["id"], ("ACTIVE",))
+    await _store_key(client, user)
+    first = await _open(client, user, size="2000")
+    second = await _open(client, user, size="3000")
+    one = await _until(client, user, first["id"], ("ACTIVE", "FAILED"))
+    two = await _until(client, user, second["id"], ("ACTIVE", "FAILED"))
+    assert one["status"] == two["status"] == "ACTIVE"
+    kept = _filled(two)
+    both = {s: q + kept[s] for s, q in _filled(one).items()}
+    assert await _held(sim, user) == both
+    assert (await _close(client, user, first["id"])).status_code == 202
+    closed = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
+    still = await _until(client, user, second["id"], ("ACTIVE",))
     assert closed["status"] == "CLOSED", closed
     assert await _held(sim, user) == kept
     assert {e["symbol"]: Decimal(e["quantity"]) for e in still["exposure"]} == kept
 
 
 async def test_a_failed_basket_closes_only_what_filled(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        await _store_key(client, user)
-        # TOP10's third order is refused for good: two legs filled, the basket FAILED.
-        await _fault(sim, user, kind="retcode", retCode=110007, skip=2, times=1)
-        opened = await _open(client, user, index="TOP10", size="5000")
-        failed = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
-        assert failed["status"] == "FAILED", failed
-        held = {s: q for s, q in _filled(failed).items() if q}
-        assert len(held) == 2
-        assert await _held(sim, user) == held
-        assert (await _close(client, user, opened["id"])).status_code == 202
-        closed = await _until(client, user, opened["id"], ("CLOSED", "CLOSE_FAILED"))
+    await _store_key(client, user)
+    # TOP10's third order is refused for good: two legs filled, the basket FAILED.
+    await _fault(sim, user, kind="retcode", retCode=110007, skip=2, times=1)
+    opened = await _open(client, user, index="TOP10", size="5000")
+    failed = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
+    assert failed["status"] == "FAILED", failed
+    held = {s: q for s, q in _filled(failed).items() if q}
+    assert len(held) == 2
+    assert await _held(sim, user) == held
+    assert (await _close(client, user, opened["id"])).status_code == 202
+    closed = await _until(client, user, opened["id"], ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     assert closed["error"] == failed["error"]  # the opening's reason stays
     assert await _held(sim, user) == {}
@@ -211,35 +217,33 @@ async def test_a_failed_basket_closes_only_what_filled(
 
 
 async def test_a_failed_basket_with_nothing_filled_cannot_be_closed(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        await _store_key(client, user)
-        await _fault(sim, user, kind="retcode", retCode=110007, times=1)
-        opened = await _open(client, user)
-        failed = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
-        assert failed["status"] == "FAILED"
-        refused = await _close(client, user, opened["id"])
-        other = await client.post(f"/api/positions/{uuid.uuid4()}/close", headers=user.headers)
+    await _store_key(client, user)
+    await _fault(sim, user, kind="retcode", retCode=110007, times=1)
+    opened = await _open(client, user)
+    failed = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
+    assert failed["status"] == "FAILED"
+    refused = await _close(client, user, opened["id"])
+    other = await client.post(f"/api/positions/{uuid.uuid4()}/close", headers=user.headers)
     assert refused.status_code == 409
     assert "nothing filled" in refused.json()["detail"]
     assert other.status_code == 404
 
 
 async def test_a_transient_close_error_is_retried_and_a_lost_reply_is_looked_up(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        active = await _active(client, user)
-        opened = active
-        # The first close order gets a 502 (nothing placed); the second lands and its reply
-        # is lost.
-        await _fault(sim, user, kind="http_status", status=502, times=1)
-        await _fault(sim, user, kind="drop_after_fill", skip=1, times=1)
-        assert (await _close(client, user, opened["id"])).status_code == 202
-        closed = await _until(client, user, opened["id"], ("CLOSED", "CLOSE_FAILED"))
+    active = await _active(client, user)
+    opened = active
+    # The first close order gets a 502 (nothing placed); the second lands and its reply
+    # is lost.
+    await _fault(sim, user, kind="http_status", status=502, times=1)
+    await _fault(sim, user, kind="drop_after_fill", skip=1, times=1)
+    assert (await _close(client, user, opened["id"])).status_code == 202
+    closed = await _until(client, user, opened["id"], ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     assert closed["attempts"] >= 2  # the 502 was retried
     assert await _held(sim, user) == {}
@@ -254,29 +258,28 @@ async def test_a_transient_close_error_is_retried_and_a_lost_reply_is_looked_up(
 
 
 async def test_a_permanent_error_on_one_leg_closes_the_others_and_can_be_closed_again(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        active = await _active(client, user, index="TOP10", size="5000")
-        pid = active["id"]
-        filled = _filled(active)
-        # The close's first order (leg 0, BTCUSDT) is refused for good.
-        await _fault(sim, user, kind="retcode", retCode=10001, retMsg="params error", times=1)
-        assert (await _close(client, user, pid)).status_code == 202
-        failed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
-        assert failed["status"] == "CLOSE_FAILED", failed
-        held = await _held(sim, user)
-        assert held == {"BTCUSDT": filled["BTCUSDT"]}  # every other leg was closed
-        assert "BTCUSDT still held" in failed["close_error"]
-        btc = next(leg for leg in failed["legs"] if leg["symbol"] == "BTCUSDT")
-        assert Decimal(btc["held_quantity"]) == filled["BTCUSDT"]
-        assert btc["close_error"] is not None
-        assert [e["symbol"] for e in failed["exposure"]] == ["BTCUSDT"]
+    active = await _active(client, user, index="TOP10", size="5000")
+    pid = active["id"]
+    filled = _filled(active)
+    # The close's first order (leg 0, BTCUSDT) is refused for good.
+    await _fault(sim, user, kind="retcode", retCode=10001, retMsg="params error", times=1)
+    assert (await _close(client, user, pid)).status_code == 202
+    failed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
+    assert failed["status"] == "CLOSE_FAILED", failed
+    held = await _held(sim, user)
+    assert held == {"BTCUSDT": filled["BTCUSDT"]}  # every other leg was closed
+    assert "BTCUSDT still held" in failed["close_error"]
+    btc = next(leg for leg in failed["legs"] if leg["symbol"] == "BTCUSDT")
+    assert Decimal(btc["held_quantity"]) == filled["BTCUSDT"]
+    assert btc["close_error"] is not None
+    assert [e["symbol"] for e in failed["exposure"]] == ["BTCUSDT"]
 
-        again = await _close(client, user, pid)
-        assert again.status_code == 202
-        closed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
+    again = await _close(client, user, pid)
+    assert again.status_code == 202
+    closed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     assert closed["close_round"] == 2
     assert await _held(sim, user) == {}
@@ -288,23 +291,22 @@ async def test_a_permanent_error_on_one_leg_closes_the_others_and_can_be_closed_
 
 
 async def test_duplicate_close_requests_and_deliveries_place_one_set_of_orders(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     user = funded_user
     redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
     publisher = RedisTaskPublisher(redis, queue=TEST_ENV["CELERY_QUEUE"])
     try:
-        async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-            active = await _active(client, user, index="TOP10", size="5000")
-            pid = active["id"]
-            answers = await asyncio.gather(
-                *(_close(client, user, pid, key="same") for _ in range(4)),
-                *(_close(client, user, pid) for _ in range(4)),
-            )
-            # Duplicate deliveries of the close task, and stray copies with other ids.
-            for _ in range(3):
-                await publisher.publish(uuid.UUID(pid), task=CLOSE_POSITION_TASK)
-            closed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
+        active = await _active(client, user, index="TOP10", size="5000")
+        pid = active["id"]
+        answers = await asyncio.gather(
+            *(_close(client, user, pid, key="same") for _ in range(4)),
+            *(_close(client, user, pid) for _ in range(4)),
+        )
+        # Duplicate deliveries of the close task, and stray copies with other ids.
+        for _ in range(3):
+            await publisher.publish(uuid.UUID(pid), task=CLOSE_POSITION_TASK)
+        closed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
     finally:
         await redis.aclose()
     codes = sorted(a.status_code for a in answers)
@@ -323,7 +325,7 @@ async def test_duplicate_close_requests_and_deliveries_place_one_set_of_orders(
 
 
 async def test_value_and_pnl_follow_the_mark_price_and_the_exit(
-    api_url: str,
+    client: httpx.AsyncClient,
     worker: ServiceProcess,
     funded_user: ApiUser,
     sim: httpx.AsyncClient,
@@ -331,44 +333,41 @@ async def test_value_and_pnl_follow_the_mark_price_and_the_exit(
     simulator_url: str,
 ) -> None:
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        active = await _active(client, user)
-        pid = active["id"]
-        btc_trades = [t for t in active["trades"] if t["symbol"] == "BTCUSDT"]
-        qty = sum((Decimal(t["quantity"]) for t in btc_trades), Decimal(0))
-        cost = sum((Decimal(t["quantity"]) * Decimal(t["price"]) for t in btc_trades), Decimal(0))
-        entry = cost / qty
-        leg = next(leg for leg in active["legs"] if leg["symbol"] == "BTCUSDT")
-        reference = Decimal(leg["reference_price"])
-        assert Decimal(leg["average_entry_price"]) == entry.quantize(CENT)
-        # A long leg bought above its reference: positive slippage is worse for the user.
-        slippage = ((entry - reference) / reference * 10000).quantize(Decimal("0.01"))
-        assert Decimal(leg["slippage_bps"]) == slippage
-        assert Decimal(leg["target_weight"]) == Decimal("0.6")
+    active = await _active(client, user)
+    pid = active["id"]
+    btc_trades = [t for t in active["trades"] if t["symbol"] == "BTCUSDT"]
+    qty = sum((Decimal(t["quantity"]) for t in btc_trades), Decimal(0))
+    cost = sum((Decimal(t["quantity"]) * Decimal(t["price"]) for t in btc_trades), Decimal(0))
+    entry = cost / qty
+    leg = next(leg for leg in active["legs"] if leg["symbol"] == "BTCUSDT")
+    reference = Decimal(leg["reference_price"])
+    assert Decimal(leg["average_entry_price"]) == entry.quantize(CENT)
+    # A long leg bought above its reference: positive slippage is worse for the user.
+    slippage = ((entry - reference) / reference * 10000).quantize(Decimal("0.01"))
+    assert Decimal(leg["slippage_bps"]) == slippage
+    assert Decimal(leg["target_weight"]) == Decimal("0.6")
 
-        mark = (entry * Decimal("1.05")).quantize(Decimal("0.1"))
-        moved = await sim.put("/sim/tickers/BTCUSDT", json={"markPrice": str(mark)})
-        moved.raise_for_status()
-        await refresh_market(sessions, simulator_url)
+    mark = (entry * Decimal("1.05")).quantize(Decimal("0.1"))
+    moved = await sim.put("/sim/tickers/BTCUSDT", json={"markPrice": str(mark)})
+    moved.raise_for_status()
+    await refresh_market(sessions, simulator_url)
 
-        async def revalued() -> dict[str, Any] | None:
-            body = dict((await client.get(f"/api/positions/{pid}", headers=user.headers)).json())
-            btc = next(leg for leg in body["legs"] if leg["symbol"] == "BTCUSDT")
-            shown = btc["mark_price"]
-            return body if shown is not None and Decimal(shown) == mark else None
+    async def revalued() -> dict[str, Any] | None:
+        body = dict((await client.get(f"/api/positions/{pid}", headers=user.headers)).json())
+        btc = next(leg for leg in body["legs"] if leg["symbol"] == "BTCUSDT")
+        shown = btc["mark_price"]
+        return body if shown is not None and Decimal(shown) == mark else None
 
-        marked = await eventually(revalued, timeout=15, message="the moved mark price shown")
-        btc = next(leg for leg in marked["legs"] if leg["symbol"] == "BTCUSDT")
-        assert Decimal(btc["unrealised_pnl"]) == (qty * mark - cost).quantize(CENT)
-        assert Decimal(btc["current_value"]) == (qty * mark).quantize(CENT)
-        assert btc["mark_price_at"] is not None
+    marked = await eventually(revalued, timeout=15, message="the moved mark price shown")
+    btc = next(leg for leg in marked["legs"] if leg["symbol"] == "BTCUSDT")
+    assert Decimal(btc["unrealised_pnl"]) == (qty * mark - cost).quantize(CENT)
+    assert Decimal(btc["current_value"]) == (qty * mark).quantize(CENT)
+    assert btc["mark_price_at"] is not None
 
-        exit_price = (entry * Decimal("1.02")).quantize(Decimal("0.1"))
-        (
-            await sim.put("/sim/tickers/BTCUSDT", json={"lastPrice": str(exit_price)})
-        ).raise_for_status()
-        assert (await _close(client, user, pid)).status_code == 202
-        closed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
+    exit_price = (entry * Decimal("1.02")).quantize(Decimal("0.1"))
+    (await sim.put("/sim/tickers/BTCUSDT", json={"lastPrice": str(exit_price)})).raise_for_status()
+    assert (await _close(client, user, pid)).status_code == 202
+    closed = await _until(client, user, pid, ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     exits = [t for t in closed["trades"] if t["symbol"] == "BTCUSDT" and t["phase"] == "close"]
     proceeds = sum((Decimal(t["quantity"]) * Decimal(t["price"]) for t in exits), Decimal(0))
@@ -384,27 +383,26 @@ async def test_value_and_pnl_follow_the_mark_price_and_the_exit(
 
 
 async def test_a_new_round_never_sells_what_an_earlier_round_sold(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     """Round 1's orders land but no lookup ever answers: it ends CLOSE_FAILED with their
     fills unrecorded. Round 2 looks them up before it plans, and sells nothing more, so the
     other basket's quantity on the same symbols stays."""
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        first = await _active(client, user, size="2000")
-        second = await _open(client, user, size="3000")
-        kept = _filled(await _until(client, user, second["id"], ("ACTIVE",)))
-        lookups = {"path": "/v5/order/realtime", "api_key": user.api_key}
-        await sim.post(
-            "/sim/faults", json={**lookups, "kind": "http_status", "status": 502, "times": None}
-        )
-        assert (await _close(client, user, first["id"])).status_code == 202
-        unseen = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
-        assert unseen["status"] == "CLOSE_FAILED", unseen
-        assert await _held(sim, user) == kept  # the orders did land
-        (await sim.delete("/sim/faults")).raise_for_status()
-        assert (await _close(client, user, first["id"])).status_code == 202
-        closed = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
+    first = await _active(client, user, size="2000")
+    second = await _open(client, user, size="3000")
+    kept = _filled(await _until(client, user, second["id"], ("ACTIVE",)))
+    lookups = {"path": "/v5/order/realtime", "api_key": user.api_key}
+    await sim.post(
+        "/sim/faults", json={**lookups, "kind": "http_status", "status": 502, "times": None}
+    )
+    assert (await _close(client, user, first["id"])).status_code == 202
+    unseen = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
+    assert unseen["status"] == "CLOSE_FAILED", unseen
+    assert await _held(sim, user) == kept  # the orders did land
+    (await sim.delete("/sim/faults")).raise_for_status()
+    assert (await _close(client, user, first["id"])).status_code == 202
+    closed = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     assert await _held(sim, user) == kept
     closes = [o for o in await _orders(sim, user) if o["reduceOnly"]]
@@ -413,20 +411,19 @@ async def test_a_new_round_never_sells_what_an_earlier_round_sold(
 
 
 async def test_a_leg_reduced_outside_the_service_is_closed_elsewhere_not_failed(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        active = await _active(client, user)
-        btc = _filled(active)["BTCUSDT"]
-        # The user trims BTC on Bybit's own site (or a liquidation, ADL, did).
-        trimmed = await sim.post(
-            "/sim/positions",
-            json={"api_key": user.api_key, "symbol": "BTCUSDT", "side": "Buy", "size": "0.002"},
-        )
-        trimmed.raise_for_status()
-        assert (await _close(client, user, active["id"])).status_code == 202
-        closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+    active = await _active(client, user)
+    btc = _filled(active)["BTCUSDT"]
+    # The user trims BTC on Bybit's own site (or a liquidation, ADL, did).
+    trimmed = await sim.post(
+        "/sim/positions",
+        json={"api_key": user.api_key, "symbol": "BTCUSDT", "side": "Buy", "size": "0.002"},
+    )
+    trimmed.raise_for_status()
+    assert (await _close(client, user, active["id"])).status_code == 202
+    closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     assert await _held(sim, user) == {}
     leg = next(leg for leg in closed["legs"] if leg["symbol"] == "BTCUSDT")
@@ -439,38 +436,37 @@ async def test_a_leg_reduced_outside_the_service_is_closed_elsewhere_not_failed(
 
 
 async def test_a_failed_basket_s_unseen_fill_is_found_and_closed(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     """The opening's second order lands but its outcome is never read: the basket FAILED
     with that fill unrecorded. The close looks it up first and closes it too."""
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        await _store_key(client, user)
-        await _fault(sim, user, kind="delay", skip=1, times=1, delay_ms=3000)
-        opened = await _open(client, user)
+    await _store_key(client, user)
+    await _fault(sim, user, kind="delay", skip=1, times=1, delay_ms=3000)
+    opened = await _open(client, user)
 
-        async def first_leg_recorded() -> bool:
-            body = (await client.get(f"/api/positions/{opened['id']}", headers=user.headers)).json()
-            return len(body["trades"]) == 1
+    async def first_leg_recorded() -> bool:
+        body = (await client.get(f"/api/positions/{opened['id']}", headers=user.headers)).json()
+        return len(body["trades"]) == 1
 
-        await eventually(first_leg_recorded, timeout=20, message="leg 0 recorded")
-        lookups = {"path": "/v5/order/realtime", "api_key": user.api_key}
-        await sim.post(
-            "/sim/faults", json={**lookups, "kind": "http_status", "status": 502, "times": None}
-        )
-        failed = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
-        (await sim.delete("/sim/faults")).raise_for_status()
-        assert failed["status"] == "FAILED", failed
-        assert len(await _held(sim, user)) == 2  # both legs are on the exchange
-        assert (await _close(client, user, opened["id"])).status_code == 202
-        closed = await _until(client, user, opened["id"], ("CLOSED", "CLOSE_FAILED"))
+    await eventually(first_leg_recorded, timeout=20, message="leg 0 recorded")
+    lookups = {"path": "/v5/order/realtime", "api_key": user.api_key}
+    await sim.post(
+        "/sim/faults", json={**lookups, "kind": "http_status", "status": 502, "times": None}
+    )
+    failed = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
+    (await sim.delete("/sim/faults")).raise_for_status()
+    assert failed["status"] == "FAILED", failed
+    assert len(await _held(sim, user)) == 2  # both legs are on the exchange
+    assert (await _close(client, user, opened["id"])).status_code == 202
+    closed = await _until(client, user, opened["id"], ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     assert await _held(sim, user) == {}
     assert len([t for t in closed["trades"] if t["phase"] == "open"]) == 2
 
 
 async def test_a_close_with_a_key_of_another_account_sends_nothing(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     user = funded_user
     other = ApiUser(
@@ -479,54 +475,52 @@ async def test_a_close_with_a_key_of_another_account_sends_nothing(
         api_key=f"TK{secrets.token_hex(8).upper()}",
         api_secret=secrets.token_hex(16),
     )
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        active = await _active(client, user)
-        # The user now stores a key of another Bybit account, which holds BTC of its own.
-        await sim.post(
-            "/sim/accounts",
-            json={"api_key": other.api_key, "api_secret": other.api_secret, "balance": "1000000"},
-        )
-        await sim.post(
-            "/sim/positions",
-            json={"api_key": other.api_key, "symbol": "BTCUSDT", "side": "Buy", "size": "0.5"},
-        )
-        await _store_key(client, other)
-        assert (await _close(client, user, active["id"])).status_code == 202
-        refused = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
-        assert refused["status"] == "CLOSE_FAILED", refused
-        assert "another account" not in refused["close_error"]
-        assert "was opened on account" in refused["close_error"]
-        assert await _held(sim, other) == {"BTCUSDT": Decimal("0.5")}
-        assert await _held(sim, user) == _filled(active)
-        await _store_key(client, user)  # the right key again
-        assert (await _close(client, user, active["id"])).status_code == 202
-        closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+    active = await _active(client, user)
+    # The user now stores a key of another Bybit account, which holds BTC of its own.
+    await sim.post(
+        "/sim/accounts",
+        json={"api_key": other.api_key, "api_secret": other.api_secret, "balance": "1000000"},
+    )
+    await sim.post(
+        "/sim/positions",
+        json={"api_key": other.api_key, "symbol": "BTCUSDT", "side": "Buy", "size": "0.5"},
+    )
+    await _store_key(client, other)
+    assert (await _close(client, user, active["id"])).status_code == 202
+    refused = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+    assert refused["status"] == "CLOSE_FAILED", refused
+    assert "another account" not in refused["close_error"]
+    assert "was opened on account" in refused["close_error"]
+    assert await _held(sim, other) == {"BTCUSDT": Decimal("0.5")}
+    assert await _held(sim, user) == _filled(active)
+    await _store_key(client, user)  # the right key again
+    assert (await _close(client, user, active["id"])).status_code == 202
+    closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     assert await _held(sim, user) == {}
 
 
 async def test_what_a_round_found_closed_elsewhere_is_not_sold_by_the_next(
-    api_url: str, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
+    client: httpx.AsyncClient, worker: ServiceProcess, funded_user: ApiUser, sim: httpx.AsyncClient
 ) -> None:
     """Round 1 finds BTC trimmed on the exchange (closed elsewhere) and fails on ETH; the
     user then opens another basket; round 2 sells only ETH, never the new basket's BTC."""
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        first = await _active(client, user)
-        await sim.post(
-            "/sim/positions",
-            json={"api_key": user.api_key, "symbol": "BTCUSDT", "side": "Buy", "size": "0.001"},
-        )
-        # The third order call of the close: BTC (capped), its remainder (refused), then ETH.
-        await _fault(sim, user, kind="retcode", retCode=10001, retMsg="params error", skip=2)
-        assert (await _close(client, user, first["id"])).status_code == 202
-        partly = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
-        assert partly["status"] == "CLOSE_FAILED", partly
-        (await sim.delete("/sim/faults")).raise_for_status()
-        second = await _open(client, user)
-        kept = _filled(await _until(client, user, second["id"], ("ACTIVE",)))
-        assert (await _close(client, user, first["id"])).status_code == 202
-        closed = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
+    first = await _active(client, user)
+    await sim.post(
+        "/sim/positions",
+        json={"api_key": user.api_key, "symbol": "BTCUSDT", "side": "Buy", "size": "0.001"},
+    )
+    # The third order call of the close: BTC (capped), its remainder (refused), then ETH.
+    await _fault(sim, user, kind="retcode", retCode=10001, retMsg="params error", skip=2)
+    assert (await _close(client, user, first["id"])).status_code == 202
+    partly = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
+    assert partly["status"] == "CLOSE_FAILED", partly
+    (await sim.delete("/sim/faults")).raise_for_status()
+    second = await _open(client, user)
+    kept = _filled(await _until(client, user, second["id"], ("ACTIVE",)))
+    assert (await _close(client, user, first["id"])).status_code == 202
+    closed = await _until(client, user, first["id"], ("CLOSED", "CLOSE_FAILED"))
     assert closed["status"] == "CLOSED", closed
     assert await _held(sim, user) == kept
     btc = next(leg for leg in closed["legs"] if leg["symbol"] == "BTCUSDT")
@@ -538,7 +532,7 @@ async def test_what_a_round_found_closed_elsewhere_is_not_sold_by_the_next(
 
 
 async def test_a_leg_worth_less_than_the_minimum_order_value_still_closes(
-    api_url: str,
+    client: httpx.AsyncClient,
     worker: ServiceProcess,
     funded_user: ApiUser,
     sim: httpx.AsyncClient,
@@ -548,26 +542,23 @@ async def test_a_leg_worth_less_than_the_minimum_order_value_still_closes(
     """Closing orders are exempt from the minimum order value (Bybit's trading rules): a
     leg whose price fell far below it is still closed."""
     user = funded_user
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-        active = await _active(client, user, size="400")
-        eth = next(leg for leg in active["legs"] if leg["symbol"] == "ETHUSDT")
-        cheap = (Decimal(eth["average_entry_price"]) / 40).quantize(Decimal("0.01"))
-        try:
-            (
-                await sim.put("/sim/tickers/ETHUSDT", json={"lastPrice": str(cheap)})
-            ).raise_for_status()
-            await refresh_market(sessions, simulator_url)
-            assert (await _close(client, user, active["id"])).status_code == 202
-            closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
-        finally:
-            await sim.put("/sim/tickers/ETHUSDT", json={"lastPrice": eth["reference_price"]})
-            await refresh_market(sessions, simulator_url)
+    active = await _active(client, user, size="400")
+    eth = next(leg for leg in active["legs"] if leg["symbol"] == "ETHUSDT")
+    cheap = (Decimal(eth["average_entry_price"]) / 40).quantize(Decimal("0.01"))
+    try:
+        (await sim.put("/sim/tickers/ETHUSDT", json={"lastPrice": str(cheap)})).raise_for_status()
+        await refresh_market(sessions, simulator_url)
+        assert (await _close(client, user, active["id"])).status_code == 202
+        closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+    finally:
+        await sim.put("/sim/tickers/ETHUSDT", json={"lastPrice": eth["reference_price"]})
+        await refresh_market(sessions, simulator_url)
     assert closed["status"] == "CLOSED", closed
     assert await _held(sim, user) == {}
 
 
 async def test_an_exchange_without_query_api_still_trades_and_closes(
-    api_url: str,
+    client: httpx.AsyncClient,
     worker: ServiceProcess,
     funded_user: ApiUser,
     sim: httpx.AsyncClient,
@@ -581,10 +572,9 @@ async def test_an_exchange_without_query_api_still_trades_and_closes(
     refused = {"path": "/v5/user/query-api", "api_key": user.api_key, "times": None}
     await sim.post("/sim/faults", json={**refused, "kind": "retcode", "retCode": 10005})
     try:
-        async with httpx.AsyncClient(base_url=api_url, timeout=10) as client:
-            active = await _active(client, user)
-            assert (await _close(client, user, active["id"])).status_code == 202
-            closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
+        active = await _active(client, user)
+        assert (await _close(client, user, active["id"])).status_code == 202
+        closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
     finally:
         await sim.delete("/sim/faults")
     assert closed["status"] == "CLOSED", closed

@@ -3,7 +3,6 @@ simulator, with faults injected on the test's own simulator account."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,12 +15,11 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import select
 
-from celery_app import app as celery_app
 from service.config import get_settings
 from service.models import PositionComponent, Trade
-from service.queue import EXECUTE_TRADE_TASK
 from tests.conftest import TEST_ENV
 from tests.integration.conftest import api_client, start_worker
+from tests.integration.run_safety import send_copies
 from tests.support import ApiUser, ServiceProcess, eventually
 
 pytestmark = pytest.mark.integration
@@ -260,18 +258,7 @@ async def test_duplicate_enqueues_place_one_set_of_orders(
     worker: ServiceProcess,
 ) -> None:
     position_id = await _open(api, trader, TOP10)
-    # Copies sent by Celery itself, beside the API's own message for the position.
-    await asyncio.gather(
-        *(
-            asyncio.to_thread(
-                celery_app.send_task,
-                EXECUTE_TRADE_TASK,
-                args=[position_id],
-                queue=TEST_ENV["CELERY_QUEUE"],
-            )
-            for _ in range(10)
-        )
-    )
+    await send_copies(position_id, TEST_ENV["CELERY_QUEUE"], 10)
     body = await _final(api, trader, position_id)
     assert body["status"] == "ACTIVE"
     # Let every duplicate run its course before counting.

@@ -15,7 +15,9 @@ import os
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -49,6 +51,45 @@ async def _all_in(
         return now if all(s in statuses for s in now) else None
 
     return await eventually(probe, timeout=120, interval=0.2, message=what)
+
+
+@dataclass
+class _Kill:
+    replacement: ServiceProcess
+    final: list[str]
+    caught: int  # positions still in the run's status when the worker was killed
+    recovery: float  # seconds from the kill to every position final
+
+
+async def _kill_and_recover(
+    rng: random.Random,
+    worker: ServiceProcess,
+    api: httpx.AsyncClient,
+    user: ApiUser,
+    ids: list[str],
+    running: str,
+    finals: tuple[str, ...],
+    env: dict[str, str],
+    tmp_path: Path,
+    round_number: int,
+) -> _Kill:
+    """SIGKILL the worker's process group at a random point 0 to 1.5 s from now, start a new
+    worker, and wait (with Beat's sweep) until every position is in `finals`."""
+    await asyncio.sleep(rng.uniform(0.0, 1.5))
+    worker.kill()
+    killed_at = time.monotonic()
+    caught = (await _statuses(api, user, ids)).count(running)
+    replacement = start_worker(env, tmp_path)
+    try:
+        final = await _all_in(api, user, ids, finals, f"round {round_number}")
+    finally:
+        replacement.stop()
+    return _Kill(replacement, final, caught, time.monotonic() - killed_at)
+
+
+async def _orders(sim: httpx.AsyncClient, user: ApiUser) -> list[dict[str, Any]]:
+    response = await sim.get("/sim/orders", params={"api_key": user.api_key})
+    return list(response.json()["orders"])
 
 
 @pytest.mark.asyncio
@@ -93,16 +134,20 @@ async def test_random_worker_kills_lose_and_double_nothing(
 
                 # From the moment the worker runs its first basket, a random kill point.
                 await eventually(started, timeout=60, interval=0.02, message="worker started")
-                await asyncio.sleep(rng.uniform(0.0, 1.5))
-                worker.kill()
-                killed_at = time.monotonic()
-                statuses = await _statuses(api, user, ids)
-                kills_mid_basket += statuses.count("EXECUTING")
-                replacement = start_worker(service_env, tmp_path)
-                try:
-                    final = await _all_in(api, user, ids, FINAL, f"round {round_number}")
-                finally:
-                    replacement.stop()
+                kill = await _kill_and_recover(
+                    rng,
+                    worker,
+                    api,
+                    user,
+                    ids,
+                    "EXECUTING",
+                    FINAL,
+                    service_env,
+                    tmp_path,
+                    round_number,
+                )
+                replacement, final = kill.replacement, kill.final
+                kills_mid_basket += kill.caught
                 # Bybit's duplicate refusal is the second line of defence: count every time
                 # it was needed (a leg re-sent that the lookup should have found).
                 resent += sum(
@@ -114,11 +159,9 @@ async def test_random_worker_kills_lose_and_double_nothing(
                     p.output().count('"event": "position.waiting_for_account"')
                     for p in (worker, replacement)
                 )
-                recoveries.append(time.monotonic() - killed_at)
+                recoveries.append(kill.recovery)
                 outcomes.update(final)
-                orders = (await sim.get("/sim/orders", params={"api_key": user.api_key})).json()[
-                    "orders"
-                ]
+                orders = await _orders(sim, user)
                 links = [o["orderLinkId"] for o in orders]
                 duplicates += len(links) - len(set(links))
                 orders_placed += len(links)
@@ -249,23 +292,22 @@ async def test_random_worker_kills_during_closes_lose_and_double_nothing(
                 await eventually(
                     closing_started, timeout=60, interval=0.02, message="closing started"
                 )
-                await asyncio.sleep(rng.uniform(0.0, 1.5))
-                worker.kill()
-                killed_at = time.monotonic()
-                statuses = await _statuses(api, user, ids)
-                kills_mid_close += statuses.count("CLOSING")
-                replacement = start_worker(service_env, tmp_path)
-                try:
-                    final = await _all_in(
-                        api, user, ids, ("CLOSED", "CLOSE_FAILED"), f"round {round_number}"
-                    )
-                finally:
-                    replacement.stop()
-                recoveries.append(time.monotonic() - killed_at)
-                outcomes.update(final)
-                orders = (await sim.get("/sim/orders", params={"api_key": user.api_key})).json()[
-                    "orders"
-                ]
+                kill = await _kill_and_recover(
+                    rng,
+                    worker,
+                    api,
+                    user,
+                    ids,
+                    "CLOSING",
+                    ("CLOSED", "CLOSE_FAILED"),
+                    service_env,
+                    tmp_path,
+                    round_number,
+                )
+                kills_mid_close += kill.caught
+                recoveries.append(kill.recovery)
+                outcomes.update(kill.final)
+                orders = await _orders(sim, user)
                 links = [o["orderLinkId"] for o in orders]
                 duplicates += len(links) - len(set(links))
                 closes_placed += sum(1 for o in orders if o["reduceOnly"])
