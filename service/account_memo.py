@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -23,15 +24,20 @@ POSITION_MODE_TTL_SECONDS = 3600.0
 
 
 class AccountMemo(Protocol):
-    async def leverage_confirmed(self, account: str, symbol: str) -> bool: ...
+    """Per account, for several symbols at once (one Redis round trip each)."""
 
-    async def confirm_leverage(self, account: str, symbol: str) -> None: ...
-
-    async def hedge_mode(self, account: str, symbol: str) -> bool | None:
-        """True for hedge mode, False for one-way, None when not known."""
+    async def leverage_confirmed(self, account: str, symbols: Sequence[str]) -> set[str]:
+        """The symbols whose leverage is known to be 1x."""
         ...
 
-    async def remember_hedge_mode(self, account: str, symbol: str, hedge: bool) -> None: ...
+    async def confirm_leverage(self, account: str, symbols: Sequence[str]) -> None: ...
+
+    async def hedge_modes(self, account: str, symbols: Sequence[str]) -> dict[str, bool]:
+        """The known position modes: True for hedge mode, False for one-way (a symbol not
+        known is left out)."""
+        ...
+
+    async def remember_hedge_modes(self, account: str, modes: Mapping[str, bool]) -> None: ...
 
 
 class LocalAccountMemo:
@@ -44,21 +50,23 @@ class LocalAccountMemo:
             return None
         return found[0]
 
-    async def leverage_confirmed(self, account: str, symbol: str) -> bool:
-        return self._get("leverage", account, symbol, LEVERAGE_TTL_SECONDS) is not None
+    async def leverage_confirmed(self, account: str, symbols: Sequence[str]) -> set[str]:
+        return {s for s in symbols if self._get("leverage", account, s, LEVERAGE_TTL_SECONDS)}
 
-    async def confirm_leverage(self, account: str, symbol: str) -> None:
-        self._values[("leverage", account, symbol)] = ("1", time.monotonic())
+    async def confirm_leverage(self, account: str, symbols: Sequence[str]) -> None:
+        for symbol in symbols:
+            self._values[("leverage", account, symbol)] = ("1", time.monotonic())
 
-    async def hedge_mode(self, account: str, symbol: str) -> bool | None:
-        found = self._get("mode", account, symbol, POSITION_MODE_TTL_SECONDS)
-        return None if found is None else found == "hedge"
+    async def hedge_modes(self, account: str, symbols: Sequence[str]) -> dict[str, bool]:
+        found = {s: self._get("mode", account, s, POSITION_MODE_TTL_SECONDS) for s in symbols}
+        return {s: mode == "hedge" for s, mode in found.items() if mode is not None}
 
-    async def remember_hedge_mode(self, account: str, symbol: str, hedge: bool) -> None:
-        self._values[("mode", account, symbol)] = (
-            "hedge" if hedge else "one_way",
-            time.monotonic(),
-        )
+    async def remember_hedge_modes(self, account: str, modes: Mapping[str, bool]) -> None:
+        for symbol, hedge in modes.items():
+            self._values[("mode", account, symbol)] = (
+                "hedge" if hedge else "one_way",
+                time.monotonic(),
+            )
 
 
 class RedisAccountMemo:
@@ -69,30 +77,48 @@ class RedisAccountMemo:
     def _key(self, kind: str, account: str, symbol: str) -> str:
         return f"{self._prefix}:{kind}:{account}:{symbol}"
 
-    async def leverage_confirmed(self, account: str, symbol: str) -> bool:
-        try:
-            return bool(await self._redis.exists(self._key("leverage", account, symbol)))
-        except RedisError:
-            return False  # unknown: set it again (110043 says "already so")
+    async def _read(self, kind: str, account: str, symbols: Sequence[str]) -> dict[str, str]:
+        if not symbols:
+            return {}
+        raw = await self._redis.mget([self._key(kind, account, s) for s in symbols])
+        return {
+            s: value.decode() if isinstance(value, bytes) else value
+            for s, value in zip(symbols, raw, strict=True)
+            if value is not None
+        }
 
-    async def confirm_leverage(self, account: str, symbol: str) -> None:
+    async def _write(
+        self, kind: str, account: str, values: Mapping[str, str], ttl_seconds: float
+    ) -> None:
+        if not values:
+            return
         # Only a saving: if Redis cannot take it, the next basket asks again.
         with contextlib.suppress(RedisError):
-            await self._redis.set(
-                self._key("leverage", account, symbol), 1, px=int(LEVERAGE_TTL_SECONDS * 1000)
-            )
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for symbol, value in values.items():
+                    pipe.set(self._key(kind, account, symbol), value, px=int(ttl_seconds * 1000))
+                await pipe.execute()
 
-    async def hedge_mode(self, account: str, symbol: str) -> bool | None:
+    async def leverage_confirmed(self, account: str, symbols: Sequence[str]) -> set[str]:
         try:
-            raw = await self._redis.get(self._key("mode", account, symbol))
+            return set(await self._read("leverage", account, symbols))
         except RedisError:
-            return None
-        return None if raw is None else raw == b"hedge"
+            return set()  # unknown: set it again (110043 says "already so")
 
-    async def remember_hedge_mode(self, account: str, symbol: str, hedge: bool) -> None:
-        with contextlib.suppress(RedisError):
-            await self._redis.set(
-                self._key("mode", account, symbol),
-                "hedge" if hedge else "one_way",
-                px=int(POSITION_MODE_TTL_SECONDS * 1000),
-            )
+    async def confirm_leverage(self, account: str, symbols: Sequence[str]) -> None:
+        await self._write("leverage", account, dict.fromkeys(symbols, "1"), LEVERAGE_TTL_SECONDS)
+
+    async def hedge_modes(self, account: str, symbols: Sequence[str]) -> dict[str, bool]:
+        try:
+            found = await self._read("mode", account, symbols)
+        except RedisError:
+            return {}
+        return {s: raw == "hedge" for s, raw in found.items()}
+
+    async def remember_hedge_modes(self, account: str, modes: Mapping[str, bool]) -> None:
+        await self._write(
+            "mode",
+            account,
+            {s: "hedge" if hedge else "one_way" for s, hedge in modes.items()},
+            POSITION_MODE_TTL_SECONDS,
+        )

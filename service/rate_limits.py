@@ -55,17 +55,30 @@ IP_LIMIT: Final = 600  # per IP_WINDOW_MS
 IP_WINDOW_MS: Final = 5000
 # Bybit's second, padded: with the whole limit counted, the headroom is in time, for the
 # requests that reach Bybit closer together than they left here (one delayed a little, the
-# next not), so an 11th order is held 50 ms longer rather than refused with 10006.
-ACCOUNT_WINDOW_MS: Final = 1050
+# next not: 50 ms), and for a slot taken ahead, counted up to AHEAD_FRESH_SECONDS before its
+# call is sent (50 ms more), so an 11th order is held 100 ms longer rather than refused with
+# 10006.
+ACCOUNT_WINDOW_MS: Final = 1100
+
+# A slot taken ahead (`RedisCallGate.ahead`) stands for the call only this long after it was
+# counted: the call reaches Bybit later than its slot says, and the account's window is
+# padded for that lead as well as for the network's jitter (ACCOUNT_WINDOW_MS). A slot older
+# than this is given back and a new one taken.
+AHEAD_FRESH_SECONDS: Final = 0.05
 
 # KEYS: windows (count = ARGV[2]), then blocks (the rest).
 # ARGV: member, window count, then per window: limit, window ms, weight (the slots the call
-# takes in it: a batch takes one per order in the account's window, one in the address's).
+# takes in it: a batch takes one per order in the account's window, one in the address's),
+# then the member of a slot to give back first ('' for none: a slot taken ahead, too old).
 # Returns {0} when the call may go, else {wait ms, 1 if it is a ban or block, index}.
 _TAKE_SLOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local windows = tonumber(ARGV[2])
+local release = ARGV[3 + 3 * windows]
+if release ~= '' then
+  for i = 1, windows do redis.call('ZREM', KEYS[i], release .. ':1') end
+end
 local wait, blocked = 0, 0
 for i = windows + 1, #KEYS do
   local left = redis.call('PTTL', KEYS[i])
@@ -96,6 +109,11 @@ return {0, 0}
 """
 
 
+# Slots taken ahead kept at most (a process runs one basket at a time per pool process; the
+# entries are per path and account, and a basket's are used at once).
+_AHEAD_KEPT: Final = 1000
+
+
 @dataclass
 class RedisCallGate:
     """The `CallGate` of service/bybit/client.py, shared through Redis."""
@@ -107,6 +125,11 @@ class RedisCallGate:
     wait_max_seconds: float = 2.0
     prefix: str = "trader:limits"
     _learnt: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Slots taken ahead, by (path, account): the slot's member and the task taking it (its
+    # result: the loop time it was counted).
+    _ahead: dict[tuple[str, str | None], tuple[str, asyncio.Task[float]]] = field(
+        default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         self._script = self.redis.register_script(_TAKE_SLOT)
@@ -117,14 +140,63 @@ class RedisCallGate:
     def _account_key(self, kind: str, account: str, path: str) -> str:
         return f"{self.prefix}:{kind}:{account}:{path}"
 
+    def ahead(self, path: str, account: str | None) -> None:
+        """Begin taking the slot of the next call to `path` for `account` now, while another
+        call is in flight: that call then goes out without waiting on Redis (and on whatever
+        else the event loop runs meanwhile). Taken for one call, used by the next `before`
+        of the same path and account if still fresh (AHEAD_FRESH_SECONDS), else given back.
+        A process runs one basket of an account at a time (the account lock), so the next
+        such call is that basket's."""
+        key = (path, account)
+        if key in self._ahead:
+            return
+        if len(self._ahead) >= _AHEAD_KEPT:
+            self._forget_ahead()
+        member = uuid.uuid4().hex
+        self._ahead[key] = (member, asyncio.ensure_future(self._take_ahead(path, account, member)))
+
+    async def _take_ahead(self, path: str, account: str | None, member: str) -> float:
+        await self._before(path, account, 1, member)
+        return asyncio.get_running_loop().time()
+
+    def _forget_ahead(self) -> None:
+        for _member, task in self._ahead.values():
+            task.cancel()
+        self._ahead.clear()
+
+    def drop_ahead(self, account: str | None) -> None:
+        """The account's slots taken ahead and not used: forgotten (counted, they age out
+        of the windows), and any still being taken stopped."""
+        for key in [key for key in self._ahead if key[1] == account]:
+            _member, task = self._ahead.pop(key)
+            task.cancel()
+
     async def before(self, path: str, account: str | None, weight: int = 1) -> None:
         """Wait for a slot (at most `wait_max_seconds`), or raise a transient error that says
         how long the real wait is. `weight`: the slots the call takes in the account's window
         (a batch counts each of its orders, as Bybit does)."""
+        release = ""
+        ahead = self._ahead.pop((path, account), None) if weight == 1 else None
+        if ahead is not None:
+            member, task = ahead
+            # Waited for here as the call's own would be; a refusal (a limit, a ban, Redis
+            # gone) or a cancellation is not passed on: the call asks again, and is told. Not
+            # waited for when done: that would let the loop run other work first.
+            if not task.done():
+                await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is None:
+                if asyncio.get_running_loop().time() - task.result() <= AHEAD_FRESH_SECONDS:
+                    return
+                release = member
+        await self._before(path, account, weight, uuid.uuid4().hex, release=release)
+
+    async def _before(
+        self, path: str, account: str | None, weight: int, member: str, *, release: str = ""
+    ) -> None:
         waited = 0.0
         while True:
             try:
-                wait_ms, blocked = await self._take(path, account, weight)
+                wait_ms, blocked = await self._take(path, account, weight, member, release)
             except RedisError as error:
                 # No slot can be counted: nothing is sent (the run is retried), rather than
                 # calls that could breach the limits for every process behind the address.
@@ -133,6 +205,7 @@ class RedisCallGate:
                     path=path,
                     ambiguous=False,
                 ) from None
+            release = ""  # given back by the first try
             if wait_ms <= 0:
                 return
             wait = wait_ms / 1000
@@ -152,10 +225,12 @@ class RedisCallGate:
             await asyncio.sleep(wait)
             waited += wait
 
-    async def _take(self, path: str, account: str | None, weight: int) -> tuple[int, int]:
+    async def _take(
+        self, path: str, account: str | None, weight: int, member: str, release: str
+    ) -> tuple[int, int]:
         keys = [f"{self.prefix}:ip:{self.egress}"]
         # The address's limit counts requests; the account's counts orders.
-        args: list[Any] = [uuid.uuid4().hex, 0, self._scaled(self.ip_limit), IP_WINDOW_MS, 1]
+        args: list[Any] = [member, 0, self._scaled(self.ip_limit), IP_WINDOW_MS, 1]
         blocks = [self._ban_key()]
         if account is not None:
             limit = self._learnt.get((account, path)) or ACCOUNT_LIMITS.get(
@@ -165,6 +240,7 @@ class RedisCallGate:
             args += [limit, ACCOUNT_WINDOW_MS, max(1, weight)]
             blocks.append(self._account_key("block", account, path))
         args[1] = len(keys)
+        args.append(release)
         result = await self._script(keys=[*keys, *blocks], args=args)
         return int(result[0]), int(result[1])
 

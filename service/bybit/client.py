@@ -50,6 +50,8 @@ T = TypeVar("T")
 # one more than 1 s ahead of its clock whatever the window, but accepts one a whole recv
 # window behind, and the measurement is only as good as half a round trip.
 CLOCK_SAFETY_MS = 250
+ORDER_CREATE = "/v5/order/create"
+ORDER_REALTIME = "/v5/order/realtime"
 
 
 class CallGate(Protocol):
@@ -72,6 +74,12 @@ class CallGate(Protocol):
 
     async def ban(self, seconds: float) -> None: ...
 
+    def ahead(self, path: str, account: str | None) -> None:
+        """Begin taking the slot of the next call to `path` for `account` now."""
+
+    def drop_ahead(self, account: str | None) -> None:
+        """Forget the account's slots taken ahead and not used."""
+
 
 class OpenGate:
     """No shared limits: for one-off commands and tests that count nothing."""
@@ -91,6 +99,12 @@ class OpenGate:
         return None
 
     async def ban(self, seconds: float) -> None:
+        return None
+
+    def ahead(self, path: str, account: str | None) -> None:
+        return None
+
+    def drop_ahead(self, account: str | None) -> None:
         return None
 
 
@@ -301,6 +315,20 @@ class BybitClient:
             raise
         return True
 
+    def order_slot_ahead(self, credentials: ApiCredentials) -> None:
+        """The shared rate limiter's slot for this account's next `create_market_order`, taken
+        now, while another of its calls is in flight: the order then goes out as soon as it
+        is asked for (service/rate_limits.py, `ahead`)."""
+        self._gate.ahead(ORDER_CREATE, credentials.account)
+
+    def order_read_slot_ahead(self, credentials: ApiCredentials) -> None:
+        """The same for this account's next `get_order` (its realtime read)."""
+        self._gate.ahead(ORDER_REALTIME, credentials.account)
+
+    def drop_slots_ahead(self, credentials: ApiCredentials) -> None:
+        """The account's slots taken ahead and not used are forgotten (they age out)."""
+        self._gate.drop_ahead(credentials.account)
+
     async def create_market_order(
         self,
         credentials: ApiCredentials,
@@ -317,8 +345,8 @@ class BybitClient:
         order never increases a position and Bybit caps it at the position's size."""
         order = MarketOrder(symbol, side, qty, order_link_id, position_idx, reduce_only)
         body = {"category": constants.CATEGORY_LINEAR, **order.fields()}
-        result = await self._post("/v5/order/create", body, credentials)
-        return self._parse(result, OrderAck.from_payload, "/v5/order/create", ambiguous=True)
+        result = await self._post(ORDER_CREATE, body, credentials)
+        return self._parse(result, OrderAck.from_payload, ORDER_CREATE, ambiguous=True)
 
     async def create_market_orders(
         self, credentials: ApiCredentials, orders: Sequence[MarketOrder]
@@ -340,7 +368,7 @@ class BybitClient:
         self, credentials: ApiCredentials, *, symbol: str, order_link_id: str
     ) -> Order | None:
         """Look an order up by orderLinkId: the realtime cache first, then the history."""
-        for path in ("/v5/order/realtime", "/v5/order/history"):
+        for path in (ORDER_REALTIME, "/v5/order/history"):
             result = await self._get(
                 path,
                 {

@@ -112,6 +112,7 @@ class Pipeline:
         that was never sent withdrawn, and every write committed. A write that failed is
         raised, unless the run is failing already (then it is logged: the order is marked
         submitted, so the next run or reconciliation records its fill)."""
+        self._deps.exchange.drop_slots_ahead(self._run.credentials)
         ahead, self._ahead = self._ahead, {}
         if ahead:
             # asyncio.wait: the tasks' own errors are not raised here, a cancellation is.
@@ -137,6 +138,8 @@ class Pipeline:
             return
         if following.submitted_at is not None or following.order_link_id in self._recorded:
             return
+        # The order's rate-limit slot too, so that it goes out as soon as this fill is read.
+        self._deps.exchange.order_slot_ahead(self._run.credentials)
         started = asyncio.get_running_loop().time()
         task = asyncio.ensure_future(
             self._run.lease.confirm(
@@ -365,6 +368,9 @@ async def _send_and_record_order(
         first_send = not leg_order.may_have_been_sent
         await _prove_ownership(deps, run, leg_order, pipe)
         log.info("leg.submitted")
+        if pipe is not None:
+            # The read of its outcome follows the order's answer: its slot is taken meanwhile.
+            deps.exchange.order_read_slot_ahead(credentials)
         try:
             await _place(deps, run, leg_order, log)
         except PermanentRunError as error:
@@ -394,6 +400,36 @@ async def record_outcome(
 ) -> Order:
     """Wait until the order is final and record its fill: at once, or (`pipe`) while the run
     goes on, committed before the run ends."""
+    order, fill = await read_outcome(deps, run, leg_order, log, started)
+    if fill is not None:
+        write = write_fills(deps, run, [fill])
+        if pipe is None:
+            await write
+        else:
+            pipe.write(write)
+    return order
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """A filled order of a leg, read and not yet recorded."""
+
+    leg_order: LegOrder
+    order: Order
+    price: Decimal
+    latency_ms: float
+    log: structlog.stdlib.BoundLogger
+
+
+async def read_outcome(
+    deps: ExecutionDeps,
+    run: Run,
+    leg_order: LegOrder,
+    log: structlog.stdlib.BoundLogger,
+    started: float,
+) -> tuple[Order, Fill | None]:
+    """Wait until the order is final: it, and its fill to record (None when nothing filled,
+    which is logged here)."""
     credentials = run.credentials
     order = await _await_outcome(deps, credentials, leg_order)
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
@@ -405,41 +441,32 @@ async def record_outcome(
             order_status=order.order_status,
             latency_ms=latency_ms,
         )
-        return order
+        return order, None
     price = order.avg_price or await _average_price(deps, credentials, leg_order, order)
-    write = _write_fill(deps, run, leg_order, order, price, log, latency_ms)
-    if pipe is None:
-        await write
-    else:
-        pipe.write(write)
-    return order
+    return order, Fill(leg_order, order, price, latency_ms, log)
 
 
-async def _write_fill(
-    deps: ExecutionDeps,
-    run: Run,
-    leg_order: LegOrder,
-    order: Order,
-    price: Decimal,
-    log: structlog.stdlib.BoundLogger,
-    latency_ms: float,
-) -> None:
+async def write_fills(deps: ExecutionDeps, run: Run, fills: Sequence[Fill]) -> None:
+    """Record fills of the run's position, in one statement, then log each (`leg.filled`)."""
     async with deps.sessions() as session:
-        await repository.record_fill(
-            session, trade_values(run.position.id, leg_order, order, price)
+        await repository.record_fills(
+            session,
+            [trade_values(run.position.id, f.leg_order, f.order, f.price) for f in fills],
         )
-    LEG_LATENCY.labels("filled").observe(latency_ms / 1000)
-    log.info(
-        "leg.filled",
-        bybit_order_id=order.order_id,
-        price=str(price),
-        filled_qty=str(order.cum_exec_qty),
-        partial=order.cum_exec_qty < leg_order.qty,
-        order_status=order.order_status,
-        fee=str(order.cum_exec_fee) if order.cum_exec_fee is not None else None,
-        fee_coin=order.fee_coin,
-        latency_ms=latency_ms,
-    )
+    for fill in fills:
+        order = fill.order
+        LEG_LATENCY.labels("filled").observe(fill.latency_ms / 1000)
+        fill.log.info(
+            "leg.filled",
+            bybit_order_id=order.order_id,
+            price=str(fill.price),
+            filled_qty=str(order.cum_exec_qty),
+            partial=order.cum_exec_qty < fill.leg_order.qty,
+            order_status=order.order_status,
+            fee=str(order.cum_exec_fee) if order.cum_exec_fee is not None else None,
+            fee_coin=order.fee_coin,
+            latency_ms=fill.latency_ms,
+        )
 
 
 def trade_values(
@@ -588,7 +615,7 @@ async def flip_position_idx(
     (and a close of the position this one opens) sends the right one."""
     hedge = leg.position_idx == 0
     leg.position_idx = position_idx_for(leg.opening_side, hedge=hedge)
-    await deps.memo.remember_hedge_mode(run.credentials.account, leg.symbol, hedge)
+    await deps.memo.remember_hedge_modes(run.credentials.account, {leg.symbol: hedge})
     async with deps.sessions() as session:
         await repository.set_position_idx(
             session, run.position.id, {leg.leg: leg.position_idx}, close_round=run.close_round

@@ -96,15 +96,16 @@ async def preflight(
         )
     hedge = await _position_modes(deps, credentials, symbols, held, log)
     _check_held_positions(plan, held, hedge, log)
-    await asyncio.gather(
-        *(
-            deps.memo.confirm_leverage(credentials.account, row.symbol)
-            for row in held
-            if row.leverage == 1
-        )
-    )
+    at_1x = [row.symbol for row in held if row.leverage == 1]
+    await deps.memo.confirm_leverage(credentials.account, at_1x)
+    confirmed = {*at_1x, *await deps.memo.leverage_confirmed(credentials.account, symbols)}
     outcomes = await asyncio.gather(
-        *(ensure_leverage(deps, credentials, leg, log) for leg in plan), return_exceptions=True
+        *(
+            ensure_leverage(deps, credentials, leg, log, confirmed=confirmed)
+            for leg in plan
+            if leg.symbol not in confirmed
+        ),
+        return_exceptions=True,
     )
     for outcome in outcomes:
         if isinstance(outcome, RunError):
@@ -151,10 +152,7 @@ async def _position_modes(
     account = credentials.account
     modes = {row.symbol: row.hedge_mode for row in held if row.symbol in symbols}
     asking = [s for s in symbols if s not in modes]
-    remembered = await asyncio.gather(*(deps.memo.hedge_mode(account, s) for s in asking))
-    for symbol, known in zip(asking, remembered, strict=True):
-        if known is not None:
-            modes[symbol] = known
+    modes.update(await deps.memo.hedge_modes(account, asking))
     unknown = [s for s in symbols if s not in modes]
     if unknown:
         try:
@@ -166,12 +164,14 @@ async def _position_modes(
             )
         except BybitError as error:
             raise _refused(log, calls.classify(error, None, "read the position modes")) from None
+        at_1x = []
         for symbol, symbol_rows in zip(unknown, rows, strict=True):
             modes[symbol] = any(row.hedge_mode for row in symbol_rows)
             if any(row.leverage == 1 for row in symbol_rows):
-                await deps.memo.confirm_leverage(account, symbol)
-    # Kept for every worker (and its time to live renewed), side by side.
-    await asyncio.gather(*(deps.memo.remember_hedge_mode(account, s, modes[s]) for s in symbols))
+                at_1x.append(symbol)
+        await deps.memo.confirm_leverage(account, at_1x)
+    # Kept for every worker (and its time to live renewed).
+    await deps.memo.remember_hedge_modes(account, {s: modes[s] for s in symbols})
     return modes
 
 
@@ -254,18 +254,24 @@ async def ensure_leverage(
     credentials: ApiCredentials,
     leg: PositionLeg,
     log: structlog.stdlib.BoundLogger,
+    *,
+    confirmed: set[str] | None = None,
 ) -> None:
+    """Leverage 1x on the leg's symbol: known (`confirmed`: the symbols the caller read from
+    the memo), or set now."""
     account = credentials.account
-    if await deps.memo.leverage_confirmed(account, leg.symbol):
+    if confirmed is None:
+        confirmed = await deps.memo.leverage_confirmed(account, [leg.symbol])
+    if leg.symbol in confirmed:
         return
     try:
         changed = await calls.call(deps, deps.exchange.set_leverage, credentials, leg.symbol)
     except BybitError as error:
         if error.retcode == PORTFOLIO_MARGIN_LEVERAGE:
             # Portfolio margin has no leverage per symbol: the balance check is the 1x.
-            await deps.memo.confirm_leverage(account, leg.symbol)
+            await deps.memo.confirm_leverage(account, [leg.symbol])
             log.info("leverage.not_applicable", symbol=leg.symbol, reason="portfolio margin")
             return
         raise calls.classify(error, leg, "set leverage 1x") from None
-    await deps.memo.confirm_leverage(account, leg.symbol)
+    await deps.memo.confirm_leverage(account, [leg.symbol])
     log.info("leverage.set", symbol=leg.symbol, leverage="1", changed=changed)

@@ -16,7 +16,9 @@ from sqlalchemy import (
     Integer,
     Numeric,
     String,
+    Table,
     Uuid,
+    bindparam,
     case,
     exists,
     func,
@@ -523,13 +525,64 @@ async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool
     return result.scalar_one_or_none() is not None
 
 
-async def record_fill(session: AsyncSession, values: dict[str, object]) -> bool:
-    """A run's fill, in one statement: inserted once (a second report of the same orderLinkId
-    changes nothing: False) and, when new, the position's `updated_at` (GET shows it) and
-    heartbeat (the run is alive) moved."""
+def _record_fill_statement() -> Any:
+    """Built once, on the tables rather than the mapped classes: a fill is written on every
+    leg while the next order is in flight, and the ORM's bulk-update path (and building the
+    statement afresh) cost more CPU than the statement itself, on the run's one event loop."""
+    trades, positions = Trade.__table__, SyntheticPosition.__table__
+    assert isinstance(trades, Table)
+    assert isinstance(positions, Table)
+    recorded = (
+        insert(trades)
+        # Named apart from the columns (SQLAlchemy reserves those names in VALUES).
+        .values({column: bindparam(f"trade_{column}") for column in ("id", *TRADE_VALUES)})
+        .on_conflict_do_nothing(index_elements=[trades.c.order_link_id])
+        .returning(trades.c.id)
+        .cte("recorded")
+    )
+    return (
+        update(positions)
+        .where(positions.c.id == bindparam("trade_position_id"), exists(select(recorded.c.id)))
+        .values(updated_at=func.clock_timestamp(), heartbeat_at=func.now())
+        .returning(positions.c.id)
+    )
+
+
+# The columns of a `trades` row a run writes (legs.trade_values).
+TRADE_VALUES = (
+    "position_id",
+    "leg",
+    "symbol",
+    "side",
+    "bybit_order_id",
+    "order_link_id",
+    "price",
+    "quantity",
+    "fee",
+    "fee_coin",
+    "fee_detail",
+    "order_status",
+    "phase",
+    "executed_at",
+)
+_RECORD_FILL = _record_fill_statement()
+
+
+async def record_fills(session: AsyncSession, rows: Sequence[dict[str, object]]) -> bool:
+    """A run's fills of one position, in one statement: each inserted once (a second report
+    of the same orderLinkId changes nothing) and, when any is new, the position's
+    `updated_at` (GET shows it) and heartbeat (the run is alive) moved. True when any was
+    new."""
+    if not rows:
+        return False
+    if len(rows) == 1:
+        # The sequential run's one fill per leg: the statement built once.
+        row = {"id": uuid.uuid4(), **rows[0]}
+        result = await session.execute(_RECORD_FILL, {f"trade_{k}": v for k, v in row.items()})
+        return result.scalar_one_or_none() is not None
     recorded = (
         insert(Trade)
-        .values(id=uuid.uuid4(), **values)
+        .values([{"id": uuid.uuid4(), **row} for row in rows])
         .on_conflict_do_nothing(index_elements=[Trade.order_link_id])
         .returning(Trade.id)
         .cte("recorded")
@@ -537,7 +590,7 @@ async def record_fill(session: AsyncSession, values: dict[str, object]) -> bool:
     result = await session.execute(
         update(SyntheticPosition)
         .where(
-            SyntheticPosition.id == values["position_id"],
+            SyntheticPosition.id == rows[0]["position_id"],
             exists(select(recorded.c.id)),
         )
         .values(updated_at=func.clock_timestamp(), heartbeat_at=func.now())

@@ -61,7 +61,7 @@ async def _wait_final(
                 return done
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(ids) - len(done)} positions not final after {timeout}s")
-            await asyncio.sleep(0.005 if len(ids) == 1 else 0.2)
+            await asyncio.sleep(0.05 if len(ids) == 1 else 0.2)
     finally:
         await connection.close()
 

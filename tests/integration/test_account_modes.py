@@ -221,13 +221,13 @@ async def test_a_position_mode_changed_since_it_was_read_is_corrected_by_the_ord
     key, secret = await _account(sim, hedge_symbols=["ETHUSDT"])
     # What an earlier basket learnt, before the user switched ETHUSDT to hedge mode.
     account = ApiCredentials(api_key=key, api_secret=secret).account
-    await deps.memo.remember_hedge_mode(account, "ETHUSDT", False)
+    await deps.memo.remember_hedge_modes(account, {"ETHUSDT": False})
     position_id = await _position(deps, sessions, key, secret)
     result = await execute_position(deps, position_id, task_id="switched")
     assert result.outcome is Outcome.ACTIVE, result.detail
     eth = [o for o in await _orders(sim, key) if o["symbol"] == "ETHUSDT"]
     assert [o["positionIdx"] for o in eth] == [1]  # refused with 0 (placing nothing), sent with 1
-    assert await deps.memo.hedge_mode(account, "ETHUSDT") is True
+    assert (await deps.memo.hedge_modes(account, ["ETHUSDT"])) == {"ETHUSDT": True}
 
 
 async def test_a_portfolio_margin_account_has_no_leverage_to_set(

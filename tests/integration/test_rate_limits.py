@@ -14,10 +14,11 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from service import rate_limits
 from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient, create_http_session
 from service.bybit.errors import BybitIpBanError, BybitRateLimitError
-from service.rate_limits import RedisCallGate
+from service.rate_limits import ACCOUNT_WINDOW_MS, RedisCallGate
 from tests.conftest import TEST_ENV
 from tests.support import eventually
 
@@ -82,7 +83,7 @@ async def test_a_batch_counts_each_of_its_orders_in_its_own_bucket(
     with pytest.raises(BybitRateLimitError) as refused:
         await gate.before(batch, "acct", weight=5)  # eleven would be one too many
     assert refused.value.retry_after is not None
-    assert 0 < refused.value.retry_after <= 1.1
+    assert 0 < refused.value.retry_after <= ACCOUNT_WINDOW_MS / 1000 + 0.01
     await gate.before(batch, "acct", weight=4)  # ten in all: fits
     assert await _taken(gate, batch, "acct", 1) == 0
     # order/create's bucket is another one: untouched by the batches.
@@ -168,3 +169,56 @@ async def test_an_ip_ban_pauses_every_process_until_it_ends(
             return True
 
         await eventually(lifted, timeout=5, interval=0.1, message="the ban's end")
+
+
+async def _counted(redis: aioredis.Redis, window: str, at_least: int) -> bool:
+    return bool(await redis.zcard(window) >= at_least)
+
+
+async def test_a_slot_taken_ahead_is_the_next_calls_own(redis: aioredis.Redis, prefix: str) -> None:
+    gate = _gate(redis, prefix, wait_max_seconds=0)
+    window = f"{prefix}:window:acct:{ORDER}"
+    gate.ahead(ORDER, "acct")  # while another call is in flight
+    await eventually(lambda: _counted(redis, window, 1), message="the slot taken ahead")
+    await gate.before(ORDER, "acct")
+    assert await redis.zcard(window) == 1  # the call went on the slot taken ahead
+    await gate.before(ORDER, "acct")
+    assert await redis.zcard(window) == 2  # the next one takes its own
+
+
+async def test_a_slot_taken_ahead_too_long_ago_is_given_back(
+    redis: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Counted earlier than its call was sent: past the freshness it could stand for a call
+    # Bybit sees after the window the limiter counted it in.
+    monkeypatch.setattr(rate_limits, "AHEAD_FRESH_SECONDS", -1.0)
+    gate = _gate(redis, prefix, wait_max_seconds=0)
+    window = f"{prefix}:window:acct:{ORDER}"
+    gate.ahead(ORDER, "acct")
+    await eventually(lambda: _counted(redis, window, 1), message="the slot taken ahead")
+    early = await redis.zrange(window, 0, -1)
+    await gate.before(ORDER, "acct")
+    now = await redis.zrange(window, 0, -1)
+    assert len(now) == 1  # given back, and a new one counted
+    assert now != early
+
+
+async def test_a_slot_ahead_that_was_refused_lets_no_call_through(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    gate = _gate(redis, prefix, wait_max_seconds=0)
+    assert await _taken(gate, ORDER, "acct", 10) == 10  # the account's second is used up
+    gate.ahead(ORDER, "acct")
+    with pytest.raises(BybitRateLimitError):
+        await gate.before(ORDER, "acct")
+    assert await redis.zcard(f"{prefix}:window:acct:{ORDER}") == 10
+
+
+async def test_slots_ahead_not_used_are_dropped(redis: aioredis.Redis, prefix: str) -> None:
+    gate = _gate(redis, prefix, wait_max_seconds=0)
+    window = f"{prefix}:window:acct:{ORDER}"
+    gate.ahead(ORDER, "acct")
+    await eventually(lambda: _counted(redis, window, 1), message="the slot taken ahead")
+    gate.drop_ahead("acct")  # the run ended without the call: the slot ages out, counted
+    await gate.before(ORDER, "acct")
+    assert await redis.zcard(window) == 2
