@@ -74,13 +74,16 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
 
 
 class ServiceProcess:
-    """A `python -m service ...` child process with its output in a file."""
+    """A `python -m service ...` child process (or another `module`'s) with its output in a
+    file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, *, module: str = "service"
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", *args],
+            [sys.executable, "-m", module, *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,

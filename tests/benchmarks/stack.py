@@ -38,8 +38,8 @@ class Stack:
     tmp: Path
     processes: list[ServiceProcess] = field(default_factory=list)
 
-    def start(self, name: str, *args: str) -> ServiceProcess:
-        process = ServiceProcess(list(args), self.env, self.tmp / f"{name}.log")
+    def start(self, name: str, *args: str, module: str = "service") -> ServiceProcess:
+        process = ServiceProcess(list(args), self.env, self.tmp / f"{name}.log", module=module)
         self.processes.append(process)
         return process
 
