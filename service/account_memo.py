@@ -21,6 +21,9 @@ from redis.exceptions import RedisError
 
 LEVERAGE_TTL_SECONDS = 300.0
 POSITION_MODE_TTL_SECONDS = 3600.0
+# The account an API key belongs to never changes (a key of another account is another key,
+# with another fingerprint): kept for a day, so a basket does not ask for it every time.
+ACCOUNT_UID_TTL_SECONDS = 86400.0
 
 
 class AccountMemo(Protocol):
@@ -38,6 +41,12 @@ class AccountMemo(Protocol):
         ...
 
     async def remember_hedge_modes(self, account: str, modes: Mapping[str, bool]) -> None: ...
+
+    async def exchange_uid(self, account: str) -> str | None:
+        """The UID of the Bybit account the key `account` (its fingerprint) belongs to."""
+        ...
+
+    async def remember_exchange_uid(self, account: str, uid: str) -> None: ...
 
 
 class LocalAccountMemo:
@@ -67,6 +76,12 @@ class LocalAccountMemo:
                 "hedge" if hedge else "one_way",
                 time.monotonic(),
             )
+
+    async def exchange_uid(self, account: str) -> str | None:
+        return self._get("uid", account, "", ACCOUNT_UID_TTL_SECONDS)
+
+    async def remember_exchange_uid(self, account: str, uid: str) -> None:
+        self._values[("uid", account, "")] = (uid, time.monotonic())
 
 
 class RedisAccountMemo:
@@ -122,3 +137,12 @@ class RedisAccountMemo:
             {s: "hedge" if hedge else "one_way" for s, hedge in modes.items()},
             POSITION_MODE_TTL_SECONDS,
         )
+
+    async def exchange_uid(self, account: str) -> str | None:
+        try:
+            return (await self._read("uid", account, [""])).get("")
+        except RedisError:
+            return None  # unknown: read from the exchange
+
+    async def remember_exchange_uid(self, account: str, uid: str) -> None:
+        await self._write("uid", account, {"": uid}, ACCOUNT_UID_TTL_SECONDS)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import structlog
@@ -31,8 +32,8 @@ from service.execution.outcomes import (
     RunResult,
     TransientRunError,
 )
-from service.execution.preflight import preflight
-from service.models import ExecutionMode, PositionStatus, SyntheticPosition
+from service.execution.preflight import EarlyReads, preflight, start_reads
+from service.models import ExecutionMode, PositionLeg, PositionStatus, SyntheticPosition, Trade
 from service.positions import repository
 
 logger = structlog.stdlib.get_logger("service.execution")
@@ -191,10 +192,7 @@ async def _run_claimed(
     deadline = asyncio.timeout_at(run.deadline)
     try:
         async with deadline:
-            legs_planned = await plan.ensure_plan(deps, position, log)
-            recorded = await plan.recorded_trades(deps, position.id)
-            if not recorded and all(leg.submitted_at is None for leg in legs_planned):
-                await preflight(deps, run, legs_planned, log)
+            legs_planned, recorded = await _plan_and_preflight(deps, run, log)
             ends_position = functools.partial(runs.ends_run, deps, run)
             if position.execution == ExecutionMode.BATCH:
                 await batch.send_first_orders(
@@ -230,6 +228,31 @@ async def _run_claimed(
         )
     except TransientRunError as error:
         return await _retry_later(deps, run, error, log)
+
+
+async def _plan_and_preflight(
+    deps: ExecutionDeps, run: Run, log: structlog.stdlib.BoundLogger
+) -> tuple[Sequence[PositionLeg], list[Trade]]:
+    """The plan, what earlier runs recorded of it, and (while no order of it was sent) the
+    pre-flight. A new basket's pre-flight reads go out as soon as its symbols are known."""
+    early: EarlyReads | None = None
+
+    def send_reads(symbols: Sequence[str]) -> None:
+        nonlocal early
+        early = start_reads(deps, run, symbols)
+
+    try:
+        legs_planned, new = await plan.ensure_plan(
+            deps, run.position, log, on_new_basket=send_reads
+        )
+        # A plan stored just now has no order sent and nothing recorded.
+        recorded = [] if new else await plan.recorded_trades(deps, run.position.id)
+        if not recorded and all(leg.submitted_at is None for leg in legs_planned):
+            await preflight(deps, run, legs_planned, log, early=early)
+    finally:
+        if early is not None:
+            await early.cancel()  # not left running if the run failed before its pre-flight
+    return legs_planned, recorded
 
 
 async def _retry_later(

@@ -4,7 +4,7 @@ order, and read back by every later run of the position."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -31,17 +31,26 @@ def order_link_id(position_id: uuid.UUID, leg: int) -> str:
 
 
 async def ensure_plan(
-    deps: ExecutionDeps, position: SyntheticPosition, log: structlog.stdlib.BoundLogger
-) -> Sequence[PositionLeg]:
+    deps: ExecutionDeps,
+    position: SyntheticPosition,
+    log: structlog.stdlib.BoundLogger,
+    *,
+    on_new_basket: Callable[[Sequence[str]], None] | None = None,
+) -> tuple[Sequence[PositionLeg], bool]:
+    """The stored plan, or a new one stored now; True when it is new (then no order of it was
+    ever sent, and nothing is recorded). `on_new_basket(symbols)` is called as soon as a new
+    basket's symbols are known, before its plan is computed and stored."""
     async with deps.sessions() as session:
         stored = await repository.get_plan(session, position.id)
         if stored:
-            return stored
+            return stored, False
         index = await indices_repository.get_index(session, position.index_code)
         if index is None:
             raise PermanentRunError(f"index {position.index_code} no longer exists")
         components = list(index.components)
     symbols = [c.symbol for c in components]
+    if on_new_basket is not None:
+        on_new_basket(symbols)
     try:
         instruments = await calls.call(deps, deps.market.instruments, symbols)
         prices = await calls.call(
@@ -76,7 +85,7 @@ async def ensure_plan(
             {"leg": r.leg, "symbol": r.symbol, "side": r.side, "qty": str(r.quantity)} for r in rows
         ],
     )
-    return rows
+    return rows, True
 
 
 async def recorded_trades(deps: ExecutionDeps, position_id: uuid.UUID) -> list[Trade]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import cast
 
@@ -13,7 +14,7 @@ import structlog
 
 from service.bybit.auth import ApiCredentials
 from service.bybit.errors import BybitError
-from service.bybit.types import PositionInfo, WalletBalance
+from service.bybit.types import Instrument, PositionInfo, WalletBalance
 from service.execution import calls
 from service.execution.deps import ExecutionDeps, Run
 from service.execution.outcomes import PermanentRunError, RunError, leg_message
@@ -26,11 +27,73 @@ from service.trading_logic import InstrumentFilters, order_filter_violation
 PORTFOLIO_MARGIN_LEVERAGE = 110038
 
 
+# What the pre-flight reads from the exchange and the market data, side by side: each
+# result, or the exception that read raised.
+AccountReads = tuple[
+    dict[str, Instrument] | BaseException,
+    dict[str, Decimal] | BaseException,
+    WalletBalance | BaseException,
+    list[PositionInfo] | BaseException,
+    str | BaseException,
+]
+
+
+async def read_account(deps: ExecutionDeps, run: Run, symbols: Sequence[str]) -> AccountReads:
+    """The pre-flight's reads, side by side: every trading instrument's status and filters
+    (one request), prices from the shared snapshot, the balance, the open positions and the
+    key's account (remembered once read)."""
+    credentials = run.credentials
+    fresh = deps.market_max_age_seconds
+    return await asyncio.gather(
+        # The status now (a halt must be seen before the first order), in one request.
+        calls.call(deps, deps.market.current, symbols),
+        calls.call(deps, deps.market.prices, symbols, max_age=fresh),
+        calls.call(deps, deps.exchange.get_wallet_balance, credentials),
+        calls.call(deps, deps.exchange.get_positions, credentials),
+        _exchange_uid(deps, credentials),
+        return_exceptions=True,
+    )
+
+
+async def _exchange_uid(deps: ExecutionDeps, credentials: ApiCredentials) -> str:
+    """The key's account: remembered (it never changes for a key), or read once."""
+    known = await deps.memo.exchange_uid(credentials.account)
+    if known is not None:
+        return known
+    uid = await calls.call(deps, deps.exchange.get_account_uid, credentials)
+    await deps.memo.remember_exchange_uid(credentials.account, uid)
+    return uid
+
+
+@dataclass
+class EarlyReads:
+    """The pre-flight's reads for `symbols`, sent ahead (`start_reads`)."""
+
+    symbols: frozenset[str]
+    task: asyncio.Task[AccountReads]
+
+    async def cancel(self) -> None:
+        """Nothing of the reads is left running (the run ended before its pre-flight)."""
+        if not self.task.done():
+            self.task.cancel()
+        await asyncio.wait([self.task])
+
+
+def start_reads(deps: ExecutionDeps, run: Run, symbols: Sequence[str]) -> EarlyReads:
+    """The pre-flight's reads sent now: they need only the key and the symbols, so a new
+    basket's run sends them as soon as its symbols are known, and their round trip covers
+    the computing and storing of its plan. Sent by a run holding the account (its lock, and
+    no other basket of it begun and not ended), as the pre-flight's own would be."""
+    return EarlyReads(frozenset(symbols), asyncio.ensure_future(read_account(deps, run, symbols)))
+
+
 async def preflight(
     deps: ExecutionDeps,
     run: Run,
     plan: Sequence[PositionLeg],
     log: structlog.stdlib.BoundLogger,
+    *,
+    early: EarlyReads | None = None,
 ) -> None:
     """No order is sent unless every instrument trades, every leg passes its filters at the
     current price, the account holds the basket at 1x plus a margin, no position the user
@@ -40,19 +103,13 @@ async def preflight(
     side by side: every trading instrument's status and filters (one request), prices from
     the shared snapshot, the balance, the open positions (and, when the account holds
     none, one symbol's row for the position mode), and the account's UID (a close is sent
-    only with a key of the same account)."""
+    only with a key of the same account). `early`: those reads, sent ahead by this run."""
     credentials = run.credentials
     symbols = [leg.symbol for leg in plan]
-    fresh = deps.market_max_age_seconds
-    reads = await asyncio.gather(
-        # The status now (a halt must be seen before the first order), in one request.
-        calls.call(deps, deps.market.current, symbols),
-        calls.call(deps, deps.market.prices, symbols, max_age=fresh),
-        calls.call(deps, deps.exchange.get_wallet_balance, credentials),
-        calls.call(deps, deps.exchange.get_positions, credentials),
-        calls.call(deps, deps.exchange.get_account_uid, credentials),
-        return_exceptions=True,
-    )
+    if early is not None and early.symbols.issuperset(symbols):
+        reads = await early.task
+    else:
+        reads = await read_account(deps, run, symbols)
     *reads_needed, uid_read = reads
     uid: str | None = None
     if isinstance(uid_read, BybitError) and not uid_read.transient:
@@ -113,14 +170,19 @@ async def preflight(
         if isinstance(outcome, BaseException):
             raise outcome
     run.leverage_checked.update(symbols)
+    # Only what differs from the stored plan is written (one-way mode: nothing).
+    changed = {
+        leg.leg: index
+        for leg in plan
+        if (index := position_idx_for(leg.side, hedge=hedge[leg.symbol])) != leg.position_idx
+    }
     for leg in plan:
-        leg.position_idx = position_idx_for(leg.side, hedge=hedge[leg.symbol])
-    async with deps.sessions() as session:
-        await repository.set_position_idx(
-            session, run.position.id, {leg.leg: leg.position_idx for leg in plan}
-        )
-        if uid is not None:
-            await repository.set_exchange_uid(session, run.position.id, uid)
+        leg.position_idx = changed.get(leg.leg, leg.position_idx)
+    if changed or (uid is not None and run.position.exchange_uid is None):
+        async with deps.sessions() as session:
+            await repository.set_position_idx(session, run.position.id, changed)
+            if uid is not None:
+                await repository.set_exchange_uid(session, run.position.id, uid)
     log.info(
         "preflight.passed",
         required_usdt=str(needed),

@@ -102,24 +102,10 @@ async def finish(
     """The snapshot of what filled (not what was planned) and ACTIVE, in one transaction;
     `position.partial` when a leg fell short."""
     position = run.position
-    filled: dict[int, Decimal] = {leg.leg: Decimal(0) for leg in plan}
+    filled: dict[int, Decimal] = {}
 
     async def snapshot(session: AsyncSession) -> None:
-        for trade in await repository.get_trades(session, position.id):
-            filled[trade.leg] += trade.quantity
-        await repository.add_components(
-            session,
-            [
-                {
-                    "id": uuid.uuid4(),
-                    "position_id": position.id,
-                    "symbol": leg.symbol,
-                    "side": leg.side,
-                    "expected_quantity": filled[leg.leg],
-                }
-                for leg in plan
-            ],
-        )
+        filled.update(await repository.add_snapshot(session, position.id))
 
     done = await change_status(
         deps.sessions,
@@ -137,7 +123,7 @@ async def finish(
         # This run lost the position (its lock, or the state changed): the snapshot rolled
         # back, and the one that holds it decides.
         raise OwnershipLostError("the position was not this run's to finish any more")
-    short = [leg for leg in plan if filled[leg.leg] < leg.quantity]
+    short = [leg for leg in plan if filled.get(leg.leg, Decimal(0)) < leg.quantity]
     if short:
         # Held, but not all of the basket: the book was too thin for some legs.
         log.warning(
@@ -147,8 +133,8 @@ async def finish(
                     "leg": leg.leg,
                     "symbol": leg.symbol,
                     "planned_qty": str(leg.quantity),
-                    "filled_qty": str(filled[leg.leg]),
-                    "shortfall_qty": str(leg.quantity - filled[leg.leg]),
+                    "filled_qty": str(filled.get(leg.leg, Decimal(0))),
+                    "shortfall_qty": str(leg.quantity - filled.get(leg.leg, Decimal(0))),
                 }
                 for leg in short
             ],

@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    text,
     tuple_,
     update,
 )
@@ -611,9 +612,31 @@ async def get_components(
     return result.scalars().all()
 
 
-async def add_components(session: AsyncSession, components: Sequence[dict[str, object]]) -> None:
-    if components:
-        await session.execute(insert(PositionComponent).values(list(components)))
+# The snapshot of what filled, one row per leg (its side, the sum of its fills), written in the
+# statement that reads it: no trade is loaded into the worker to be summed there.
+_SNAPSHOT = text(
+    """
+    WITH filled AS (
+        SELECT l.leg, l.symbol, l.side, coalesce(sum(t.quantity), 0) AS quantity
+        FROM position_legs AS l
+        LEFT JOIN trades AS t ON t.position_id = l.position_id AND t.leg = l.leg
+        WHERE l.position_id = :position_id
+        GROUP BY l.leg, l.symbol, l.side
+    ), written AS (
+        INSERT INTO position_components (id, position_id, symbol, side, expected_quantity)
+        SELECT gen_random_uuid(), :position_id, symbol, side, quantity FROM filled
+        RETURNING 1
+    )
+    SELECT leg, quantity FROM filled
+    """
+)
+
+
+async def add_snapshot(session: AsyncSession, position_id: uuid.UUID) -> dict[int, Decimal]:
+    """The immutable snapshot of an opening: each leg's symbol and side with what filled of
+    it (its trades' quantities summed), written; returns what filled per leg."""
+    result = await session.execute(_SNAPSHOT, {"position_id": position_id})
+    return {int(leg): Decimal(quantity) for leg, quantity in result.all()}
 
 
 def _unclaimed() -> ColumnElement[bool]:
@@ -791,14 +814,23 @@ async def unmark_submitted(
     )
 
 
+def _set_exchange_uid_statement() -> Any:
+    positions = SyntheticPosition.__table__
+    assert isinstance(positions, Table)
+    return (
+        update(positions)
+        .where(positions.c.id == bindparam("position_id"), positions.c.exchange_uid.is_(None))
+        .values(exchange_uid=bindparam("uid"))
+    )
+
+
+# Built once, on the table (every new basket's pre-flight writes it before its first order).
+_SET_EXCHANGE_UID = _set_exchange_uid_statement()
+
+
 async def set_exchange_uid(session: AsyncSession, position_id: uuid.UUID, uid: str) -> None:
     """The Bybit account the opening trades (the first pre-flight's reading stands)."""
-    await session.execute(
-        update(SyntheticPosition)
-        .where(SyntheticPosition.id == position_id, SyntheticPosition.exchange_uid.is_(None))
-        .values(exchange_uid=uid)
-        .execution_options(synchronize_session=False)
-    )
+    await session.execute(_SET_EXCHANGE_UID, {"position_id": position_id, "uid": uid})
 
 
 async def add_close_request(

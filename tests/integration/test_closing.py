@@ -588,3 +588,38 @@ async def test_an_exchange_without_query_api_still_trades_and_closes(
     assert uid is None
     events = [_json_line(line) for line in worker.output().splitlines()]
     assert any(e and e.get("event") == "preflight.account_unknown" for e in events)
+
+
+async def test_the_key_s_account_is_read_once_and_kept_for_every_basket(
+    client: httpx.AsyncClient,
+    worker: ServiceProcess,
+    funded_user: ApiUser,
+    sim: httpx.AsyncClient,
+    sessions: object,
+) -> None:
+    """A key's account never changes: the second basket of the key does not ask Bybit for
+    it again, and its position records the same account (the close's check needs it)."""
+    from sqlalchemy import text
+
+    async def asked() -> int:
+        counts = (await sim.get("/sim/requests")).json()["counts"]
+        return int(counts.get("/v5/user/query-api", 0))
+
+    first = await _active(client, user=funded_user)
+    before = await asked()
+    second = await _active(client, user=funded_user)
+    assert await asked() == before
+    async with sessions() as session:  # type: ignore[operator]
+        uids = (
+            (
+                await session.execute(
+                    text("SELECT exchange_uid FROM synthetic_positions WHERE id = ANY(:ids)"),
+                    {"ids": [uuid.UUID(first["id"]), uuid.UUID(second["id"])]},
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert len(uids) == 2
+    assert uids[0] is not None
+    assert uids[0] == uids[1]
