@@ -125,9 +125,9 @@ class RedisCallGate:
     wait_max_seconds: float = 2.0
     prefix: str = "trader:limits"
     _learnt: dict[tuple[str, str], int] = field(default_factory=dict)
-    # Slots taken ahead, by (path, account): the slot's member and the task taking it (its
-    # result: the loop time it was counted).
-    _ahead: dict[tuple[str, str | None], tuple[str, asyncio.Task[float]]] = field(
+    # Slots taken ahead, by (path, account), oldest first: each slot's member and the task
+    # taking it (its result: the loop time it was counted).
+    _ahead: dict[tuple[str, str | None], list[tuple[str, asyncio.Task[float]]]] = field(
         default_factory=dict
     )
 
@@ -140,45 +140,49 @@ class RedisCallGate:
     def _account_key(self, kind: str, account: str, path: str) -> str:
         return f"{self.prefix}:{kind}:{account}:{path}"
 
-    def ahead(self, path: str, account: str | None) -> None:
-        """Begin taking the slot of the next call to `path` for `account` now, while another
-        call is in flight: that call then goes out without waiting on Redis (and on whatever
-        else the event loop runs meanwhile). Taken for one call, used by the next `before`
-        of the same path and account if still fresh (AHEAD_FRESH_SECONDS), else given back.
-        A process runs one basket of an account at a time (the account lock), so the next
-        such call is that basket's."""
+    def ahead(self, path: str, account: str | None, count: int = 1) -> None:
+        """Begin taking the slots of the next `count` calls to `path` for `account` now, while
+        another call is in flight: those calls then go out without waiting on Redis (and on
+        whatever else the event loop runs meanwhile). Each is taken for one call, used by a
+        later `before` of the same path and account if still fresh (AHEAD_FRESH_SECONDS),
+        else given back. A process runs one basket of an account at a time (the account
+        lock), so the next such calls are that basket's."""
         key = (path, account)
-        if key in self._ahead:
-            return
-        if len(self._ahead) >= _AHEAD_KEPT:
+        if key not in self._ahead and len(self._ahead) >= _AHEAD_KEPT:
             self._forget_ahead()
-        member = uuid.uuid4().hex
-        self._ahead[key] = (member, asyncio.ensure_future(self._take_ahead(path, account, member)))
+        slots = self._ahead.setdefault(key, [])
+        while len(slots) < count:
+            member = uuid.uuid4().hex
+            slots.append((member, asyncio.ensure_future(self._take_ahead(path, account, member))))
 
     async def _take_ahead(self, path: str, account: str | None, member: str) -> float:
         await self._before(path, account, 1, member)
         return asyncio.get_running_loop().time()
 
     def _forget_ahead(self) -> None:
-        for _member, task in self._ahead.values():
-            task.cancel()
+        for slots in self._ahead.values():
+            for _member, task in slots:
+                task.cancel()
         self._ahead.clear()
 
     def drop_ahead(self, account: str | None) -> None:
         """The account's slots taken ahead and not used: forgotten (counted, they age out
         of the windows), and any still being taken stopped."""
         for key in [key for key in self._ahead if key[1] == account]:
-            _member, task = self._ahead.pop(key)
-            task.cancel()
+            for _member, task in self._ahead.pop(key):
+                task.cancel()
 
     async def before(self, path: str, account: str | None, weight: int = 1) -> None:
         """Wait for a slot (at most `wait_max_seconds`), or raise a transient error that says
         how long the real wait is. `weight`: the slots the call takes in the account's window
         (a batch counts each of its orders, as Bybit does)."""
         release = ""
-        ahead = self._ahead.pop((path, account), None) if weight == 1 else None
-        if ahead is not None:
-            member, task = ahead
+        key = (path, account)
+        slots = self._ahead.get(key) if weight == 1 else None
+        if slots:
+            member, task = slots.pop(0)
+            if not slots:
+                del self._ahead[key]
             # Waited for here as the call's own would be; a refusal (a limit, a ban, Redis
             # gone) or a cancellation is not passed on: the call asks again, and is told. Not
             # waited for when done: that would let the loop run other work first.

@@ -74,8 +74,8 @@ class CallGate(Protocol):
 
     async def ban(self, seconds: float) -> None: ...
 
-    def ahead(self, path: str, account: str | None) -> None:
-        """Begin taking the slot of the next call to `path` for `account` now."""
+    def ahead(self, path: str, account: str | None, count: int = 1) -> None:
+        """Begin taking the slots of the next `count` calls to `path` for `account` now."""
 
     def drop_ahead(self, account: str | None) -> None:
         """Forget the account's slots taken ahead and not used."""
@@ -101,7 +101,7 @@ class OpenGate:
     async def ban(self, seconds: float) -> None:
         return None
 
-    def ahead(self, path: str, account: str | None) -> None:
+    def ahead(self, path: str, account: str | None, count: int = 1) -> None:
         return None
 
     def drop_ahead(self, account: str | None) -> None:
@@ -321,9 +321,9 @@ class BybitClient:
         is asked for (service/rate_limits.py, `ahead`)."""
         self._gate.ahead(ORDER_CREATE, credentials.account)
 
-    def order_read_slot_ahead(self, credentials: ApiCredentials) -> None:
-        """The same for this account's next `get_order` (its realtime read)."""
-        self._gate.ahead(ORDER_REALTIME, credentials.account)
+    def order_read_slot_ahead(self, credentials: ApiCredentials, count: int = 1) -> None:
+        """The same for this account's next `count` `get_order` calls (their realtime reads)."""
+        self._gate.ahead(ORDER_REALTIME, credentials.account, count)
 
     def drop_slots_ahead(self, credentials: ApiCredentials) -> None:
         """The account's slots taken ahead and not used are forgotten (they age out)."""

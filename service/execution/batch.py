@@ -66,12 +66,13 @@ async def send_first_orders(
     log: structlog.stdlib.BoundLogger,
     *,
     ends_position: Callable[[RunError], bool],
-) -> None:
+) -> bool:
     """Every leg's first order not recorded yet: looked up if it may have been sent, the rest
     sent in batches, then every fill read at once and recorded. Raises the run's error for the
     first leg that failed (refusals before unknown outcomes), after recording every fill;
     every leg refused for good is reported (`leg.failed`), and an unknown outcome that ends
-    the position."""
+    the position. True when the basket is complete: every leg's first order, all of it
+    filled, read by this run (nothing is left for the sequential protocol)."""
     links = {t.order_link_id for t in recorded}
     orders = [
         legs.LegOrder(leg, 0, leg.order_link_id, leg.quantity)
@@ -79,16 +80,20 @@ async def send_first_orders(
         if leg.order_link_id not in links
     ]
     if not orders:
-        return
+        return False
     outcomes = _Outcomes()
     try:
-        await _send_all(deps, run, orders, outcomes, log)
-    except (RunError, OwnershipLostError):
-        # What did land is read and recorded before the run ends (a later run would too,
-        # but a basket that fails here must show what it holds).
-        await _read_fills(deps, run, outcomes.placed, log)
-        raise
-    fills = await _read_fills(deps, run, outcomes.placed, log)
+        try:
+            await _send_all(deps, run, orders, outcomes, log)
+        except (RunError, OwnershipLostError):
+            # What did land is read and recorded before the run ends (a later run would
+            # too, but a basket that fails here must show what it holds).
+            await _read_fills(deps, run, outcomes.placed, log)
+            raise
+        fills = await _read_fills(deps, run, outcomes.placed, log)
+    finally:
+        # Read slots taken ahead for orders that were not placed.
+        deps.exchange.drop_slots_ahead(run.credentials)
     for leg_order, order in zip(outcomes.placed, fills, strict=True):
         if isinstance(order, RunError):
             outcomes.unknown.append((leg_order, order))
@@ -113,6 +118,10 @@ async def send_first_orders(
         if ends_position(error):
             legs.report_failed(log, leg_order.leg, error)
         raise error
+    return len(orders) == len(plan) and all(
+        isinstance(order, Order) and order.cum_exec_qty >= leg_order.qty
+        for leg_order, order in zip(outcomes.placed, fills, strict=True)
+    )
 
 
 async def _send_all(
@@ -235,6 +244,8 @@ def _sender(
         await _prove_ownership(deps, run, pending)
         for leg_order in pending:
             _log_for(log, leg_order).info("leg.submitted", batch_size=len(pending))
+        # The reads of their outcomes follow the answer: their slots are taken meanwhile.
+        deps.exchange.order_read_slot_ahead(run.credentials, len(pending))
         return await deps.exchange.create_market_orders(run.credentials, batch)
 
     return send

@@ -194,21 +194,24 @@ async def _run_claimed(
         async with deadline:
             legs_planned, recorded = await _plan_and_preflight(deps, run, log)
             ends_position = functools.partial(runs.ends_run, deps, run)
+            complete = False
             if position.execution == ExecutionMode.BATCH:
-                await batch.send_first_orders(
+                complete = await batch.send_first_orders(
                     deps, run, legs_planned, recorded, log, ends_position=ends_position
                 )
-                # What is left (a partial fill's remainder) goes one order at a time.
-                recorded = await plan.recorded_trades(deps, position.id)
-            await legs.execute_legs(
-                deps,
-                run,
-                legs_planned,
-                recorded,
-                log,
-                ends_position=ends_position,
-                deadline_expired=deadline.expired,
-            )
+                if not complete:
+                    # What is left (a partial fill's remainder) goes one order at a time.
+                    recorded = await plan.recorded_trades(deps, position.id)
+            if not complete:
+                await legs.execute_legs(
+                    deps,
+                    run,
+                    legs_planned,
+                    recorded,
+                    log,
+                    ends_position=ends_position,
+                    deadline_expired=deadline.expired,
+                )
             await states.finish(deps, run, legs_planned, log)
             return RunResult(Outcome.ACTIVE)
     except TimeoutError:

@@ -222,3 +222,19 @@ async def test_slots_ahead_not_used_are_dropped(redis: aioredis.Redis, prefix: s
     gate.drop_ahead("acct")  # the run ended without the call: the slot ages out, counted
     await gate.before(ORDER, "acct")
     assert await redis.zcard(window) == 2
+
+
+async def test_several_slots_taken_ahead_are_several_calls_own(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    # A batch's orders are read side by side once it is answered: a slot for each read.
+    reads = "/v5/order/realtime"
+    gate = _gate(redis, prefix, wait_max_seconds=0)
+    window = f"{prefix}:window:acct:{reads}"
+    gate.ahead(reads, "acct", 3)
+    await eventually(lambda: _counted(redis, window, 3), message="the slots taken ahead")
+    for _ in range(3):
+        await gate.before(reads, "acct")
+    assert await redis.zcard(window) == 3
+    await gate.before(reads, "acct")
+    assert await redis.zcard(window) == 4
