@@ -153,17 +153,17 @@ class RedisCallGate:
         slots = self._ahead.setdefault(key, [])
         while len(slots) < count:
             member = uuid.uuid4().hex
-            slots.append((member, asyncio.ensure_future(self._take_ahead(path, account, member))))
+            task = asyncio.ensure_future(self._before(path, account, 1, member))
+            # A slot dropped after its taking failed: its error is not the caller's.
+            task.add_done_callback(_retrieved)
+            slots.append((member, task))
 
-    async def _take_ahead(self, path: str, account: str | None, member: str) -> float:
-        await self._before(path, account, 1, member)
-        return asyncio.get_running_loop().time()
-
-    def _forget_ahead(self) -> None:
-        for slots in self._ahead.values():
-            for _member, task in slots:
+    def _forget_ahead(self, *, path: str | None = None, account: str | None = None) -> None:
+        """Slots taken ahead, forgotten (counted, they age out of the windows) and any still
+        being taken stopped: all of them, or those of `path` and `account`."""
+        for key in [k for k in self._ahead if path is None or k == (path, account)]:
+            for _member, task in self._ahead.pop(key):
                 task.cancel()
-        self._ahead.clear()
 
     def drop_ahead(self, account: str | None) -> None:
         """The account's slots taken ahead and not used: forgotten (counted, they age out
@@ -187,7 +187,11 @@ class RedisCallGate:
             # gone) or a cancellation is not passed on: the call asks again, and is told. Not
             # waited for when done: that would let the loop run other work first.
             if not task.done():
-                await asyncio.wait([task])
+                try:
+                    await asyncio.wait([task])
+                except asyncio.CancelledError:
+                    task.cancel()  # nobody else would stop it
+                    raise
             if not task.cancelled() and task.exception() is None:
                 if asyncio.get_running_loop().time() - task.result() <= AHEAD_FRESH_SECONDS:
                     return
@@ -196,9 +200,13 @@ class RedisCallGate:
 
     async def _before(
         self, path: str, account: str | None, weight: int, member: str, *, release: str = ""
-    ) -> None:
+    ) -> float:
+        """Take the slot; returns the loop time just before the try that took it (the
+        earliest the slot may have been counted: a slot taken ahead is as old as that)."""
         waited = 0.0
+        loop = asyncio.get_running_loop()
         while True:
+            asked = loop.time()
             try:
                 wait_ms, blocked = await self._take(path, account, weight, member, release)
             except RedisError as error:
@@ -211,7 +219,7 @@ class RedisCallGate:
                 ) from None
             release = ""  # given back by the first try
             if wait_ms <= 0:
-                return
+                return asked
             wait = wait_ms / 1000
             if blocked and await self.redis.pttl(self._ban_key()) > 0:
                 raise BybitIpBanError(
@@ -271,6 +279,8 @@ class RedisCallGate:
         # "0 remaining" means something only under a limit (an endpoint without one says 0).
         used_up = remaining == 0 and limit is not None and limit > 0
         if rate_limited or used_up:
+            # A slot taken ahead for this endpoint was counted before the block.
+            self._forget_ahead(path=path, account=account)
             # Until the reset Bybit names (a second, the window, when it names none).
             reset = 1.0 if reset_in_seconds is None else reset_in_seconds
             block_ms = max(1, math.ceil(reset * 1000))
@@ -283,10 +293,17 @@ class RedisCallGate:
     async def ban(self, seconds: float) -> None:
         """Bybit banned the address: every process pauses its calls until the ban ends."""
         logger.error("exchange.ip_banned", egress=self.egress, pause_s=round(seconds))
+        # A slot taken ahead was counted before the ban: none may stand for a call now.
+        self._forget_ahead()
         try:
             await self.redis.set(self._ban_key(), 1, px=max(1, math.ceil(seconds * 1000)))
         except RedisError as error:
             logger.warning("exchange.limits_unrecorded", error=type(error).__name__)
+
+
+def _retrieved(task: asyncio.Task[float]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _int(raw: str | None) -> int | None:

@@ -400,17 +400,34 @@ async def _read_fills(
     log: structlog.stdlib.BoundLogger,
 ) -> list[Order | RunError]:
     """Every placed order read until final, all at once, and their fills recorded together
-    (one statement: ten sessions side by side would hold ten connections for one write)."""
+    (one statement: ten sessions side by side would hold ten connections for one write). The
+    fills read are recorded however the reads end (a read's own error, the run's deadline
+    cancelling it): a basket that stops here shows what it holds."""
     started = time.perf_counter()
+    ready: list[legs.Fill] = []
 
-    async def read(leg_order: legs.LegOrder) -> tuple[Order, legs.Fill | None] | RunError:
+    async def read(leg_order: legs.LegOrder) -> Order | RunError:
         try:
-            return await legs.read_outcome(deps, run, leg_order, _log_for(log, leg_order), started)
+            order, fill = await legs.read_outcome(
+                deps, run, leg_order, _log_for(log, leg_order), started
+            )
         except RunError as error:
             return error
+        if fill is not None:
+            ready.append(fill)
+        return order
 
-    outcomes = await _all_of(read(o) for o in placed)
-    fills = [o[1] for o in outcomes if not isinstance(o, RunError) and o[1] is not None]
-    if fills:
-        await legs.write_fills(deps, run, fills)
-    return [o if isinstance(o, RunError) else o[0] for o in outcomes]
+    try:
+        orders = await _all_of(read(o) for o in placed)
+    except BaseException:
+        if ready:
+            try:
+                await legs.write_fills(deps, run, ready)
+            except Exception as error:  # the run's own error is the one that matters
+                # The orders are marked submitted: the next run or reconciliation records
+                # them.
+                log.error("run.fill_unwritten", error=f"{type(error).__name__}: {error}")
+        raise
+    if ready:
+        await legs.write_fills(deps, run, ready)
+    return orders

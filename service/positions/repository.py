@@ -619,7 +619,8 @@ _SNAPSHOT = text(
     WITH filled AS (
         SELECT l.leg, l.symbol, l.side, coalesce(sum(t.quantity), 0) AS quantity
         FROM position_legs AS l
-        LEFT JOIN trades AS t ON t.position_id = l.position_id AND t.leg = l.leg
+        LEFT JOIN trades AS t
+            ON t.position_id = l.position_id AND t.leg = l.leg AND t.phase = 'open'
         WHERE l.position_id = :position_id
         GROUP BY l.leg, l.symbol, l.side
     ), written AS (

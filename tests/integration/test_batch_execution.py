@@ -275,3 +275,37 @@ async def test_a_basket_larger_than_a_batch_goes_in_several_and_stops_at_a_refus
     assert failing_body["status"] == "FAILED"
     assert await _batch_requests(sim, refused) == 1
     assert len(await orders(sim, refused)) == 3
+
+
+async def test_fills_read_before_the_run_s_deadline_are_recorded_when_it_strikes(
+    api: httpx.AsyncClient,
+    sim: httpx.AsyncClient,
+    trader: ApiUser,
+    sessions: Any,
+    service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    # Nine of the ten reads answer; the tenth hangs until the run's deadline (0.75 x 8 s)
+    # cancels the run: the nine fills it read are recorded all the same (the basket shows
+    # what it holds while it waits for its next attempt), and the next attempt finishes it.
+    await fault(
+        sim, trader, path="/v5/order/realtime", kind="delay", delay_ms=30000, skip=9, times=None
+    )
+    worker = start_worker({**service_env, "TASK_TIME_LIMIT_SECONDS": "8"}, tmp_path)
+    try:
+        position_id = await post(api, trader, TOP10_BATCH)
+
+        async def nine_recorded() -> bool:
+            return await _trades(sessions, position_id) == 9
+
+        await eventually(nine_recorded, timeout=30, interval=0.05, message="the nine fills")
+        await sim.delete("/sim/faults")
+        body = await final(api, trader, position_id)
+    finally:
+        worker.stop()
+    assert body["status"] == "ACTIVE", body["error"]
+    placed = await orders(sim, trader)
+    assert (len(placed), duplicates(placed)) == (10, 0)
+    assert await _batch_requests(sim, trader) == 1
+    assert await _trades(sessions, position_id) == 10
+    assert any(e["event"] == "run.deadline_passed" for e in events(worker, position_id))

@@ -238,3 +238,24 @@ async def test_several_slots_taken_ahead_are_several_calls_own(
     assert await redis.zcard(window) == 3
     await gate.before(reads, "acct")
     assert await redis.zcard(window) == 4
+
+
+async def test_a_ban_or_a_block_voids_the_slots_taken_ahead(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    # Counted before Bybit said stop: none of them may stand for a call after it.
+    gate = _gate(redis, prefix, wait_max_seconds=0)
+    window = f"{prefix}:window:acct:{ORDER}"
+    gate.ahead(ORDER, "acct")
+    await eventually(lambda: _counted(redis, window, 1), message="the slot taken ahead")
+    await gate.after(ORDER, "acct", {}, rate_limited=True, reset_in_seconds=5)
+    with pytest.raises(BybitRateLimitError):
+        await gate.before(ORDER, "acct")
+    reads = "/v5/order/realtime"
+    gate.ahead(reads, "acct")
+    await eventually(
+        lambda: _counted(redis, f"{prefix}:window:acct:{reads}", 1), message="the read's slot"
+    )
+    await gate.ban(5)
+    with pytest.raises(BybitIpBanError):
+        await gate.before(reads, "acct")
