@@ -516,8 +516,9 @@ def run(
             f"{run_mean - floor_mean:.1f} ms to a {floor_mean:.0f} ms basket (API, queue, "
             "database writes before and after every order). Exchange calls per position: "
             f"{sequential.calls_per_position:.1f} (the 21 round trips of the floor: the "
-            "pre-flight's filters, prices, balance, positions and the key's account go out "
-            "side by side, one request each).",
+            "pre-flight's status list, balance and positions go out side by side, one "
+            "request each; the prices come from the shared snapshot, the key's account from "
+            "the memo).",
             "",
             "Where the time of a run goes (means over the measured positions, from the "
             "timestamps of the worker's own log events; one exchange round trip in the floor "
