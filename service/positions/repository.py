@@ -526,10 +526,12 @@ async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool
     return result.scalar_one_or_none() is not None
 
 
-def _record_fill_statement() -> Any:
+def _record_fill_statement(*, returning: bool) -> Any:
     """Built once, on the tables rather than the mapped classes: a fill is written on every
     leg while the next order is in flight, and the ORM's bulk-update path (and building the
-    statement afresh) cost more CPU than the statement itself, on the run's one event loop."""
+    statement afresh) cost more CPU than the statement itself, on the run's one event loop.
+    Without RETURNING it can be sent for several fills at once (asyncpg's executemany: one
+    round trip)."""
     trades, positions = Trade.__table__, SyntheticPosition.__table__
     assert isinstance(trades, Table)
     assert isinstance(positions, Table)
@@ -541,12 +543,12 @@ def _record_fill_statement() -> Any:
         .returning(trades.c.id)
         .cte("recorded")
     )
-    return (
+    statement = (
         update(positions)
         .where(positions.c.id == bindparam("trade_position_id"), exists(select(recorded.c.id)))
         .values(updated_at=func.clock_timestamp(), heartbeat_at=func.now())
-        .returning(positions.c.id)
     )
+    return statement.returning(positions.c.id) if returning else statement
 
 
 # The columns of a `trades` row a run writes (legs.trade_values).
@@ -566,39 +568,20 @@ TRADE_VALUES = (
     "phase",
     "executed_at",
 )
-_RECORD_FILL = _record_fill_statement()
+_RECORD_FILL = _record_fill_statement(returning=True)
+_RECORD_FILLS = _record_fill_statement(returning=False)
 
 
-async def record_fills(session: AsyncSession, rows: Sequence[dict[str, object]]) -> bool:
-    """A run's fills of one position, in one statement: each inserted once (a second report
-    of the same orderLinkId changes nothing) and, when any is new, the position's
-    `updated_at` (GET shows it) and heartbeat (the run is alive) moved. True when any was
-    new."""
-    if not rows:
-        return False
-    if len(rows) == 1:
-        # The sequential run's one fill per leg: the statement built once.
-        row = {"id": uuid.uuid4(), **rows[0]}
-        result = await session.execute(_RECORD_FILL, {f"trade_{k}": v for k, v in row.items()})
-        return result.scalar_one_or_none() is not None
-    recorded = (
-        insert(Trade)
-        .values([{"id": uuid.uuid4(), **row} for row in rows])
-        .on_conflict_do_nothing(index_elements=[Trade.order_link_id])
-        .returning(Trade.id)
-        .cte("recorded")
-    )
-    result = await session.execute(
-        update(SyntheticPosition)
-        .where(
-            SyntheticPosition.id == rows[0]["position_id"],
-            exists(select(recorded.c.id)),
-        )
-        .values(updated_at=func.clock_timestamp(), heartbeat_at=func.now())
-        .returning(SyntheticPosition.id)
-        .execution_options(synchronize_session=False)
-    )
-    return result.scalar_one_or_none() is not None
+async def record_fills(session: AsyncSession, rows: Sequence[dict[str, object]]) -> None:
+    """A run's fills of one position: each inserted once (a second report of the same
+    orderLinkId changes nothing) and, when it is new, the position's `updated_at` (GET shows
+    it) and heartbeat (the run is alive) moved. One statement, built once: for several fills
+    (a batch's) sent for all of them in one round trip."""
+    params = [{f"trade_{k}": v for k, v in {"id": uuid.uuid4(), **row}.items()} for row in rows]
+    if len(params) == 1:
+        await session.execute(_RECORD_FILL, params[0])
+    elif params:
+        await session.execute(_RECORD_FILLS, params)
 
 
 async def get_components(
