@@ -43,21 +43,25 @@ Each section above says `met` or `not met`; for the ones not met:
   row is therefore the median of runs taking turns with the baseline. A poll of a version not
   rendered yet (the first after each change) still renders through the ORM (several
   statements).
-- **Worker POST to ACTIVE against the floor (goal 1.1x), sequential.** Met in the run
-  above (1.27x before 2026-11-29 noon). What got there, each measured by the phase table and
-  the worker's CPU per run: the limiter's slot of each call taken while the call before it is
-  in flight (its Redis round trip, and whatever else the event loop ran meanwhile, sat
-  between every answer and the next request: about 25 ms a basket); a fill written by a
-  statement built once on the table, not through the ORM's bulk-update path (the pool
-  process's CPU per basket went from about 68 to 49 ms); the account memo read and written
-  for every symbol at once; the key's account (`/v5/user/query-api`) remembered a day rather
-  than read per basket; the pre-flight's reads sent while the plan is stored; the snapshot
-  summed and written in one statement. Left: the Celery hand-off and the run's statements
-  before its first order (locks, eligibility, the key, the claim, the plan), about 1 ms per
-  leg (the client's own work and the overlapped writes on the one event loop), and the
-  snapshot. On this shared 2-core machine the same code measured between 1.06x and 1.10x
-  from one run to the next. Tried and dropped: uvloop in the worker (no change in the wall
-  time of a basket).
+- **Worker POST to ACTIVE against the floor (goal 1.1x), sequential.** At the edge on this
+  machine: the full runs of 2026-11-29 measured 1.065x (at 71012a9) and 1.100x (at the next
+  commit, which changed only a batch's fill write; its minimal program measured 1.075x
+  against 1.004x in the run before, so the machine was slower in that run), and the quick
+  runs between them 1.064x to 1.093x; 1.27x before that day's noon. What got there, each
+  measured by the phase table and the worker's CPU per run: the limiter's slot of each call
+  taken while the call before it is in flight (its Redis round trip, and whatever else the
+  event loop ran meanwhile, sat between every answer and the next request: about 25 ms a
+  basket); a fill written by a statement built once on the table, not through the ORM's
+  bulk-update path (the pool process's CPU per basket went from about 68 to 49 ms); the
+  account memo read and written for every symbol at once; the key's account
+  (`/v5/user/query-api`) remembered a day rather than read per basket; the pre-flight's
+  reads sent while the plan is stored; the snapshot summed and written in one statement.
+  Left: the Celery hand-off and the run's statements before its first order (locks,
+  eligibility, the key, the claim, the plan), about 1 ms per leg (the client's own work and
+  the overlapped writes on the one event loop), and the snapshot. More margin needs the next
+  steps named for the batch below (fewer statements before the pre-flight's reads, those
+  reads sent before the claim), which a sequential run shares. Tried and dropped: uvloop in
+  the worker (no change in the wall time of a basket).
 - **Batch POST to ACTIVE against its own floor (goal 1.1x).** Not met. The minimal program
   of the same shape (the row above its figure) reaches the floor within a few per cent, so
   the goal is within reach of an API, a queue, a worker and a database on this machine; the
