@@ -125,6 +125,13 @@ async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             yield http
 
 
+@pytest_asyncio.fixture
+async def api(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app in-process, on the seeded test database."""
+    async with api_client(get_settings()) as client:
+        yield client
+
+
 async def new_user(sessions: object) -> tuple[str, str]:
     from service.users.service import create_user_with_token
 

@@ -6,7 +6,6 @@ Asserted on the exchange's own record (the simulator's orders and requests)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,8 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import func, select
 
-from service.config import get_settings
 from service.models import Trade
-from tests.integration.conftest import api_client, start_worker
+from tests.integration.conftest import start_worker
 from tests.integration.run_safety import (
     beat,
     duplicates,
@@ -36,12 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 TOP10_BATCH = {"index": "TOP10", "size": "5000", "direction": "long", "execution": "batch"}
 BATCH_PATH = "/v5/order/create-batch"
-
-
-@pytest_asyncio.fixture
-async def api(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(get_settings()) as client:
-        yield client
 
 
 @pytest_asyncio.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,9 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import select
 
-from service.config import get_settings
 from service.models import PositionComponent, Trade
 from tests.conftest import TEST_ENV
-from tests.integration.conftest import api_client, start_worker
+from tests.integration.conftest import start_worker
 from tests.integration.run_safety import send_copies
 from tests.support import ApiUser, ServiceProcess, eventually
 
@@ -26,12 +25,6 @@ pytestmark = pytest.mark.integration
 
 BLUECHIP = {"index": "BLUECHIP", "size": "2000", "direction": "long"}
 TOP10 = {"index": "TOP10", "size": "5000", "direction": "long"}
-
-
-@pytest_asyncio.fixture
-async def api(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(get_settings()) as client:
-        yield client
 
 
 @pytest_asyncio.fixture

@@ -4,25 +4,15 @@ Redis), asserted on the exchange's own record. `scripts/dev reliability` repeats
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 
-from service.config import get_settings
 from tests.integration import run_safety
-from tests.integration.conftest import api_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
-
-
-@pytest_asyncio.fixture
-async def api(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(get_settings()) as client:
-        yield client
 
 
 async def test_a_run_stops_at_its_deadline_and_the_next_attempt_finishes(

@@ -6,29 +6,19 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 
-from service.config import get_settings
 from tests.integration import run_safety
-from tests.integration.conftest import api_client
 from tests.reliability.report import table, write_section
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio, pytest.mark.timeout(1800)]
 
 ROUNDS = int(os.environ.get("RUN_SAFETY_ROUNDS", "5"))
 COMMAND = "`scripts/dev reliability -k run_safety`"
-
-
-@pytest_asyncio.fixture
-async def api(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(get_settings()) as client:
-        yield client
 
 
 def _seconds(values: list[float]) -> str:
