@@ -2,13 +2,17 @@
 
 Every line is one JSON object (`timestamp`, `level`, `event`, bound context). The standard
 library's loggers (uvicorn, Celery, SQLAlchemy, aiohttp) go through the same renderer, so an
-SRE can parse every line the same way.
+SRE can parse every line the same way. Our own events are rendered by structlog and written
+straight to stdout, not through the standard library's records and handlers: a basket logs
+some forty events, and that path cost about a third of a millisecond each on the worker's
+event loop, between an exchange answer and the next request.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from decimal import Decimal
 from typing import Any
 
@@ -47,6 +51,28 @@ def _decimals_as_strings(_: WrappedLogger, __: str, event_dict: EventDict) -> Ev
     return event_dict
 
 
+class _LineWriter:
+    """Writes each rendered event as one line on stdout, flushed (a pipe's reader sees it at
+    once). stdout is looked up per line: a redirect or a test's capture may replace it."""
+
+    _lock = threading.Lock()  # the API's worker threads may log too
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name  # structlog.stdlib.add_logger_name reads it
+
+    def msg(self, line: str) -> None:
+        out = sys.stdout
+        with self._lock:
+            out.write(line + "\n")
+            out.flush()
+
+    debug = info = warning = error = critical = exception = msg
+
+
+def _line_writer(*args: Any) -> _LineWriter:
+    return _LineWriter(args[0] if args and isinstance(args[0], str) else None)
+
+
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     """Route structlog and the standard library through one renderer. Idempotent."""
     shared: list[Processor] = [
@@ -63,17 +89,21 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     else:
         renderer = structlog.processors.JSONRenderer()
 
+    # Exceptions as a string field in JSON; the console renderer draws them itself.
+    exceptions: list[Processor] = (
+        [] if log_format == "console" else [structlog.processors.format_exc_info]
+    )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, *exceptions, renderer],
+        logger_factory=_line_writer,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
+            *exceptions,
             renderer,
         ],
     )
