@@ -67,9 +67,15 @@ async def load_decrypted(
     row = await repository.get_credential(session, user_id)
     if row is None:
         return None
+    return decrypt_pair(cipher, row.api_key_encrypted, row.api_secret_encrypted)
+
+
+def decrypt_pair(
+    cipher: CredentialCipher, key_encrypted: str, secret_encrypted: str
+) -> ApiCredentials:
+    """A stored pair, decrypted (raises CredentialDecryptionError)."""
     return ApiCredentials(
-        api_key=cipher.decrypt(row.api_key_encrypted),
-        api_secret=cipher.decrypt(row.api_secret_encrypted),
+        api_key=cipher.decrypt(key_encrypted), api_secret=cipher.decrypt(secret_encrypted)
     )
 
 

@@ -13,15 +13,21 @@ from service.execution import states
 from service.execution.deps import ExecutionDeps, RunLease
 from service.execution.outcomes import Outcome, RunResult
 from service.models import PositionStatus, SyntheticPosition
-from service.positions import repository
+from service.positions import repository, run_statements
 
 
-async def holder_of(deps: ExecutionDeps, position: SyntheticPosition) -> SyntheticPosition | None:
+async def holder_of(
+    deps: ExecutionDeps, lease: RunLease, position: SyntheticPosition
+) -> SyntheticPosition | None:
     """Another basket of the account that has begun and not ended: it holds the account until
     it is final, between its retries too (a new basket's pre-flight must not count on its
-    balance)."""
+    balance). Looked for on the lock connection; the holder itself is read only when there is
+    one."""
+    holder = await run_statements.holder_id(lease, position)
+    if holder is None:
+        return None
     async with deps.sessions() as session:
-        return await repository.account_holder(session, position.user_id, other_than=position.id)
+        return await repository.get_position(session, holder)
 
 
 async def mark_waiting(deps: ExecutionDeps, position_id: uuid.UUID) -> datetime | None:

@@ -66,7 +66,7 @@ async def close_position(
         position.user_id, wait_seconds=deps.account_lock_wait_seconds
     ) as account_locked:
         if account_locked:
-            holder = await accounts.holder_of(deps, position)
+            holder = await accounts.holder_of(deps, lease, position)
             if holder is None:
                 result = await _close_holding_account(deps, position, task_id, lease, deadline, log)
     if result is None:
@@ -97,7 +97,7 @@ async def _close_holding_account(
     key: ApiCredentials | None = None
     refusal: str | None = None
     try:
-        key = await runs.credentials(deps, position)
+        key = await runs.credentials(deps, lease, position)
     except CredentialsUnreadableError as error:
         log.error("run.credentials_unreadable", error=str(error))
         asked = position.close_requested_at or position.updated_at

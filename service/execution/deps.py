@@ -15,6 +15,7 @@ from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient
 from service.config import Settings
 from service.db import SessionScope
+from service.indices.cache import IndexCache
 from service.market.data import MarketData
 from service.models import SyntheticPosition
 from service.queue import TaskPublisher
@@ -42,6 +43,11 @@ class RunLease(Protocol):
         marked submitted in the same round trip). `close_round`:
         the run is that close round's (CLOSING, its legs in position_close_legs); None: the
         opening's (EXECUTING, position_legs)."""
+        ...
+
+    async def fetch(self, query: str, *args: object) -> list[Any]:
+        """The rows of one statement (asyncpg's $n parameters) on the lock's connection,
+        committed on its own: the run's hot statements (service/positions/run_statements.py)."""
         ...
 
     def account(
@@ -77,6 +83,9 @@ class ExecutionDeps:
     memo: AccountMemo = field(default_factory=LocalAccountMemo)
     # The basket holding an account sends the one that has waited longest when it is final.
     publisher: TaskPublisher | None = None
+    # The index catalogue, read from the database at most every 30 s (it changes with a
+    # deploy): a new basket's plan does not wait on it.
+    indices: IndexCache = field(default_factory=IndexCache)
     # How old the market data a basket is planned and checked with may be: two refreshes'
     # worth of the shared snapshot (one late refresh does not send every basket to the
     # exchange for its market data).
@@ -156,3 +165,5 @@ class Run:
     close_round: int | None = None
     # Symbols whose leverage this run has seen at 1x (its pre-flight): not asked again per leg.
     leverage_checked: set[str] = field(default_factory=set)
+    # Claimed from PENDING by this run: a new basket, with no plan and nothing sent yet.
+    fresh: bool = False

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import asyncpg
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -34,7 +35,7 @@ from service.execution.outcomes import (
 )
 from service.execution.preflight import EarlyReads, preflight, start_reads
 from service.models import ExecutionMode, PositionLeg, PositionStatus, SyntheticPosition, Trade
-from service.positions import repository
+from service.positions import repository, run_statements
 
 logger = structlog.stdlib.get_logger("service.execution")
 
@@ -50,7 +51,7 @@ async def execute_position(
     log = logger.bind()
     try:
         return await _execute(deps, position_id, task_id, deadline, log)
-    except (SQLAlchemyError, OSError) as error:
+    except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
         # asyncpg's statement timeout is a bare TimeoutError: say what it means.
         detail = (
             "the database did not answer within DB_STATEMENT_TIMEOUT_SECONDS"
@@ -71,7 +72,7 @@ async def _execute(
     async with deps.run_lock(position_id) as lease:
         if lease is None:
             return await _locked(deps, position_id, log)
-        position = await _eligible(deps, position_id, task_id, log)
+        position = await _eligible(deps, lease, position_id, task_id, log)
         if isinstance(position, RunResult):
             return position
         if position.status == PositionStatus.CLOSING:
@@ -87,7 +88,7 @@ async def _execute(
             async with lease.account(position.user_id, wait_seconds=wait) as account_locked:
                 holder = None
                 if account_locked and not resuming:
-                    holder = await accounts.holder_of(deps, position)
+                    holder = await accounts.holder_of(deps, lease, position)
                 if account_locked and holder is None:
                     result = await _run_holding_account(
                         deps, position, task_id, lease, deadline, log
@@ -127,13 +128,16 @@ async def _locked(
 
 
 async def _eligible(
-    deps: ExecutionDeps, position_id: uuid.UUID, task_id: str, log: structlog.stdlib.BoundLogger
+    deps: ExecutionDeps,
+    lease: RunLease,
+    position_id: uuid.UUID,
+    task_id: str,
+    log: structlog.stdlib.BoundLogger,
 ) -> SyntheticPosition | RunResult:
     """May this task run the position? PENDING, or a CLOSING one not claimed yet, or EXECUTING
-    or CLOSING under this task's claim with its retry due. Only read: the claim is written
-    once the account is held."""
-    async with deps.sessions() as session:
-        current = await repository.get_position(session, position_id)
+    or CLOSING under this task's claim with its retry due. Only read (on the lock connection):
+    the claim is written once the account is held."""
+    current = await run_statements.position(lease, position_id)
     if current is None:
         log.warning("position.not_found")
         return RunResult(Outcome.NOT_FOUND)
@@ -162,7 +166,7 @@ async def _run_holding_account(
     log: structlog.stdlib.BoundLogger,
 ) -> RunResult:
     try:
-        credentials = await runs.credentials(deps, position)
+        credentials = await runs.credentials(deps, lease, position)
     except CredentialsUnreadableError as error:
         log.error("run.credentials_unreadable", error=str(error))
         age = (datetime.now(UTC) - position.created_at).total_seconds()
@@ -181,7 +185,15 @@ async def _run_holding_account(
     if isinstance(claimed, RunResult):
         return claimed
     structlog.contextvars.bind_contextvars(attempt=claimed.attempts)
-    run = Run(claimed, task_id, credentials, lease, deadline, retries_done=claimed.attempts - 1)
+    run = Run(
+        claimed,
+        task_id,
+        credentials,
+        lease,
+        deadline,
+        retries_done=claimed.attempts - 1,
+        fresh=position.status == PositionStatus.PENDING,
+    )
     return await _run_claimed(deps, run, log)
 
 
@@ -245,9 +257,7 @@ async def _plan_and_preflight(
         early = start_reads(deps, run, symbols)
 
     try:
-        legs_planned, new = await plan.ensure_plan(
-            deps, run.position, log, on_new_basket=send_reads
-        )
+        legs_planned, new = await plan.ensure_plan(deps, run, log, on_new_basket=send_reads)
         # A plan stored just now has no order sent and nothing recorded.
         recorded = [] if new else await plan.recorded_trades(deps, run.position.id)
         if not recorded and all(leg.submitted_at is None for leg in legs_planned):

@@ -10,13 +10,12 @@ import structlog
 
 from service.bybit.errors import BybitError
 from service.execution import calls
-from service.execution.deps import ExecutionDeps
+from service.execution.deps import ExecutionDeps, Run
 from service.execution.outcomes import PermanentRunError
-from service.indices import repository as indices_repository
 from service.market.data import MarketDataUnavailableError
-from service.models import PositionLeg, SyntheticPosition, Trade
+from service.models import PositionLeg, Trade
 from service.models.position import open_link_id
-from service.positions import repository
+from service.positions import repository, run_statements
 from service.trading_logic import (
     CompositionError,
     Direction,
@@ -32,22 +31,28 @@ def order_link_id(position_id: uuid.UUID, leg: int) -> str:
 
 async def ensure_plan(
     deps: ExecutionDeps,
-    position: SyntheticPosition,
+    run: Run,
     log: structlog.stdlib.BoundLogger,
     *,
     on_new_basket: Callable[[Sequence[str]], None] | None = None,
 ) -> tuple[Sequence[PositionLeg], bool]:
     """The stored plan, or a new one stored now; True when it is new (then no order of it was
     ever sent, and nothing is recorded). `on_new_basket(symbols)` is called as soon as a new
-    basket's symbols are known, before its plan is computed and stored."""
-    async with deps.sessions() as session:
-        stored = await repository.get_plan(session, position.id)
-        if stored:
-            return stored, False
-        index = await indices_repository.get_index(session, position.index_code)
-        if index is None:
-            raise PermanentRunError(f"index {position.index_code} no longer exists")
-        components = list(index.components)
+    basket's symbols are known, before its plan is computed and stored. A run that claimed
+    its position from PENDING (`run.fresh`) has no plan to read: a plan is stored only by a
+    run holding the claim, and nothing returns a position to PENDING."""
+    position = run.position
+    # The catalogue changes only with a deploy (`seed`): read at most every 30 s.
+    index = deps.indices.peek(position.index_code) if run.fresh else None
+    if index is None:
+        async with deps.sessions() as session:
+            stored = [] if run.fresh else await repository.get_plan(session, position.id)
+            if stored:
+                return stored, False
+            index = await deps.indices.get(session, position.index_code)
+    if index is None:
+        raise PermanentRunError(f"index {position.index_code} no longer exists")
+    components = list(index.components)
     symbols = [c.symbol for c in components]
     if on_new_basket is not None:
         on_new_basket(symbols)
@@ -63,22 +68,23 @@ async def ensure_plan(
         raise PermanentRunError(f"cannot plan the basket: {error}") from None
     except BybitError as error:
         raise calls.classify(error, None, "market data") from None
-    values: list[dict[str, object]] = [
-        {
-            "position_id": position.id,
-            "leg": leg.leg,
-            "symbol": leg.symbol,
-            "side": leg.side.value,
-            "quantity": leg.quantity,
-            "reference_price": leg.reference_price,
-            "order_link_id": order_link_id(position.id, leg.leg),
-        }
-        for leg in legs
-    ]
-    async with deps.sessions() as session:
-        rows = await repository.add_plan(session, values)
-        # GET shows the plan (its legs).
-        await repository.mark_changed(session, position.id)
+    # With `updated_at` moved: GET shows the plan (its legs). On the lock connection: one
+    # statement.
+    rows = await run_statements.add_plan(
+        run.lease,
+        position.id,
+        [
+            run_statements.PlannedLegValues(
+                leg.leg,
+                leg.symbol,
+                leg.side.value,
+                leg.quantity,
+                leg.reference_price,
+                order_link_id(position.id, leg.leg),
+            )
+            for leg in legs
+        ],
+    )
     log.info(
         "position.planned",
         legs=[

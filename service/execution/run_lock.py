@@ -13,7 +13,10 @@
   server vanished, cannot answer, and the run stops without placing the order.
 
 The connection is in autocommit mode: the locks are session-level, and every statement on it
-is one round trip.
+is one round trip. The run's own hot statements (service/positions/run_statements.py) run on
+it too, as plain asyncpg statements (`fetch`): the ORM's unit of work around a one-statement
+transaction (BEGIN, the statement, COMMIT) costs about ten times the statement's CPU, on the
+event loop that sends the orders.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import asyncpg
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -42,12 +46,14 @@ class AdvisoryRunLease:
     def __init__(
         self,
         connection: AsyncConnection,
+        raw: asyncpg.Connection,
         position_id: uuid.UUID,
         pid: int,
         *,
         confirm_timeout: float,
     ) -> None:
         self._connection = connection
+        self._raw = raw
         self._position_id = position_id
         self._confirm_timeout = confirm_timeout
         # One statement at a time on the connection: a proof taken ahead may still be running
@@ -76,6 +82,12 @@ class AdvisoryRunLease:
         except _CONNECTION_ERRORS as error:
             logger.warning("run.lock_connection_lost", error=f"{type(error).__name__}: {error}")
             return False
+
+    async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        """One statement on the lock connection, committed on its own (autocommit)."""
+        async with self._busy:
+            rows: list[asyncpg.Record] = await self._raw.fetch(query, *args)
+            return rows
 
     @asynccontextmanager
     async def account(self, user_id: uuid.UUID, *, wait_seconds: float) -> AsyncIterator[bool]:
@@ -112,7 +124,10 @@ def advisory_run_lock(
             if pid is None:
                 yield None
                 return
-            lease = AdvisoryRunLease(connection, position_id, pid, confirm_timeout=confirm_timeout)
+            raw = (await connection.get_raw_connection()).driver_connection
+            lease = AdvisoryRunLease(
+                connection, raw, position_id, pid, confirm_timeout=confirm_timeout
+            )
             try:
                 yield lease
             finally:

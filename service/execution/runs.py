@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import structlog
 
 from service.bybit.auth import ApiCredentials
-from service.credentials.service import load_decrypted
-from service.execution.deps import ExecutionDeps, Run
+from service.credentials.service import decrypt_pair
+from service.execution.deps import ExecutionDeps, Run, RunLease
 from service.execution.outcomes import (
     CredentialsUnreadableError,
     Outcome,
@@ -21,21 +21,23 @@ from service.execution.outcomes import (
 )
 from service.metrics import RETRIES
 from service.models import SyntheticPosition
-from service.positions import repository
+from service.positions import repository, run_statements
 from service.security import CredentialDecryptionError
 
 
-async def credentials(deps: ExecutionDeps, position: SyntheticPosition) -> ApiCredentials:
-    """The user's key, decrypted now (kept only in the run's memory; a rotation of the
-    encryption keys meanwhile changes the stored ciphertext, not the key itself)."""
+async def credentials(
+    deps: ExecutionDeps, lease: RunLease, position: SyntheticPosition
+) -> ApiCredentials:
+    """The user's key, read on the lock connection and decrypted now (kept only in the run's
+    memory; a rotation of the encryption keys meanwhile changes the stored ciphertext, not
+    the key itself)."""
+    stored = await run_statements.stored_key(lease, position.user_id)
+    if stored is None:
+        raise PermanentRunError("the user has no Bybit credentials stored")
     try:
-        async with deps.sessions() as session:
-            found = await load_decrypted(session, deps.cipher, position.user_id)
+        return decrypt_pair(deps.cipher, stored.api_key_encrypted, stored.api_secret_encrypted)
     except CredentialDecryptionError as error:
         raise CredentialsUnreadableError(str(error)) from None
-    if found is None:
-        raise PermanentRunError("the user has no Bybit credentials stored")
-    return found
 
 
 def pause_refunded(deps: ExecutionDeps, run: Run, error: RunError) -> bool:

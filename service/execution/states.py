@@ -9,13 +9,12 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.execution.deps import ExecutionDeps, Run, RunLease
 from service.execution.outcomes import Outcome, OwnershipLostError, RunResult
 from service.models import PositionLeg, PositionStatus, SyntheticPosition
-from service.positions import repository
-from service.positions.status import Transition, change_status
+from service.positions import repository, run_statements
+from service.positions.status import Transition, change_status, report_change
 
 
 async def claim(
@@ -28,18 +27,14 @@ async def claim(
     """PENDING -> EXECUTING under `task_id`, or the claim holder resumes (a retry, a
     redelivery); a RunResult when the claim changed before this run could take it."""
     if position.status == PositionStatus.PENDING:
-        claimed = await change_status(
-            deps.sessions,
-            position.id,
-            Transition(
-                PositionStatus.PENDING,
-                PositionStatus.EXECUTING,
-                claim=task_id,
-                lock_pid=lease.pid,
-            ),
-            log=log,
-        )
+        # One statement on the lock connection (fenced by its lock, as change_status is).
+        claimed = await run_statements.claim_new(lease, position.id, task_id)
         if claimed is not None:
+            report_change(
+                position.id,
+                Transition(PositionStatus.PENDING, PositionStatus.EXECUTING, claim=task_id),
+                log,
+            )
             return claimed
     else:
         async with deps.sessions() as session:
@@ -102,27 +97,18 @@ async def finish(
     """The snapshot of what filled (not what was planned) and ACTIVE, in one transaction;
     `position.partial` when a leg fell short."""
     position = run.position
-    filled: dict[int, Decimal] = {}
-
-    async def snapshot(session: AsyncSession) -> None:
-        filled.update(await repository.add_snapshot(session, position.id))
-
-    done = await change_status(
-        deps.sessions,
-        position.id,
-        Transition(
-            PositionStatus.EXECUTING,
-            PositionStatus.ACTIVE,
-            require_claim=run.claim,
-            lock_pid=run.lease.pid,
-        ),
-        log=log,
-        with_writes=snapshot,
-    )
-    if done is None:
+    # One statement on the lock connection: the snapshot and the status, one commit, fenced
+    # by the run's lock and claim.
+    filled = await run_statements.finish_active(run.lease, position.id, run.claim)
+    if filled is None:
         # This run lost the position (its lock, or the state changed): the snapshot rolled
         # back, and the one that holds it decides.
         raise OwnershipLostError("the position was not this run's to finish any more")
+    report_change(
+        position.id,
+        Transition(PositionStatus.EXECUTING, PositionStatus.ACTIVE, require_claim=run.claim),
+        log,
+    )
     short = [leg for leg in plan if filled.get(leg.leg, Decimal(0)) < leg.quantity]
     if short:
         # Held, but not all of the basket: the book was too thin for some legs.

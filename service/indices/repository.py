@@ -18,13 +18,6 @@ async def list_indices(session: AsyncSession) -> Sequence[Index]:
     return result.scalars().all()
 
 
-async def get_index(session: AsyncSession, code: str) -> Index | None:
-    result = await session.execute(
-        select(Index).options(selectinload(Index.components)).where(Index.code == code)
-    )
-    return result.scalar_one_or_none()
-
-
 async def upsert_index(session: AsyncSession, definition: IndexDefinition) -> None:
     """Make the stored index equal to its definition (components replaced in one go)."""
     await session.execute(

@@ -24,7 +24,6 @@ from sqlalchemy import (
     func,
     literal,
     select,
-    text,
     tuple_,
     update,
 )
@@ -45,30 +44,6 @@ from service.models import (
     Trade,
 )
 from service.positions.locks import lock_held_by, no_run_holds
-
-
-async def account_holder(
-    session: AsyncSession, user_id: uuid.UUID, *, other_than: uuid.UUID
-) -> SyntheticPosition | None:
-    """Another basket of the account that has begun and not ended (EXECUTING, or CLOSING
-    under a claim): the account is its until it is final, between its retries too, so no
-    other basket's pre-flight counts on a balance that basket still needs, and a basket's
-    orders never interleave with another's on the same symbols."""
-    result = await session.execute(
-        select(SyntheticPosition)
-        .where(
-            SyntheticPosition.user_id == user_id,
-            (SyntheticPosition.status == PositionStatus.EXECUTING)
-            | (
-                (SyntheticPosition.status == PositionStatus.CLOSING)
-                & SyntheticPosition.claim.is_not(None)
-            ),
-            SyntheticPosition.id != other_than,
-        )
-        .order_by(SyntheticPosition.created_at)
-        .limit(1)
-    )
-    return result.scalar_one_or_none()
 
 
 async def next_waiting(session: AsyncSession, user_id: uuid.UUID) -> uuid.UUID | None:
@@ -432,18 +407,6 @@ async def get_plans_of(
     )
 
 
-async def add_plan(
-    session: AsyncSession, legs: Sequence[dict[str, object]]
-) -> Sequence[PositionLeg]:
-    """Insert the plan's legs; returns them as stored. Leaves `updated_at` alone: the caller
-    moves it (`mark_changed`)."""
-    if not legs:
-        return []
-    result = await session.scalars(insert(PositionLeg).returning(PositionLeg), list(legs))
-    # In leg order, as get_plan reads them (RETURNING of a multi-row insert need not be).
-    return sorted(result.all(), key=lambda leg: leg.leg)
-
-
 async def mark_changed(
     session: AsyncSession, position_id: uuid.UUID, *, run_alive: bool = False
 ) -> None:
@@ -593,34 +556,6 @@ async def get_components(
         .order_by(PositionComponent.created_at, PositionComponent.symbol)
     )
     return result.scalars().all()
-
-
-# The snapshot of what filled, one row per leg (its side, the sum of its fills), written in the
-# statement that reads it: no trade is loaded into the worker to be summed there.
-_SNAPSHOT = text(
-    """
-    WITH filled AS (
-        SELECT l.leg, l.symbol, l.side, coalesce(sum(t.quantity), 0) AS quantity
-        FROM position_legs AS l
-        LEFT JOIN trades AS t
-            ON t.position_id = l.position_id AND t.leg = l.leg AND t.phase = 'open'
-        WHERE l.position_id = :position_id
-        GROUP BY l.leg, l.symbol, l.side
-    ), written AS (
-        INSERT INTO position_components (id, position_id, symbol, side, expected_quantity)
-        SELECT gen_random_uuid(), :position_id, symbol, side, quantity FROM filled
-        RETURNING 1
-    )
-    SELECT leg, quantity FROM filled
-    """
-)
-
-
-async def add_snapshot(session: AsyncSession, position_id: uuid.UUID) -> dict[int, Decimal]:
-    """The immutable snapshot of an opening: each leg's symbol and side with what filled of
-    it (its trades' quantities summed), written; returns what filled per leg."""
-    result = await session.execute(_SNAPSHOT, {"position_id": position_id})
-    return {int(leg): Decimal(quantity) for leg, quantity in result.all()}
 
 
 def _unclaimed() -> ColumnElement[bool]:

@@ -2,7 +2,10 @@
 metric and the `position.status_changed` audit event, together, after the commit.
 
 Every transition goes through here: the claim and the finish or failure of a run, a close
-request, the end of a close, and the recovery sweep giving up on a dead run.
+request, the end of a close, and the recovery sweep giving up on a dead run. A new basket's
+claim and its ACTIVE are written by the run's own statements on its lock connection
+(service/positions/run_statements.py: the same conditions) and reported here
+(`report_change`).
 """
 
 from __future__ import annotations
@@ -68,6 +71,17 @@ async def change_status(
             # Roll back what `with_writes` added: the position is not this caller's to change.
             await session.rollback()
             return None
+    report_change(position_id, transition, log)
+    return changed
+
+
+def report_change(
+    position_id: uuid.UUID,
+    transition: Transition,
+    log: structlog.stdlib.BoundLogger | None = None,
+) -> None:
+    """The metric and the audit event of a change of status, once it is committed (by
+    `change_status`, or by one of a run's own statements: service/positions/run_statements.py)."""
     if transition.new.is_final:
         POSITIONS_FINISHED.labels(transition.new.value).inc()
     log = log or logger.bind(position_id=str(position_id))
@@ -81,4 +95,3 @@ async def change_status(
         log.error("position.status_changed", **fields)
     else:
         log.info("position.status_changed", **fields)
-    return changed

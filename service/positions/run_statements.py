@@ -1,0 +1,194 @@
+"""A run's hot statements, each one plain asyncpg statement on the run's lock connection
+(`RunLease.fetch`, service/execution/run_lock.py), committed on its own.
+
+Every basket makes them between its task's start and its ACTIVE row, on the one event loop
+that also sends its orders: read through the ORM's unit of work (a session, BEGIN, the
+statement, COMMIT), each cost about ten times its own CPU. They say the same as their ORM
+counterparts in repository.py and carry the same fences: a status write requires that the
+lock connection (`pg_backend_pid()`: the statement runs on it) still holds the position's
+lock, so a run that lost its lock cannot write.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+from service.models import PositionLeg, SyntheticPosition
+
+
+class RunLease(Protocol):
+    """What these statements run on: the run's lock connection
+    (service/execution/run_lock.py)."""
+
+    async def fetch(self, query: str, *args: object) -> list[Any]: ...
+
+
+# The position's run lock held by this very connection (the statement runs on it). $1 is the
+# position's id; pg_locks shows a bigint advisory key as two oids, its high and low 32 bits.
+_LOCK_HELD_HERE = """EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND pid = pg_backend_pid()
+      AND classid::bigint = ($1::bigint >> 32) & 4294967295
+      AND objid::bigint = $1::bigint & 4294967295)"""
+
+_POSITION = "SELECT * FROM synthetic_positions WHERE id = $1"
+
+# Another basket of the account that has begun and not ended: the account is its until it is
+# final, between its retries too (service/execution/accounts.py).
+_HOLDER = """
+SELECT id FROM synthetic_positions
+WHERE user_id = $1 AND id <> $2
+  AND (status = 'EXECUTING' OR (status = 'CLOSING' AND claim IS NOT NULL))
+ORDER BY created_at
+LIMIT 1
+"""
+
+_KEY = """
+SELECT api_key_encrypted, api_secret_encrypted FROM exchange_credentials WHERE user_id = $1
+"""
+
+# PENDING -> EXECUTING under the run's claim (repository.compare_and_set_status). $1 the lock
+# key, $2 the id, $3 the claim.
+_CLAIM_NEW = f"""
+UPDATE synthetic_positions
+SET status = 'EXECUTING', claim = $3, heartbeat_at = now(), attempts = attempts + 1,
+    next_attempt_at = NULL, account_wait_since = NULL, updated_at = clock_timestamp()
+WHERE id = $2 AND status = 'PENDING' AND {_LOCK_HELD_HERE}
+RETURNING *
+"""  # noqa: S608 - constants only; every value is a bound parameter
+
+# EXECUTING -> ACTIVE under the run's claim, with the snapshot of what filled (each leg's
+# side and the sum of its opening fills) written in the same statement, hence the same
+# commit: written only if the status changed. Returns what filled per leg, and whether the
+# status changed (no row: the position was not this run's to finish).
+_FINISH = f"""
+WITH done AS (
+    UPDATE synthetic_positions
+    SET status = 'ACTIVE', account_wait_since = NULL, next_attempt_at = NULL,
+        updated_at = clock_timestamp()
+    WHERE id = $2 AND status = 'EXECUTING' AND claim = $3 AND {_LOCK_HELD_HERE}
+    RETURNING id
+), filled AS (
+    SELECT l.leg, l.symbol, l.side, coalesce(sum(t.quantity), 0) AS quantity
+    FROM position_legs AS l
+    LEFT JOIN trades AS t ON t.position_id = l.position_id AND t.leg = l.leg AND t.phase = 'open'
+    WHERE l.position_id = $2
+    GROUP BY l.leg, l.symbol, l.side
+), written AS (
+    INSERT INTO position_components (id, position_id, symbol, side, expected_quantity)
+    SELECT gen_random_uuid(), done.id, filled.symbol, filled.side, filled.quantity
+    FROM filled, done
+    RETURNING 1
+)
+SELECT filled.leg, filled.quantity FROM filled, done
+"""  # noqa: S608 - constants only; every value is a bound parameter
+
+# A new basket's plan, its legs in leg order, and the position's `updated_at` moved (GET shows
+# the plan): one statement.
+_ADD_PLAN = """
+WITH legs AS (
+    INSERT INTO position_legs
+        (position_id, leg, symbol, side, quantity, reference_price, order_link_id)
+    SELECT $1, * FROM unnest($2::integer[], $3::text[], $4::text[], $5::numeric[],
+                             $6::numeric[], $7::text[])
+    RETURNING *
+), touched AS (
+    UPDATE synthetic_positions SET updated_at = clock_timestamp() WHERE id = $1
+)
+SELECT * FROM legs ORDER BY leg
+"""
+
+_UUID_COLUMNS = ("id", "user_id")
+
+
+def _lock_key(position_id: uuid.UUID) -> int:
+    # The same key as service.positions.locks.advisory_lock_key.
+    return int.from_bytes(position_id.bytes[:8], "big", signed=True)
+
+
+def _position(row: Any) -> SyntheticPosition:
+    """A position object (not attached to any session) from its row."""
+    values = dict(row)
+    for column in _UUID_COLUMNS:
+        values[column] = uuid.UUID(bytes=values[column].bytes)
+    return SyntheticPosition(**values)
+
+
+async def position(lease: RunLease, position_id: uuid.UUID) -> SyntheticPosition | None:
+    rows = await lease.fetch(_POSITION, position_id)
+    return _position(rows[0]) if rows else None
+
+
+async def add_plan(
+    lease: RunLease, position_id: uuid.UUID, legs: Sequence[PlannedLegValues]
+) -> list[PositionLeg]:
+    """Store a new basket's plan; returns its legs as stored, in leg order."""
+    rows = await lease.fetch(
+        _ADD_PLAN,
+        position_id,
+        [leg.leg for leg in legs],
+        [leg.symbol for leg in legs],
+        [leg.side for leg in legs],
+        [leg.quantity for leg in legs],
+        [leg.reference_price for leg in legs],
+        [leg.order_link_id for leg in legs],
+    )
+    stored = []
+    for row in rows:
+        values = dict(row)
+        values["position_id"] = uuid.UUID(bytes=values["position_id"].bytes)
+        stored.append(PositionLeg(**values))
+    return stored
+
+
+async def holder_id(lease: RunLease, position: SyntheticPosition) -> uuid.UUID | None:
+    """The id of another basket of the account that has begun and not ended, if any."""
+    rows = await lease.fetch(_HOLDER, position.user_id, position.id)
+    return uuid.UUID(bytes=rows[0]["id"].bytes) if rows else None
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedLegValues:
+    leg: int
+    symbol: str
+    side: str
+    quantity: Decimal
+    reference_price: Decimal
+    order_link_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    api_key_encrypted: str
+    api_secret_encrypted: str
+
+
+async def stored_key(lease: RunLease, user_id: uuid.UUID) -> StoredKey | None:
+    rows = await lease.fetch(_KEY, user_id)
+    if not rows:
+        return None
+    return StoredKey(rows[0]["api_key_encrypted"], rows[0]["api_secret_encrypted"])
+
+
+async def claim_new(
+    lease: RunLease, position_id: uuid.UUID, claim: str
+) -> SyntheticPosition | None:
+    """PENDING -> EXECUTING under `claim`; None, nothing written, when it was not PENDING (or
+    this connection no longer holds its lock)."""
+    rows = await lease.fetch(_CLAIM_NEW, _lock_key(position_id), position_id, claim)
+    return _position(rows[0]) if rows else None
+
+
+async def finish_active(
+    lease: RunLease, position_id: uuid.UUID, claim: str
+) -> dict[int, Decimal] | None:
+    """EXECUTING -> ACTIVE under `claim`, with the snapshot, in one statement: what filled
+    per leg; None, nothing written, when the position was not this run's to finish."""
+    rows = await lease.fetch(_FINISH, _lock_key(position_id), position_id, claim)
+    if not rows:
+        return None
+    return {int(row["leg"]): Decimal(row["quantity"]) for row in rows}
