@@ -17,11 +17,10 @@ The same guarantees as one order at a time:
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypeVar
 
 import structlog
 
@@ -137,7 +136,7 @@ async def _send_all(
         for o in to_send
         if isinstance(o.leg, PositionLeg) and o.leg.symbol not in run.leverage_checked
     ]
-    await _all_of(ensure_leverage(deps, run.credentials, leg, log) for leg in openings)
+    await calls.all_of(ensure_leverage(deps, run.credentials, leg, log) for leg in openings)
     size = deps.batch_max_orders
     for start in range(0, len(to_send), size):
         if outcomes.refused or outcomes.unknown:
@@ -145,16 +144,6 @@ async def _send_all(
             # what the user holds of a basket that is not complete.
             break
         await _send_chunk(deps, run, to_send[start : start + size], outcomes, log)
-
-
-async def _all_of(work: Iterable[Awaitable[T]]) -> list[T]:
-    """Every one to its end, side by side (none left running when one fails); then the first
-    error, if any, is raised."""
-    results = await asyncio.gather(*work, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return cast(list[T], results)
 
 
 async def _found_earlier(
@@ -167,7 +156,7 @@ async def _found_earlier(
     """Look up, all at once, the orders an earlier run may have sent; the others (and those
     not found) are to be sent."""
     maybe = [o for o in orders if o.may_have_been_sent]
-    found = await _all_of(legs.lookup(deps, run.credentials, o) for o in maybe)
+    found = await calls.all_of(legs.lookup(deps, run.credentials, o) for o in maybe)
     seen = set()
     for leg_order, order in zip(maybe, found, strict=True):
         if order is not None:
@@ -214,7 +203,7 @@ async def _send_chunk(
             elif verdict is not None:
                 unclear.append((leg_order, verdict))
         # Orders whose own answer was ambiguous: looked up side by side.
-        await _all_of(_resolve_ambiguous(deps, run, o, e, outcomes, log) for o, e in unclear)
+        await calls.all_of(_resolve_ambiguous(deps, run, o, e, outcomes, log) for o, e in unclear)
         if not again:
             return
         # Refused for Bybit's per-order limit (the shared limiter, told the window is used
@@ -302,7 +291,7 @@ async def _whole_batch_failed(
                 outcomes.unknown.append((leg_order, refused))
         return
     log.warning("batch.outcome_unknown", error=str(error), orders=len(pending))
-    await _all_of(_resolve_ambiguous(deps, run, o, error, outcomes, log) for o in pending)
+    await calls.all_of(_resolve_ambiguous(deps, run, o, error, outcomes, log) for o in pending)
 
 
 async def _resolve_ambiguous(
@@ -418,7 +407,7 @@ async def _read_fills(
         return order
 
     try:
-        orders = await _all_of(read(o) for o in placed)
+        orders = await calls.all_of(read(o) for o in placed)
     except BaseException:
         if ready:
             try:

@@ -6,8 +6,9 @@ Typed through `ParamSpec`: mypy checks every call's arguments against the client
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from typing import ParamSpec, TypeVar, cast
 
 import structlog
 from tenacity import (
@@ -142,3 +143,13 @@ def _wait_for(deps: ExecutionDeps) -> Callable[[RetryCallState], float]:
         return delay
 
     return wait
+
+
+async def all_of(work: Iterable[Awaitable[T]]) -> list[T]:
+    """Every one to its end, side by side (none left running when one fails); then the first
+    error, if any, is raised."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)

@@ -32,7 +32,7 @@ from service.execution.preflight import ensure_leverage, position_idx_for
 from service.market.data import MarketDataUnavailableError
 from service.metrics import LEG_LATENCY
 from service.models import PlannedLeg, PositionLeg, Trade
-from service.positions import repository
+from service.positions import repository, run_statements
 from service.trading_logic import order_filter_violation
 
 logger = structlog.stdlib.get_logger("service.execution")
@@ -447,12 +447,14 @@ async def read_outcome(
 
 
 async def write_fills(deps: ExecutionDeps, run: Run, fills: Sequence[Fill]) -> None:
-    """Record fills of the run's position, in one statement, then log each (`leg.filled`)."""
-    async with deps.sessions() as session:
-        await repository.record_fills(
-            session,
-            [trade_values(run.position.id, f.leg_order, f.order, f.price) for f in fills],
-        )
+    """Record fills of the run's position, in one statement on the lock connection, then log
+    each (`leg.filled`)."""
+    rows = []
+    for f in fills:
+        values = trade_values(run.position.id, f.leg_order, f.order, f.price)
+        del values["position_id"]
+        rows.append(run_statements.FillValues(**values))  # type: ignore[arg-type]
+    await run_statements.record_fills(run.lease, run.position.id, rows)
     for fill in fills:
         order = fill.order
         LEG_LATENCY.labels("filled").observe(fill.latency_ms / 1000)

@@ -20,7 +20,7 @@ from service.execution.deps import ExecutionDeps, Run
 from service.execution.outcomes import PermanentRunError, RunError, leg_message
 from service.market.data import MarketDataUnavailableError
 from service.models import PositionLeg
-from service.positions import repository
+from service.positions import run_statements
 from service.trading_logic import InstrumentFilters, order_filter_violation
 
 # Bybit's answer to set-leverage under portfolio margin ("not allowed to change leverage").
@@ -35,13 +35,23 @@ AccountReads = tuple[
     WalletBalance | BaseException,
     list[PositionInfo] | BaseException,
     str | BaseException,
+    "_Remembered | BaseException",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    """What the account memo knows of the basket's symbols."""
+
+    hedge_modes: dict[str, bool]
+    at_1x: set[str]
 
 
 async def read_account(deps: ExecutionDeps, run: Run, symbols: Sequence[str]) -> AccountReads:
     """The pre-flight's reads, side by side: every trading instrument's status and filters
-    (one request), prices from the shared snapshot, the balance, the open positions and the
-    key's account (remembered once read)."""
+    (one request), prices from the shared snapshot, the balance, the open positions, the
+    key's account (remembered once read) and what the memo knows of the symbols' position
+    modes and leverage."""
     credentials = run.credentials
     fresh = deps.market_max_age_seconds
     return await asyncio.gather(
@@ -51,8 +61,16 @@ async def read_account(deps: ExecutionDeps, run: Run, symbols: Sequence[str]) ->
         calls.call(deps, deps.exchange.get_wallet_balance, credentials),
         calls.call(deps, deps.exchange.get_positions, credentials),
         _exchange_uid(deps, credentials),
+        _remembered(deps, credentials.account, symbols),
         return_exceptions=True,
     )
+
+
+async def _remembered(deps: ExecutionDeps, account: str, symbols: Sequence[str]) -> _Remembered:
+    modes, at_1x = await asyncio.gather(
+        deps.memo.hedge_modes(account, symbols), deps.memo.leverage_confirmed(account, symbols)
+    )
+    return _Remembered(modes, at_1x)
 
 
 async def _exchange_uid(deps: ExecutionDeps, credentials: ApiCredentials) -> str:
@@ -110,7 +128,9 @@ async def preflight(
         reads = await early.task
     else:
         reads = await read_account(deps, run, symbols)
-    *reads_needed, uid_read = reads
+    *reads_needed, uid_read, remembered = reads
+    if isinstance(remembered, BaseException):
+        raise remembered
     uid: str | None = None
     if isinstance(uid_read, BybitError) and not uid_read.transient:
         # Bybit's Demo Trading does not serve query-api: the basket goes on, and a close
@@ -151,11 +171,12 @@ async def preflight(
             f"{deps.preflight_margin:%} for fees and slippage)",
             None,
         )
-    hedge = await _position_modes(deps, credentials, symbols, held, log)
+    hedge, seen_at_1x = await _position_modes(
+        deps, credentials, symbols, held, remembered.hedge_modes, log
+    )
     _check_held_positions(plan, held, hedge, log)
-    at_1x = [row.symbol for row in held if row.leverage == 1]
-    await deps.memo.confirm_leverage(credentials.account, at_1x)
-    confirmed = {*at_1x, *await deps.memo.leverage_confirmed(credentials.account, symbols)}
+    at_1x = {row.symbol for row in held if row.leverage == 1} | seen_at_1x
+    confirmed = at_1x | remembered.at_1x
     outcomes = await asyncio.gather(
         *(
             ensure_leverage(deps, credentials, leg, log, confirmed=confirmed)
@@ -178,11 +199,18 @@ async def preflight(
     }
     for leg in plan:
         leg.position_idx = changed.get(leg.leg, leg.position_idx)
-    if changed or (uid is not None and run.position.exchange_uid is None):
-        async with deps.sessions() as session:
-            await repository.set_position_idx(session, run.position.id, changed)
-            if uid is not None:
-                await repository.set_exchange_uid(session, run.position.id, uid)
+    new_uid = uid if uid is not None and run.position.exchange_uid is None else None
+    writes = [
+        # Kept for every worker (and their time to live renewed).
+        deps.memo.confirm_leverage(credentials.account, sorted(at_1x)),
+        deps.memo.remember_hedge_modes(credentials.account, {s: hedge[s] for s in symbols}),
+    ]
+    if changed or new_uid is not None:
+        # On the lock connection, one statement.
+        writes.append(
+            run_statements.set_preflight_facts(run.lease, run.position.id, new_uid, changed)
+        )
+    await calls.all_of(writes)
     log.info(
         "preflight.passed",
         required_usdt=str(needed),
@@ -206,16 +234,17 @@ async def _position_modes(
     credentials: ApiCredentials,
     symbols: Sequence[str],
     held: Sequence[PositionInfo],
+    remembered: Mapping[str, bool],
     log: structlog.stdlib.BoundLogger,
-) -> dict[str, bool]:
-    """Each symbol's position mode (True: hedge). Bybit sets it per symbol (a switch per coin
-    skips symbols with positions or orders), so mixed modes are normal: read from the open
-    positions' rows, the memo, and for the rest one row per symbol, side by side."""
-    account = credentials.account
+) -> tuple[dict[str, bool], set[str]]:
+    """Each symbol's position mode (True: hedge), and the symbols the rows read here showed
+    at 1x. Bybit sets the mode per symbol (a switch per coin skips symbols with positions or
+    orders), so mixed modes are normal: read from the open positions' rows, the memo
+    (`remembered`), and for the rest one row per symbol, side by side."""
     modes = {row.symbol: row.hedge_mode for row in held if row.symbol in symbols}
-    asking = [s for s in symbols if s not in modes]
-    modes.update(await deps.memo.hedge_modes(account, asking))
+    modes.update({s: on for s, on in remembered.items() if s not in modes})
     unknown = [s for s in symbols if s not in modes]
+    at_1x: set[str] = set()
     if unknown:
         try:
             rows = await asyncio.gather(
@@ -226,15 +255,11 @@ async def _position_modes(
             )
         except BybitError as error:
             raise _refused(log, calls.classify(error, None, "read the position modes")) from None
-        at_1x = []
         for symbol, symbol_rows in zip(unknown, rows, strict=True):
             modes[symbol] = any(row.hedge_mode for row in symbol_rows)
             if any(row.leverage == 1 for row in symbol_rows):
-                at_1x.append(symbol)
-        await deps.memo.confirm_leverage(account, at_1x)
-    # Kept for every worker (and its time to live renewed).
-    await deps.memo.remember_hedge_modes(account, {s: modes[s] for s in symbols})
-    return modes
+                at_1x.add(symbol)
+    return modes, at_1x
 
 
 def _check_filters(

@@ -29,7 +29,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import asyncpg
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.execution.deps import RunLease, RunLock
 from service.positions import locks
@@ -39,20 +39,24 @@ logger = structlog.stdlib.get_logger("service.execution.run_lock")
 # How long an ownership check or a release may take before it proves nothing.
 CONFIRM_TIMEOUT_SECONDS = 5.0
 # Errors that mean the lock connection cannot prove anything any more.
-_CONNECTION_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+_CONNECTION_ERRORS = (
+    SQLAlchemyError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
 
 
 class AdvisoryRunLease:
     def __init__(
         self,
-        connection: AsyncConnection,
         raw: asyncpg.Connection,
         position_id: uuid.UUID,
         pid: int,
         *,
         confirm_timeout: float,
     ) -> None:
-        self._connection = connection
         self._raw = raw
         self._position_id = position_id
         self._confirm_timeout = confirm_timeout
@@ -72,7 +76,7 @@ class AdvisoryRunLease:
         try:
             async with self._busy, asyncio.timeout(self._confirm_timeout):
                 return await locks.confirm_run(
-                    self._connection,
+                    self._raw,
                     self._position_id,
                     claim,
                     submitting_legs=submitting_legs,
@@ -91,15 +95,16 @@ class AdvisoryRunLease:
 
     @asynccontextmanager
     async def account(self, user_id: uuid.UUID, *, wait_seconds: float) -> AsyncIterator[bool]:
-        acquired = await locks.lock_account(self._connection, user_id, wait_seconds=wait_seconds)
+        async with self._busy:
+            acquired = await locks.lock_account(self._raw, user_id, wait_seconds=wait_seconds)
         try:
             yield acquired
         finally:
             if acquired:
-                await self._release(locks.unlock_account(self._connection, user_id))
+                await self._release(locks.unlock_account(self._raw, user_id))
 
     async def release(self) -> None:
-        await self._release(locks.advisory_unlock(self._connection, self._position_id))
+        await self._release(locks.advisory_unlock(self._raw, self._position_id))
 
     async def _release(self, unlock: Awaitable[None]) -> None:
         # A dead connection has released everything already; a live one answers quickly.
@@ -120,14 +125,12 @@ def advisory_run_lock(
     async def hold(position_id: uuid.UUID) -> AsyncIterator[RunLease | None]:
         async with engine.connect() as connection:
             await connection.execution_options(isolation_level="AUTOCOMMIT")
-            pid = await locks.try_advisory_lock(connection, position_id)
+            raw = (await connection.get_raw_connection()).driver_connection
+            pid = await locks.try_advisory_lock(raw, position_id)
             if pid is None:
                 yield None
                 return
-            raw = (await connection.get_raw_connection()).driver_connection
-            lease = AdvisoryRunLease(
-                connection, raw, position_id, pid, confirm_timeout=confirm_timeout
-            )
+            lease = AdvisoryRunLease(raw, position_id, pid, confirm_timeout=confirm_timeout)
             try:
                 yield lease
             finally:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+import asyncpg
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import TextClause
 
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock not granted within lock_timeout
@@ -33,23 +33,26 @@ _LOCK_HELD = (
 
 
 # The run's ownership proof (confirm_run), on its lock connection: lock, status and claim;
-# the opening's legs are in position_legs, a close round's in position_close_legs.
+# the opening's legs are in position_legs, a close round's in position_close_legs. $1 the
+# id, $2 the claim, $3 the legs, $4 the remainder, $5 and $6 the lock key's halves, $7 the
+# close round.
 _CONFIRM = (
-    "WITH owner AS ("  # noqa: S608 - constants only; every value is a bound parameter
+    "WITH owner AS ("
     " UPDATE synthetic_positions SET heartbeat_at = now()"
-    " WHERE id = :id AND status = '{status}' AND claim = :claim AND "
-    + _LOCK_HELD.format(holder=" AND pid = pg_backend_pid()")
-    + " RETURNING id), "
+    " WHERE id = $1 AND status = '{status}' AND claim = $2 AND EXISTS (SELECT 1 FROM pg_locks"
+    " WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid::bigint = $5"
+    " AND objid::bigint = $6 AND pid = pg_backend_pid())"
+    " RETURNING id), "
     "submitted AS ("
     " UPDATE {legs} SET submitted_at = coalesce(submitted_at, now()),"
-    " remainders_submitted = greatest(remainders_submitted, CAST(:remainder AS integer))"
-    " WHERE position_id IN (SELECT id FROM owner) AND leg = ANY(CAST(:legs AS integer[])){round}"
+    " remainders_submitted = greatest(remainders_submitted, $4::integer)"
+    " WHERE position_id IN (SELECT id FROM owner) AND leg = ANY($3::integer[]){round}"
     " RETURNING leg) "
     "SELECT count(*) FROM owner"
 )
 _CONFIRM_OPENING = _CONFIRM.format(status="EXECUTING", legs="position_legs", round="")
 _CONFIRM_CLOSING = _CONFIRM.format(
-    status="CLOSING", legs="position_close_legs", round=" AND round = CAST(:round AS integer)"
+    status="CLOSING", legs="position_close_legs", round=" AND round = $7::integer"
 )
 
 
@@ -73,22 +76,20 @@ def no_run_holds(position_id: uuid.UUID) -> TextClause:
     )
 
 
-async def try_advisory_lock(connection: AsyncConnection, position_id: uuid.UUID) -> int | None:
+async def try_advisory_lock(connection: asyncpg.Connection, position_id: uuid.UUID) -> int | None:
     """Take the position's session-level lock, held by the connection until released or the
     connection dies. Returns the connection's backend pid (what its status writes are fenced
     with), or None when another connection holds the lock."""
-    result = await connection.execute(
-        text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"),
-        {"key": advisory_lock_key(position_id)},
+    row = await connection.fetchrow(
+        "SELECT pg_try_advisory_lock($1), pg_backend_pid()", advisory_lock_key(position_id)
     )
-    acquired, pid = result.one()
+    assert row is not None
+    acquired, pid = row
     return int(pid) if acquired else None
 
 
-async def advisory_unlock(connection: AsyncConnection, position_id: uuid.UUID) -> None:
-    await connection.execute(
-        text("SELECT pg_advisory_unlock(:key)"), {"key": advisory_lock_key(position_id)}
-    )
+async def advisory_unlock(connection: asyncpg.Connection, position_id: uuid.UUID) -> None:
+    await connection.fetchval("SELECT pg_advisory_unlock($1)", advisory_lock_key(position_id))
 
 
 def account_lock_keys(user_id: uuid.UUID) -> tuple[int, int]:
@@ -105,42 +106,36 @@ def account_lock_keys(user_id: uuid.UUID) -> tuple[int, int]:
 
 
 async def lock_account(
-    connection: AsyncConnection, user_id: uuid.UUID, *, wait_seconds: float = 0.0
+    connection: asyncpg.Connection, user_id: uuid.UUID, *, wait_seconds: float = 0.0
 ) -> bool:
     """Take the account's session-level lock: at once, or waiting in PostgreSQL's queue (first
     come, first served) at most `wait_seconds`. False when it was not granted. The connection
     must be in autocommit mode; the wait's lock_timeout is local to its one statement."""
     first, second = account_lock_keys(user_id)
-    keys = {"first": first, "second": second}
     if wait_seconds <= 0:
-        result = await connection.execute(
-            text("SELECT pg_try_advisory_lock(:first, :second)"), keys
-        )
-        return bool(result.scalar_one())
+        return bool(await connection.fetchval("SELECT pg_try_advisory_lock($1, $2)", first, second))
     try:
-        await connection.execute(
-            text(
-                "WITH wait AS MATERIALIZED (SELECT set_config('lock_timeout', :ms, true)) "
-                "SELECT pg_advisory_lock(:first, :second) FROM wait"
-            ),
-            {**keys, "ms": str(max(1, int(wait_seconds * 1000)))},
+        await connection.fetchval(
+            "WITH wait AS MATERIALIZED (SELECT set_config('lock_timeout', $3, true)) "
+            "SELECT pg_advisory_lock($1, $2) FROM wait",
+            first,
+            second,
+            str(max(1, int(wait_seconds * 1000))),
         )
         return True
-    except DBAPIError as error:
-        if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+    except asyncpg.PostgresError as error:
+        if getattr(error, "sqlstate", None) != LOCK_NOT_AVAILABLE:
             raise
         return False
 
 
-async def unlock_account(connection: AsyncConnection, user_id: uuid.UUID) -> None:
+async def unlock_account(connection: asyncpg.Connection, user_id: uuid.UUID) -> None:
     first, second = account_lock_keys(user_id)
-    await connection.execute(
-        text("SELECT pg_advisory_unlock(:first, :second)"), {"first": first, "second": second}
-    )
+    await connection.fetchval("SELECT pg_advisory_unlock($1, $2)", first, second)
 
 
 async def confirm_run(
-    connection: AsyncConnection,
+    connection: asyncpg.Connection,
     position_id: uuid.UUID,
     claim: str,
     *,
@@ -153,20 +148,16 @@ async def confirm_run(
     the heartbeat is renewed (the recovery sweep waits STALE_EXECUTING_SECONDS after it before
     it may resume the position elsewhere) and the orders of `submitting_legs` (their first,
     or remainder number `submitting_remainder`) are marked submitted (before they are sent: a
-    later run looks them up before placing anything): one leg's order, or a batch's."""
-    closing = close_round is not None
-    result = await connection.execute(
-        text(_CONFIRM_CLOSING if closing else _CONFIRM_OPENING),
-        {
-            "id": position_id,
-            "claim": claim,
-            "legs": list(submitting_legs),
-            "remainder": submitting_remainder,
-            **({"round": close_round} if closing else {}),
-            **_lock_params(position_id),
-        },
-    )
-    return bool(result.scalar_one())
+    later run looks them up before placing anything): one leg's order, or a batch's. A plain
+    asyncpg statement: it comes before every order, on the loop that sends it."""
+    lock = _lock_params(position_id)
+    common = (position_id, claim, list(submitting_legs), submitting_remainder)
+    keys = (lock["lock_high"], lock["lock_low"])
+    if close_round is not None:
+        count = await connection.fetchval(_CONFIRM_CLOSING, *common, *keys, close_round)
+    else:
+        count = await connection.fetchval(_CONFIRM_OPENING, *common, *keys)
+    return bool(count)
 
 
 async def is_run_alive(session: AsyncSession, position_id: uuid.UUID) -> bool:

@@ -16,9 +16,7 @@ from sqlalchemy import (
     Integer,
     Numeric,
     String,
-    Table,
     Uuid,
-    bindparam,
     case,
     exists,
     func,
@@ -489,64 +487,6 @@ async def record_trade(session: AsyncSession, values: dict[str, object]) -> bool
     return result.scalar_one_or_none() is not None
 
 
-def _record_fill_statement(*, returning: bool) -> Any:
-    """Built once, on the tables rather than the mapped classes: a fill is written on every
-    leg while the next order is in flight, and the ORM's bulk-update path (and building the
-    statement afresh) cost more CPU than the statement itself, on the run's one event loop.
-    Without RETURNING it can be sent for several fills at once (asyncpg's executemany: one
-    round trip)."""
-    trades, positions = Trade.__table__, SyntheticPosition.__table__
-    assert isinstance(trades, Table)
-    assert isinstance(positions, Table)
-    recorded = (
-        insert(trades)
-        # Named apart from the columns (SQLAlchemy reserves those names in VALUES).
-        .values({column: bindparam(f"trade_{column}") for column in ("id", *TRADE_VALUES)})
-        .on_conflict_do_nothing(index_elements=[trades.c.order_link_id])
-        .returning(trades.c.id)
-        .cte("recorded")
-    )
-    statement = (
-        update(positions)
-        .where(positions.c.id == bindparam("trade_position_id"), exists(select(recorded.c.id)))
-        .values(updated_at=func.clock_timestamp(), heartbeat_at=func.now())
-    )
-    return statement.returning(positions.c.id) if returning else statement
-
-
-# The columns of a `trades` row a run writes (legs.trade_values).
-TRADE_VALUES = (
-    "position_id",
-    "leg",
-    "symbol",
-    "side",
-    "bybit_order_id",
-    "order_link_id",
-    "price",
-    "quantity",
-    "fee",
-    "fee_coin",
-    "fee_detail",
-    "order_status",
-    "phase",
-    "executed_at",
-)
-_RECORD_FILL = _record_fill_statement(returning=True)
-_RECORD_FILLS = _record_fill_statement(returning=False)
-
-
-async def record_fills(session: AsyncSession, rows: Sequence[dict[str, object]]) -> None:
-    """A run's fills of one position: each inserted once (a second report of the same
-    orderLinkId changes nothing) and, when it is new, the position's `updated_at` (GET shows
-    it) and heartbeat (the run is alive) moved. One statement, built once: for several fills
-    (a batch's) sent for all of them in one round trip."""
-    params = [{f"trade_{k}": v for k, v in {"id": uuid.uuid4(), **row}.items()} for row in rows]
-    if len(params) == 1:
-        await session.execute(_RECORD_FILL, params[0])
-    elif params:
-        await session.execute(_RECORD_FILLS, params)
-
-
 async def get_components(
     session: AsyncSession, position_id: uuid.UUID
 ) -> Sequence[PositionComponent]:
@@ -731,25 +671,6 @@ async def unmark_submitted(
         .values(submitted_at=None)
         .execution_options(synchronize_session=False)
     )
-
-
-def _set_exchange_uid_statement() -> Any:
-    positions = SyntheticPosition.__table__
-    assert isinstance(positions, Table)
-    return (
-        update(positions)
-        .where(positions.c.id == bindparam("position_id"), positions.c.exchange_uid.is_(None))
-        .values(exchange_uid=bindparam("uid"))
-    )
-
-
-# Built once, on the table (every new basket's pre-flight writes it before its first order).
-_SET_EXCHANGE_UID = _set_exchange_uid_statement()
-
-
-async def set_exchange_uid(session: AsyncSession, position_id: uuid.UUID, uid: str) -> None:
-    """The Bybit account the opening trades (the first pre-flight's reading stands)."""
-    await session.execute(_SET_EXCHANGE_UID, {"position_id": position_id, "uid": uid})
 
 
 async def add_close_request(

@@ -11,9 +11,11 @@ lock, so a run that lost its lock cannot write.
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -102,6 +104,44 @@ WITH legs AS (
 SELECT * FROM legs ORDER BY leg
 """
 
+# What a new basket's pre-flight found: the key's Bybit account ($2; NULL: nothing to write,
+# and the first reading stands) and the positionIdx of the legs whose symbols are in hedge
+# mode ($3 the legs, $4 their positionIdx).
+_PREFLIGHT_FACTS = """
+WITH account AS (
+    UPDATE synthetic_positions SET exchange_uid = $2
+    WHERE id = $1 AND exchange_uid IS NULL AND $2::text IS NOT NULL
+), modes AS (
+    UPDATE position_legs AS l SET position_idx = m.position_idx
+    FROM unnest($3::integer[], $4::integer[]) AS m(leg, position_idx)
+    WHERE l.position_id = $1 AND l.leg = m.leg
+)
+SELECT 1
+"""
+
+# Fills of the position $1, each inserted once (a second report of the same orderLinkId
+# changes nothing) and, when one is new, the position's `updated_at` (GET shows it) and
+# heartbeat (the run is alive) moved: one statement for any number of fills.
+_RECORD_FILLS = """
+WITH recorded AS (
+    INSERT INTO trades
+        (id, position_id, leg, symbol, side, bybit_order_id, order_link_id, price, quantity,
+         fee, fee_coin, fee_detail, order_status, phase, executed_at)
+    SELECT gen_random_uuid(), $1, t.leg, t.symbol, t.side, t.bybit_order_id, t.order_link_id,
+           t.price, t.quantity, t.fee, t.fee_coin, t.fee_detail::jsonb, t.order_status,
+           t.phase, t.executed_at
+    FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::text[], $7::numeric[],
+                $8::numeric[], $9::numeric[], $10::text[], $11::text[], $12::text[],
+                $13::text[], $14::timestamptz[])
+        AS t(leg, symbol, side, bybit_order_id, order_link_id, price, quantity, fee, fee_coin,
+             fee_detail, order_status, phase, executed_at)
+    ON CONFLICT (order_link_id) DO NOTHING
+    RETURNING 1
+)
+UPDATE synthetic_positions SET updated_at = clock_timestamp(), heartbeat_at = now()
+WHERE id = $1 AND EXISTS (SELECT 1 FROM recorded)
+"""
+
 _UUID_COLUMNS = ("id", "user_id")
 
 
@@ -143,6 +183,58 @@ async def add_plan(
         values["position_id"] = uuid.UUID(bytes=values["position_id"].bytes)
         stored.append(PositionLeg(**values))
     return stored
+
+
+async def set_preflight_facts(
+    lease: RunLease, position_id: uuid.UUID, uid: str | None, position_idx: Mapping[int, int]
+) -> None:
+    """The key's Bybit account (`uid`, if not None) and each leg's positionIdx by leg, as
+    the opening's pre-flight found them."""
+    await lease.fetch(
+        _PREFLIGHT_FACTS, position_id, uid, list(position_idx), list(position_idx.values())
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FillValues:
+    """The `trades` row of one filled order."""
+
+    leg: int
+    symbol: str
+    side: str
+    bybit_order_id: str
+    order_link_id: str
+    price: Decimal
+    quantity: Decimal
+    fee: Decimal | None
+    fee_coin: str | None
+    fee_detail: Mapping[str, str] | None
+    order_status: str
+    phase: str
+    executed_at: datetime
+
+
+async def record_fills(
+    lease: RunLease, position_id: uuid.UUID, fills: Sequence[FillValues]
+) -> None:
+    """A run's fills of its position, in one statement."""
+    await lease.fetch(
+        _RECORD_FILLS,
+        position_id,
+        [f.leg for f in fills],
+        [f.symbol for f in fills],
+        [f.side for f in fills],
+        [f.bybit_order_id for f in fills],
+        [f.order_link_id for f in fills],
+        [f.price for f in fills],
+        [f.quantity for f in fills],
+        [f.fee for f in fills],
+        [f.fee_coin for f in fills],
+        [json.dumps(f.fee_detail) if f.fee_detail is not None else None for f in fills],
+        [f.order_status for f in fills],
+        [f.phase for f in fills],
+        [f.executed_at for f in fills],
+    )
 
 
 async def holder_id(lease: RunLease, position: SyntheticPosition) -> uuid.UUID | None:
