@@ -181,30 +181,46 @@ async def _run_holding_account(
         return RunResult(Outcome.ABORTED, detail=str(error))
     except PermanentRunError as error:
         return await states.claim_and_fail(deps, position, task_id, lease, error.message, log)
-    claimed = await states.claim(deps, position, task_id, lease, log)
-    if isinstance(claimed, RunResult):
-        return claimed
-    structlog.contextvars.bind_contextvars(attempt=claimed.attempts)
-    run = Run(
-        claimed,
-        task_id,
-        credentials,
-        lease,
-        deadline,
-        retries_done=claimed.attempts - 1,
-        fresh=position.status == PositionStatus.PENDING,
+    fresh = position.status == PositionStatus.PENDING
+    # A new basket's pre-flight reads go out now, their round trip covering its claim and its
+    # plan: the account is held, and its symbols are known from the catalogue in memory.
+    index = deps.indices.peek(position.index_code) if fresh else None
+    early = (
+        start_reads(deps, credentials, [c.symbol for c in index.components])
+        if index is not None
+        else None
     )
-    return await _run_claimed(deps, run, log)
+    try:
+        claimed = await states.claim(deps, position, task_id, lease, log)
+        if isinstance(claimed, RunResult):
+            return claimed
+        structlog.contextvars.bind_contextvars(attempt=claimed.attempts)
+        run = Run(
+            claimed,
+            task_id,
+            credentials,
+            lease,
+            deadline,
+            retries_done=claimed.attempts - 1,
+            fresh=fresh,
+        )
+        return await _run_claimed(deps, run, log, early)
+    finally:
+        if early is not None:
+            await early.cancel()  # not left running if the run ended before its pre-flight
 
 
 async def _run_claimed(
-    deps: ExecutionDeps, run: Run, log: structlog.stdlib.BoundLogger
+    deps: ExecutionDeps,
+    run: Run,
+    log: structlog.stdlib.BoundLogger,
+    early: EarlyReads | None = None,
 ) -> RunResult:
     position, task_id = run.position, run.claim
     deadline = asyncio.timeout_at(run.deadline)
     try:
         async with deadline:
-            legs_planned, recorded = await _plan_and_preflight(deps, run, log)
+            legs_planned, recorded = await _plan_and_preflight(deps, run, log, early)
             ends_position = functools.partial(runs.ends_run, deps, run)
             complete = False
             if position.execution == ExecutionMode.BATCH:
@@ -246,15 +262,19 @@ async def _run_claimed(
 
 
 async def _plan_and_preflight(
-    deps: ExecutionDeps, run: Run, log: structlog.stdlib.BoundLogger
+    deps: ExecutionDeps,
+    run: Run,
+    log: structlog.stdlib.BoundLogger,
+    early: EarlyReads | None = None,
 ) -> tuple[Sequence[PositionLeg], list[Trade]]:
     """The plan, what earlier runs recorded of it, and (while no order of it was sent) the
-    pre-flight. A new basket's pre-flight reads go out as soon as its symbols are known."""
-    early: EarlyReads | None = None
+    pre-flight. A new basket's pre-flight reads go out as soon as its symbols are known:
+    `early`, the reads sent before the claim, or sent here once the plan knows them."""
 
     def send_reads(symbols: Sequence[str]) -> None:
         nonlocal early
-        early = start_reads(deps, run, symbols)
+        if early is None:
+            early = start_reads(deps, run.credentials, symbols)
 
     try:
         legs_planned, new = await plan.ensure_plan(deps, run, log, on_new_basket=send_reads)

@@ -47,12 +47,13 @@ class _Remembered:
     at_1x: set[str]
 
 
-async def read_account(deps: ExecutionDeps, run: Run, symbols: Sequence[str]) -> AccountReads:
+async def read_account(
+    deps: ExecutionDeps, credentials: ApiCredentials, symbols: Sequence[str]
+) -> AccountReads:
     """The pre-flight's reads, side by side: every trading instrument's status and filters
     (one request), prices from the shared snapshot, the balance, the open positions, the
     key's account (remembered once read) and what the memo knows of the symbols' position
     modes and leverage."""
-    credentials = run.credentials
     fresh = deps.market_max_age_seconds
     return await asyncio.gather(
         # The status now (a halt must be seen before the first order), in one request.
@@ -97,12 +98,16 @@ class EarlyReads:
         await asyncio.wait([self.task])
 
 
-def start_reads(deps: ExecutionDeps, run: Run, symbols: Sequence[str]) -> EarlyReads:
+def start_reads(
+    deps: ExecutionDeps, credentials: ApiCredentials, symbols: Sequence[str]
+) -> EarlyReads:
     """The pre-flight's reads sent now: they need only the key and the symbols, so a new
-    basket's run sends them as soon as its symbols are known, and their round trip covers
-    the computing and storing of its plan. Sent by a run holding the account (its lock, and
-    no other basket of it begun and not ended), as the pre-flight's own would be."""
-    return EarlyReads(frozenset(symbols), asyncio.ensure_future(read_account(deps, run, symbols)))
+    basket's run sends them as soon as its symbols are known (from the catalogue in memory:
+    before its claim is written), and their round trip covers the claim and the computing and
+    storing of its plan. Sent by a run holding the account (its lock, and no other basket of
+    it begun and not ended), as the pre-flight's own would be."""
+    reads = read_account(deps, credentials, symbols)
+    return EarlyReads(frozenset(symbols), asyncio.ensure_future(reads))
 
 
 async def preflight(
@@ -127,7 +132,7 @@ async def preflight(
     if early is not None and early.symbols.issuperset(symbols):
         reads = await early.task
     else:
-        reads = await read_account(deps, run, symbols)
+        reads = await read_account(deps, credentials, symbols)
     *reads_needed, uid_read, remembered = reads
     if isinstance(remembered, BaseException):
         raise remembered

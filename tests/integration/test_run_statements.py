@@ -1,0 +1,148 @@
+"""A run's own statements on its lock connection (service/positions/run_statements.py): the
+claim from PENDING and ACTIVE with its snapshot are fenced by the lock that very connection
+holds, the plan and the fills are written once, and ACTIVE writes its snapshot only with the
+status."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.config import get_settings
+from service.credentials.service import store_credentials
+from service.db import SessionScope
+from service.execution.run_lock import advisory_run_lock
+from service.models import PositionComponent, PositionStatus, Trade
+from service.positions import repository, run_statements
+from service.security import CredentialCipher
+from service.users.service import create_user_with_token
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+async def _pending(sessions: SessionScope) -> uuid.UUID:
+    async with sessions() as session:
+        issued = await create_user_with_token(session, f"rs-{secrets.token_hex(5)}@example.com")
+        cipher = CredentialCipher(get_settings().credentials_keys.get_secret_value())
+        await store_credentials(
+            session, cipher, issued.user.id, api_key="RSKEY12345", api_secret="rs-secret-123"
+        )
+        position = await repository.add_position(
+            session,
+            user_id=issued.user.id,
+            index_code="BLUECHIP",
+            size=Decimal("1000"),
+            direction="long",
+        )
+        assert position is not None
+    return position.id
+
+
+def _leg(leg: int, symbol: str) -> run_statements.PlannedLegValues:
+    return run_statements.PlannedLegValues(
+        leg, symbol, "Buy", Decimal("0.5"), Decimal("100"), f"rs-{secrets.token_hex(6)}-{leg}"
+    )
+
+
+def _fill(
+    planned: run_statements.PlannedLegValues, quantity: str, link: str | None = None
+) -> run_statements.FillValues:
+    return run_statements.FillValues(
+        leg=planned.leg,
+        symbol=planned.symbol,
+        side=planned.side,
+        bybit_order_id=secrets.token_hex(8),
+        order_link_id=link or planned.order_link_id,
+        price=Decimal("100.5"),
+        quantity=Decimal(quantity),
+        fee=Decimal("0.01"),
+        fee_coin="USDT",
+        fee_detail={"USDT": "0.01"},
+        order_status="Filled",
+        phase="open",
+        executed_at=datetime.now(UTC),
+    )
+
+
+async def test_a_new_basket_is_claimed_planned_filled_and_finished_once(
+    engine: AsyncEngine, sessions: SessionScope
+) -> None:
+    position_id = await _pending(sessions)
+    async with advisory_run_lock(engine)(position_id) as lease:
+        assert lease is not None
+        claimed = await run_statements.claim_new(lease, position_id, "task-1")
+        assert claimed is not None
+        assert claimed.id == position_id
+        assert claimed.status == PositionStatus.EXECUTING
+        assert claimed.claim == "task-1"
+        assert claimed.attempts == 1
+        # Claimed once: a second claim finds it no longer PENDING.
+        assert await run_statements.claim_new(lease, position_id, "task-2") is None
+
+        planned = [_leg(1, "BTCUSDT"), _leg(2, "ETHUSDT")]
+        legs = await run_statements.add_plan(lease, position_id, planned)
+        assert [(leg.leg, leg.symbol, leg.position_id) for leg in legs] == [
+            (1, "BTCUSDT", position_id),
+            (2, "ETHUSDT", position_id),
+        ]
+        await run_statements.set_preflight_facts(lease, position_id, "uid-1", {2: 1})
+        await run_statements.set_preflight_facts(lease, position_id, "uid-2", {})
+
+        fills = [_fill(planned[0], "0.5"), _fill(planned[1], "0.25")]
+        await run_statements.record_fills(lease, position_id, fills)
+        await run_statements.record_fills(lease, position_id, fills)  # reported twice
+
+        # Not this claim's to finish: nothing written.
+        assert await run_statements.finish_active(lease, position_id, "task-2") is None
+        filled = await run_statements.finish_active(lease, position_id, "task-1")
+        assert filled == {1: Decimal("0.5"), 2: Decimal("0.25")}
+        assert await run_statements.finish_active(lease, position_id, "task-1") is None
+
+    async with sessions() as session:
+        position = await repository.get_position(session, position_id)
+        assert position is not None
+        assert position.status == PositionStatus.ACTIVE
+        assert position.exchange_uid == "uid-1"  # the first reading stands
+        assert [leg.position_idx for leg in await repository.get_plan(session, position_id)] == [
+            0,
+            1,
+        ]
+        trades = await session.scalar(
+            select(func.count()).select_from(Trade).where(Trade.position_id == position_id)
+        )
+        assert trades == 2
+        components = await repository.get_components(session, position_id)
+        assert sorted((c.symbol, c.expected_quantity) for c in components) == [
+            ("BTCUSDT", Decimal("0.5")),
+            ("ETHUSDT", Decimal("0.25")),
+        ]
+        assert (
+            await session.scalar(
+                select(func.count())
+                .select_from(PositionComponent)
+                .where(PositionComponent.position_id == position_id)
+            )
+            == 2
+        )
+
+
+async def test_a_connection_that_does_not_hold_the_position_s_lock_cannot_claim_or_finish_it(
+    engine: AsyncEngine, sessions: SessionScope
+) -> None:
+    mine, other = await _pending(sessions), await _pending(sessions)
+    async with advisory_run_lock(engine)(mine) as lease:
+        assert lease is not None
+        # This connection holds `mine`'s lock, not `other`'s.
+        assert await run_statements.claim_new(lease, other, "task-x") is None
+        assert await run_statements.finish_active(lease, other, "task-x") is None
+    async with sessions() as session:
+        position = await repository.get_position(session, other)
+        assert position is not None
+        assert position.status == PositionStatus.PENDING
+        assert position.claim is None
