@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
@@ -145,6 +145,16 @@ WHERE id = $1 AND EXISTS (SELECT 1 FROM recorded)
 _UUID_COLUMNS = ("id", "user_id")
 
 
+def _columns(rows: Sequence[Any], row_type: type) -> list[list[Any]]:
+    """Rows of a dataclass as one array per field, in field order: the parameters of the
+    statement's unnest() (a mapping goes as its JSON text)."""
+    columns = []
+    for field in fields(row_type):
+        values = (getattr(row, field.name) for row in rows)
+        columns.append([json.dumps(v) if isinstance(v, Mapping) else v for v in values])
+    return columns
+
+
 def _lock_key(position_id: uuid.UUID) -> int:
     # The same key as service.positions.locks.advisory_lock_key.
     return int.from_bytes(position_id.bytes[:8], "big", signed=True)
@@ -167,16 +177,7 @@ async def add_plan(
     lease: RunLease, position_id: uuid.UUID, legs: Sequence[PlannedLegValues]
 ) -> list[PositionLeg]:
     """Store a new basket's plan; returns its legs as stored, in leg order."""
-    rows = await lease.fetch(
-        _ADD_PLAN,
-        position_id,
-        [leg.leg for leg in legs],
-        [leg.symbol for leg in legs],
-        [leg.side for leg in legs],
-        [leg.quantity for leg in legs],
-        [leg.reference_price for leg in legs],
-        [leg.order_link_id for leg in legs],
-    )
+    rows = await lease.fetch(_ADD_PLAN, position_id, *_columns(legs, PlannedLegValues))
     stored = []
     for row in rows:
         values = dict(row)
@@ -197,7 +198,8 @@ async def set_preflight_facts(
 
 @dataclass(frozen=True, slots=True)
 class FillValues:
-    """The `trades` row of one filled order."""
+    """The `trades` row of one filled order; the fields in the order of _RECORD_FILLS'
+    arrays."""
 
     leg: int
     symbol: str
@@ -218,23 +220,7 @@ async def record_fills(
     lease: RunLease, position_id: uuid.UUID, fills: Sequence[FillValues]
 ) -> None:
     """A run's fills of its position, in one statement."""
-    await lease.fetch(
-        _RECORD_FILLS,
-        position_id,
-        [f.leg for f in fills],
-        [f.symbol for f in fills],
-        [f.side for f in fills],
-        [f.bybit_order_id for f in fills],
-        [f.order_link_id for f in fills],
-        [f.price for f in fills],
-        [f.quantity for f in fills],
-        [f.fee for f in fills],
-        [f.fee_coin for f in fills],
-        [json.dumps(f.fee_detail) if f.fee_detail is not None else None for f in fills],
-        [f.order_status for f in fills],
-        [f.phase for f in fills],
-        [f.executed_at for f in fills],
-    )
+    await lease.fetch(_RECORD_FILLS, position_id, *_columns(fills, FillValues))
 
 
 async def holder_id(lease: RunLease, position: SyntheticPosition) -> uuid.UUID | None:
@@ -245,6 +231,8 @@ async def holder_id(lease: RunLease, position: SyntheticPosition) -> uuid.UUID |
 
 @dataclass(frozen=True, slots=True)
 class PlannedLegValues:
+    """A leg of a new plan; the fields in the order of _ADD_PLAN's arrays."""
+
     leg: int
     symbol: str
     side: str
