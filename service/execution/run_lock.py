@@ -22,8 +22,9 @@ event loop that sends the orders.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import asyncpg
@@ -63,6 +64,8 @@ class AdvisoryRunLease:
         # One statement at a time on the connection: a proof taken ahead may still be running
         # when the next is asked for.
         self._busy = asyncio.Lock()
+        # A release that failed: the connection may still hold a lock.
+        self._unreleased = False
         self.pid = pid  # the lock connection's backend: status writes are fenced with it
 
     async def confirm(
@@ -74,7 +77,8 @@ class AdvisoryRunLease:
         close_round: int | None = None,
     ) -> bool:
         try:
-            async with self._busy, asyncio.timeout(self._confirm_timeout):
+            # The wait for the connection counts too: a statement before it may be slow.
+            async with asyncio.timeout(self._confirm_timeout), self._busy:
                 return await locks.confirm_run(
                     self._raw,
                     self._position_id,
@@ -101,18 +105,25 @@ class AdvisoryRunLease:
             yield acquired
         finally:
             if acquired:
-                await self._release(locks.unlock_account(self._raw, user_id))
+                await self._release(functools.partial(locks.unlock_account, self._raw, user_id))
 
-    async def release(self) -> None:
-        await self._release(locks.advisory_unlock(self._raw, self._position_id))
+    async def release(self) -> bool:
+        """Every lock the connection holds let go (the account's too, should a cancellation
+        have struck just after it was granted); False when that was not seen to happen."""
+        return await self._release(functools.partial(locks.unlock_all, self._raw)) and (
+            not self._unreleased
+        )
 
-    async def _release(self, unlock: Awaitable[None]) -> None:
+    async def _release(self, unlock: Callable[[], Awaitable[None]]) -> bool:
         # A dead connection has released everything already; a live one answers quickly.
         try:
-            async with self._busy, asyncio.timeout(self._confirm_timeout):
-                await unlock
+            async with asyncio.timeout(self._confirm_timeout), self._busy:
+                await unlock()
+            return True
         except _CONNECTION_ERRORS as error:
             logger.warning("run.lock_connection_lost", error=f"{type(error).__name__}: {error}")
+            self._unreleased = True
+            return False
 
 
 def advisory_run_lock(
@@ -131,10 +142,18 @@ def advisory_run_lock(
                 yield None
                 return
             lease = AdvisoryRunLease(raw, position_id, pid, confirm_timeout=confirm_timeout)
+            released = False
             try:
                 yield lease
             finally:
-                await lease.release()
+                try:
+                    released = await lease.release()
+                finally:
+                    if not released:
+                        # Not handed back to the pool holding a lock (a statement cancelled
+                        # mid-way can keep the connection busy past the release's time):
+                        # closed, so PostgreSQL drops whatever it held.
+                        await connection.invalidate()
 
     def open_lock(position_id: uuid.UUID) -> AbstractAsyncContextManager[RunLease | None]:
         return hold(position_id)

@@ -88,8 +88,9 @@ async def try_advisory_lock(connection: asyncpg.Connection, position_id: uuid.UU
     return int(pid) if acquired else None
 
 
-async def advisory_unlock(connection: asyncpg.Connection, position_id: uuid.UUID) -> None:
-    await connection.fetchval("SELECT pg_advisory_unlock($1)", advisory_lock_key(position_id))
+async def unlock_all(connection: asyncpg.Connection) -> None:
+    """Let go of every session-level advisory lock the connection holds."""
+    await connection.fetchval("SELECT pg_advisory_unlock_all()")
 
 
 def account_lock_keys(user_id: uuid.UUID) -> tuple[int, int]:

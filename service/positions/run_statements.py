@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from service.models import PositionLeg, SyntheticPosition
+from service.positions.locks import advisory_lock_key
 
 
 class RunLease(Protocol):
@@ -29,15 +30,21 @@ class RunLease(Protocol):
     async def fetch(self, query: str, *args: object) -> list[Any]: ...
 
 
+# The columns this code knows, named: a column a later migration adds (migrations run before
+# the workers are replaced) is not handed to a model that does not know it.
+_POSITION_COLUMNS = ", ".join(f'"{c.name}"' for c in SyntheticPosition.__table__.columns)
+_LEG_COLUMNS = ", ".join(f'"{c.name}"' for c in PositionLeg.__table__.columns)
+
 # The position's run lock held by this very connection (the statement runs on it). $1 is the
-# position's id; pg_locks shows a bigint advisory key as two oids, its high and low 32 bits.
+# position's lock key (locks.advisory_lock_key); pg_locks shows a bigint advisory key as two
+# oids, its high and low 32 bits.
 _LOCK_HELD_HERE = """EXISTS (
     SELECT 1 FROM pg_locks
     WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND pid = pg_backend_pid()
       AND classid::bigint = ($1::bigint >> 32) & 4294967295
       AND objid::bigint = $1::bigint & 4294967295)"""
 
-_POSITION = "SELECT * FROM synthetic_positions WHERE id = $1"
+_POSITION = f"SELECT {_POSITION_COLUMNS} FROM synthetic_positions WHERE id = $1"  # noqa: S608
 
 # Another basket of the account that has begun and not ended: the account is its until it is
 # final, between its retries too (service/execution/accounts.py).
@@ -60,7 +67,7 @@ UPDATE synthetic_positions
 SET status = 'EXECUTING', claim = $3, heartbeat_at = now(), attempts = attempts + 1,
     next_attempt_at = NULL, account_wait_since = NULL, updated_at = clock_timestamp()
 WHERE id = $2 AND status = 'PENDING' AND {_LOCK_HELD_HERE}
-RETURNING *
+RETURNING {_POSITION_COLUMNS}
 """  # noqa: S608 - constants only; every value is a bound parameter
 
 # EXECUTING -> ACTIVE under the run's claim, with the snapshot of what filled (each leg's
@@ -91,18 +98,18 @@ SELECT filled.leg, filled.quantity FROM filled, done
 
 # A new basket's plan, its legs in leg order, and the position's `updated_at` moved (GET shows
 # the plan): one statement.
-_ADD_PLAN = """
+_ADD_PLAN = f"""
 WITH legs AS (
     INSERT INTO position_legs
         (position_id, leg, symbol, side, quantity, reference_price, order_link_id)
     SELECT $1, * FROM unnest($2::integer[], $3::text[], $4::text[], $5::numeric[],
                              $6::numeric[], $7::text[])
-    RETURNING *
+    RETURNING {_LEG_COLUMNS}
 ), touched AS (
     UPDATE synthetic_positions SET updated_at = clock_timestamp() WHERE id = $1
 )
 SELECT * FROM legs ORDER BY leg
-"""
+"""  # noqa: S608 - constants only; every value is a bound parameter
 
 # What a new basket's pre-flight found: the key's Bybit account ($2; NULL: nothing to write,
 # and the first reading stands) and the positionIdx of the legs whose symbols are in hedge
@@ -153,11 +160,6 @@ def _columns(rows: Sequence[Any], row_type: type) -> list[list[Any]]:
         values = (getattr(row, field.name) for row in rows)
         columns.append([json.dumps(v) if isinstance(v, Mapping) else v for v in values])
     return columns
-
-
-def _lock_key(position_id: uuid.UUID) -> int:
-    # The same key as service.positions.locks.advisory_lock_key.
-    return int.from_bytes(position_id.bytes[:8], "big", signed=True)
 
 
 def _position(row: Any) -> SyntheticPosition:
@@ -259,7 +261,7 @@ async def claim_new(
 ) -> SyntheticPosition | None:
     """PENDING -> EXECUTING under `claim`; None, nothing written, when it was not PENDING (or
     this connection no longer holds its lock)."""
-    rows = await lease.fetch(_CLAIM_NEW, _lock_key(position_id), position_id, claim)
+    rows = await lease.fetch(_CLAIM_NEW, advisory_lock_key(position_id), position_id, claim)
     return _position(rows[0]) if rows else None
 
 
@@ -268,7 +270,7 @@ async def finish_active(
 ) -> dict[int, Decimal] | None:
     """EXECUTING -> ACTIVE under `claim`, with the snapshot, in one statement: what filled
     per leg; None, nothing written, when the position was not this run's to finish."""
-    rows = await lease.fetch(_FINISH, _lock_key(position_id), position_id, claim)
+    rows = await lease.fetch(_FINISH, advisory_lock_key(position_id), position_id, claim)
     if not rows:
         return None
     return {int(row["leg"]): Decimal(row["quantity"]) for row in rows}

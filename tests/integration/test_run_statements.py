@@ -5,7 +5,9 @@ status."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -146,3 +148,27 @@ async def test_a_connection_that_does_not_hold_the_position_s_lock_cannot_claim_
         assert position is not None
         assert position.status == PositionStatus.PENDING
         assert position.claim is None
+
+
+async def test_a_lease_not_seen_to_let_go_of_its_locks_is_closed_with_them(
+    engine: AsyncEngine, sessions: SessionScope
+) -> None:
+    position_id = await _pending(sessions)
+    run_lock = advisory_run_lock(engine, confirm_timeout=0.2)
+    async with run_lock(position_id) as lease:
+        assert lease is not None
+        # A statement still running on the lock connection when the run ends: the release
+        # cannot get the connection within its time.
+        busy = asyncio.ensure_future(lease.fetch("SELECT pg_sleep(2)"))
+        await asyncio.sleep(0)
+    # The connection was closed, not handed back to the pool holding the position's lock:
+    # another run gets the lock once PostgreSQL has dropped it.
+    deadline = time.monotonic() + 15
+    while True:
+        async with run_lock(position_id) as again:
+            if again is not None:
+                break
+        assert time.monotonic() < deadline, "the position's lock was never let go"
+        await asyncio.sleep(0.1)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whichever way the closed connection fails it
+        await busy
