@@ -43,37 +43,41 @@ Each section above says `met` or `not met`; for the ones not met:
   row is therefore the median of runs taking turns with the baseline. A poll of a version not
   rendered yet (the first after each change) still renders through the ORM (several
   statements).
-- **Worker POST to ACTIVE against the floor (goal 1.1x), sequential.** At the edge on this
-  machine: the full runs of 2026-11-29 measured 1.065x (at 71012a9) and 1.100x (at the next
-  commit, which changed only a batch's fill write; its minimal program measured 1.075x
-  against 1.004x in the run before, so the machine was slower in that run), and the quick
-  runs between them 1.064x to 1.093x; 1.27x before that day's noon. What got there, each
-  measured by the phase table and the worker's CPU per run: the limiter's slot of each call
-  taken while the call before it is in flight (its Redis round trip, and whatever else the
-  event loop ran meanwhile, sat between every answer and the next request: about 25 ms a
-  basket); a fill written by a statement built once on the table, not through the ORM's
-  bulk-update path (the pool process's CPU per basket went from about 68 to 49 ms); the
-  account memo read and written for every symbol at once; the key's account
-  (`/v5/user/query-api`) remembered a day rather than read per basket; the pre-flight's
-  reads sent while the plan is stored; the snapshot summed and written in one statement.
-  Left: the Celery hand-off and the run's statements before its first order (locks,
-  eligibility, the key, the claim, the plan), about 1 ms per leg (the client's own work and
-  the overlapped writes on the one event loop), and the snapshot. More margin needs the next
-  steps named for the batch below (fewer statements before the pre-flight's reads, those
-  reads sent before the claim), which a sequential run shares. Tried and dropped: uvloop in
-  the worker (no change in the wall time of a basket).
-- **Batch POST to ACTIVE against its own floor (goal 1.1x).** Not met. The minimal program
-  of the same shape (the row above its figure) reaches the floor within a few per cent, so
-  the goal is within reach of an API, a queue, a worker and a database on this machine; the
-  gap is the service's own steps around three round trips: Celery's hand-off (a few ms more
-  than a BRPOP), the position's and the account's locks, eligibility, the holder check and
-  the key (about 5 ms), the claim (about 3 ms), the pre-flight's checks and writes after its
-  reads (about 3 ms), the proof that marks every order (about 1 ms), the ten reads' client
-  work and their one write (about 5 ms over the floor's reads) and the snapshot (about 2 ms).
-  Next: fewer statements before the pre-flight's reads (the locks, eligibility, holder and
-  key in one or two round trips on the lock's connection), the reads sent right after the
-  account is held, and the fills, snapshot and ACTIVE in one transaction. Legging time,
-  what the batch mode is for, is well within its goal.
+- **Worker POST to ACTIVE against the floor (goal 1.1x), sequential.** At the edge: 1.102x in
+  the run above (15:09 UTC), 1.065x and 1.100x in the two full runs before noon that day.
+  The machine of this run was much slower than that morning's: the same client's order cost
+  1.9 ms here against 0.34 ms then (the first table), and a 20 ms exchange round trip costs
+  24 ms here against 21 ms; quick runs just before the changes below measured 1.17-1.20x on it.
+  What got there, each measured by the phase tables and the worker's CPU per basket (py-spy):
+  the limiter's slot of each call taken while the call before it is in flight; a run's hot
+  statements as plain asyncpg statements on its lock connection (eligibility, the account's
+  holder, the key, the claim from PENDING, the plan, pre-flight's facts, the fills, ACTIVE
+  with its snapshot in one statement; the lock primitives and the ownership proof too):
+  through the ORM's unit of work each cost about ten times the statement's own CPU; our log
+  events written by structlog straight to stdout (a third of a millisecond each through the
+  standard library's handlers, some forty a basket); hiredis for redis-py's replies; the
+  account memo read and written for every symbol at once, and the key's account remembered
+  a day; the pre-flight's reads sent before the claim (the symbols from the catalogue in
+  memory), with the memo's reads travelling with them. A batch basket's worker CPU went from
+  134 to about 106 ms from the logging and hiredis alone, on this machine. Left, in the phase
+  table: about 1.5 ms per leg over the order's round trip (the client's own work and the
+  overlapped fill write on the one event loop), and the API, the Celery hand-off and the
+  run's statements before its pre-flight reads. Tried and dropped: uvloop in the worker (no
+  change in the wall time of a basket, on both machines).
+- **Batch POST to ACTIVE against its own floor (goal 1.1x).** Not met: 1.284x in the run
+  above, against 1.339x and 1.439x on the faster machine before the changes above (on this
+  machine, quick runs measured 1.69-1.81x before them). The minimal program of the same shape
+  (the row above its figure) reaches the floor, so the goal is within reach of an API, a
+  queue, a worker and a database on this machine; the gap is the service's own steps around
+  three round trips, in the batch phase table: the API and Celery's hand-off, then the lock,
+  eligibility, account, holder and key statements before the pre-flight's reads go out; the
+  reads' round trip stretched by the claim and the plan that share the event loop and the
+  two cores with it; the proof that marks every order (about 2 ms); the ten reads' client
+  work and their one write (about 5 ms over a round trip); ACTIVE (about 3 ms). Next, as
+  measured: the eligibility, account lock, holder and key in one statement; the fills, the
+  snapshot and ACTIVE in one statement for a complete batch; pre-flight's facts written in
+  the statement that proves ownership. Each is worth 2 to 3 ms; together still short of
+  1.1x. Legging time, what the batch mode is for, is well within its goal.
 - **Our client against pybit (goal 0.5x), when it misses.** Both clients send the same
   signed request to the same simulator; the simulator's own time is in both figures, and
   when pybit's figure drops between runs (a faster machine, a lighter moment) the ratio moves
