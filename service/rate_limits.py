@@ -77,7 +77,11 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local windows = tonumber(ARGV[2])
 local release = ARGV[3 + 3 * windows]
 if release ~= '' then
-  for i = 1, windows do redis.call('ZREM', KEYS[i], release .. ':1') end
+  -- Taken ahead with this call's weights: every one of its slots.
+  for i = 1, windows do
+    local weight = math.min(tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 * i]))
+    for slot = 1, weight do redis.call('ZREM', KEYS[i], release .. ':' .. slot) end
+  end
 end
 local wait, blocked = 0, 0
 for i = windows + 1, #KEYS do
@@ -125,9 +129,9 @@ class RedisCallGate:
     wait_max_seconds: float = 2.0
     prefix: str = "trader:limits"
     _learnt: dict[tuple[str, str], int] = field(default_factory=dict)
-    # Slots taken ahead, by (path, account), oldest first: each slot's member and the task
-    # taking it (its result: the loop time it was counted).
-    _ahead: dict[tuple[str, str | None], list[tuple[str, asyncio.Task[float]]]] = field(
+    # Slots taken ahead, by (path, account, weight), oldest first: each slot's member and the
+    # task taking it (its result: the loop time it was counted).
+    _ahead: dict[tuple[str, str | None, int], list[tuple[str, asyncio.Task[float]]]] = field(
         default_factory=dict
     )
 
@@ -140,20 +144,22 @@ class RedisCallGate:
     def _account_key(self, kind: str, account: str, path: str) -> str:
         return f"{self.prefix}:{kind}:{account}:{path}"
 
-    def ahead(self, path: str, account: str | None, count: int = 1) -> None:
+    def ahead(self, path: str, account: str | None, count: int = 1, weight: int = 1) -> None:
         """Begin taking the slots of the next `count` calls to `path` for `account` now, while
         another call is in flight: those calls then go out without waiting on Redis (and on
         whatever else the event loop runs meanwhile). Each is taken for one call, used by a
         later `before` of the same path and account if still fresh (AHEAD_FRESH_SECONDS),
         else given back. A process runs one basket of an account at a time (the account
-        lock), so the next such calls are that basket's."""
-        key = (path, account)
+        lock), so the next such calls are that basket's. `weight`: what each of those calls
+        counts against the account's limit (a batch: its orders); a call of another weight
+        does not use them."""
+        key = (path, account, weight)
         if key not in self._ahead and len(self._ahead) >= _AHEAD_KEPT:
             self._forget_ahead()
         slots = self._ahead.setdefault(key, [])
         while len(slots) < count:
             member = uuid.uuid4().hex
-            task = asyncio.ensure_future(self._before(path, account, 1, member))
+            task = asyncio.ensure_future(self._before(path, account, weight, member))
             # A slot dropped after its taking failed: its error is not the caller's.
             task.add_done_callback(_retrieved)
             slots.append((member, task))
@@ -161,7 +167,7 @@ class RedisCallGate:
     def _forget_ahead(self, *, path: str | None = None, account: str | None = None) -> None:
         """Slots taken ahead, forgotten (counted, they age out of the windows) and any still
         being taken stopped: all of them, or those of `path` and `account`."""
-        for key in [k for k in self._ahead if path is None or k == (path, account)]:
+        for key in [k for k in self._ahead if path is None or k[:2] == (path, account)]:
             for _member, task in self._ahead.pop(key):
                 task.cancel()
 
@@ -177,8 +183,8 @@ class RedisCallGate:
         how long the real wait is. `weight`: the slots the call takes in the account's window
         (a batch counts each of its orders, as Bybit does)."""
         release = ""
-        key = (path, account)
-        slots = self._ahead.get(key) if weight == 1 else None
+        key = (path, account, weight)
+        slots = self._ahead.get(key)
         if slots:
             member, task = slots.pop(0)
             if not slots:

@@ -51,6 +51,7 @@ T = TypeVar("T")
 # window behind, and the measurement is only as good as half a round trip.
 CLOCK_SAFETY_MS = 250
 ORDER_CREATE = "/v5/order/create"
+ORDER_CREATE_BATCH = "/v5/order/create-batch"
 ORDER_REALTIME = "/v5/order/realtime"
 
 
@@ -74,8 +75,9 @@ class CallGate(Protocol):
 
     async def ban(self, seconds: float) -> None: ...
 
-    def ahead(self, path: str, account: str | None, count: int = 1) -> None:
-        """Begin taking the slots of the next `count` calls to `path` for `account` now."""
+    def ahead(self, path: str, account: str | None, count: int = 1, weight: int = 1) -> None:
+        """Begin taking the slots of the next `count` calls to `path` for `account` now, each
+        of `weight`."""
 
     def drop_ahead(self, account: str | None) -> None:
         """Forget the account's slots taken ahead and not used."""
@@ -101,7 +103,7 @@ class OpenGate:
     async def ban(self, seconds: float) -> None:
         return None
 
-    def ahead(self, path: str, account: str | None, count: int = 1) -> None:
+    def ahead(self, path: str, account: str | None, count: int = 1, weight: int = 1) -> None:
         return None
 
     def drop_ahead(self, account: str | None) -> None:
@@ -325,6 +327,10 @@ class BybitClient:
         """The same for this account's next `count` `get_order` calls (their realtime reads)."""
         self._gate.ahead(ORDER_REALTIME, credentials.account, count)
 
+    def batch_slot_ahead(self, credentials: ApiCredentials, orders: int) -> None:
+        """The same for this account's next `create_market_orders` of `orders` orders."""
+        self._gate.ahead(ORDER_CREATE_BATCH, credentials.account, weight=orders)
+
     def drop_slots_ahead(self, credentials: ApiCredentials) -> None:
         """The account's slots taken ahead and not used are forgotten (they age out)."""
         self._gate.drop_ahead(credentials.account)
@@ -356,7 +362,7 @@ class BybitClient:
         `result.list[i]` and `retExtInfo.list[i]`, in the order sent. An error of the whole
         request raises as any call does (ambiguous when it may have landed); a reply whose
         lists do not match the request raises an ambiguous error too."""
-        path = "/v5/order/create-batch"
+        path = ORDER_CREATE_BATCH
         body = {
             "category": constants.CATEGORY_LINEAR,
             "request": [order.fields() for order in orders],

@@ -240,6 +240,41 @@ async def test_several_slots_taken_ahead_are_several_calls_own(
     assert await redis.zcard(window) == 4
 
 
+async def test_a_batch_s_slot_taken_ahead_counts_its_orders_and_is_its_own(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    # A create-batch request's slot, taken while its proof runs: as many as its orders.
+    batch = "/v5/order/create-batch"
+    gate = _gate(redis, prefix, wait_max_seconds=0)
+    window = f"{prefix}:window:acct:{batch}"
+    gate.ahead(batch, "acct", weight=4)
+    await eventually(lambda: _counted(redis, window, 4), message="the batch's slots")
+    await gate.before(batch, "acct", 4)
+    assert await redis.zcard(window) == 4  # the request went on the slots taken ahead
+    # One of another size does not use them: it takes its own, and they stay counted.
+    gate.ahead(batch, "acct", weight=4)
+    await eventually(lambda: _counted(redis, window, 8), message="the next batch's slots")
+    await gate.before(batch, "acct", 2)
+    assert await redis.zcard(window) == 10
+    gate.drop_ahead("acct")
+
+
+async def test_a_batch_s_slot_taken_ahead_too_long_ago_is_given_back_whole(
+    redis: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rate_limits, "AHEAD_FRESH_SECONDS", -1.0)
+    batch = "/v5/order/create-batch"
+    gate = _gate(redis, prefix, wait_max_seconds=0)
+    window = f"{prefix}:window:acct:{batch}"
+    gate.ahead(batch, "acct", weight=4)
+    await eventually(lambda: _counted(redis, window, 4), message="the batch's slots")
+    early = set(await redis.zrange(window, 0, -1))
+    await gate.before(batch, "acct", 4)
+    now = set(await redis.zrange(window, 0, -1))
+    assert len(now) == 4  # all four given back, and four new ones counted
+    assert not now & early
+
+
 async def test_a_ban_or_a_block_voids_the_slots_taken_ahead(
     redis: aioredis.Redis, prefix: str
 ) -> None:
