@@ -5,6 +5,7 @@ two worker processes, and resident memory of the API and a worker after many pos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -47,23 +48,49 @@ async def _wait_final(
     """Poll the database until every position is final: {id: (status, updated_at epoch)}."""
     connection = await asyncpg.connect(dsn)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = await connection.fetch(
-                "SELECT id::text, status, extract(epoch FROM updated_at)::float8 AS at "
-                "FROM synthetic_positions WHERE id = ANY($1::uuid[])",
-                ids,
-            )
-            done = {r["id"]: (r["status"], r["at"]) for r in rows if r["status"] in FINAL}
-            if on_poll:
-                on_poll(len(done))
-            if len(done) == len(ids):
-                return done
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(ids) - len(done)} positions not final after {timeout}s")
-            await asyncio.sleep(0.05 if len(ids) == 1 else 0.2)
+        return await _poll(connection, ids, timeout, on_poll)
     finally:
         await connection.close()
+
+
+async def _poll(
+    connection: asyncpg.Connection,
+    ids: list[str],
+    timeout: float,
+    on_poll: Callable[[int], None] | None = None,
+) -> dict[str, tuple[str, float]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await connection.fetch(
+            "SELECT id::text, status, extract(epoch FROM updated_at)::float8 AS at "
+            "FROM synthetic_positions WHERE id = ANY($1::uuid[])",
+            ids,
+        )
+        done = {r["id"]: (r["status"], r["at"]) for r in rows if r["status"] in FINAL}
+        if on_poll:
+            on_poll(len(done))
+        if len(done) == len(ids):
+            return done
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(ids) - len(done)} positions not final after {timeout}s")
+        await asyncio.sleep(0.05 if len(ids) == 1 else 0.2)
+
+
+class _Poller:
+    """`_poll` on one connection kept for a whole measurement: a connection per basket would
+    have PostgreSQL start a backend (a fork and its catalogue warm-up, milliseconds of CPU on
+    the cores the run shares) just as the basket's run starts."""
+
+    def __init__(self, dsn: str) -> None:
+        self._runner = asyncio.Runner()
+        self._connection = self._runner.run(asyncpg.connect(dsn))
+
+    def wait(self, ids: list[str], timeout: float) -> dict[str, tuple[str, float]]:
+        return self._runner.run(_poll(self._connection, ids, timeout))
+
+    def close(self) -> None:
+        self._runner.run(self._connection.close())
+        self._runner.close()
 
 
 def _post(api: httpx.Client, user: ApiUser, body: dict[str, str]) -> str:
@@ -286,42 +313,42 @@ def _post_to_active(
     machine for both), one basket after another, round-robin over `users`: an account's
     baskets back to back would wait for its order slots (Bybit allows 10 orders a second per
     account), which is the exchange's rule, not the service's cost."""
-    dsn = _dsn(stack)
     modes = {"sequential": TOP10, "batch": TOP10_BATCH}
-    warmed: dict[str, str] = {}
-    for user in users:  # warm-up: each account's leverage, the pools
-        for mode, body in modes.items():
-            warmed[mode] = _post(api, user, body)
-            asyncio.run(_wait_final(dsn, [warmed[mode]], 60))
-    # The batch baseline trades the same legs, on the first account.
-    owner = users[-1]
-    detail = api.get(f"/api/positions/{warmed['batch']}", headers=owner.headers).json()
-    batch_legs = [(t["symbol"], t["quantity"]) for t in detail["trades"]]
-    runs: dict[str, list[float]] = {mode: [] for mode in (*modes, "minimal")}
-    calls: dict[str, int] = dict.fromkeys(modes, 0)
-    sent_at: dict[str, dict[str, float]] = {mode: {} for mode in modes}
-    last_id: dict[str, str] = {}
-    with _minimal_pipeline(stack, users[0], batch_legs) as minimal:
-        asyncio.run(_wait_final(dsn, [_post_minimal(minimal)], 60))  # warm
-        for number in range(positions):
-            user = users[number % len(users)]
+    with contextlib.closing(_Poller(_dsn(stack))) as poller:
+        warmed: dict[str, str] = {}
+        for user in users:  # warm-up: each account's leverage, the pools
             for mode, body in modes.items():
-                before = _sim_calls(stack)
+                warmed[mode] = _post(api, user, body)
+                poller.wait([warmed[mode]], 60)
+        # The batch baseline trades the same legs, on the first account.
+        owner = users[-1]
+        detail = api.get(f"/api/positions/{warmed['batch']}", headers=owner.headers).json()
+        batch_legs = [(t["symbol"], t["quantity"]) for t in detail["trades"]]
+        runs: dict[str, list[float]] = {mode: [] for mode in (*modes, "minimal")}
+        calls: dict[str, int] = dict.fromkeys(modes, 0)
+        sent_at: dict[str, dict[str, float]] = {mode: {} for mode in modes}
+        last_id: dict[str, str] = {}
+        with _minimal_pipeline(stack, users[0], batch_legs) as minimal:
+            poller.wait([_post_minimal(minimal)], 60)  # warm
+            for number in range(positions):
+                user = users[number % len(users)]
+                for mode, body in modes.items():
+                    before = _sim_calls(stack)
+                    sent = time.time()
+                    position_id = _post(api, user, body)
+                    sent_at[mode][position_id] = sent
+                    final = poller.wait([position_id], 60)
+                    status, finished = final[position_id]
+                    assert status == "ACTIVE", status
+                    runs[mode].append(finished - sent)
+                    calls[mode] += sum(_sim_calls(stack).values()) - sum(before.values())
+                    last_id[mode] = position_id
+                # The same batch basket through the minimal program, in the same turn.
                 sent = time.time()
-                position_id = _post(api, user, body)
-                sent_at[mode][position_id] = sent
-                final = asyncio.run(_wait_final(dsn, [position_id], 60))
-                status, finished = final[position_id]
+                position_id = _post_minimal(minimal)
+                status, finished = poller.wait([position_id], 60)[position_id]
                 assert status == "ACTIVE", status
-                runs[mode].append(finished - sent)
-                calls[mode] += sum(_sim_calls(stack).values()) - sum(before.values())
-                last_id[mode] = position_id
-            # The same batch basket through the minimal program, in the same turn.
-            sent = time.time()
-            position_id = _post_minimal(minimal)
-            status, finished = asyncio.run(_wait_final(dsn, [position_id], 60))[position_id]
-            assert status == "ACTIVE", status
-            runs["minimal"].append(finished - sent)
+                runs["minimal"].append(finished - sent)
     log = worker_log()
     figures = {}
     for mode, floor_run in (("sequential", _floor_run), ("batch", _batch_floor_run)):
