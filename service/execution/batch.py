@@ -48,6 +48,18 @@ from service.positions import repository
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
+class FirstOrders:
+    """What the first orders of a batch run came to."""
+
+    # Every leg's first order, all of it filled, read by this run: nothing is left for the
+    # sequential protocol.
+    complete: bool
+    # The fills of a complete basket, read and not yet recorded: they are recorded with its
+    # ACTIVE, in one statement (states.finish). Otherwise every fill read is recorded already.
+    unrecorded: Sequence[legs.Fill] = ()
+
+
 @dataclass
 class _Outcomes:
     """What became of the orders of one batch run."""
@@ -65,13 +77,13 @@ async def send_first_orders(
     log: structlog.stdlib.BoundLogger,
     *,
     ends_position: Callable[[RunError], bool],
-) -> bool:
+) -> FirstOrders:
     """Every leg's first order not recorded yet: looked up if it may have been sent, the rest
-    sent in batches, then every fill read at once and recorded. Raises the run's error for the
-    first leg that failed (refusals before unknown outcomes), after recording every fill;
-    every leg refused for good is reported (`leg.failed`), and an unknown outcome that ends
-    the position. True when the basket is complete: every leg's first order, all of it
-    filled, read by this run (nothing is left for the sequential protocol)."""
+    sent in batches, then every fill read at once. Raises the run's error for the first leg
+    that failed (refusals before unknown outcomes), after recording every fill; every leg
+    refused for good is reported (`leg.failed`), and an unknown outcome that ends the
+    position. A complete basket's fills are returned unrecorded, for its ACTIVE's
+    statement."""
     links = {t.order_link_id for t in recorded}
     orders = [
         legs.LegOrder(leg, 0, leg.order_link_id, leg.quantity)
@@ -79,7 +91,7 @@ async def send_first_orders(
         if leg.order_link_id not in links
     ]
     if not orders:
-        return False
+        return FirstOrders(complete=False)
     outcomes = _Outcomes()
     try:
         try:
@@ -87,13 +99,14 @@ async def send_first_orders(
         except (RunError, OwnershipLostError):
             # What did land is read and recorded before the run ends (a later run would
             # too, but a basket that fails here must show what it holds).
-            await _read_fills(deps, run, outcomes.placed, log)
+            _, landed = await _read_fills(deps, run, outcomes.placed, log)
+            await legs.write_fills(deps, run, landed)
             raise
-        fills = await _read_fills(deps, run, outcomes.placed, log)
+        orders_read, fills = await _read_fills(deps, run, outcomes.placed, log)
     finally:
         # Read slots taken ahead for orders that were not placed.
         deps.exchange.drop_slots_ahead(run.credentials)
-    for leg_order, order in zip(outcomes.placed, fills, strict=True):
+    for leg_order, order in zip(outcomes.placed, orders_read, strict=True):
         if isinstance(order, RunError):
             outcomes.unknown.append((leg_order, order))
         elif order.cum_exec_qty <= 0:
@@ -103,6 +116,19 @@ async def send_first_orders(
             )
             nothing.bybit_order_id = order.order_id
             outcomes.refused.append((leg_order, nothing))
+    complete = (
+        not outcomes.refused
+        and not outcomes.unknown
+        and len(orders) == len(plan)
+        and all(
+            isinstance(order, Order) and order.cum_exec_qty >= leg_order.qty
+            for leg_order, order in zip(outcomes.placed, orders_read, strict=True)
+        )
+    )
+    if complete:
+        return FirstOrders(complete=True, unrecorded=fills)
+    # Recorded before the run goes on (a partial fill's remainder) or fails.
+    await legs.write_fills(deps, run, fills)
     for leg_order, error in [*outcomes.refused, *outcomes.unknown]:
         if error.order_link_id is None:
             error.order_link_id, error.qty = leg_order.link, leg_order.qty
@@ -117,10 +143,7 @@ async def send_first_orders(
         if ends_position(error):
             legs.report_failed(log, leg_order.leg, error)
         raise error
-    return len(orders) == len(plan) and all(
-        isinstance(order, Order) and order.cum_exec_qty >= leg_order.qty
-        for leg_order, order in zip(outcomes.placed, fills, strict=True)
-    )
+    return FirstOrders(complete=False)
 
 
 async def _send_all(
@@ -228,6 +251,9 @@ def _sender(
     batch = [_market_order(o) for o in pending]
 
     async def send() -> list[BatchItem]:
+        # The request's rate-limit slot is taken while the proof runs (a slot left unused is
+        # dropped when the run's orders are done).
+        deps.exchange.batch_slot_ahead(run.credentials, len(batch))
         # Every send (a re-send after Bybit refused the whole request for its rate limit
         # too) is proven right before it.
         await _prove_ownership(deps, run, pending)
@@ -257,9 +283,7 @@ async def _prove_ownership(deps: ExecutionDeps, run: Run, pending: list[legs.Leg
     holds the position, in the round trip that marks every order of the batch submitted."""
     first = pending[0]
     legs.check_time_left(deps, run, first)
-    if not await run.lease.confirm(
-        run.claim, submitting_legs=[o.leg.leg for o in pending], close_round=run.close_round
-    ):
+    if not await run.prove(submitting_legs=[o.leg.leg for o in pending]):
         raise OwnershipLostError(
             leg_message(
                 first.leg,
@@ -387,11 +411,12 @@ async def _read_fills(
     run: Run,
     placed: list[legs.LegOrder],
     log: structlog.stdlib.BoundLogger,
-) -> list[Order | RunError]:
-    """Every placed order read until final, all at once, and their fills recorded together
-    (one statement: ten sessions side by side would hold ten connections for one write). The
-    fills read are recorded however the reads end (a read's own error, the run's deadline
-    cancelling it): a basket that stops here shows what it holds."""
+) -> tuple[list[Order | RunError], list[legs.Fill]]:
+    """Every placed order read until final, all at once: each order (or its read's error),
+    and the fills to record, together (one statement: ten sessions side by side would hold
+    ten connections for one write), by the caller. If the reads themselves end in an error
+    (the run's deadline cancelling them), the fills read are recorded here before it is
+    raised: a basket that stops here shows what it holds."""
     started = time.perf_counter()
     ready: list[legs.Fill] = []
 
@@ -417,6 +442,4 @@ async def _read_fills(
                 # them.
                 log.error("run.fill_unwritten", error=f"{type(error).__name__}: {error}")
         raise
-    if ready:
-        await legs.write_fills(deps, run, ready)
-    return orders
+    return orders, ready

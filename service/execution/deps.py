@@ -37,12 +37,13 @@ class RunLease(Protocol):
         submitting_legs: Sequence[int] = (),
         submitting_remainder: int = 0,
         close_round: int | None = None,
+        facts: PreflightFacts | None = None,
     ) -> bool:
         """True when the run still holds the position's lock and its claim (then the orders
         of `submitting_legs`, the first or remainder number `submitting_remainder`, are
-        marked submitted in the same round trip). `close_round`:
-        the run is that close round's (CLOSING, its legs in position_close_legs); None: the
-        opening's (EXECUTING, position_legs)."""
+        marked submitted in the same round trip, and the opening's `facts` written).
+        `close_round`: the run is that close round's (CLOSING, its legs in
+        position_close_legs); None: the opening's (EXECUTING, position_legs)."""
         ...
 
     async def fetch(self, query: str, *args: object) -> list[Any]:
@@ -150,6 +151,24 @@ class ExecutionDeps:
         )
 
 
+@dataclass(slots=True)
+class PreflightFacts:
+    """What a new basket's pre-flight found, to be stored: the key's Bybit account (None:
+    nothing to write) and the positionIdx of the legs whose symbols are in hedge mode, by
+    leg. Written in the round trip of the run's next ownership proof, with the marks of the
+    first orders it sends (before any order: a later run that sends one again uses them)."""
+
+    exchange_uid: str | None = None
+    position_idx: dict[int, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.exchange_uid is not None or bool(self.position_idx)
+
+    def clear(self) -> None:
+        self.exchange_uid = None
+        self.position_idx = {}
+
+
 @dataclass(frozen=True, slots=True)
 class Run:
     """One run of a claimed position: what every step of it needs."""
@@ -167,3 +186,25 @@ class Run:
     leverage_checked: set[str] = field(default_factory=set)
     # Claimed from PENDING by this run: a new basket, with no plan and nothing sent yet.
     fresh: bool = False
+    # Its pre-flight's findings not yet written (see PreflightFacts).
+    facts: PreflightFacts = field(default_factory=PreflightFacts)
+
+    async def prove(
+        self,
+        *,
+        submitting_legs: Sequence[int] = (),
+        submitting_remainder: int = 0,
+    ) -> bool:
+        """The run's ownership proof (`RunLease.confirm`) before an order: its lock and its
+        claim, the orders it marks submitted, and the pre-flight's facts not yet written."""
+        facts = self.facts if self.close_round is None and self.facts else None
+        proven = await self.lease.confirm(
+            self.claim,
+            submitting_legs=submitting_legs,
+            submitting_remainder=submitting_remainder,
+            close_round=self.close_round,
+            facts=facts,
+        )
+        if proven and facts is not None:
+            facts.clear()
+        return proven

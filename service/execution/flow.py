@@ -222,15 +222,15 @@ async def _run_claimed(
         async with deadline:
             legs_planned, recorded = await _plan_and_preflight(deps, run, log, early)
             ends_position = functools.partial(runs.ends_run, deps, run)
-            complete = False
+            first = batch.FirstOrders(complete=False)
             if position.execution == ExecutionMode.BATCH:
-                complete = await batch.send_first_orders(
+                first = await batch.send_first_orders(
                     deps, run, legs_planned, recorded, log, ends_position=ends_position
                 )
-                if not complete:
+                if not first.complete:
                     # What is left (a partial fill's remainder) goes one order at a time.
                     recorded = await plan.recorded_trades(deps, position.id)
-            if not complete:
+            if not first.complete:
                 await legs.execute_legs(
                     deps,
                     run,
@@ -240,7 +240,7 @@ async def _run_claimed(
                     ends_position=ends_position,
                     deadline_expired=deadline.expired,
                 )
-            await states.finish(deps, run, legs_planned, log)
+            await states.finish(deps, run, legs_planned, log, first.unrecorded)
             return RunResult(Outcome.ACTIVE)
     except TimeoutError:
         if not deadline.expired():

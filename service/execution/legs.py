@@ -141,13 +141,7 @@ class Pipeline:
         # The order's rate-limit slot too, so that it goes out as soon as this fill is read.
         self._deps.exchange.order_slot_ahead(self._run.credentials)
         started = asyncio.get_running_loop().time()
-        task = asyncio.ensure_future(
-            self._run.lease.confirm(
-                self._run.claim,
-                submitting_legs=(following.leg,),
-                close_round=self._run.close_round,
-            )
-        )
+        task = asyncio.ensure_future(self._run.prove(submitting_legs=(following.leg,)))
         self._ahead[following.leg] = (started, task)
 
     async def proof(self, leg_order: LegOrder) -> bool | None:
@@ -449,12 +443,24 @@ async def read_outcome(
 async def write_fills(deps: ExecutionDeps, run: Run, fills: Sequence[Fill]) -> None:
     """Record fills of the run's position, in one statement on the lock connection, then log
     each (`leg.filled`)."""
+    if not fills:
+        return
+    await run_statements.record_fills(run.lease, run.position.id, fill_rows(run, fills))
+    report_filled(fills)
+
+
+def fill_rows(run: Run, fills: Sequence[Fill]) -> list[run_statements.FillValues]:
+    """The `trades` rows of fills of the run's position."""
     rows = []
     for f in fills:
         values = trade_values(run.position.id, f.leg_order, f.order, f.price)
         del values["position_id"]
         rows.append(run_statements.FillValues(**values))  # type: ignore[arg-type]
-    await run_statements.record_fills(run.lease, run.position.id, rows)
+    return rows
+
+
+def report_filled(fills: Sequence[Fill]) -> None:
+    """`leg.filled` for each fill recorded."""
     for fill in fills:
         order = fill.order
         LEG_LATENCY.labels("filled").observe(fill.latency_ms / 1000)
@@ -509,11 +515,8 @@ async def _prove_ownership(
     check_time_left(deps, run, leg_order)
     proven = await pipe.proof(leg_order) if pipe is not None else None
     if proven is None:
-        proven = await run.lease.confirm(
-            run.claim,
-            submitting_legs=(leg.leg,),
-            submitting_remainder=leg_order.remainder,
-            close_round=run.close_round,
+        proven = await run.prove(
+            submitting_legs=(leg.leg,), submitting_remainder=leg_order.remainder
         )
     if not proven:
         raise OwnershipLostError(

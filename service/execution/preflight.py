@@ -20,7 +20,6 @@ from service.execution.deps import ExecutionDeps, Run
 from service.execution.outcomes import PermanentRunError, RunError, leg_message
 from service.market.data import MarketDataUnavailableError
 from service.models import PositionLeg
-from service.positions import run_statements
 from service.trading_logic import InstrumentFilters, order_filter_violation
 
 # Bybit's answer to set-leverage under portfolio margin ("not allowed to change leverage").
@@ -204,18 +203,17 @@ async def preflight(
     }
     for leg in plan:
         leg.position_idx = changed.get(leg.leg, leg.position_idx)
-    new_uid = uid if uid is not None and run.position.exchange_uid is None else None
-    writes = [
-        # Kept for every worker (and their time to live renewed).
-        deps.memo.confirm_leverage(credentials.account, sorted(at_1x)),
-        deps.memo.remember_hedge_modes(credentials.account, {s: hedge[s] for s in symbols}),
-    ]
-    if changed or new_uid is not None:
-        # On the lock connection, one statement.
-        writes.append(
-            run_statements.set_preflight_facts(run.lease, run.position.id, new_uid, changed)
-        )
-    await calls.all_of(writes)
+    # Stored with the first orders' marks, in the round trip of their proof.
+    if uid is not None and run.position.exchange_uid is None:
+        run.facts.exchange_uid = uid
+    run.facts.position_idx = changed
+    # Kept for every worker (and their time to live renewed).
+    await calls.all_of(
+        [
+            deps.memo.confirm_leverage(credentials.account, sorted(at_1x)),
+            deps.memo.remember_hedge_modes(credentials.account, {s: hedge[s] for s in symbols}),
+        ]
+    )
     log.info(
         "preflight.passed",
         required_usdt=str(needed),

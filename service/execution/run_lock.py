@@ -32,7 +32,7 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.execution.deps import RunLease, RunLock
+from service.execution.deps import PreflightFacts, RunLease, RunLock
 from service.positions import locks
 
 logger = structlog.stdlib.get_logger("service.execution.run_lock")
@@ -75,6 +75,7 @@ class AdvisoryRunLease:
         submitting_legs: Sequence[int] = (),
         submitting_remainder: int = 0,
         close_round: int | None = None,
+        facts: PreflightFacts | None = None,
     ) -> bool:
         try:
             # The wait for the connection counts too: a statement before it may be slow.
@@ -86,6 +87,8 @@ class AdvisoryRunLease:
                     submitting_legs=submitting_legs,
                     submitting_remainder=submitting_remainder,
                     close_round=close_round,
+                    exchange_uid=facts.exchange_uid if facts is not None else None,
+                    position_idx=facts.position_idx if facts is not None else None,
                 )
         except _CONNECTION_ERRORS as error:
             logger.warning("run.lock_connection_lost", error=f"{type(error).__name__}: {error}")

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import structlog
 
+from service.execution import legs
 from service.execution.deps import ExecutionDeps, Run, RunLease
 from service.execution.outcomes import Outcome, OwnershipLostError, RunResult
 from service.models import PositionLeg, PositionStatus, SyntheticPosition
@@ -93,13 +94,18 @@ async def finish(
     run: Run,
     plan: Sequence[PositionLeg],
     log: structlog.stdlib.BoundLogger,
+    fills: Sequence[legs.Fill] = (),
 ) -> None:
-    """The snapshot of what filled (not what was planned) and ACTIVE, in one transaction;
-    `position.partial` when a leg fell short."""
+    """`fills` (read and not yet recorded: a complete batch's) recorded, and the snapshot of
+    what filled (not what was planned) and ACTIVE, in one transaction; `position.partial`
+    when a leg fell short."""
     position = run.position
-    # One statement on the lock connection: the snapshot and the status, one commit, fenced
-    # by the run's lock and claim.
-    filled = await run_statements.finish_active(run.lease, position.id, run.claim)
+    # One statement on the lock connection: the fills, the snapshot and the status, one
+    # commit, the status and the snapshot fenced by the run's lock and claim.
+    filled = await run_statements.finish_active(
+        run.lease, position.id, run.claim, legs.fill_rows(run, fills)
+    )
+    legs.report_filled(fills)
     if filled is None:
         # This run lost the position (its lock, or the state changed): the snapshot rolled
         # back, and the one that holds it decides.

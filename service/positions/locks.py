@@ -5,7 +5,7 @@ fence every status write of a run carries (`lock_held_by`)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import asyncpg
 from sqlalchemy import text
@@ -33,27 +33,57 @@ _LOCK_HELD = (
 
 
 # The run's ownership proof (confirm_run), on its lock connection: lock, status and claim;
-# the opening's legs are in position_legs, a close round's in position_close_legs. $1 the
-# id, $2 the claim, $3 the legs, $4 the remainder, $5 and $6 the lock key's halves, $7 the
-# close round.
-_CONFIRM = (
-    "WITH owner AS ("
-    " UPDATE synthetic_positions SET heartbeat_at = now()"
-    " WHERE id = $1 AND status = '{status}' AND claim = $2 AND EXISTS (SELECT 1 FROM pg_locks"
-    " WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid::bigint = $5"
-    " AND objid::bigint = $6 AND pid = pg_backend_pid())"
-    " RETURNING id), "
-    "submitted AS ("
-    " UPDATE {legs} SET submitted_at = coalesce(submitted_at, now()),"
-    " remainders_submitted = greatest(remainders_submitted, $4::integer)"
-    " WHERE position_id IN (SELECT id FROM owner) AND leg = ANY($3::integer[]){round}"
-    " RETURNING leg) "
-    "SELECT count(*) FROM owner"
+# a close round's legs are in position_close_legs. $1 the id, $2 the claim, $3 the legs, $4
+# the remainder, $5 and $6 the lock key's halves, $7 the close round.
+_CONFIRM_CLOSING = """
+WITH owner AS (
+    UPDATE synthetic_positions SET heartbeat_at = now()
+    WHERE id = $1 AND status = 'CLOSING' AND claim = $2 AND EXISTS (
+        SELECT 1 FROM pg_locks
+        WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid::bigint = $5
+          AND objid::bigint = $6 AND pid = pg_backend_pid())
+    RETURNING id
+), submitted AS (
+    UPDATE position_close_legs
+    SET submitted_at = coalesce(submitted_at, now()),
+        remainders_submitted = greatest(remainders_submitted, $4::integer)
+    WHERE position_id IN (SELECT id FROM owner) AND leg = ANY($3::integer[])
+      AND round = $7::integer
+    RETURNING leg
 )
-_CONFIRM_OPENING = _CONFIRM.format(status="EXECUTING", legs="position_legs", round="")
-_CONFIRM_CLOSING = _CONFIRM.format(
-    status="CLOSING", legs="position_close_legs", round=" AND round = $7::integer"
+SELECT count(*) FROM owner
+"""
+
+# The opening's proof: the same on position_legs, and its pre-flight's facts written in the
+# same round trip (one UPDATE per row: a statement may change a row once): $7 the key's Bybit
+# account (NULL: nothing to write; the first reading stands), $8 the legs whose positionIdx
+# changed and $9 their positionIdx.
+_CONFIRM_OPENING = """
+WITH owner AS (
+    UPDATE synthetic_positions
+    SET heartbeat_at = now(), exchange_uid = coalesce(exchange_uid, $7::text)
+    WHERE id = $1 AND status = 'EXECUTING' AND claim = $2 AND EXISTS (
+        SELECT 1 FROM pg_locks
+        WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid::bigint = $5
+          AND objid::bigint = $6 AND pid = pg_backend_pid())
+    RETURNING id
+), facts AS (
+    SELECT * FROM unnest($8::integer[], $9::integer[]) AS f(leg, position_idx)
+), submitted AS (
+    UPDATE position_legs AS l
+    SET submitted_at = CASE WHEN l.leg = ANY($3::integer[])
+                            THEN coalesce(l.submitted_at, now()) ELSE l.submitted_at END,
+        remainders_submitted = CASE WHEN l.leg = ANY($3::integer[])
+                                    THEN greatest(l.remainders_submitted, $4::integer)
+                                    ELSE l.remainders_submitted END,
+        position_idx = coalesce((SELECT f.position_idx FROM facts AS f WHERE f.leg = l.leg),
+                                l.position_idx)
+    WHERE l.position_id IN (SELECT id FROM owner)
+      AND (l.leg = ANY($3::integer[]) OR l.leg IN (SELECT leg FROM facts))
+    RETURNING l.leg
 )
+SELECT count(*) FROM owner
+"""
 
 
 _THIS_DATABASE = " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
@@ -143,21 +173,28 @@ async def confirm_run(
     submitting_legs: Sequence[int] = (),
     submitting_remainder: int = 0,
     close_round: int | None = None,
+    exchange_uid: str | None = None,
+    position_idx: Mapping[int, int] | None = None,
 ) -> bool:
     """One round trip on the connection that holds the run's lock: True when this connection
     still holds the position's lock and the position is still EXECUTING under `claim`. Then
     the heartbeat is renewed (the recovery sweep waits STALE_EXECUTING_SECONDS after it before
     it may resume the position elsewhere) and the orders of `submitting_legs` (their first,
     or remainder number `submitting_remainder`) are marked submitted (before they are sent: a
-    later run looks them up before placing anything): one leg's order, or a batch's. A plain
-    asyncpg statement: it comes before every order, on the loop that sends it."""
+    later run looks them up before placing anything): one leg's order, or a batch's. The
+    opening's pre-flight facts go with it: the key's Bybit account (`exchange_uid`, kept if
+    one is stored) and each leg's `position_idx` by leg. A plain asyncpg statement: it comes
+    before every order, on the loop that sends it."""
     lock = _lock_params(position_id)
     common = (position_id, claim, list(submitting_legs), submitting_remainder)
     keys = (lock["lock_high"], lock["lock_low"])
     if close_round is not None:
         count = await connection.fetchval(_CONFIRM_CLOSING, *common, *keys, close_round)
     else:
-        count = await connection.fetchval(_CONFIRM_OPENING, *common, *keys)
+        changed = position_idx or {}
+        count = await connection.fetchval(
+            _CONFIRM_OPENING, *common, *keys, exchange_uid, list(changed), list(changed.values())
+        )
     return bool(count)
 
 

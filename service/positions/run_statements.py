@@ -70,12 +70,52 @@ WHERE id = $2 AND status = 'PENDING' AND {_LOCK_HELD_HERE}
 RETURNING {_POSITION_COLUMNS}
 """  # noqa: S608 - constants only; every value is a bound parameter
 
-# EXECUTING -> ACTIVE under the run's claim, with the snapshot of what filled (each leg's
-# side and the sum of its opening fills) written in the same statement, hence the same
-# commit: written only if the status changed. Returns what filled per leg, and whether the
-# status changed (no row: the position was not this run's to finish).
+# The `trades` columns of a fill, in FillValues' order, with their arrays' types.
+_FILL_COLUMNS = (
+    ("leg", "integer"),
+    ("symbol", "text"),
+    ("side", "text"),
+    ("bybit_order_id", "text"),
+    ("order_link_id", "text"),
+    ("price", "numeric"),
+    ("quantity", "numeric"),
+    ("fee", "numeric"),
+    ("fee_coin", "text"),
+    ("fee_detail", "text"),
+    ("order_status", "text"),
+    ("phase", "text"),
+    ("executed_at", "timestamptz"),
+)
+
+
+def _insert_fills(position: int, first: int) -> str:
+    """The INSERT of fills of the position ${position}: one unnest() of the arrays ${first}
+    on (FillValues' fields), each fill inserted once (a second report of the same
+    orderLinkId changes nothing)."""
+    names = ", ".join(name for name, _ in _FILL_COLUMNS)
+    arrays = ", ".join(f"${first + i}::{kind}[]" for i, (_, kind) in enumerate(_FILL_COLUMNS))
+    values = ", ".join(
+        f"t.{name}::jsonb" if name == "fee_detail" else f"t.{name}" for name, _ in _FILL_COLUMNS
+    )
+    return f"""
+    INSERT INTO trades (id, position_id, {names})
+    SELECT gen_random_uuid(), ${position}, {values}
+    FROM unnest({arrays}) AS t({names})
+    ON CONFLICT (order_link_id) DO NOTHING"""  # noqa: S608 - constants; values are bound
+
+
+# EXECUTING -> ACTIVE under the run's claim, with the fills read last ($4...: a complete
+# batch's, recorded in the same commit as its ACTIVE; none for a sequential run, which has
+# recorded each already) and the snapshot of what filled (each leg's side and the sum of its
+# opening fills, those inserted here too: a statement's parts all see the table as it was
+# before it) written in the same statement, hence the same commit: the status and the
+# snapshot only if the status changed; the fills in any case (orders this run saw filled,
+# whoever finishes the position). Returns what filled per leg (no row: the position was not
+# this run's to finish).
 _FINISH = f"""
-WITH done AS (
+WITH recorded AS ({_insert_fills(2, 4)}
+    RETURNING leg, quantity, phase
+), done AS (
     UPDATE synthetic_positions
     SET status = 'ACTIVE', account_wait_since = NULL, next_attempt_at = NULL,
         updated_at = clock_timestamp()
@@ -84,7 +124,11 @@ WITH done AS (
 ), filled AS (
     SELECT l.leg, l.symbol, l.side, coalesce(sum(t.quantity), 0) AS quantity
     FROM position_legs AS l
-    LEFT JOIN trades AS t ON t.position_id = l.position_id AND t.leg = l.leg AND t.phase = 'open'
+    LEFT JOIN (
+        SELECT leg, quantity FROM trades WHERE position_id = $2 AND phase = 'open'
+        UNION ALL
+        SELECT leg, quantity FROM recorded WHERE phase = 'open'
+    ) AS t ON t.leg = l.leg
     WHERE l.position_id = $2
     GROUP BY l.leg, l.symbol, l.side
 ), written AS (
@@ -111,43 +155,16 @@ WITH legs AS (
 SELECT * FROM legs ORDER BY leg
 """  # noqa: S608 - constants only; every value is a bound parameter
 
-# What a new basket's pre-flight found: the key's Bybit account ($2; NULL: nothing to write,
-# and the first reading stands) and the positionIdx of the legs whose symbols are in hedge
-# mode ($3 the legs, $4 their positionIdx).
-_PREFLIGHT_FACTS = """
-WITH account AS (
-    UPDATE synthetic_positions SET exchange_uid = $2
-    WHERE id = $1 AND exchange_uid IS NULL AND $2::text IS NOT NULL
-), modes AS (
-    UPDATE position_legs AS l SET position_idx = m.position_idx
-    FROM unnest($3::integer[], $4::integer[]) AS m(leg, position_idx)
-    WHERE l.position_id = $1 AND l.leg = m.leg
-)
-SELECT 1
-"""
-
 # Fills of the position $1, each inserted once (a second report of the same orderLinkId
 # changes nothing) and, when one is new, the position's `updated_at` (GET shows it) and
 # heartbeat (the run is alive) moved: one statement for any number of fills.
-_RECORD_FILLS = """
-WITH recorded AS (
-    INSERT INTO trades
-        (id, position_id, leg, symbol, side, bybit_order_id, order_link_id, price, quantity,
-         fee, fee_coin, fee_detail, order_status, phase, executed_at)
-    SELECT gen_random_uuid(), $1, t.leg, t.symbol, t.side, t.bybit_order_id, t.order_link_id,
-           t.price, t.quantity, t.fee, t.fee_coin, t.fee_detail::jsonb, t.order_status,
-           t.phase, t.executed_at
-    FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::text[], $7::numeric[],
-                $8::numeric[], $9::numeric[], $10::text[], $11::text[], $12::text[],
-                $13::text[], $14::timestamptz[])
-        AS t(leg, symbol, side, bybit_order_id, order_link_id, price, quantity, fee, fee_coin,
-             fee_detail, order_status, phase, executed_at)
-    ON CONFLICT (order_link_id) DO NOTHING
+_RECORD_FILLS = f"""
+WITH recorded AS ({_insert_fills(1, 2)}
     RETURNING 1
 )
 UPDATE synthetic_positions SET updated_at = clock_timestamp(), heartbeat_at = now()
 WHERE id = $1 AND EXISTS (SELECT 1 FROM recorded)
-"""
+"""  # noqa: S608 - constants only; every value is a bound parameter
 
 _UUID_COLUMNS = ("id", "user_id")
 
@@ -188,20 +205,9 @@ async def add_plan(
     return stored
 
 
-async def set_preflight_facts(
-    lease: RunLease, position_id: uuid.UUID, uid: str | None, position_idx: Mapping[int, int]
-) -> None:
-    """The key's Bybit account (`uid`, if not None) and each leg's positionIdx by leg, as
-    the opening's pre-flight found them."""
-    await lease.fetch(
-        _PREFLIGHT_FACTS, position_id, uid, list(position_idx), list(position_idx.values())
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class FillValues:
-    """The `trades` row of one filled order; the fields in the order of _RECORD_FILLS'
-    arrays."""
+    """The `trades` row of one filled order; the fields in the order of _FILL_COLUMNS."""
 
     leg: int
     symbol: str
@@ -266,11 +272,18 @@ async def claim_new(
 
 
 async def finish_active(
-    lease: RunLease, position_id: uuid.UUID, claim: str
+    lease: RunLease, position_id: uuid.UUID, claim: str, fills: Sequence[FillValues] = ()
 ) -> dict[int, Decimal] | None:
-    """EXECUTING -> ACTIVE under `claim`, with the snapshot, in one statement: what filled
-    per leg; None, nothing written, when the position was not this run's to finish."""
-    rows = await lease.fetch(_FINISH, advisory_lock_key(position_id), position_id, claim)
+    """`fills` recorded, and EXECUTING -> ACTIVE under `claim` with the snapshot, in one
+    statement: what filled per leg; None, only the fills written, when the position was not
+    this run's to finish."""
+    rows = await lease.fetch(
+        _FINISH,
+        advisory_lock_key(position_id),
+        position_id,
+        claim,
+        *_columns(fills, FillValues),
+    )
     if not rows:
         return None
     return {int(row["leg"]): Decimal(row["quantity"]) for row in rows}

@@ -1,7 +1,8 @@
 """A run's own statements on its lock connection (service/positions/run_statements.py): the
 claim from PENDING and ACTIVE with its snapshot are fenced by the lock that very connection
-holds, the plan and the fills are written once, and ACTIVE writes its snapshot only with the
-status."""
+holds, the plan and the fills are written once, ACTIVE writes its snapshot only with the
+status (and counts the fills recorded with it), and the pre-flight's facts go with the
+proof of ownership."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import secrets
 import time
 import uuid
+from dataclasses import fields
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -19,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.config import get_settings
 from service.credentials.service import store_credentials
 from service.db import SessionScope
+from service.execution.deps import PreflightFacts
 from service.execution.run_lock import advisory_run_lock
 from service.models import PositionComponent, PositionStatus, Trade
 from service.positions import repository, run_statements
@@ -93,16 +96,24 @@ async def test_a_new_basket_is_claimed_planned_filled_and_finished_once(
             (1, "BTCUSDT", position_id),
             (2, "ETHUSDT", position_id),
         ]
-        await run_statements.set_preflight_facts(lease, position_id, "uid-1", {2: 1})
-        await run_statements.set_preflight_facts(lease, position_id, "uid-2", {})
+        # The pre-flight's facts go with the proof that marks the first order submitted.
+        facts = PreflightFacts("uid-1", {2: 1})
+        assert await lease.confirm("task-1", submitting_legs=[1], facts=facts)
+        # Not this claim's proof: nothing written.
+        assert not await lease.confirm("task-2", facts=PreflightFacts("uid-x", {1: 2}))
+        assert await lease.confirm("task-1", facts=PreflightFacts("uid-2", {}))
 
-        fills = [_fill(planned[0], "0.5"), _fill(planned[1], "0.25")]
-        await run_statements.record_fills(lease, position_id, fills)
-        await run_statements.record_fills(lease, position_id, fills)  # reported twice
+        first = _fill(planned[0], "0.5")
+        await run_statements.record_fills(lease, position_id, [first])
+        await run_statements.record_fills(lease, position_id, [first])  # reported twice
 
-        # Not this claim's to finish: nothing written.
+        # Not this claim's to finish: the status and the snapshot not written.
         assert await run_statements.finish_active(lease, position_id, "task-2") is None
-        filled = await run_statements.finish_active(lease, position_id, "task-1")
+        # The last fill recorded with ACTIVE, and counted in its snapshot; the first one,
+        # reported again, once.
+        filled = await run_statements.finish_active(
+            lease, position_id, "task-1", [first, _fill(planned[1], "0.25")]
+        )
         assert filled == {1: Decimal("0.5"), 2: Decimal("0.25")}
         assert await run_statements.finish_active(lease, position_id, "task-1") is None
 
@@ -111,9 +122,10 @@ async def test_a_new_basket_is_claimed_planned_filled_and_finished_once(
         assert position is not None
         assert position.status == PositionStatus.ACTIVE
         assert position.exchange_uid == "uid-1"  # the first reading stands
-        assert [leg.position_idx for leg in await repository.get_plan(session, position_id)] == [
-            0,
-            1,
+        plan = await repository.get_plan(session, position_id)
+        assert [(leg.position_idx, leg.submitted_at is not None) for leg in plan] == [
+            (0, True),
+            (1, False),
         ]
         trades = await session.scalar(
             select(func.count()).select_from(Trade).where(Trade.position_id == position_id)
@@ -172,3 +184,10 @@ async def test_a_lease_not_seen_to_let_go_of_its_locks_is_closed_with_them(
         await asyncio.sleep(0.1)
     with pytest.raises(Exception):  # noqa: B017, PT011 - whichever way the closed connection fails it
         await busy
+
+
+async def test_a_fill_s_values_are_the_statement_s_columns_in_order() -> None:
+    """FillValues' fields are the arrays of the fills' INSERT, in its order."""
+    assert [f.name for f in fields(run_statements.FillValues)] == [
+        name for name, _ in run_statements._FILL_COLUMNS
+    ]
