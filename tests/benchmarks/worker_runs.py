@@ -229,22 +229,23 @@ BATCH_PHASES = (
         "planned",
     ),
     (
-        "plan stored -> pre-flight passed (the reads' round trip, the checks, their writes)",
+        "plan stored -> pre-flight passed (the reads' round trip, the checks, the memo's writes)",
         "planned",
         "preflight",
     ),
     (
-        "pre-flight passed -> batch sent (the proof that marks every order submitted)",
+        "pre-flight passed -> batch sent (the proof that marks every order submitted and "
+        "writes pre-flight's facts)",
         "preflight",
         "submitted",
     ),
     ("batch sent -> its answer (1 round trip)", "submitted", "accepted"),
     (
-        "answer -> every fill read and recorded (1 round trip, side by side, + 1 INSERT)",
+        "answer -> every fill read, then recorded with ACTIVE and its snapshot (1 round trip, "
+        "side by side, + 1 statement)",
         "accepted",
         "filled",
     ),
-    ("fills recorded -> ACTIVE (snapshot + status, one statement)", "filled", "active"),
 )
 
 
