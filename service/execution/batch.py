@@ -251,9 +251,6 @@ def _sender(
     batch = [_market_order(o) for o in pending]
 
     async def send() -> list[BatchItem]:
-        # The request's rate-limit slot is taken while the proof runs (a slot left unused is
-        # dropped when the run's orders are done).
-        deps.exchange.batch_slot_ahead(run.credentials, len(batch))
         # Every send (a re-send after Bybit refused the whole request for its rate limit
         # too) is proven right before it.
         await _prove_ownership(deps, run, pending)
@@ -283,6 +280,9 @@ async def _prove_ownership(deps: ExecutionDeps, run: Run, pending: list[legs.Leg
     holds the position, in the round trip that marks every order of the batch submitted."""
     first = pending[0]
     legs.check_time_left(deps, run, first)
+    # The request's rate-limit slot is taken while the proof runs (one left unused, the proof
+    # failing, ages out counted: on the safe side).
+    deps.exchange.batch_slot_ahead(run.credentials, len(pending))
     if not await run.prove(submitting_legs=[o.leg.leg for o in pending]):
         raise OwnershipLostError(
             leg_message(

@@ -88,12 +88,18 @@ _FILL_COLUMNS = (
 )
 
 
+def _fill_array(name: str, first: int) -> str:
+    """The parameter of the fills' column `name`, their arrays numbered from `first`."""
+    index = [column for column, _ in _FILL_COLUMNS].index(name)
+    return f"${first + index}::{_FILL_COLUMNS[index][1]}[]"
+
+
 def _insert_fills(position: int, first: int) -> str:
     """The INSERT of fills of the position ${position}: one unnest() of the arrays ${first}
     on (FillValues' fields), each fill inserted once (a second report of the same
     orderLinkId changes nothing)."""
     names = ", ".join(name for name, _ in _FILL_COLUMNS)
-    arrays = ", ".join(f"${first + i}::{kind}[]" for i, (_, kind) in enumerate(_FILL_COLUMNS))
+    arrays = ", ".join(_fill_array(name, first) for name, _ in _FILL_COLUMNS)
     values = ", ".join(
         f"t.{name}::jsonb" if name == "fee_detail" else f"t.{name}" for name, _ in _FILL_COLUMNS
     )
@@ -107,27 +113,39 @@ def _insert_fills(position: int, first: int) -> str:
 # EXECUTING -> ACTIVE under the run's claim, with the fills read last ($4...: a complete
 # batch's, recorded in the same commit as its ACTIVE; none for a sequential run, which has
 # recorded each already) and the snapshot of what filled (each leg's side and the sum of its
-# opening fills, those inserted here too: a statement's parts all see the table as it was
-# before it) written in the same statement, hence the same commit: the status and the
+# opening fills) written in the same statement, hence the same commit: the status and the
 # snapshot only if the status changed; the fills in any case (orders this run saw filled,
-# whoever finishes the position). Returns what filled per leg (no row: the position was not
-# this run's to finish).
+# whoever finishes the position; when it is not this run's, a new one still moves
+# `updated_at`: GET shows it). The snapshot counts the fills given here as given, and the
+# table's other rows: a statement's parts see the table as it was when it began, so neither
+# the rows it inserts nor one another transaction committed while it waited to insert the
+# same order's (then skipped) would be in it. Returns what filled per leg (no row: the
+# position was not this run's to finish).
 _FINISH = f"""
 WITH recorded AS ({_insert_fills(2, 4)}
-    RETURNING leg, quantity, phase
+    RETURNING 1
 ), done AS (
     UPDATE synthetic_positions
     SET status = 'ACTIVE', account_wait_since = NULL, next_attempt_at = NULL,
         updated_at = clock_timestamp()
     WHERE id = $2 AND status = 'EXECUTING' AND claim = $3 AND {_LOCK_HELD_HERE}
     RETURNING id
+), touched AS (
+    -- Never the row `done` changed (a statement changes a row once).
+    UPDATE synthetic_positions SET updated_at = clock_timestamp(), heartbeat_at = now()
+    WHERE id = $2 AND EXISTS (SELECT 1 FROM recorded) AND NOT EXISTS (SELECT 1 FROM done)
 ), filled AS (
     SELECT l.leg, l.symbol, l.side, coalesce(sum(t.quantity), 0) AS quantity
     FROM position_legs AS l
     LEFT JOIN (
-        SELECT leg, quantity FROM trades WHERE position_id = $2 AND phase = 'open'
+        SELECT leg, quantity FROM trades
+        WHERE position_id = $2 AND phase = 'open'
+          AND order_link_id <> ALL({_fill_array("order_link_id", 4)})
         UNION ALL
-        SELECT leg, quantity FROM recorded WHERE phase = 'open'
+        SELECT f.leg, f.quantity
+        FROM unnest({_fill_array("leg", 4)}, {_fill_array("quantity", 4)},
+                    {_fill_array("phase", 4)}) AS f(leg, quantity, phase)
+        WHERE f.phase = 'open'
     ) AS t ON t.leg = l.leg
     WHERE l.position_id = $2
     GROUP BY l.leg, l.symbol, l.side

@@ -14,8 +14,9 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import asyncpg
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import get_settings
@@ -27,6 +28,7 @@ from service.models import PositionComponent, PositionStatus, Trade
 from service.positions import repository, run_statements
 from service.security import CredentialCipher
 from service.users.service import create_user_with_token
+from tests.support import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -191,3 +193,85 @@ async def test_a_fill_s_values_are_the_statement_s_columns_in_order() -> None:
     assert [f.name for f in fields(run_statements.FillValues)] == [
         name for name, _ in run_statements._FILL_COLUMNS
     ]
+
+
+async def test_a_fill_another_transaction_records_meanwhile_is_counted_once_in_the_snapshot(
+    engine: AsyncEngine, sessions: SessionScope
+) -> None:
+    """A run finishes with a fill that reconciliation (another transaction) is recording at
+    that moment: the ACTIVE statement waits for it, skips its own copy, and still counts the
+    fill in the snapshot, once."""
+    position_id = await _pending(sessions)
+    async with advisory_run_lock(engine)(position_id) as lease:
+        assert lease is not None
+        assert await run_statements.claim_new(lease, position_id, "task-1") is not None
+        planned = [_leg(1, "BTCUSDT"), _leg(2, "ETHUSDT")]
+        await run_statements.add_plan(lease, position_id, planned)
+        fills = [_fill(planned[0], "0.5"), _fill(planned[1], "0.25")]
+        dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        raw = await asyncpg.connect(dsn)
+        try:
+            transaction = raw.transaction()
+            await transaction.start()
+            await raw.execute(
+                run_statements._RECORD_FILLS,
+                position_id,
+                *run_statements._columns(fills[1:], run_statements.FillValues),
+            )
+            finishing = asyncio.ensure_future(
+                run_statements.finish_active(lease, position_id, "task-1", fills)
+            )
+            await eventually(
+                lambda: _waits_for_a_lock(engine, lease.pid),
+                message="the ACTIVE statement waiting for the other transaction's row",
+            )
+            await transaction.commit()
+            filled = await finishing
+        finally:
+            await raw.close()
+        assert filled == {1: Decimal("0.5"), 2: Decimal("0.25")}
+    async with sessions() as session:
+        components = await repository.get_components(session, position_id)
+        assert sorted((c.symbol, c.expected_quantity) for c in components) == [
+            ("BTCUSDT", Decimal("0.5")),
+            ("ETHUSDT", Decimal("0.25")),
+        ]
+        trades = await session.scalar(
+            select(func.count()).select_from(Trade).where(Trade.position_id == position_id)
+        )
+        assert trades == 2
+
+
+async def _waits_for_a_lock(engine: AsyncEngine, pid: int) -> bool:
+    async with engine.connect() as connection:
+        result = await connection.execute(
+            text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+        )
+        return result.scalar_one_or_none() == "Lock"
+
+
+async def test_a_fill_a_run_not_finishing_the_position_records_shows_in_its_version(
+    engine: AsyncEngine, sessions: SessionScope
+) -> None:
+    """The fills a run read are recorded even when the position is not its to finish any
+    more, and a new one moves `updated_at` (what GET's ETag is made of)."""
+    position_id = await _pending(sessions)
+    async with advisory_run_lock(engine)(position_id) as lease:
+        assert lease is not None
+        assert await run_statements.claim_new(lease, position_id, "task-1") is not None
+        planned = [_leg(1, "BTCUSDT")]
+        await run_statements.add_plan(lease, position_id, planned)
+        async with sessions() as session:
+            before = await repository.get_position(session, position_id)
+        assert before is not None
+        fill = _fill(planned[0], "0.5")
+        assert await run_statements.finish_active(lease, position_id, "task-2", [fill]) is None
+    async with sessions() as session:
+        after = await repository.get_position(session, position_id)
+        assert after is not None
+        assert after.status == PositionStatus.EXECUTING
+        assert after.updated_at > before.updated_at
+        trades = await session.scalar(
+            select(func.count()).select_from(Trade).where(Trade.position_id == position_id)
+        )
+        assert trades == 1
