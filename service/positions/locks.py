@@ -32,18 +32,21 @@ _LOCK_HELD = (
 )
 
 
-# The run's ownership proof (confirm_run), on its lock connection: lock, status and claim;
-# a close round's legs are in position_close_legs. $1 the id, $2 the claim, $3 the legs, $4
-# the remainder, $5 and $6 the lock key's halves, $7 the close round.
-_CONFIRM_CLOSING = """
-WITH owner AS (
-    UPDATE synthetic_positions SET heartbeat_at = now()
-    WHERE id = $1 AND status = 'CLOSING' AND claim = $2 AND EXISTS (
+# The run's ownership proof (confirm_run), on its lock connection: lock, status and claim,
+# and the heartbeat renewed. $1 the id, $2 the claim, $5 and $6 the lock key's halves.
+_OWNER = """owner AS (
+    UPDATE synthetic_positions SET heartbeat_at = now(){also}
+    WHERE id = $1 AND status = '{status}' AND claim = $2 AND EXISTS (
         SELECT 1 FROM pg_locks
         WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid::bigint = $5
           AND objid::bigint = $6 AND pid = pg_backend_pid())
     RETURNING id
-), submitted AS (
+)"""
+
+# A close round's proof: its legs are in position_close_legs. $3 the legs marked submitted,
+# $4 the remainder, $7 the close round.
+_CONFIRM_CLOSING = f"""
+WITH {_OWNER.format(status="CLOSING", also="")}, submitted AS (
     UPDATE position_close_legs
     SET submitted_at = coalesce(submitted_at, now()),
         remainders_submitted = greatest(remainders_submitted, $4::integer)
@@ -52,22 +55,17 @@ WITH owner AS (
     RETURNING leg
 )
 SELECT count(*) FROM owner
-"""
+"""  # noqa: S608 - constants only; every value is a bound parameter
 
 # The opening's proof: the same on position_legs, and its pre-flight's facts written in the
 # same round trip (one UPDATE per row: a statement may change a row once): $7 the key's Bybit
 # account (NULL: nothing to write; the first reading stands), $8 the legs whose positionIdx
 # changed and $9 their positionIdx.
-_CONFIRM_OPENING = """
-WITH owner AS (
-    UPDATE synthetic_positions
-    SET heartbeat_at = now(), exchange_uid = coalesce(exchange_uid, $7::text)
-    WHERE id = $1 AND status = 'EXECUTING' AND claim = $2 AND EXISTS (
-        SELECT 1 FROM pg_locks
-        WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid::bigint = $5
-          AND objid::bigint = $6 AND pid = pg_backend_pid())
-    RETURNING id
-), facts AS (
+_OPENING_OWNER = _OWNER.format(
+    status="EXECUTING", also=", exchange_uid = coalesce(exchange_uid, $7::text)"
+)
+_CONFIRM_OPENING = f"""
+WITH {_OPENING_OWNER}, facts AS (
     SELECT * FROM unnest($8::integer[], $9::integer[]) AS f(leg, position_idx)
 ), submitted AS (
     UPDATE position_legs AS l
@@ -83,7 +81,7 @@ WITH owner AS (
     RETURNING l.leg
 )
 SELECT count(*) FROM owner
-"""
+"""  # noqa: S608 - constants only; every value is a bound parameter
 
 
 _THIS_DATABASE = " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"

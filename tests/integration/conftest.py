@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from service.api import create_app
 from service.config import Settings, get_settings
@@ -17,6 +18,16 @@ from tests.conftest import TEST_ENV
 from tests.support import ApiUser, ServiceProcess, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
+
+
+@pytest_asyncio.fixture
+async def redis() -> AsyncIterator[aioredis.Redis]:
+    """A client of the tests' own Redis database (the broker's and the limiter's)."""
+    client = aioredis.from_url(TEST_ENV["REDIS_URL"])
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,8 @@ basket's symbols."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 
 from service.account_memo import (
@@ -17,18 +15,8 @@ from service.account_memo import (
     POSITION_MODE_TTL_SECONDS,
     RedisAccountMemo,
 )
-from tests.conftest import TEST_ENV
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
-
-
-@pytest_asyncio.fixture
-async def redis() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(TEST_ENV["REDIS_URL"])
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_what_one_worker_learns_every_worker_reads_until_it_expires(

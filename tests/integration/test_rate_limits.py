@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import httpx
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 
 from service import rate_limits
@@ -19,18 +17,10 @@ from service.bybit.auth import ApiCredentials
 from service.bybit.client import BybitClient, create_http_session
 from service.bybit.errors import BybitIpBanError, BybitRateLimitError
 from service.rate_limits import ACCOUNT_WINDOW_MS, RedisCallGate
-from tests.conftest import TEST_ENV
 from tests.support import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 ORDER = "/v5/order/create"
-
-
-@pytest_asyncio.fixture
-async def redis() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(TEST_ENV["REDIS_URL"])
-    yield client
-    await client.aclose()
 
 
 def _gate(redis: aioredis.Redis, prefix: str, **options: object) -> RedisCallGate:

@@ -13,13 +13,11 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 
 from celery_app import app as celery_app
@@ -37,13 +35,10 @@ pytestmark = pytest.mark.integration
 UNACKED = "unacked"
 
 
-@pytest_asyncio.fixture
-async def broker() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(TEST_ENV["REDIS_URL"])
-    try:
-        yield client
-    finally:
-        await client.aclose()
+@pytest.fixture
+def broker(redis: aioredis.Redis) -> aioredis.Redis:
+    """The broker's Redis (the tests' own database)."""
+    return redis
 
 
 def _comparable(raw: bytes) -> tuple[dict[str, Any], dict[str, str]]:
