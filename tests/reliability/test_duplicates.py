@@ -61,21 +61,25 @@ async def test_duplicate_enqueues_of_live_positions_place_no_extra_order(
             final = await wait_final(api, owners, timeout=180)
             orders = await orders_of(sim, users)
 
-            # Every copy read and turned away before the workers stop: a copy still queued
-            # when they stop would be counted as neither.
-            async def turned_away() -> bool:
-                seen = "".join(w.output() for w in workers)
-                return seen.count('"event": "position.discarded"') >= copies_sent
+            # Every message read before the workers stop: a copy still queued when they stop
+            # would be counted as neither. A delivery of a position runs it (once), is turned
+            # away, or finds its account busy with another basket of the user and gives its
+            # slot back (waiting); the basket that held the account then sends the one that
+            # has waited longest (`account.handed_off`): one more delivery.
+            async def all_read() -> bool:
+                read, sent = _deliveries("".join(w.output() for w in workers), copies_sent)
+                return read >= sent
 
-            await eventually(
-                turned_away, timeout=60, interval=0.2, message="every copy turned away"
-            )
+            await eventually(all_read, timeout=60, interval=0.2, message="every message read")
     finally:
         for worker in workers:
             worker.stop()
         await sim.put("/sim/config", json={"latency_ms": 0, "order_rate_limit": 10})
     events = "".join(w.output() for w in workers)
     discarded = events.count('"event": "position.discarded"')
+    waited = events.count('"event": "position.waiting_for_account"')
+    handed_off = events.count('"event": "account.handed_off"')
+    read, sent = _deliveries(events, copies_sent)
     resent = events.count('"event": "leg.duplicate_order_link_id"')
     statuses = Counter(p["status"] for p in final.values())
     duplicates = duplicate_links(orders)
@@ -85,7 +89,11 @@ DUPLICATE_COPIES={COPIES}`). Simulator latency 30 ms; two workers of two pool pr
 
 {POSITIONS} five-leg positions (`L1`) posted through the API; right after each, {COPIES}
 more copies of its `execute_trade_task` are published at random moments 0 to 50 ms apart,
-while the original is queued or running.
+while the original is queued or running. The four users' baskets take turns on their
+accounts: a delivery that finds its account busy with another basket of the same user gives
+its slot back, and the basket holding the account sends the one that has waited longest
+when it is final. Every delivery is accounted for: a run that opened the basket, one turned
+away, or one gone waiting.
 
 {
         table(
@@ -95,6 +103,8 @@ while the original is queued or running.
                 ("ended ACTIVE", statuses["ACTIVE"]),
                 ("ended FAILED", statuses["FAILED"]),
                 ("copies discarded (run lock held, or not the claim's task)", discarded),
+                ("deliveries that found the account busy and gave their slot back", waited),
+                ("baskets sent on by the one that held their account", handed_off),
                 ("orders on the exchange (5 legs each)", len(orders)),
                 ("extra orders (same orderLinkId twice)", duplicates),
                 ("legs re-sent and refused by Bybit as duplicates", resent),
@@ -108,4 +118,17 @@ while the original is queued or running.
     assert duplicates == 0
     assert resent == 0
     assert len(orders) == 5 * POSITIONS
-    assert discarded >= copies_sent
+    assert read == sent  # every delivery ran the basket once, or placed nothing
+
+
+def _deliveries(events: str, copies: int) -> tuple[int, int]:
+    """(deliveries read, deliveries sent), from the workers' log. Sent: each position's
+    original, its copies, and one for each hand-off. Read: one run of each position that
+    opened it, and each delivery turned away or gone waiting for its account."""
+    runs = events.count('"event": "position.planned"')
+    read = (
+        runs
+        + events.count('"event": "position.discarded"')
+        + events.count('"event": "position.waiting_for_account"')
+    )
+    return read, POSITIONS + copies + events.count('"event": "account.handed_off"')
