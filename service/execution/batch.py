@@ -130,8 +130,7 @@ async def send_first_orders(
     # Recorded before the run goes on (a partial fill's remainder) or fails.
     await legs.write_fills(deps, run, fills)
     for leg_order, error in [*outcomes.refused, *outcomes.unknown]:
-        if error.order_link_id is None:
-            error.order_link_id, error.qty = leg_order.link, leg_order.qty
+        legs.on_order(error, leg_order)
     refused = sorted(outcomes.refused, key=lambda f: f[0].leg.leg)
     for leg_order, error in refused:
         legs.report_failed(log, leg_order.leg, error)

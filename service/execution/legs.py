@@ -205,7 +205,7 @@ def report_failed(log: structlog.stdlib.BoundLogger, leg: PlannedLeg, error: Run
     )
 
 
-def _on_order(error: RunError, leg_order: LegOrder) -> RunError:
+def on_order(error: RunError, leg_order: LegOrder) -> RunError:
     """Note the order an error happened on (the first one noted stands)."""
     if error.order_link_id is None:
         error.order_link_id, error.qty = leg_order.link, leg_order.qty
@@ -253,7 +253,7 @@ async def _execute_leg(
             reason = f"order {order.order_id} ended {order.order_status} with nothing filled"
             error = PermanentRunError(leg_message(leg, reason), leg=leg.leg, label="nothing_filled")
             error.bybit_order_id = order.order_id
-            raise _on_order(error, first)
+            raise on_order(error, first)
         filled += order.cum_exec_qty
     for remainder in range(1, deps.remainder_attempts + 1):
         if filled >= leg.quantity:
@@ -277,7 +277,7 @@ async def _execute_leg(
                     filled += order.cum_exec_qty
                     continue
             except RunError as error:
-                raise _on_order(error, sent) from None
+                raise on_order(error, sent) from None
         qty = await _tradeable_remainder(deps, leg, leg.quantity - filled)
         if qty is None:
             break
@@ -338,7 +338,7 @@ async def _send_and_record(
     try:
         return await _send_and_record_order(deps, run, leg_order, run_log, refusal_ends_leg, pipe)
     except RunError as error:
-        raise _on_order(error, leg_order) from None
+        raise on_order(error, leg_order) from None
 
 
 async def _send_and_record_order(
