@@ -61,6 +61,13 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
+        # The broker is not trusted with control of the workers: anyone holding the Redis URL
+        # could otherwise ping them, list their queues, revoke tasks or shut them down
+        # (`control.broadcast("shutdown")`). No remote control: workers consume no pidbox
+        # queue at all. The peer-to-peer steps that read other workers' messages (mingle's
+        # revoked ids at start-up, gossip's elections, heartbeats) are off too, by the
+        # worker's command line (`python -m service worker`: service/commands.py).
+        worker_enable_remote_control=False,
         enable_utc=True,
         beat_schedule={
             "recover-stale-positions": {

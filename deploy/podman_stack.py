@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,32 @@ def standin_base(name: str) -> None:
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
     run("podman", "import", "-", name, stdin=tar.stdout)
     tar.wait()
+
+
+COMPOSE_PASSWORDS = (
+    "POSTGRES_PASSWORD",
+    "TRADER_OWNER_PASSWORD",
+    "TRADER_APP_PASSWORD",
+    "REDIS_PASSWORD",
+)
+
+
+def credentials_key_pair() -> dict[str, str]:
+    """CREDENTIALS_PRIVATE_KEYS and CREDENTIALS_PUBLIC_KEY from `python -m service credentials
+    keygen`."""
+    printed = run(sys.executable, "-m", "service", "credentials", "keygen", cwd=ROOT)
+    pairs = (line.split("=", 1) for line in printed.splitlines() if "=" in line)
+    keys = {name.strip(): value.strip() for name, value in pairs if not name.startswith("#")}
+    if set(keys) != {"CREDENTIALS_PRIVATE_KEYS", "CREDENTIALS_PUBLIC_KEY"}:
+        raise SystemExit(f"`credentials keygen` printed {sorted(keys)}, not a key pair")
+    return keys
+
+
+def compose_image(service: str) -> str:
+    """The image docker-compose.yml pins for `service` (a stand-in is built under that name
+    when no registry answers)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return str(compose["services"][service]["image"])
 
 
 def ensure_base(name: str, containerfile: str) -> str:
@@ -298,17 +326,30 @@ def prove(compose: Compose) -> list[str]:
     if "status: ACTIVE" not in demo:
         raise SystemExit(f"the demo did not reach ACTIVE:\n{demo}")
     proofs.append("demo trade through the containers: ACTIVE")
-    status, body = http("http://127.0.0.1:8000/metrics")
-    if status != 200 or "trader_positions" not in body:
-        raise SystemExit(f"the API's /metrics answered {status}:\n{body[:500]}")
-    scrape = (
-        "import urllib.request; "
-        "print(urllib.request.urlopen('http://127.0.0.1:9808/metrics', timeout=5).read().decode())"
+    # The API's /metrics is not on its public port, only on its own (API_METRICS_PORT, on the
+    # container's loopback in compose): scraped from inside, as the worker's.
+    try:
+        status, _ = http("http://127.0.0.1:8000/metrics")
+    except urllib.error.HTTPError as error:
+        status = error.code
+    if status != 404:
+        raise SystemExit(f"the API's public port answered /metrics with {status}, not 404")
+
+    def scrape(port: int) -> str:
+        return (
+            "import urllib.request; print(urllib.request.urlopen("
+            f"'http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
+        )
+
+    api_metrics = run("podman", "exec", compose.container("api"), "python", "-c", scrape(9807))
+    if "trader_positions" not in api_metrics:
+        raise SystemExit(f"the API's /metrics holds no positions:\n{api_metrics[:500]}")
+    worker_metrics = run(
+        "podman", "exec", compose.container("worker"), "python", "-c", scrape(9808)
     )
-    worker_metrics = run("podman", "exec", compose.container("worker"), "python", "-c", scrape)
     if "trader_" not in worker_metrics:
         raise SystemExit(f"the worker's /metrics holds none of ours:\n{worker_metrics[:500]}")
-    proofs.append("API /metrics and worker /metrics scraped")
+    proofs.append("API /metrics (own port; 404 on the public one) and worker /metrics scraped")
     for service in compose.services:
         name = compose.container(service)
         state = json.loads(run("podman", "inspect", name))[0]["State"]
@@ -427,16 +468,18 @@ def main() -> int:
     began = time.monotonic()
     bases = [
         ensure_base(f"python:{dockerfile_python()}-slim", "python.Containerfile"),
-        ensure_base("postgres:15", "postgres.Containerfile"),
-        ensure_base("redis:7", "redis.Containerfile"),
+        ensure_base(compose_image("postgres"), "postgres.Containerfile"),
+        ensure_base(compose_image("redis"), "redis.Containerfile"),
     ]
     for line in bases:
         say(line)
     size = build_app()
     say(f"app image {APP_IMAGE}: {size / 1e6:.0f} MB")
-    from cryptography.fernet import Fernet
-
-    env = {**os.environ, "CREDENTIALS_KEYS": Fernet.generate_key().decode()}
+    # The credentials key pair, new each run, from the command an operator uses (KEY=VALUE
+    # lines): docker-compose.yml gives the public key to the API, the private one to the worker.
+    env = {**os.environ, **credentials_key_pair()}
+    # The passwords docker-compose.yml requires (the database's roles, Redis), new each run.
+    env.update({name: secrets.token_hex(16) for name in COMPOSE_PASSWORDS})
     compose = Compose(env)
     down(compose)  # whatever an interrupted earlier run left
     started = time.monotonic()

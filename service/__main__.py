@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 
 _PASS_THROUGH = frozenset({"worker", "beat"})
@@ -35,12 +36,30 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("email")
     revoke = users.add_parser("revoke", help="revoke every token of a user")
     revoke.add_argument("email")
+    revoke.add_argument(
+        "--cancel-pending",
+        action="store_true",
+        help="also cancel every PENDING position of the user (what a stolen token queued)",
+    )
+    tokens = users.add_parser(
+        "tokens", help="list a user's tokens: id, created, expires, revoked (never the token)"
+    )
+    tokens.add_argument("email")
+    revoke_token = users.add_parser("revoke-token", help="revoke one token by its id")
+    revoke_token.add_argument("token_id", type=uuid.UUID, metavar="TOKEN_ID")
     credentials = commands.add_parser("credentials", help="manage stored exchange credentials")
     credential_actions = credentials.add_subparsers(
         dest="credentials_command", required=True, metavar="ACTION"
     )
     credential_actions.add_parser(
-        "rotate", help="re-encrypt every stored credential with the first CREDENTIALS_KEYS key"
+        "keygen",
+        help="print a new key pair: CREDENTIALS_PRIVATE_KEYS (workers), CREDENTIALS_PUBLIC_KEY "
+        "(the API, last line)",
+    )
+    credential_actions.add_parser(
+        "rotate",
+        help="re-seal every stored credential for the first CREDENTIALS_PRIVATE_KEYS key "
+        "(legacy Fernet rows too, opened with CREDENTIALS_KEYS)",
     )
     sim = commands.add_parser("simulator", help="the Bybit V5 simulator (aiohttp)")
     sim.add_argument("--host", default="127.0.0.1")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -12,26 +12,32 @@ import redis.asyncio as aioredis
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from redis.exceptions import RedisError
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.budgets import Budgets, UserIds
+from service.bybit import constants as bybit_constants
+from service.bybit.client import BybitClient, create_http_session
 from service.config import Settings, get_settings
 from service.credentials.endpoints import router as credentials_router
 from service.db import create_engine, create_pool, create_session_factory
 from service.dependencies import BEARER_SECURITY, request_bearer_token
-from service.errors import AuthenticationError, DomainError
+from service.errors import AuthenticationError, DomainError, TooManyRequestsError
+from service.http_edge import SecurityHeaders, cors_options
 from service.indices.cache import IndexCache
 from service.indices.endpoints import router as indices_router
 from service.market.snapshot import MarketCache
-from service.metrics import CONTENT_TYPE, render_api_metrics
+from service.metrics import SharedReading
+from service.metrics_server import MetricsServer, counts_reader
 from service.positions.endpoints import router as positions_router
 from service.positions.hot_path import RenderedPositions
-from service.positions.repository import count_by_status
 from service.queue import RedisTaskPublisher
-from service.security import CredentialCipher
+from service.rate_limits import RedisCallGate
+from service.security import sealer_from_settings
+from service.users.endpoints import router as tokens_router
 from service.users.service import authenticate
 
 logger = structlog.stdlib.get_logger("service.api")
@@ -39,8 +45,9 @@ logger = structlog.stdlib.get_logger("service.api")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    # Refuse to start with unusable keys rather than fail on the first PUT.
-    cipher = CredentialCipher(settings.credentials_keys.get_secret_value())
+    # Refuse to start without a way to seal (or with unusable keys) rather than fail on the
+    # first PUT. The API seals only: it holds no key that opens (service/security.py).
+    cipher = sealer_from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,31 +69,76 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.market_cache = MarketCache(
             app.state.redis, max_age_seconds=settings.market_max_age_seconds
         )
+        _open_budgets_and_exchange(app, settings)
         # Everything made so far lives as long as the process: out of the collector's way, so
         # a full collection under load walks only what requests allocate (shorter pauses).
         gc.freeze()
         try:
             yield
         finally:
+            await app.state.http.close()
             await app.state.redis.aclose()
             await pool.close()
             await engine.dispose()
 
-    app = FastAPI(
+    docs = settings.api_docs_enabled  # off: /docs, /redoc and /openapi.json are 404
+    app = _EdgeApp(
         title="Synthetic index trader",
         version="0.1.0",
         description="Open synthetic index positions on Bybit; a worker places one market "
         "order per component. Decimals travel as strings.",
-        lifespan=lifespan,
+        lifespan=_with_metrics_server(lifespan, settings),
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(positions_router)
     app.include_router(indices_router)
     app.include_router(credentials_router)
+    app.include_router(tokens_router)
     _add_health(app)
-    _add_metrics(app, settings)
     app.add_middleware(BodyLimit)
+    if settings.cors_allow_origins:  # none by default: no CORS header at all
+        app.add_middleware(CORSMiddleware, **cors_options(settings.cors_allow_origins))
     _add_error_handlers(app)
     return app
+
+
+class _EdgeApp(FastAPI):
+    """FastAPI with SecurityHeaders outside its whole stack, Starlette's error middleware
+    included (middleware added with add_middleware sits inside it), so that every answer,
+    a 500 too, carries them."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack())
+
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def _with_metrics_server(lifespan: Lifespan, settings: Settings) -> Lifespan:
+    """The app's lifespan, plus the operations endpoint (service/metrics_server.py) on its
+    own address while the app runs (API_METRICS_PORT=0: none)."""
+
+    @asynccontextmanager
+    async def with_metrics(app: FastAPI) -> AsyncIterator[None]:
+        async with lifespan(app):
+            if not settings.api_metrics_port:
+                yield
+                return
+            counts = SharedReading(
+                counts_reader(app.state.session_factory),
+                max_age=settings.metrics_counts_cache_seconds,
+            )
+            server = MetricsServer(counts, app.state.redis, settings.celery_queue)
+            await server.start(settings.api_metrics_host, settings.api_metrics_port)
+            app.state.metrics_server = server
+            try:
+                yield
+            finally:
+                await server.stop()
+
+    return with_metrics
 
 
 MAX_BODY_BYTES = 64 * 1024
@@ -151,19 +203,6 @@ async def _no_body() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
-def _add_metrics(app: FastAPI, settings: Settings) -> None:
-    @app.get("/metrics", tags=["operations"], response_class=Response)
-    async def metrics(request: Request) -> Response:
-        """Prometheus: this process's metrics, positions by status and the queue depth."""
-        async with request.app.state.session_factory() as session:
-            counts = await count_by_status(session)
-        try:
-            depth: int | None = int(await request.app.state.redis.llen(settings.celery_queue))
-        except RedisError:
-            depth = None
-        return Response(render_api_metrics(counts, depth), media_type=CONTENT_TYPE)
-
-
 def _add_health(app: FastAPI) -> None:
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
@@ -171,18 +210,21 @@ def _add_health(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["operations"], responses={503: {"description": "not ready"}})
     async def readyz(request: Request) -> JSONResponse:
+        # "ok" or "unavailable" only: why is in the log, not in a public answer.
         checks: dict[str, str] = {}
         try:
             async with request.app.state.session_factory() as session:
                 await session.execute(text("SELECT 1"))
             checks["database"] = "ok"
         except Exception as error:  # any failure means not ready
-            checks["database"] = type(error).__name__
+            logger.warning("api.not_ready", check="database", error=type(error).__name__)
+            checks["database"] = "unavailable"
         try:
             await request.app.state.redis.ping()
             checks["broker"] = "ok"
         except Exception as error:  # any failure means not ready
-            checks["broker"] = type(error).__name__
+            logger.warning("api.not_ready", check="broker", error=type(error).__name__)
+            checks["broker"] = "unavailable"
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
@@ -203,14 +245,50 @@ async def _token_refused(request: Request) -> JSONResponse | None:
     return None
 
 
+def _open_budgets_and_exchange(app: FastAPI, settings: Settings) -> None:
+    """The users' budgets (service/budgets.py), and the one exchange client the API has (PUT
+    /api/credentials asks Bybit what a key may do), made as a worker makes its own
+    (workers/runtime.py): its calls count against the same shared limits in Redis."""
+    app.state.budgets = Budgets(
+        app.state.redis,
+        requests_per_minute=settings.user_requests_per_minute,
+        request_burst=settings.user_request_burst,
+        open_positions=settings.user_open_positions,
+    )
+    app.state.user_ids = UserIds()
+    app.state.http = create_http_session(
+        connect_timeout=settings.http_connect_timeout_seconds,
+        read_timeout=settings.http_read_timeout_seconds,
+        limit=20,
+    )
+    app.state.exchange_is_demo = settings.bybit_base_url.rstrip("/") == bybit_constants.DEMO
+    app.state.exchange = BybitClient(
+        app.state.http,
+        settings.bybit_base_url,
+        recv_window=settings.bybit_recv_window,
+        ip_ban_seconds=settings.bybit_ip_ban_seconds,
+        gate=RedisCallGate(
+            app.state.redis,
+            egress=settings.bybit_egress_id,
+            share=settings.bybit_limit_share,
+            ip_limit=settings.bybit_ip_limit,
+            # A person is waiting for the answer: a short wait for a slot, else 503.
+            wait_max_seconds=1.0,
+        ),
+    )
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, error: DomainError) -> JSONResponse:
         headers = None
         if error.status_code == 401:
             headers = {"WWW-Authenticate": "Bearer"}
+        elif isinstance(error, TooManyRequestsError):
+            headers = {"Retry-After": str(error.retry_after)}
         elif error.status_code == 503:
-            headers = {"Retry-After": "5"}
+            retry_after = getattr(error, "retry_after", None) or 5
+            headers = {"Retry-After": str(retry_after)}
             logger.warning("api.unavailable", detail=error.message)
         return JSONResponse({"detail": error.message}, error.status_code, headers=headers)
 

@@ -10,9 +10,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.config import STACK_ENV_FILE, Settings, get_settings
 from service.logging import configure_logging
+
+if TYPE_CHECKING:
+    from service.db import SessionScope
 
 
 def _configure() -> None:
@@ -47,48 +51,109 @@ async def seed(_: argparse.Namespace | None = None) -> int:
 
 
 async def users(args: argparse.Namespace) -> int:
-    from service.db import create_engine, create_session_factory, session_scope
+    from service.db import create_engine, create_session_factory, scope_for
     from service.errors import DomainError
-    from service.users.service import create_user_with_token, revoke_user_tokens
 
     engine = create_engine(get_settings().database_url, pool_size=1)
     try:
-        async with session_scope(create_session_factory(engine)) as session:
-            if args.users_command == "revoke":
-                revoked = await revoke_user_tokens(session, args.email)
-                print(f"revoked {revoked} token(s) of {args.email}", flush=True)
-                return 0
-            issued = await create_user_with_token(session, args.email)
+        return await _users(args, scope_for(create_session_factory(engine)))
     except DomainError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     finally:
         await engine.dispose()
-    print(f"user {issued.user.email} ({issued.user.id}); bearer token:")
+
+
+async def _users(args: argparse.Namespace, sessions: SessionScope) -> int:
+    """`users create|tokens|revoke|revoke-token`: what each prints, never a token's hash (and
+    the token itself only once, when it is issued)."""
+    from service.positions.service import cancel_all_pending
+    from service.users import service as users_service
+
+    if args.users_command == "revoke":
+        user, revoked = await users_service.revoke_user(sessions, args.email)
+        print(f"revoked {revoked} token(s) of {args.email}", flush=True)
+        if args.cancel_pending:
+            cancelled = await cancel_all_pending(sessions, user.id)
+            print(f"cancelled {len(cancelled)} PENDING position(s)", flush=True)
+            for position_id in cancelled:
+                print(f"  {position_id}", flush=True)
+        return 0
+    if args.users_command == "revoke-token":
+        async with sessions() as session:
+            revoked_at = await users_service.revoke_token(session, args.token_id)
+        print(f"token {args.token_id} revoked at {revoked_at.isoformat()}", flush=True)
+        return 0
+    if args.users_command == "tokens":
+        async with sessions() as session:
+            tokens = await users_service.list_user_tokens(session, args.email)
+        print("id  created  expires  revoked")
+        for token in tokens:
+            revoked_text = token.revoked_at.isoformat() if token.revoked_at else "-"
+            print(
+                f"{token.id}  {token.created_at.isoformat()}  {token.expires_at.isoformat()}  "
+                f"{revoked_text}",
+                flush=True,
+            )
+        return 0
+    async with sessions() as session:
+        issued = await users_service.create_user_with_token(session, args.email)
+    print(
+        f"user {issued.user.email} ({issued.user.id}); token {issued.token_id} expires "
+        f"{issued.expires_at.isoformat()}; bearer token:"
+    )
     # The token alone on the last line, for scripts: TOKEN=$(... | tail -n1)
     print(issued.token, flush=True)
     return 0
 
 
-async def credentials(_: argparse.Namespace) -> int:
+async def credentials(args: argparse.Namespace) -> int:
+    if args.credentials_command == "keygen":
+        return credentials_keygen()
+    return await credentials_rotate()
+
+
+def credentials_keygen() -> int:
+    """A new sealed-box key pair, as KEY=VALUE lines (the public key last: `| tail -n1`)."""
+    from service.security import generate_key_pair
+
+    pair = generate_key_pair()
+    print(f"# credentials key pair {pair.key_id} (service/security.py)")
+    print("# PRIVATE: the workers only (first in their comma-separated list); keep it secret")
+    print(f"CREDENTIALS_PRIVATE_KEYS={pair.private_key}")
+    print("# PUBLIC: the API (it seals with it and cannot open anything)")
+    print(f"CREDENTIALS_PUBLIC_KEY={pair.public_key}", flush=True)
+    return 0
+
+
+async def credentials_rotate() -> int:
     from service.credentials.service import rotate_all
     from service.db import create_engine, create_session_factory, scope_for
-    from service.security import CredentialCipher
+    from service.security import CredentialsKeyError, opener_from_settings
 
     settings = get_settings()
-    cipher = CredentialCipher(settings.credentials_keys.get_secret_value())
+    try:
+        opener = opener_from_settings(settings)
+    except CredentialsKeyError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     engine = create_engine(settings.database_url, pool_size=1)
     try:
-        report = await rotate_all(scope_for(create_session_factory(engine)), cipher)
+        report = await rotate_all(scope_for(create_session_factory(engine)), opener)
     finally:
         await engine.dispose()
-    print(f"re-encrypted {report.rotated} credential(s) with the first key", flush=True)
+    target = (
+        f"sealed for key {opener.key_ids[0]} (the first CREDENTIALS_PRIVATE_KEYS key)"
+        if opener.key_ids
+        else "re-encrypted with the first CREDENTIALS_KEYS key (legacy scheme)"
+    )
+    print(f"{report.rotated} credential(s) {target}", flush=True)
     if report.unreadable:
         users = ", ".join(str(u) for u in report.unreadable)
         print(
-            f"{len(report.unreadable)} credential(s) could not be decrypted with any key in "
-            f"CREDENTIALS_KEYS and were left as they are (users {users}): their owners must "
-            "store their keys again",
+            f"{len(report.unreadable)} credential(s) could not be opened with any key in "
+            "CREDENTIALS_PRIVATE_KEYS or CREDENTIALS_KEYS and were left as they are "
+            f"(users {users}): their owners must store their keys again",
             file=sys.stderr,
             flush=True,
         )
@@ -106,6 +171,8 @@ def simulator(args: argparse.Namespace) -> int:
 def api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.http_edge import EdgeHttpProtocol
+
     _configure()
     get_settings()  # fail fast on bad settings, before uvicorn starts
     uvicorn.run(
@@ -117,6 +184,9 @@ def api(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         proxy_headers=False,
+        # httptools with the request head bounded (MAX_REQUEST_HEADER_BYTES, 431 past it).
+        http=EdgeHttpProtocol,
+        server_header=False,  # no `server: uvicorn` banner
     )
     return 0
 
@@ -130,15 +200,35 @@ def _prepare_worker_metrics() -> None:
     os.environ["TRADER_METRICS_DIR_OWNED"] = "1"
 
 
+def _can_open_credentials(settings: Settings) -> bool:
+    """A worker refuses to start without a key that opens stored credentials (its pool would
+    only fail every basket): CREDENTIALS_PRIVATE_KEYS, or the legacy CREDENTIALS_KEYS."""
+    import structlog
+
+    from service.security import CredentialsKeyError, opener_from_settings
+
+    try:
+        opener_from_settings(settings)
+    except CredentialsKeyError as error:
+        logger = structlog.stdlib.get_logger("service.worker")
+        logger.error("worker.credentials_keys_unusable", error=str(error))
+        return False
+    return True
+
+
 def worker(args: argparse.Namespace) -> int:
     _prepare_worker_metrics()
     from celery_app import app
 
     _configure()  # before Celery starts, so its early warnings are JSON lines too
     settings = get_settings()
+    if not _can_open_credentials(settings):
+        return 2
     extra = list(args.celery_args)
     # --quiet: no ASCII banner on stdout, which would break the one-JSON-object-per-line rule.
     argv = ["--quiet", "worker", "--loglevel", settings.log_level, "-Q", settings.celery_queue]
+    # Nothing read from other workers over the broker (celery_app.py: no remote control).
+    argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     app.start(argv=[*argv, *extra])
     return 0
 
@@ -154,20 +244,54 @@ def beat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ensure_dev_credentials_key() -> None:
-    """The dev stack's CREDENTIALS_KEYS: from the environment, else from .env, else a new
-    key written to .env (kept, so stored credentials stay readable across restarts)."""
-    if os.environ.get("CREDENTIALS_KEYS"):
-        return
-    env_file = Path(".env")
-    if env_file.exists() and "CREDENTIALS_KEYS=" in env_file.read_text():
-        return
-    from service.security import generate_fernet_key
+_PRIVATE, _PUBLIC = "CREDENTIALS_PRIVATE_KEYS", "CREDENTIALS_PUBLIC_KEY"
+_LEGACY = "CREDENTIALS_KEYS"
+# What each process of the dev stack is denied (an empty value counts as unset and wins over
+# `.env`): the API seals and holds nothing that opens; Beat and the simulator need no key.
+_STACK_DENIED_KEYS = {
+    "api": (_PRIVATE, _LEGACY),
+    "beat": (_PRIVATE, _PUBLIC, _LEGACY),
+    "simulator": (_PRIVATE, _PUBLIC, _LEGACY),
+}
 
+
+def _ensure_dev_credentials_keys() -> None:
+    """The dev stack's credentials key pair: from the environment or .env, else a new pair
+    written to .env (kept, so stored credentials stay openable across restarts)."""
+    from service.security import generate_key_pair, public_key_of
+
+    given = Settings(_env_file=".env")
+    private = given.credentials_private_keys
+    if private is not None:
+        if not given.credentials_public_key:
+            # The API's key is the current (first) private key's public key.
+            first = private.get_secret_value().split(",")[0]
+            os.environ[_PUBLIC] = public_key_of(first)
+        return
+    if given.credentials_public_key:
+        raise SystemExit(
+            f"{_PUBLIC} is set without {_PRIVATE}: the stack's worker could not open what the "
+            "API seals (set both, or neither and a pair is generated into .env)"
+        )
+    pair = generate_key_pair()
+    env_file = Path(".env")
+    existing = env_file.read_text() if env_file.exists() else ""
+    unterminated = bool(existing) and not existing.endswith("\n")
     with env_file.open("a") as handle:
-        handle.write(f"CREDENTIALS_KEYS={generate_fernet_key()}\n")
+        handle.write("\n" if unterminated else "")
+        handle.write(f"{_PRIVATE}={pair.private_key}\n{_PUBLIC}={pair.public_key}\n")
     env_file.chmod(0o600)
-    print("generated a development CREDENTIALS_KEYS in .env", flush=True)
+    print(f"generated a development credentials key pair ({pair.key_id}) in .env", flush=True)
+    if given.credentials_keys is not None:
+        print(
+            f"{_LEGACY} (legacy) stays for the worker: `python -m service credentials rotate` "
+            f"re-seals the stored keys, then {_LEGACY} can go",
+            flush=True,
+        )
+
+
+def _stack_env(role: str) -> dict[str, str]:
+    return {**os.environ, **dict.fromkeys(_STACK_DENIED_KEYS.get(role, ()), "")}
 
 
 def _configure_simulator(port: int, latency_ms: int) -> None:
@@ -196,7 +320,7 @@ def _configure_simulator(port: int, latency_ms: int) -> None:
 def up(args: argparse.Namespace) -> int:
     from service.devservices import provide
 
-    _ensure_dev_credentials_key()
+    _ensure_dev_credentials_keys()
     # Given URLs (environment or .env, not an earlier stack's file) win; otherwise the
     # machine's servers when they answer, embedded ones when not (service/devservices.py),
     # stopped when the stack stops.
@@ -251,7 +375,9 @@ def _run_stack(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         for name, command in roles.items():
-            processes[name] = subprocess.Popen(command)  # noqa: S603  # our own interpreter
+            processes[name] = subprocess.Popen(  # noqa: S603  # our own interpreter
+                command, env=_stack_env(name)
+            )
             print(f"started {name} (pid {processes[name].pid})", flush=True)
             if name == "simulator":
                 _configure_simulator(args.simulator_port, args.simulator_latency_ms)

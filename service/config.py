@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     """Environment variables of the contract (DESIGN.md), plus a few operational knobs.
 
     A `.env` file in the working directory is read too (the dev stack writes its generated
-    `CREDENTIALS_KEYS` there), and while the dev stack runs, its `STACK_ENV_FILE`; real
+    credentials key pair there), and while the dev stack runs, its `STACK_ENV_FILE`; real
     environment variables win over `.env`, and `.env` over the stack's file.
     """
 
@@ -41,9 +41,16 @@ class Settings(BaseSettings):
     bybit_egress_id: str = Field(default="default", min_length=1, max_length=64)
     bybit_ip_limit: int = Field(default=600, gt=0)
     bybit_limit_share: float = Field(default=0.9, gt=0, le=1)
-    # Required: the service refuses to start without it. Comma-separated Fernet keys,
-    # the first encrypts, all decrypt.
-    credentials_keys: SecretStr
+    # Credentials at rest (service/security.py). The API seals a user's key with the public
+    # key of a sealed box (CREDENTIALS_PUBLIC_KEY) and cannot open what it sealed; only the
+    # workers hold the private keys (CREDENTIALS_PRIVATE_KEYS: comma-separated, the first is
+    # current, all open: rotation). CREDENTIALS_KEYS (comma-separated Fernet keys, the contract's
+    # original scheme) still opens rows sealed before the move, and where no public key is set
+    # it still encrypts too (the original, symmetric set-up). Each process checks at start that
+    # it holds what its job needs (the API a way to seal, a worker a way to open).
+    credentials_keys: SecretStr | None = None
+    credentials_public_key: str | None = None
+    credentials_private_keys: SecretStr | None = None
     trade_retry_delays: Annotated[tuple[float, ...], NoDecode] = (60.0, 300.0, 900.0)
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
@@ -71,6 +78,24 @@ class Settings(BaseSettings):
     worker_metrics_host: str = "127.0.0.1"
     # Pre-flight: the available balance must cover the basket at 1x plus this share.
     preflight_margin: Decimal = Field(default=Decimal("0.01"), ge=0, le=1)
+    # Budgets per user (service/budgets.py, kept in Redis, shared by every API process): a
+    # request rate (a token bucket: this many requests a minute, bursts of USER_REQUEST_BURST)
+    # and a number of positions not yet final; past either, 429 with Retry-After.
+    user_requests_per_minute: int = Field(default=600, gt=0)
+    user_request_burst: int = Field(default=120, gt=0)
+    user_open_positions: int = Field(default=10, gt=0)
+    # The HTTP edge: the most a request's line and headers may take in all (431 past it); the
+    # operations endpoint (/metrics) on its own address, its position counts read at most this
+    # often; the interactive docs (/docs, /redoc, /openapi.json) on or off; browser origins
+    # allowed by CORS (comma-separated; none by default).
+    max_request_header_bytes: int = Field(default=16384, ge=1024, le=1_048_576)
+    api_metrics_host: str = "127.0.0.1"
+    api_metrics_port: int = Field(default=9807, ge=0, le=65535)
+    metrics_counts_cache_seconds: float = Field(default=15.0, ge=0)
+    api_docs_enabled: bool = True
+    cors_allow_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    # A bearer token stops working this long after it was issued.
+    token_ttl_seconds: float = Field(default=90 * 86400.0, gt=0)
     # Hard limit of one task run; with the longest retry countdown it bounds the
     # Redis visibility timeout (see celery_app.py). The run's own deadline, enforced inside
     # its event loop, and Celery's soft limit are derived from it (properties below).
@@ -118,6 +143,19 @@ class Settings(BaseSettings):
     unreadable_key_grace_seconds: float = Field(default=600.0, ge=0)
     # How early a scheduled retry may start (clock skew between hosts).
     retry_early_tolerance_seconds: float = Field(default=2.0, ge=0)
+
+    @field_validator(
+        "credentials_keys", "credentials_public_key", "credentials_private_keys", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # An empty value counts as unset: how a process is denied a key that `.env` holds
+        # (real environment variables win over `.env`), e.g. the dev stack's API.
+        if isinstance(value, str) and not value.strip(" ,\t"):
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip(" ,\t"):
+            return None
+        return value
 
     @field_validator("trade_retry_delays", mode="before")
     @classmethod
@@ -174,11 +212,11 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("credentials_keys")
+    @field_validator("cors_allow_origins", mode="before")
     @classmethod
-    def _check_keys(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
-            raise ValueError("CREDENTIALS_KEYS must hold at least one Fernet key")
+    def _parse_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
 

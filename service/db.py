@@ -108,6 +108,9 @@ def create_engine(
         # dead fails its statement (a 503 in the API, a retried run in a worker) and, being a
         # disconnect, makes the pool replace every connection older than it.
         pool_pre_ping=False,
+        # A failed statement's parameters stay out of its exception's text (and so out of
+        # every logged traceback): they are token hashes, sealed keys, users' data.
+        hide_parameters=True,
         # asyncpg's prepared-statement cache is per connection and safe with our pool.
         connect_args={
             "server_settings": health.server_settings(),

@@ -15,10 +15,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.budgets import Budgets
 from service.indices.cache import IndexCache
 from service.models import User
 from service.queue import RedisTaskPublisher, publishes_requested
-from service.security import CredentialCipher
+from service.security import CredentialSealer
 from service.users.service import authenticate
 
 _bearer = HTTPBearer(
@@ -74,8 +75,9 @@ async def get_current_user(session: Session, credentials: Bearer) -> User:
 CurrentUser = Annotated[User, Depends(get_current_user)]
 
 
-async def get_cipher(request: Request) -> CredentialCipher:
-    cipher: CredentialCipher = request.app.state.cipher
+async def get_cipher(request: Request) -> CredentialSealer:
+    # The API's sealer: it seals a user's key and cannot open anything stored.
+    cipher: CredentialSealer = request.app.state.cipher
     return cipher
 
 
@@ -85,4 +87,15 @@ async def get_index_cache(request: Request) -> IndexCache:
 
 
 Indices = Annotated[IndexCache, Depends(get_index_cache)]
-Cipher = Annotated[CredentialCipher, Depends(get_cipher)]
+Cipher = Annotated[CredentialSealer, Depends(get_cipher)]
+
+
+async def take_rate_budget(request: Request, user: CurrentUser) -> None:
+    """The rate budget of a route that authenticates through `CurrentUser` (the hot paths
+    take theirs themselves)."""
+    budgets: Budgets = request.app.state.budgets
+    await budgets.take_request(user.id)
+
+
+# A route's parameter: the caller's rate budget is taken once they are authenticated.
+RateBudget = Annotated[None, Depends(take_rate_budget)]

@@ -49,3 +49,22 @@ class ConflictError(DomainError):
 
 class ServiceUnavailableError(DomainError):
     status_code = 503
+
+
+class TooManyRequestsError(DomainError):
+    """A budget of the caller is used up (service/budgets.py): 429 with Retry-After."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)  # whole seconds, at least 1
+
+
+class ExchangeUnavailableError(ServiceUnavailableError):
+    """The exchange could not be asked now (unreachable, busy, or our shared limiter says
+    wait): 503, with Retry-After when the wait is known."""
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -19,6 +19,8 @@ from typing import Any
 import structlog
 from structlog.types import EventDict, Processor, WrappedLogger
 
+from service.redaction import Redactor
+
 # Values under these keys never reach a log line, whoever binds them.
 _SECRET_KEYS = frozenset(
     {
@@ -31,15 +33,31 @@ _SECRET_KEYS = frozenset(
         "x-bapi-sign",
         "x-bapi-api-key",
         "credentials_keys",
+        "credentials_private_keys",
+        "credentials_public_key",
         "password",
     }
 )
 
 
+# These names and their variants (any case, '-' or '_' or camelCase, and names holding
+# `secret`, `token`, `password`...: service/redaction.py), at any depth.
+_REDACTOR = Redactor(_SECRET_KEYS)
+
+
 def _redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    for key in event_dict:
-        if key.lower() in _SECRET_KEYS:
-            event_dict[key] = "[redacted]"
+    _REDACTOR.redact_mapping(event_dict)
+    return event_dict
+
+
+def _redact_exception_text(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """After the traceback is rendered: its exceptions' texts (arguments shown as
+    `'api_secret': '...'`, a driver naming the value it refused). Lines without one cost a
+    dict lookup."""
+    for key in ("exception", "stack"):
+        text = event_dict.get(key)
+        if isinstance(text, str):
+            event_dict[key] = _REDACTOR.scrub_text(text)
     return event_dict
 
 
@@ -91,7 +109,9 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
 
     # Exceptions as a string field in JSON; the console renderer draws them itself.
     exceptions: list[Processor] = (
-        [] if log_format == "console" else [structlog.processors.format_exc_info]
+        []
+        if log_format == "console"
+        else [structlog.processors.format_exc_info, _redact_exception_text]
     )
     structlog.configure(
         processors=[*shared, *exceptions, renderer],

@@ -15,11 +15,15 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from cryptography.fernet import Fernet
 
 from service.devservices import provide
+from service.security import generate_key_pair
 
 RUN_ID = uuid.uuid4().hex[:10]
+# The run's credentials key pair: the API seals with the public key, the workers (and this
+# process, which plays one) open with the private key. The API children get no private key
+# (tests/support.py, ServiceProcess).
+CREDENTIALS_PAIR = generate_key_pair()
 # The machine's PostgreSQL and Redis when they answer (or TEST_PG_HOST / TEST_PG_PORT /
 # TEST_REDIS_URL name others), embedded ones started for this run otherwise, or always with
 # DEV_SERVICES=embedded; stopped when the run ends (pytest_unconfigure).
@@ -40,7 +44,11 @@ TEST_ENV = {
     "DATABASE_URL": f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/{TEST_DATABASE}",
     "REDIS_URL": os.environ.get("TEST_REDIS_URL", SERVICES.redis_url(15)),
     "CELERY_QUEUE": f"trades-test-{RUN_ID}",
-    "CREDENTIALS_KEYS": Fernet.generate_key().decode(),
+    "CREDENTIALS_PUBLIC_KEY": CREDENTIALS_PAIR.public_key,
+    "CREDENTIALS_PRIVATE_KEYS": CREDENTIALS_PAIR.private_key,
+    # No legacy Fernet key (empty counts as unset, and wins over a developer's .env): the
+    # legacy scheme has its own tests (tests/unit/test_security.py, test_credentials_sealing).
+    "CREDENTIALS_KEYS": "",
     "TRADE_RETRY_DELAYS": "0.2,0.4,0.6",
     "LOG_FORMAT": "json",
     "LOG_LEVEL": "INFO",
@@ -55,6 +63,14 @@ TEST_ENV = {
     "TASK_TIME_LIMIT_SECONDS": "60",
     "HTTP_READ_TIMEOUT_SECONDS": "2",
     "WORKER_METRICS_PORT": "0",  # a test that scrapes a worker gives it a port of its own
+    # Budgets per user out of the way of tests about something else (a test user opens many
+    # positions at once); the budgets' own tests set them small for their API process.
+    "USER_REQUESTS_PER_MINUTE": "1000000",
+    "USER_REQUEST_BURST": "100000",
+    "USER_OPEN_POSITIONS": "100000",
+    # In-process apps serve no metrics port of their own (a test that scrapes one gives it a
+    # free port), so concurrent runs never share one.
+    "API_METRICS_PORT": "0",
 }
 # The test process reads the same settings as the processes it starts.
 os.environ.update(TEST_ENV)

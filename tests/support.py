@@ -14,7 +14,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from service.security import CredentialOpener, CredentialSealer
 
 T = TypeVar("T")
 
@@ -73,15 +76,57 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
     raise RuntimeError(f"nothing listening on {port} after {timeout}s")
 
 
+# The credentials settings that open stored keys, and what each role is denied of them, as
+# the deployment does (README, Credentials at rest): the API seals and holds nothing that
+# opens; Beat and the simulator need no key at all. An empty value counts as unset (and wins
+# over a `.env` in the checkout).
+DECRYPTION_KEYS = ("CREDENTIALS_PRIVATE_KEYS", "CREDENTIALS_KEYS")
+_ALL_KEYS = (*DECRYPTION_KEYS, "CREDENTIALS_PUBLIC_KEY")
+_DENIED_KEYS = {
+    "api": DECRYPTION_KEYS,
+    **dict.fromkeys(("beat", "simulator", "migrate", "seed", "users"), _ALL_KEYS),
+}
+
+
+def role_env(role: str, env: dict[str, str]) -> dict[str, str]:
+    """`env` with the credentials keys `role` must not hold emptied."""
+    return {**env, **dict.fromkeys(_DENIED_KEYS.get(role, ()), "")}
+
+
+def worker_opener() -> CredentialOpener:
+    """What a worker opens stored credentials with: this process holds the test run's private
+    key (tests/conftest.py), as a worker does. It seals too, for the current key."""
+    from service.config import get_settings
+    from service.security import opener_from_settings
+
+    return opener_from_settings(get_settings())
+
+
+def foreign_sealer() -> CredentialSealer:
+    """Seals for a new key pair that no process of the run holds."""
+    from service.security import PublicKeySealer, generate_key_pair, parse_public_key
+
+    return PublicKeySealer(parse_public_key(generate_key_pair().public_key))
+
+
 class ServiceProcess:
     """A `python -m service ...` child process (or another `module`'s) with its output in a
-    file."""
+    file. The service's roles get only the credentials keys their job needs (`role_env`);
+    `all_keys=True` passes `env` as it is (a test of a misconfigured or legacy process)."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str], log_path: Path, *, module: str = "service"
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        module: str = "service",
+        all_keys: bool = False,
     ) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
+        if module == "service" and args and not all_keys:
+            env = role_env(args[0], env)
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             cwd=ROOT,
@@ -148,11 +193,12 @@ async def prepare_database(url: str) -> None:
 def run_command(
     env: dict[str, str], *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m service ARGS` to completion, failing on a non-zero exit."""
+    """Run `python -m service ARGS` to completion, failing on a non-zero exit (with only the
+    credentials keys the command needs: `role_env`)."""
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
         cwd=ROOT,
-        env=env,
+        env=role_env(args[0], env) if args else env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -175,3 +221,19 @@ def forget_unacked(client: object, queue: str) -> None:
         if routing_key == queue:
             client.hdel("unacked", tag)  # type: ignore[attr-defined]
             client.zrem("unacked_index", tag)  # type: ignore[attr-defined]
+
+
+async def register_key(api_key: str, api_secret: str, **rights: object) -> None:
+    """Make a Bybit key known to the simulator the tests' processes trade on (PUT
+    /api/credentials asks it what the key may do): a funded account whose key trades only,
+    unless `rights` (`read_only`, `permissions`, `ips`, `balance`) say otherwise."""
+    import httpx
+
+    from service.config import get_settings
+
+    async with httpx.AsyncClient(base_url=get_settings().bybit_base_url, timeout=10) as sim:
+        response = await sim.post(
+            "/sim/accounts",
+            json={"api_key": api_key, "api_secret": api_secret, "balance": "1000000", **rights},
+        )
+        response.raise_for_status()

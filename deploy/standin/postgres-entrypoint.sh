@@ -15,12 +15,17 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     --auth-local=trust --auth-host=scram-sha-256 --encoding=UTF8
   rm -f "$password_file"
   echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  as_postgres pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start
   if [ -n "${POSTGRES_DB:-}" ] && [ "$POSTGRES_DB" != postgres ]; then
-    as_postgres pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start
     as_postgres psql -v ON_ERROR_STOP=1 -U postgres -d postgres \
       -c "CREATE DATABASE \"$POSTGRES_DB\""
-    as_postgres pg_ctl -D "$PGDATA" -m fast -w stop
   fi
+  # As the official image: the init scripts mounted there, once, on the new data directory.
+  for script in /docker-entrypoint-initdb.d/*.sh; do
+    [ -e "$script" ] || continue
+    PGHOST=/run/postgresql as_postgres sh "$script"
+  done
+  as_postgres pg_ctl -D "$PGDATA" -m fast -w stop
 fi
 exec setpriv --reuid=postgres --regid=postgres --init-groups \
   postgres -D "$PGDATA" -c listen_addresses='*'

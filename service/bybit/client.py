@@ -33,6 +33,7 @@ from service.bybit.errors import (
 )
 from service.bybit.retcodes import Handling, lookup
 from service.bybit.types import (
+    ApiKeyInfo,
     Execution,
     Instrument,
     Order,
@@ -421,6 +422,13 @@ class BybitClient:
         path = "/v5/user/query-api"
         result = await self._get(path, {}, credentials)
         return self._parse(result, _user_id, path)
+
+    async def query_api(self, credentials: ApiCredentials) -> ApiKeyInfo:
+        """What the key may do (`/v5/user/query-api`): read-only or not, its permissions,
+        the addresses it is bound to."""
+        path = "/v5/user/query-api"
+        result = await self._get(path, {}, credentials)
+        return self._parse(result, ApiKeyInfo.from_payload, path)
 
     async def get_wallet_balance(self, credentials: ApiCredentials) -> WalletBalance:
         path = "/v5/account/wallet-balance"

@@ -246,3 +246,42 @@ class PositionInfo:
     @property
     def hedge_mode(self) -> bool:
         return self.position_idx != 0
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """What `/v5/user/query-api` says of the key that signed the call: whether it may only
+    read, its permissions by group (`ContractTrade: ["Order", "Position"]`, `Wallet:
+    [..., "Withdraw"]`, ...), the addresses it is bound to (`["*"]`: none) and its account's
+    UID."""
+
+    read_only: bool
+    permissions: dict[str, tuple[str, ...]]
+    ips: tuple[str, ...]
+    user_id: str
+
+    @classmethod
+    def from_payload(cls, result: dict[str, Any]) -> ApiKeyInfo:
+        read_only = result.get("readOnly")
+        if isinstance(read_only, bool) or read_only not in (0, 1):
+            raise PayloadError(f"field 'readOnly' is not 0 or 1: {read_only!r}")
+        raw = result.get("permissions")
+        if not isinstance(raw, dict):
+            raise PayloadError("field 'permissions' is missing or not an object")
+        permissions: dict[str, tuple[str, ...]] = {}
+        for group, granted in raw.items():
+            if not isinstance(granted, list) or not all(isinstance(p, str) for p in granted):
+                raise PayloadError(f"permissions.{group} is not a list of strings")
+            permissions[str(group)] = tuple(granted)
+        ips = result.get("ips")
+        if ips is None:
+            ips = []
+        if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
+            raise PayloadError("field 'ips' is not a list of strings")
+        uid = result.get("userID")
+        return cls(
+            read_only=read_only == 1,
+            permissions=permissions,
+            ips=tuple(ips),
+            user_id="" if uid is None or isinstance(uid, bool) else str(uid),
+        )

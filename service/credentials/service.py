@@ -1,4 +1,5 @@
-"""A user's Bybit key pair: encrypted at rest, shown masked, decrypted only in the worker."""
+"""A user's Bybit key pair: sealed at rest (the API seals, only a worker opens: see
+service/security.py), shown masked."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from service.bybit.auth import ApiCredentials
 from service.credentials import repository
 from service.db import SessionScope
 from service.errors import NotFoundError, ValidationError
-from service.security import CredentialCipher, CredentialDecryptionError, mask_key
+from service.security import (
+    CredentialDecryptionError,
+    CredentialOpener,
+    CredentialSealer,
+    mask_key,
+)
 
 _PRINTABLE = re.compile(r"^[\x21-\x7e]{8,128}$")
 
@@ -26,7 +32,7 @@ class CredentialView:
 
 async def store_credentials(
     session: AsyncSession,
-    cipher: CredentialCipher,
+    sealer: CredentialSealer,
     user_id: uuid.UUID,
     *,
     api_key: str,
@@ -38,8 +44,8 @@ async def store_credentials(
     await repository.upsert_credential(
         session,
         user_id,
-        api_key_encrypted=cipher.encrypt(api_key),
-        api_secret_encrypted=cipher.encrypt(api_secret),
+        api_key_encrypted=sealer.seal(api_key),
+        api_secret_encrypted=sealer.seal(api_secret),
         api_key_hint=mask_key(api_key),
     )
 
@@ -61,35 +67,37 @@ async def delete_credentials(session: AsyncSession, user_id: uuid.UUID) -> None:
 
 
 async def load_decrypted(
-    session: AsyncSession, cipher: CredentialCipher, user_id: uuid.UUID
+    session: AsyncSession, opener: CredentialOpener, user_id: uuid.UUID
 ) -> ApiCredentials | None:
-    """Decrypt the pair for one exchange call. Only the worker calls this."""
+    """Open the pair for one exchange call. Only the worker can (it holds the opener)."""
     row = await repository.get_credential(session, user_id)
     if row is None:
         return None
-    return decrypt_pair(cipher, row.api_key_encrypted, row.api_secret_encrypted)
+    return decrypt_pair(opener, row.api_key_encrypted, row.api_secret_encrypted)
 
 
 def decrypt_pair(
-    cipher: CredentialCipher, key_encrypted: str, secret_encrypted: str
+    opener: CredentialOpener, key_encrypted: str, secret_encrypted: str
 ) -> ApiCredentials:
-    """A stored pair, decrypted (raises CredentialDecryptionError)."""
+    """A stored pair, opened (raises CredentialDecryptionError)."""
     return ApiCredentials(
-        api_key=cipher.decrypt(key_encrypted), api_secret=cipher.decrypt(secret_encrypted)
+        api_key=opener.open(key_encrypted), api_secret=opener.open(secret_encrypted)
     )
 
 
 @dataclass(frozen=True, slots=True)
 class RotationReport:
     rotated: int
-    # Users whose stored pair no listed key decrypts: left as they are, for a person to see.
+    # Users whose stored pair no listed key opens: left as they are, for a person to see.
     unreadable: list[uuid.UUID]
 
 
-async def rotate_all(sessions: SessionScope, cipher: CredentialCipher) -> RotationReport:
-    """Re-encrypt every stored pair with the first CREDENTIALS_KEYS key, one row per
-    transaction, while the system runs (every process decrypts with any listed key). A row
-    that no listed key decrypts is skipped and reported, not the end of the rotation."""
+async def rotate_all(sessions: SessionScope, opener: CredentialOpener) -> RotationReport:
+    """Re-seal every stored pair for the opener's current key (the first private key's
+    public key; in the legacy set-up, the first CREDENTIALS_KEYS key), one row per
+    transaction, while the system runs (every worker opens with any listed key). Legacy Fernet
+    rows are moved to sealed boxes the same way: the in-place migration. A row that no listed
+    key opens is skipped and reported, not the end of the rotation."""
     async with sessions() as session:
         user_ids = await repository.credential_user_ids(session)
     rotated = 0
@@ -100,8 +108,8 @@ async def rotate_all(sessions: SessionScope, cipher: CredentialCipher) -> Rotati
             if row is None:  # deleted meanwhile
                 continue
             try:
-                key = cipher.rotate(row.api_key_encrypted)
-                secret = cipher.rotate(row.api_secret_encrypted)
+                key = opener.reseal(row.api_key_encrypted)
+                secret = opener.reseal(row.api_secret_encrypted)
             except CredentialDecryptionError:
                 unreadable.append(user_id)
                 continue

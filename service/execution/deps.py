@@ -19,7 +19,7 @@ from service.indices.cache import IndexCache
 from service.market.data import MarketData
 from service.models import SyntheticPosition
 from service.queue import TaskPublisher
-from service.security import CredentialCipher
+from service.security import CredentialOpener, opener_from_settings
 
 
 class RunLease(Protocol):
@@ -77,7 +77,8 @@ class ExecutionDeps:
     run_lock: RunLock
     exchange: BybitClient
     market: MarketData
-    cipher: CredentialCipher
+    # Opens the stored keys (the worker's private keys, and legacy CREDENTIALS_KEYS).
+    cipher: CredentialOpener
     retry_delays: Sequence[float]
     # What is known of each (account, symbol): leverage at 1x, position mode (shared by the
     # workers in Redis).
@@ -129,7 +130,8 @@ class ExecutionDeps:
             market=market,
             memo=memo,
             publisher=publisher,
-            cipher=CredentialCipher(settings.credentials_keys.get_secret_value()),
+            # Raises CredentialsKeyError: a worker that cannot open any key refuses to run.
+            cipher=opener_from_settings(settings),
             retry_delays=settings.trade_retry_delays,
             market_max_age_seconds=2 * settings.market_refresh_seconds,
             order_time_reserve=settings.http_read_timeout_seconds + 1,

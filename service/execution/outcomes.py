@@ -78,8 +78,9 @@ class OwnershipLostError(Exception):
 
 
 class CredentialsUnreadableError(Exception):
-    """The stored key cannot be decrypted here (a worker without the right CREDENTIALS_KEYS,
-    say): not the position's fault, so nothing about it is decided."""
+    """The stored key cannot be opened here (a worker whose CREDENTIALS_PRIVATE_KEYS lack the
+    key the row is sealed for, or a legacy Fernet row and no CREDENTIALS_KEYS, say): not the
+    position's fault, so nothing about it is decided."""
 
 
 def leg_message(leg: PlannedLeg, message: str) -> str:

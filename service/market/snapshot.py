@@ -9,17 +9,24 @@ The API's side of the market: it imports no exchange client.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import RedisError
 
 from service.bybit.types import Instrument
 
 CACHE_KEY = "trader:market:v1"
+# How far ahead of this host's clock a snapshot's fetched_at may be (the refreshing worker's
+# clock against this one's); further ahead, it is refused as if absent.
+CLOCK_SKEW_SECONDS = 5.0
+
+logger = structlog.stdlib.get_logger("service.market")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,30 +53,86 @@ class MarketSnapshot:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> MarketSnapshot:
-        data: dict[str, Any] = json.loads(raw)
+        """Parse and check a stored snapshot: SnapshotError (a ValueError) for anything that
+        is not one the refresh job could have written (a missing field, a price that is not
+        a positive finite decimal, a step of zero...). The broker is not trusted with it:
+        whoever can write to Redis could have written it."""
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise SnapshotError("not an object")
         instruments = {
-            symbol: Instrument(
-                symbol=item["symbol"],
-                status=item["status"],
-                qty_step=Decimal(item["qty_step"]),
-                min_order_qty=Decimal(item["min_order_qty"]),
-                # A snapshot written before these two were kept (a rolling deploy) lacks
-                # them; nothing that reads a snapshot uses them.
-                max_order_qty=Decimal(item.get("max_order_qty", item["max_mkt_order_qty"])),
-                max_mkt_order_qty=Decimal(item["max_mkt_order_qty"]),
-                min_notional_value=Decimal(item["min_notional_value"]),
-                tick_size=Decimal(item.get("tick_size", "0")),
-            )
-            for symbol, item in data["instruments"].items()
+            symbol: _instrument(symbol, item) for symbol, item in _mapping(data, "instruments")
         }
-        prices = {symbol: Decimal(price) for symbol, price in data["prices"].items()}
-        marks = {symbol: Decimal(price) for symbol, price in data.get("marks", {}).items()}
+        prices = {s: _decimal(p, f"price of {s}", zero=False) for s, p in _mapping(data, "prices")}
+        marks = {
+            s: _decimal(p, f"mark of {s}", zero=False)
+            for s, p in _mapping(data, "marks", required=False)
+        }
+        fetched_at = data.get("fetched_at")
+        if (
+            isinstance(fetched_at, bool)
+            or not isinstance(fetched_at, int | float)
+            or not math.isfinite(fetched_at)
+            or fetched_at <= 0
+        ):
+            raise SnapshotError("fetched_at is not a time")
         return cls(
-            instruments=instruments,
-            prices=prices,
-            fetched_at=float(data["fetched_at"]),
-            marks=marks,
+            instruments=instruments, prices=prices, fetched_at=float(fetched_at), marks=marks
         )
+
+
+class SnapshotError(ValueError):
+    """A stored snapshot that cannot be one the refresh job wrote: refused as if absent."""
+
+
+def _mapping(data: dict[str, Any], name: str, *, required: bool = True) -> list[tuple[str, Any]]:
+    value = data.get(name, None if required else {})
+    if not isinstance(value, dict):
+        raise SnapshotError(f"{name} is missing or not an object")
+    if not all(isinstance(key, str) for key in value):
+        raise SnapshotError(f"{name} has a key that is not a symbol")
+    return list(value.items())
+
+
+def _decimal(value: object, what: str, *, zero: bool = True) -> Decimal:
+    """A finite decimal written as a string (as `to_json` writes them), not negative, and
+    not zero unless `zero`."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise SnapshotError(f"{what} is not a decimal string")
+    try:
+        number = Decimal(value)
+    except ArithmeticError:
+        raise SnapshotError(f"{what} is not a decimal") from None
+    if not number.is_finite() or number < 0 or (not zero and number == 0):
+        raise SnapshotError(f"{what} is {value!r}: not a {'' if zero else 'positive '}number")
+    return number
+
+
+def _instrument(symbol: str, item: object) -> Instrument:
+    if not isinstance(item, dict) or item.get("symbol") != symbol:
+        raise SnapshotError(f"instrument {symbol} is not an instrument of that symbol")
+    status = item.get("status")
+    if not isinstance(status, str):
+        raise SnapshotError(f"instrument {symbol} has no status")
+
+    def field_(name: str, *, zero: bool = True, default: str | None = None) -> Decimal:
+        value = item.get(name, default)
+        return _decimal(value, f"{name} of {symbol}", zero=zero)
+
+    max_mkt = field_("max_mkt_order_qty")
+    return Instrument(
+        symbol=symbol,
+        status=status,
+        # Sizes are rounded down to this step (a division): never zero.
+        qty_step=field_("qty_step", zero=False),
+        min_order_qty=field_("min_order_qty"),
+        # A snapshot written before these two were kept (a rolling deploy) lacks them;
+        # nothing that reads a snapshot uses them.
+        max_order_qty=field_("max_order_qty", default=str(max_mkt)),
+        max_mkt_order_qty=max_mkt,
+        min_notional_value=field_("min_notional_value"),
+        tick_size=field_("tick_size", default="0"),
+    )
 
 
 class MarketCache:
@@ -91,6 +154,7 @@ class MarketCache:
         self._key = key
         self._last: MarketSnapshot | None = None
         self._last_read = 0.0
+        self._refused: bytes | str | None = None
 
     async def store(self, snapshot: MarketSnapshot) -> None:
         # Expires by itself: a dead refresher leaves no data to be mistaken for fresh.
@@ -105,6 +169,22 @@ class MarketCache:
             return None
         return snapshot
 
+    def _parse(self, raw: bytes | str) -> MarketSnapshot | None:
+        """The snapshot stored in Redis, or None when it is refused: malformed, poisoned
+        (see `MarketSnapshot.from_json`), or fetched in the future beyond the clock skew
+        allowed (a forged one would otherwise pass for fresh until then)."""
+        try:
+            snapshot = MarketSnapshot.from_json(raw)
+            ahead = snapshot.fetched_at - time.time()
+            if ahead > CLOCK_SKEW_SECONDS:
+                raise SnapshotError(f"fetched_at is {ahead:.0f} s in the future")
+        except (ValueError, KeyError, TypeError, ArithmeticError) as error:
+            if raw != self._refused:  # once per stored value, not once per request
+                self._refused = raw
+                logger.warning("market.snapshot_refused", cache=self._key, reason=str(error)[:200])
+            return None
+        return snapshot
+
     async def load(self) -> MarketSnapshot | None:
         if self._last is not None and time.monotonic() - self._last_read < self._reuse:
             return self._fresh(self._last)
@@ -116,9 +196,9 @@ class MarketCache:
             # Gone from Redis: expired (then the copy in memory is too old as well), or
             # Redis restarted empty, when the copy in memory still serves until its max age.
             return self._fresh(self._last)
-        try:
-            snapshot = MarketSnapshot.from_json(raw)
-        except (ValueError, KeyError, TypeError, ArithmeticError):
-            return None
+        snapshot = self._parse(raw)
+        if snapshot is None:
+            # Refused as if absent: the last good copy serves until its max age, then none.
+            return self._fresh(self._last)
         self.remember(snapshot)
         return self._fresh(snapshot)

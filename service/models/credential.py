@@ -9,7 +9,10 @@ from service.models.base import Base, TimestampMixin
 
 
 class ExchangeCredential(TimestampMixin, Base):
-    """A user's Bybit API key and secret, each encrypted with the first CREDENTIALS_KEYS key."""
+    """A user's Bybit API key and secret, each sealed for the public key the API holds
+    (`nacl1:<key id>:<base64>`, service/security.py: only a worker's private key opens it).
+    Rows written before the move to sealed boxes, or by an API given only the legacy
+    CREDENTIALS_KEYS, are Fernet tokens (no prefix) until `credentials rotate` re-seals them."""
 
     __tablename__ = "exchange_credentials"
 

@@ -33,10 +33,14 @@ class PositionStatus(StrEnum):
     CLOSING = "CLOSING"
     CLOSED = "CLOSED"
     CLOSE_FAILED = "CLOSE_FAILED"
+    # A PENDING position its owner cancelled before any worker claimed it (nothing was sent):
+    # final, like CLOSED.
+    CANCELLED = "CANCELLED"
 
     @property
     def is_final(self) -> bool:
-        """No run is due: the opening or a close has ended (CLOSED is the only end of all)."""
+        """No run is due: the opening or a close has ended, or the opening was cancelled
+        (CLOSED and CANCELLED are the only ends of all)."""
         return self in _AT_REST
 
     @property
@@ -51,9 +55,10 @@ _AT_REST = frozenset(
         PositionStatus.FAILED,
         PositionStatus.CLOSED,
         PositionStatus.CLOSE_FAILED,
+        PositionStatus.CANCELLED,
     }
 )
-STATUS_VALUES = "'PENDING', 'EXECUTING', 'ACTIVE', 'FAILED', 'CLOSING', 'CLOSED', 'CLOSE_FAILED'"
+STATUS_VALUES = ", ".join(f"'{status.value}'" for status in PositionStatus)
 
 
 class ExecutionMode(StrEnum):

@@ -33,3 +33,5 @@ class ApiToken(Base):
         DateTime(timezone=True), server_default=func.now(), nullable=False
     )
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set at issue time (TOKEN_TTL_SECONDS later): from then on the token is refused.
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

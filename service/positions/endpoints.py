@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
+from service.budgets import Admission, Budgets
 from service.db import scope_for
 from service.dependencies import (
     BEARER_SECURITY,
     CurrentUser,
+    RateBudget,
     Session,
     request_bearer_token,
     request_transaction,
@@ -31,6 +35,8 @@ _ERRORS = error_responses(
     r422="invalid index, size or direction, a size the exchange would refuse (the message "
     "names the leg, the limit and the size that would work), or an Idempotency-Key reused "
     "with another body",
+    r429="a budget of the caller is used up: the request rate, or (opening) the number of "
+    "positions not yet final; see Retry-After. Nothing was written",
     r503="market data or the database is unavailable: try again shortly",
 )
 
@@ -59,30 +65,53 @@ async def create_position(
     state = request.app.state
     token = request_bearer_token(request)
     market = await state.market_cache.load()
-    # The common case in one statement (hot_path); a position this request created has no
-    # components, trades or issues yet.
-    opening = service.OpenRequest(
-        body.index, body.size, body.direction, idempotency_key, body.execution
-    )
-    created = await hot_path.accept_position(
-        state.pool, state.publisher, opening, token=token, market=market, indices=state.index_cache
-    )
-    if created is not None:
-        return _json(
-            service.PositionDetail(position=created, components=[], trades=[]), market, 202
+    budgets: Budgets = state.budgets
+    user_id = await state.user_ids.of_token(state.pool, token)
+    async with _admitted(budgets, user_id) as admission:
+        # The common case in one statement (hot_path); a position this request created has
+        # no components, trades or issues yet.
+        opening = service.OpenRequest(
+            body.index, body.size, body.direction, idempotency_key, body.execution
         )
-    # Everything else, with every check in its order and its own answer. The task of a
-    # position created here is sent once the transaction has committed.
-    async with request_transaction(request) as session:
-        user = await authenticate(session, token)
-        opened = await service.open_position(
-            session, user, opening, market=market, indices=state.index_cache
+        created = await hot_path.accept_position(
+            state.pool,
+            state.publisher,
+            opening,
+            token=token,
+            market=market,
+            indices=state.index_cache,
+            open_limit=budgets.open_positions,
+            admission=admission,
         )
-        if opened.created:
-            detail = service.PositionDetail(position=opened.position, components=[], trades=[])
-        else:
-            detail = await service.load_detail(session, opened.position, state.index_cache)
+        if created is not None:
+            return _json(
+                service.PositionDetail(position=created, components=[], trades=[]), market, 202
+            )
+        # Everything else, with every check in its order and its own answer. The task of a
+        # position created here is sent once the transaction has committed.
+        async with request_transaction(request) as session:
+            # (A token unknown a moment ago and valid now, issued meanwhile, is counted
+            # without the lock: at worst one position over, once.)
+            user = await authenticate(session, token)
+            opened = await service.open_position(
+                session, user, opening, market=market, indices=state.index_cache, budgets=budgets
+            )
+            if opened.created:
+                detail = service.PositionDetail(position=opened.position, components=[], trades=[])
+            else:
+                detail = await service.load_detail(session, opened.position, state.index_cache)
     return _json(detail, market, 202, replayed=not opened.created)
+
+
+@asynccontextmanager
+async def _admitted(budgets: Budgets, user_id: uuid.UUID | None) -> AsyncIterator[Admission | None]:
+    """The user's rate budget and admission lock (service/budgets.py) for the block; nothing
+    for a token no user has (the request's own check answers 401)."""
+    if user_id is None:
+        yield None
+        return
+    async with budgets.admission(user_id) as admission:
+        yield admission
 
 
 _CLOSE_ERRORS = error_responses(
@@ -90,6 +119,8 @@ _CLOSE_ERRORS = error_responses(
     r404="no such position for this user",
     r409="the position cannot be closed now: still opening (PENDING, EXECUTING), already "
     "closing or closed, or FAILED with nothing filled",
+    r429="a budget of the caller is used up: the request rate, or the number of positions "
+    "not yet final (CLOSING counts); see Retry-After. Nothing was written",
     r503="the database is unavailable: try again shortly",
 )
 
@@ -125,9 +156,17 @@ async def close_position(
     market = await state.market_cache.load()
     async with request_transaction(request) as session:
         user = await authenticate(session, token)
-    requested = await service.request_close(
-        scope_for(state.session_factory), user, position_id, idempotency_key=idempotency_key
-    )
+    budgets: Budgets = state.budgets
+    # CLOSING counts against the open-positions budget: counted and changed under the user's
+    # admission lock, as an opening is.
+    async with budgets.admission(user.id):
+        requested = await service.request_close(
+            scope_for(state.session_factory),
+            user,
+            position_id,
+            idempotency_key=idempotency_key,
+            budgets=budgets,
+        )
     if requested.started:
         # If this push is lost, the recovery sweep sends the unclaimed close.
         await state.publisher.try_publish(position_id, task=CLOSE_POSITION_TASK)
@@ -135,6 +174,41 @@ async def close_position(
         position = await service.get_position(session, user, position_id)
         detail = await service.load_detail(session, position, state.index_cache)
     return _json(detail, market, 202, replayed=not requested.started)
+
+
+_CANCEL_ERRORS = error_responses(
+    r401="missing, invalid, revoked or expired token",
+    r404="no such position for this user",
+    r409="the position cannot be cancelled: a worker has claimed it (EXECUTING or later)",
+    r429="the caller's request rate budget is used up (see Retry-After)",
+    r503="the database is unavailable: try again shortly",
+)
+
+
+@router.post(
+    "/{position_id}/cancel",
+    status_code=status.HTTP_200_OK,
+    response_model=PositionOut,
+    responses=_CANCEL_ERRORS,
+    summary="Cancel a position still PENDING (no worker has claimed it, nothing was sent): "
+    "it ends CANCELLED",
+    openapi_extra=BEARER_SECURITY,
+)
+async def cancel_position(position_id: uuid.UUID, request: Request) -> Response:
+    """Only a PENDING position can be cancelled; against a worker claiming it at the same
+    moment, exactly one wins (a 409 when the worker did). A repeat on a CANCELLED position
+    answers with it again (200)."""
+    state = request.app.state
+    token = request_bearer_token(request)
+    market = await state.market_cache.load()
+    async with request_transaction(request) as session:
+        user = await authenticate(session, token)
+    await state.budgets.take_request(user.id)
+    await service.cancel_position(scope_for(state.session_factory), user, position_id)
+    async with request_transaction(request) as session:
+        position = await service.get_position(session, user, position_id)
+        detail = await service.load_detail(session, position, state.index_cache)
+    return _json(detail, market, 200)
 
 
 def _json(
@@ -170,6 +244,9 @@ async def get_position(
 ) -> Response:
     state = request.app.state
     token = request_bearer_token(request)
+    user_id = await state.user_ids.of_token(state.pool, token)
+    if user_id is not None:  # else the request's own check answers 401
+        await state.budgets.take_request(user_id)
     market = await state.market_cache.load()
     version = market_version(market)
     # Polling costs one statement (the caller's token and the position's version); an
@@ -204,13 +281,16 @@ def _matches(tag: str, if_none_match: str) -> bool:
 
 
 def _cache_headers(tag: str) -> dict[str, str]:
-    return {"ETag": tag, "Cache-Control": "no-cache"}
+    # no-store: no cache (a proxy's, the browser's) keeps a user's position; a poller keeps
+    # the ETag itself and sends it back in If-None-Match for its 304.
+    return {"ETag": tag, "Cache-Control": "no-store"}
 
 
 @router.get("", response_model=PositionPage, responses=_ERRORS)
 async def list_positions(
     request: Request,
     user: CurrentUser,
+    _budget: RateBudget,
     session: Session,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     status_filter: Annotated[PositionStatus | None, Query(alias="status")] = None,

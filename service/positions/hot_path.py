@@ -1,7 +1,8 @@
 """The API's two hot paths, one statement each on a plain asyncpg pool (db.StatementPool).
 
-- Accepting a position: the token check (revocation included), the credentials check and the
-  INSERT of the PENDING row are one autocommitted statement; the task is pushed after it.
+- Accepting a position: the token check (revocation and expiry included), the credentials
+  check and the INSERT of the PENDING row are one autocommitted statement; the task is pushed
+  after it.
 - Answering a poll: the token check and the primary-key read of the position's version are
   one statement; a 304 needs nothing more, and a full body already rendered for that version
   is served from memory.
@@ -15,10 +16,12 @@ it always has. A refusal therefore writes nothing and says what it always said.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from service.budgets import OPEN_STATUSES, Admission
 from service.db import StatementPool
 from service.errors import DomainError
 from service.indices.cache import IndexCache
@@ -34,18 +37,21 @@ from service.positions.service import (
 from service.queue import RedisTaskPublisher
 from service.security import hash_token
 
-# One statement: the caller's live token, their stored credentials, the row. ON CONFLICT: a
-# taken Idempotency-Key inserts nothing (the full path replays it). The statement commits
-# on its own (no transaction is open on the connection), so the row is durable before the
-# task is pushed.
+# One statement: the caller's live token, their stored credentials, their open-positions
+# budget (the count is strict because the caller holds the user's admission lock:
+# service/budgets.py), the row. ON CONFLICT: a taken Idempotency-Key inserts nothing (the
+# full path replays it). The statement commits on its own (no transaction is open on the
+# connection), so the row is durable before the task is pushed.
 _ACCEPT = """
 INSERT INTO synthetic_positions
     (id, user_id, index_code, size, direction, status, attempts, idempotency_key,
      request_fingerprint, execution)
 SELECT $1, t.user_id, $3, $4, $5, $6, 0, $7, $8, $9
 FROM api_tokens AS t
-WHERE t.token_hash = $2 AND t.revoked_at IS NULL
+WHERE t.token_hash = $2 AND t.revoked_at IS NULL AND t.expires_at > now()
   AND EXISTS (SELECT 1 FROM exchange_credentials AS c WHERE c.user_id = t.user_id)
+  AND (SELECT count(*) FROM synthetic_positions AS o
+       WHERE o.user_id = t.user_id AND o.status = ANY($11)) < $10
 ON CONFLICT DO NOTHING
 RETURNING created_at, updated_at
 """
@@ -55,7 +61,7 @@ _VERSION = """
 SELECT p.updated_at, p.attempts
 FROM synthetic_positions AS p
 JOIN api_tokens AS t ON t.user_id = p.user_id
-WHERE p.id = $1 AND t.token_hash = $2 AND t.revoked_at IS NULL
+WHERE p.id = $1 AND t.token_hash = $2 AND t.revoked_at IS NULL AND t.expires_at > now()
 """
 
 
@@ -67,9 +73,13 @@ async def accept_position(
     token: str | None,
     market: MarketSnapshot | None,
     indices: IndexCache,
+    open_limit: int,
+    admission: Admission | None = None,
 ) -> AcceptedPosition | None:
     """The new PENDING position, committed and its task pushed; None when this request is
-    not the common case (the full path answers it)."""
+    not the common case (the full path answers it), the open-positions budget (`open_limit`)
+    included. `admission`: the user's admission lock, given back once the row is committed,
+    alongside the task's push."""
     index_code, size, direction = request.index_code, request.size, request.direction
     idempotency_key = request.idempotency_key
     index = indices.peek(index_code)
@@ -96,11 +106,17 @@ async def accept_position(
         idempotency_key,
         fingerprint,
         request.execution.value,
+        open_limit,
+        list(OPEN_STATUSES),
     )
     if row is None:
         return None
-    # If this push is lost, the recovery sweep re-sends the PENDING position.
-    await publisher.try_publish(position_id)
+    # If this push is lost, the recovery sweep re-sends the PENDING position. The lock is
+    # given back at the same time (no round trip added).
+    if admission is None:
+        await publisher.try_publish(position_id)
+    else:
+        await asyncio.gather(publisher.try_publish(position_id), admission.release())
     return AcceptedPosition(
         id=position_id,
         index_code=index.code,

@@ -11,12 +11,14 @@ import json
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.budgets import OPEN_STATUSES, Budgets
 from service.credentials.service import has_credentials
 from service.db import SessionScope
 from service.errors import (
@@ -48,6 +50,7 @@ from service.trading_logic import (
     MarketDataError,
     calculate_trade_composition,
 )
+from service.users import repository as users_repository
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +167,11 @@ async def open_position(
     *,
     market: MarketSnapshot | None,
     indices: IndexCache,
+    budgets: Budgets | None = None,
 ) -> OpenedPosition:
+    """`budgets`: the open-positions budget is checked (a replay is never refused by it);
+    the caller holds the user's admission lock (service/budgets.py) until this transaction
+    has committed."""
     index_code, size, direction = request.index_code, request.size, request.direction
     idempotency_key = request.idempotency_key
     fingerprint = (
@@ -181,6 +188,8 @@ async def open_position(
         known = ", ".join(i.code for i in await indices.all(session))
         raise ValidationError(f"unknown index {index_code!r}; known indices: {known}")
     check_tradeable(index, size, direction, market)
+    if budgets is not None:
+        await _check_open_budget(session, user, budgets)
     position = await repository.add_position(
         session,
         user_id=user.id,
@@ -206,12 +215,24 @@ async def open_position(
     return _replay(winner, fingerprint, idempotency_key)
 
 
+async def _check_open_budget(session: AsyncSession, user: User, budgets: Budgets) -> None:
+    """The user's positions not yet final, under the open-positions budget (429 otherwise)."""
+    open_count = await session.scalar(
+        select(func.count())
+        .select_from(SyntheticPosition)
+        .where(SyntheticPosition.user_id == user.id, SyntheticPosition.status.in_(OPEN_STATUSES))
+    )
+    if (open_count or 0) >= budgets.open_positions:
+        raise budgets.open_positions_refused(open_count or 0)
+
+
 _NOT_CLOSEABLE = {
     PositionStatus.PENDING: "it is still opening (PENDING): close it once it is ACTIVE or FAILED",
     PositionStatus.EXECUTING: "it is still opening (EXECUTING): close it once it is ACTIVE or "
     "FAILED",
     PositionStatus.CLOSING: "it is already closing (CLOSING)",
     PositionStatus.CLOSED: "it is already closed (CLOSED)",
+    PositionStatus.CANCELLED: "it was cancelled before it opened (CANCELLED): it holds nothing",
 }
 
 
@@ -227,6 +248,7 @@ async def request_close(
     position_id: uuid.UUID,
     *,
     idempotency_key: str | None,
+    budgets: Budgets | None = None,
 ) -> CloseRequested:
     """ACTIVE, FAILED holding legs, or CLOSE_FAILED -> CLOSING (a new close round, its task
     sent by the caller). A repeat of an Idempotency-Key already used for this position's close
@@ -249,6 +271,10 @@ async def request_close(
                     f"position {position.id} cannot be closed: it FAILED with nothing filled, "
                     "so it holds nothing"
                 )
+            if budgets is not None:
+                # CLOSING is not final: a close adds to the open-positions budget (the caller
+                # holds the user's admission lock until the change has committed).
+                await _check_open_budget(session, user, budgets)
 
         async def note_key(session: AsyncSession) -> None:
             if idempotency_key is not None:
@@ -277,6 +303,63 @@ async def _may_hold(session: AsyncSession, position_id: uuid.UUID) -> bool:
         return True
     plan = await repository.get_plan(session, position_id)
     return any(leg.submitted_at is not None and leg.refused_at is None for leg in plan)
+
+
+async def cancel_pending(
+    sessions: SessionScope, position_id: uuid.UUID
+) -> SyntheticPosition | None:
+    """PENDING -> CANCELLED, one compare-and-set: against a worker's claim (PENDING ->
+    EXECUTING, the same kind of statement) exactly one wins. None when the position was not
+    PENDING any more. Nothing was sent for a PENDING position, so nothing is left held."""
+    return await change_status(
+        sessions, position_id, Transition(PositionStatus.PENDING, PositionStatus.CANCELLED)
+    )
+
+
+async def cancel_all_pending(sessions: SessionScope, user_id: uuid.UUID) -> list[uuid.UUID]:
+    """Cancel each of the user's PENDING positions (what a stolen token may have queued), once
+    their tokens are revoked; a position a worker claimed meanwhile is left to its run.
+
+    Not covered: a request that passed its token check just before the revocation committed
+    and commits its position after the last look (milliseconds). Running the command again
+    cancels it (revoking nothing more)."""
+    cancelled: list[uuid.UUID] = []
+    seen: set[uuid.UUID] = set()
+    # Once more after a pass that found something: an insert that read the token just
+    # before the revocation committed may commit a moment after the first look.
+    while True:
+        async with sessions() as session:
+            pending = list(await users_repository.pending_positions(session, user_id))
+        fresh = [p for p in pending if p not in seen]
+        if not fresh:
+            return cancelled
+        seen.update(fresh)
+        for position_id in fresh:
+            if await cancel_pending(sessions, position_id) is not None:
+                cancelled.append(position_id)
+
+
+async def cancel_position(
+    sessions: SessionScope, user: User, position_id: uuid.UUID
+) -> SyntheticPosition:
+    """The user's PENDING position, CANCELLED; a CANCELLED one as it is (a repeat); anything
+    else, a 409 that says why, with nothing written."""
+    async with sessions() as session:
+        position = await get_position(session, user, position_id)
+    if position.status == PositionStatus.PENDING:
+        cancelled = await cancel_pending(sessions, position_id)
+        if cancelled is not None:
+            return cancelled
+        # Claimed (or cancelled by another request) since it was read: look again.
+        async with sessions() as session:
+            position = await get_position(session, user, position_id)
+    if position.status == PositionStatus.CANCELLED:
+        return position
+    raise ConflictError(
+        f"position {position.id} cannot be cancelled: a worker has claimed it "
+        f"({position.status}); only a PENDING position can be. Once it is ACTIVE or FAILED "
+        f"holding legs, close it with POST /api/positions/{position.id}/close"
+    )
 
 
 async def get_position(
@@ -339,11 +422,17 @@ def _encode_cursor(position: SyntheticPosition) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The (created_at, id) a cursor of ours carries; anything else, forged or damaged, is a
+    422. Its time must name its offset (ours do) and lie within what the database takes once
+    in UTC: year 1 at +14:00 parses but is out of range for the driver (a 500 before)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, _, position_id = raw.partition("|")
-        return datetime.fromisoformat(created), uuid.UUID(position_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        at = datetime.fromisoformat(created)
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError("no offset")
+        return at.astimezone(UTC), uuid.UUID(position_id)
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ValidationError("invalid cursor: pass next_cursor from the previous page") from None
 
 

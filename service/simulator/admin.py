@@ -10,7 +10,12 @@ from aiohttp import web
 from service.simulator.errors import now_ms
 from service.simulator.instruments import LOT_SIZE_FIELDS, Instrument
 from service.simulator.keys import STATE_KEY
-from service.simulator.state import DEFAULT_BALANCE, MARGIN_MODES
+from service.simulator.state import (
+    DEFAULT_BALANCE,
+    MARGIN_MODES,
+    PERMISSION_GROUPS,
+    default_permissions,
+)
 from service.simulator.values import loose_decimal, price_string, scaled
 
 INSTRUMENT_STATUSES = ("PreLaunch", "Trading", "Delivering", "Closed")
@@ -65,7 +70,13 @@ async def post_account(request: web.Request) -> web.Response:
     if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool) or uid <= 0):
         raise _bad("uid must be a positive integer (two keys of one account share it)")
     account = state.add_account(
-        key, secret, balance, hedge_mode=mode == "hedge", margin_mode=margin_mode, uid=uid
+        key,
+        secret,
+        balance,
+        hedge_mode=mode == "hedge",
+        margin_mode=margin_mode,
+        uid=uid,
+        key=_key_rights(data, default_permissions(), ["*"], False),
     )
     for field_name, hedge in (("hedge_symbols", True), ("one_way_symbols", False)):
         symbols = data.get(field_name, [])
@@ -74,6 +85,52 @@ async def post_account(request: web.Request) -> web.Response:
         for symbol in symbols:
             account.hedge_symbols[symbol] = hedge
     return web.json_response({"api_key": key})
+
+
+def _key_rights(
+    data: dict[str, Any], permissions: dict[str, list[str]], ips: list[str], read_only: bool
+) -> tuple[bool, dict[str, list[str]], list[str]]:
+    """What query-api shows of a key: `read_only`, `permissions` (groups of query-api; a
+    group not named has none) and `ips` from `data`, else as given."""
+    if "read_only" in data:
+        if not isinstance(data["read_only"], bool):
+            raise _bad("read_only must be true or false")
+        read_only = data["read_only"]
+    if "permissions" in data:
+        given = data["permissions"]
+        if not isinstance(given, dict) or not all(
+            group in PERMISSION_GROUPS
+            and isinstance(granted, list)
+            and all(isinstance(p, str) for p in granted)
+            for group, granted in given.items()
+        ):
+            raise _bad(
+                "permissions must map groups of query-api "
+                f"({', '.join(PERMISSION_GROUPS)}) to lists of strings"
+            )
+        permissions = {group: list(given.get(group, [])) for group in PERMISSION_GROUPS}
+    if "ips" in data:
+        given_ips = data["ips"]
+        if not isinstance(given_ips, list) or not all(isinstance(ip, str) for ip in given_ips):
+            raise _bad('ips must be a list of addresses (["*"]: bound to none)')
+        ips = list(given_ips)
+    return read_only, permissions, ips
+
+
+async def put_key(request: web.Request) -> web.Response:
+    """Change what an account's key may do, as query-api shows it: `read_only`,
+    `permissions`, `ips` (each optional; what is not given stays)."""
+    state = request.app[STATE_KEY]
+    account = state.accounts.get(request.match_info["api_key"])
+    if account is None:
+        raise web.HTTPNotFound(text="unknown api_key")
+    data = await _json_object(request)
+    account.read_only, account.permissions, account.ips = _key_rights(
+        data, account.permissions, account.ips, account.read_only
+    )
+    return web.json_response(
+        {"read_only": account.read_only, "permissions": account.permissions, "ips": account.ips}
+    )
 
 
 async def put_position_mode(request: web.Request) -> web.Response:
@@ -334,6 +391,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/sim/accounts", post_account)
     app.router.add_post("/sim/positions", post_position)
     app.router.add_put("/sim/accounts/{api_key}/position-mode", put_position_mode)
+    app.router.add_put("/sim/accounts/{api_key}/key", put_key)
     app.router.add_get("/sim/accounts/{api_key}/positions", get_positions)
     app.router.add_get("/sim/orders", get_orders)
     app.router.add_get("/sim/requests", get_requests)

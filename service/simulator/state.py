@@ -44,6 +44,29 @@ class Position:
         return "" if not self.size else "Buy" if self.size > 0 else "Sell"
 
 
+# query-api's permission groups, in Bybit's order.
+PERMISSION_GROUPS = (
+    "ContractTrade",
+    "Spot",
+    "Wallet",
+    "Options",
+    "Derivatives",
+    "CopyTrading",
+    "BlockTrade",
+    "Exchange",
+    "NFT",
+    "Affiliate",
+)
+
+
+def default_permissions() -> dict[str, list[str]]:
+    """A key that trades contracts and moves funds between its own accounts, nothing more."""
+    granted: dict[str, list[str]] = {group: [] for group in PERMISSION_GROUPS}
+    granted["ContractTrade"] = ["Order", "Position"]
+    granted["Wallet"] = ["AccountTransfer"]
+    return granted
+
+
 @dataclass
 class Account:
     api_key: str
@@ -63,6 +86,12 @@ class Account:
     # Bybit's UID of the account the key belongs to (query-api's userID); by default one per
     # key, or given, to model two keys of one account.
     uid: int | None = None
+    # What the key may do, as query-api shows it: read-only or read-write, the permissions
+    # by group, the addresses it is bound to (["*"]: none). By default a trade-only key
+    # bound to no address. (The simulator shows them; it does not enforce them.)
+    read_only: bool = False
+    permissions: dict[str, list[str]] = field(default_factory=lambda: default_permissions())
+    ips: list[str] = field(default_factory=lambda: ["*"])
 
     @property
     def user_id(self) -> int:
@@ -361,6 +390,7 @@ class SimulatorState:
         hedge_mode: bool = False,
         margin_mode: str = "REGULAR_MARGIN",
         uid: int | None = None,
+        key: tuple[bool, dict[str, list[str]], list[str]] | None = None,
     ) -> Account:
         """Create or replace an account with a USDT wallet balance. A replaced account starts
         afresh (balance, leverage, positions) but keeps its orders: an orderLinkId it used is
@@ -373,6 +403,8 @@ class SimulatorState:
             margin_mode=margin_mode,
             uid=uid,
         )
+        if key is not None:
+            account.read_only, account.permissions, account.ips = key
         previous = self.accounts.get(api_key)
         if previous is not None:
             account.order_link_ids = previous.order_link_ids

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from cryptography.fernet import Fernet
 
+from service.security import generate_key_pair
 from tests.support import (
     ApiUser,
     ServiceProcess,
@@ -65,7 +65,7 @@ class Stack:
         from service.config import Settings
         from service.credentials.service import store_credentials
         from service.db import create_engine, create_session_factory
-        from service.security import CredentialCipher
+        from service.security import opener_from_settings
         from service.users.service import authenticate, create_user_with_token
 
         email = f"bench-{secrets.token_hex(6)}@example.com"
@@ -82,7 +82,7 @@ class Stack:
                 user = await authenticate(session, issued.token)
                 await store_credentials(
                     session,
-                    CredentialCipher(settings.credentials_keys.get_secret_value()),
+                    opener_from_settings(settings),  # seals for the stack's key pair
                     user.id,
                     api_key=api_key,
                     api_secret=api_secret,
@@ -150,6 +150,15 @@ def _clean_redis(queue: str) -> None:
         client.close()
 
 
+def _key_pair_env() -> dict[str, str]:
+    pair = generate_key_pair()
+    return {
+        "CREDENTIALS_PUBLIC_KEY": pair.public_key,
+        "CREDENTIALS_PRIVATE_KEYS": pair.private_key,
+        "CREDENTIALS_KEYS": "",
+    }
+
+
 @contextmanager
 def bench_stack(**settings: str) -> Iterator[Stack]:
     run_id = uuid.uuid4().hex[:8]
@@ -164,7 +173,8 @@ def bench_stack(**settings: str) -> Iterator[Stack]:
                 "DATABASE_URL": url,
                 "REDIS_URL": REDIS_URL,
                 "CELERY_QUEUE": queue,
-                "CREDENTIALS_KEYS": Fernet.generate_key().decode(),
+                # The API child gets the public key only (tests/support.py, role_env).
+                **_key_pair_env(),
                 "BYBIT_BASE_URL": f"http://127.0.0.1:{sim_port}",
                 "LOG_FORMAT": "json",
                 "LOG_LEVEL": "INFO",
@@ -173,6 +183,11 @@ def bench_stack(**settings: str) -> Iterator[Stack]:
                 # the one written at the start stays fresh for the API and the workers.
                 "MARKET_MAX_AGE_SECONDS": "86400",
                 "MARKET_REFRESH_SECONDS": "43200",
+                # The benchmarks drive one user's requests as fast as the API answers: budgets
+                # per user out of their way (the load test of docs/reliability.md measures them).
+                "USER_REQUESTS_PER_MINUTE": "100000000",
+                "USER_REQUEST_BURST": "1000000",
+                "USER_OPEN_POSITIONS": "100000000",
                 **settings,
             }
         )

@@ -17,9 +17,9 @@ import uuid
 from decimal import Decimal
 
 import asyncpg
-from cryptography.fernet import Fernet
 
 from service.config import Settings
+from service.security import generate_key_pair
 
 
 async def _database(url: str, name: str, *, drop: bool) -> None:
@@ -37,7 +37,7 @@ async def _active_position(url: str) -> uuid.UUID:
     from service.db import create_engine, create_session_factory, scope_for
     from service.models import PositionStatus
     from service.positions import repository
-    from service.security import CredentialCipher
+    from service.security import opener_from_settings
     from service.seed import seed_indices
     from service.users.repository import add_user
 
@@ -50,7 +50,7 @@ async def _active_position(url: str) -> uuid.UUID:
             # A position is only written for a user with credentials stored.
             await store_credentials(
                 session,
-                CredentialCipher(os.environ["CREDENTIALS_KEYS"]),
+                opener_from_settings(Settings()),  # seals for the run's key pair
                 user.id,
                 api_key="BENCHKEY0001",
                 api_secret="bench-secret-0001",
@@ -81,7 +81,8 @@ def _stats(seconds: list[float]) -> tuple[float, float, float]:
 def run(*, tasks: int) -> str:
     name = f"trader_bench_{uuid.uuid4().hex[:8]}"
     url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    os.environ.setdefault("CREDENTIALS_KEYS", Fernet.generate_key().decode())
+    if not os.environ.get("CREDENTIALS_PRIVATE_KEYS"):
+        os.environ["CREDENTIALS_PRIVATE_KEYS"] = generate_key_pair().private_key
     settings = Settings(database_url=url)
     asyncio.run(_database(url, name, drop=False))
     try:

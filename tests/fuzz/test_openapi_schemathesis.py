@@ -21,6 +21,7 @@ import pytest
 
 from service.db import create_engine, create_session_factory, scope_for
 from service.users.service import create_user_with_token
+from tests.support import register_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # long scenarios
 
@@ -43,9 +44,11 @@ def token(seeded_database: str, api_url: str) -> str:
         return issued.token
 
     value = asyncio.run(make())
+    api_key, api_secret = "FUZZKEY" + secrets.token_hex(4), secrets.token_hex(16)
+    asyncio.run(register_key(api_key, api_secret))  # a key the exchange knows: PUT checks it
     httpx.put(
         f"{api_url}/api/credentials",
-        json={"api_key": "FUZZKEY" + secrets.token_hex(4), "api_secret": secrets.token_hex(16)},
+        json={"api_key": api_key, "api_secret": api_secret},
         headers={"Authorization": f"Bearer {value}"},
         timeout=10,
     ).raise_for_status()

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from service.api import create_app
 from service.config import Settings, get_settings
 from tests.conftest import TEST_ENV
-from tests.support import ApiUser, ServiceProcess, free_port, wait_for_port
+from tests.support import ApiUser, ServiceProcess, free_port, wait_for_port, worker_opener
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,12 @@ def simulator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     try:
         wait_for_port(port, process.process)
-        yield f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        # The exchange of the apps run in-process too (PUT /api/credentials asks it what a
+        # key may do), as of the processes the tests start (service_env).
+        os.environ["BYBIT_BASE_URL"] = url
+        get_settings.cache_clear()
+        yield url
     finally:
         process.stop()
 
@@ -128,7 +133,12 @@ def api_url(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
 
 @asynccontextmanager
 async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The app in-process (httpx over ASGI) with its lifespan: real database and broker."""
+    """The app in-process (httpx over ASGI) with its lifespan: real database and broker. As
+    deployed, it is given no key that opens stored credentials (this process holds one: it
+    plays the worker too), unless `settings` has no public key to seal with (legacy)."""
+    if settings.credentials_public_key:
+        update = {"credentials_private_keys": None, "credentials_keys": None}
+        settings = settings.model_copy(update=update)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -192,7 +202,6 @@ async def execution_deps(
     from service.market.data import MarketData
     from service.market.snapshot import MarketCache
     from service.rate_limits import RedisCallGate
-    from service.security import CredentialCipher
 
     redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
     try:
@@ -207,7 +216,7 @@ async def execution_deps(
                 run_lock=advisory_run_lock(engine),  # type: ignore[arg-type]
                 exchange=exchange,
                 market=MarketData(exchange, snapshot=snapshot),
-                cipher=CredentialCipher(get_settings().credentials_keys.get_secret_value()),
+                cipher=worker_opener(),
                 **{"retry_delays": (0.0,), **options},
             )
     finally:

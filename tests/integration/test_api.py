@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from service.config import get_settings
 from tests.conftest import TEST_ENV
 from tests.integration.conftest import api_client, new_user
+from tests.support import register_key
 
 pytestmark = [pytest.mark.integration]
 
@@ -30,9 +31,11 @@ async def auth(sessions: object) -> dict[str, str]:
 
 
 async def _store_credentials(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
+    api_key, api_secret = "KEY" + secrets.token_hex(6), secrets.token_hex(16)
+    await register_key(api_key, api_secret)  # a key the exchange knows: PUT checks it
     response = await client.put(
         "/api/credentials",
-        json={"api_key": "KEY" + secrets.token_hex(6), "api_secret": secrets.token_hex(16)},
+        json={"api_key": api_key, "api_secret": api_secret},
         headers=auth,
     )
     assert response.status_code == 200, response.text
@@ -213,6 +216,7 @@ async def test_credentials_are_masked_and_never_echoed(
     client: httpx.AsyncClient, auth: dict[str, str]
 ) -> None:
     secret = secrets.token_hex(16)
+    await register_key("ABCDEFGHIJKLMNOP", secret)
     response = await client.put(
         "/api/credentials", json={"api_key": "ABCDEFGHIJKLMNOP", "api_secret": secret}, headers=auth
     )

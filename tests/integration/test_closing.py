@@ -569,10 +569,14 @@ async def test_an_exchange_without_query_api_still_trades_and_closes(
     from sqlalchemy import text
 
     user = funded_user
+    # Stored before (PUT /api/credentials asks query-api itself).
+    await _store_key(client, user)
     refused = {"path": "/v5/user/query-api", "api_key": user.api_key, "times": None}
     await sim.post("/sim/faults", json={**refused, "kind": "retcode", "retCode": 10005})
     try:
-        active = await _active(client, user)
+        opened = await _open(client, user)
+        active = await _until(client, user, opened["id"], ("ACTIVE", "FAILED"))
+        assert active["status"] == "ACTIVE", active
         assert (await _close(client, user, active["id"])).status_code == 202
         closed = await _until(client, user, active["id"], ("CLOSED", "CLOSE_FAILED"))
     finally:
@@ -607,7 +611,10 @@ async def test_the_key_s_account_is_read_once_and_kept_for_every_basket(
 
     first = await _active(client, user=funded_user)
     before = await asked()
-    second = await _active(client, user=funded_user)
+    # The key is not stored again (PUT /api/credentials asks query-api itself).
+    opened = await _open(client, funded_user)
+    second = await _until(client, funded_user, opened["id"], ("ACTIVE", "FAILED"))
+    assert second["status"] == "ACTIVE", second
     assert await asked() == before
     async with sessions() as session:  # type: ignore[operator]
         uids = (

@@ -16,15 +16,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.bybit.client import BybitClient, create_http_session
-from service.config import get_settings
 from service.credentials.service import store_credentials
 from service.db import ConnectionHealth, create_engine, create_session_factory, scope_for
 from service.execution import ExecutionDeps, Outcome, execute_position
 from service.execution.run_lock import advisory_run_lock
 from service.market.data import MarketData
 from service.positions import repository
-from service.security import CredentialCipher
 from service.users.service import create_user_with_token
+from tests.support import worker_opener
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -87,7 +86,7 @@ async def test_a_run_whose_database_hangs_stops_with_a_clear_reason(
     impatient_engine: AsyncEngine, engine: AsyncEngine, simulator_url: str
 ) -> None:
     sessions = scope_for(create_session_factory(impatient_engine))
-    cipher = CredentialCipher(get_settings().credentials_keys.get_secret_value())
+    cipher = worker_opener()
     async with sessions() as session:
         issued = await create_user_with_token(session, f"db-{secrets.token_hex(5)}@example.com")
         await store_credentials(

@@ -108,7 +108,8 @@ def test_a_checkout_its_postgres_account_cannot_enter_uses_a_directory_it_can(
 
 def test_up_on_embedded_servers_serves_and_ctrl_c_stops_everything(services_dir: Path) -> None:
     api_port, simulator_port = free_port(), free_port()
-    env = _embedded_env(services_dir)
+    # No credentials key given: `up` generates a pair into its directory's .env.
+    env = {k: v for k, v in _embedded_env(services_dir).items() if not k.startswith("CREDENTIALS_")}
     log = services_dir / "up.log"
     with log.open("wb") as output:
         up = subprocess.Popen(
@@ -137,6 +138,17 @@ def test_up_on_embedded_servers_serves_and_ctrl_c_stops_everything(services_dir:
                     break
                 time.sleep(0.2)
             assert ready, log.read_text(errors="replace")[-3000:]
+            # The API was started with the public key only; the worker holds the private one.
+            pids = dict(re.findall(r"started (\w+) \(pid (\d+)\)", log.read_text()))
+            dotenv = (services_dir / ".env").read_text()
+            assert "CREDENTIALS_PRIVATE_KEYS=" in dotenv
+            assert "CREDENTIALS_PUBLIC_KEY=" in dotenv
+            raw = Path(f"/proc/{pids['api']}/environ").read_bytes().split(b"\0")
+            api_env = dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+            # Emptied: the API child does not get the private key .env holds (the worker
+            # reads it from there: the demo's trade below goes ACTIVE).
+            assert api_env["CREDENTIALS_PRIVATE_KEYS"] == api_env["CREDENTIALS_KEYS"] == ""
+            assert "CREDENTIALS_PUBLIC_KEY" not in api_env  # read from .env too
             # As a new user would, in another shell in the same directory: the demo reaches
             # the stack's own (embedded) database and simulator through its stack file.
             demo = subprocess.run(

@@ -17,10 +17,10 @@ from service.db import SessionScope
 from service.execution import ExecutionDeps, Outcome, execute_position
 from service.models import PositionStatus, SyntheticPosition
 from service.positions import repository
-from service.security import CredentialCipher
+from service.security import CredentialSealer
 from service.trading_logic import Direction
 from tests.integration.conftest import execution_deps, new_user
-from tests.support import free_port
+from tests.support import foreign_sealer, free_port
 
 pytestmark = [pytest.mark.integration]
 
@@ -43,7 +43,7 @@ async def unreachable_deps(
         yield deps
 
 
-async def _pending_position(sessions: SessionScope, cipher: CredentialCipher) -> uuid.UUID:
+async def _pending_position(sessions: SessionScope, cipher: CredentialSealer) -> uuid.UUID:
     from service.users.repository import get_user_by_email
 
     email, _ = await new_user(sessions)
@@ -314,11 +314,10 @@ async def test_status_writes_need_the_run_lock_s_own_connection(
 async def test_a_key_this_worker_cannot_read_is_left_for_another_then_fails_the_new_basket(
     unreachable_deps: ExecutionDeps, sessions: SessionScope
 ) -> None:
-    from cryptography.fernet import Fernet
     from sqlalchemy import text
 
-    # Stored under a key this worker does not have (a rotation half rolled out, say).
-    other = CredentialCipher(Fernet.generate_key().decode())
+    # Sealed for a key this worker does not have (a rotation half rolled out, say).
+    other = foreign_sealer()
     position_id = await _pending_position(sessions, other)
     fresh = await execute_position(unreachable_deps, position_id, task_id="k")
     assert fresh.outcome is Outcome.ABORTED  # left as it was, for a worker that can read it

@@ -144,7 +144,7 @@ async def test_happy_path_is_audited_without_secrets(
     text = worker.output()
     assert trader.api_secret not in text
     assert trader.api_key not in text
-    assert TEST_ENV["CREDENTIALS_KEYS"] not in text
+    assert TEST_ENV["CREDENTIALS_PRIVATE_KEYS"] not in text
     assert "X-BAPI-SIGN" not in text
 
 

@@ -30,10 +30,12 @@ async def test_worker_and_api_metrics_after_a_run(
     funded_user: ApiUser,
     sim: httpx.AsyncClient,
 ) -> None:
-    port = free_port()
+    port, api_metrics_port = free_port(), free_port()
     worker = start_worker({**service_env, "WORKER_METRICS_PORT": str(port)}, tmp_path)
+    # The API's metrics on their own address, not the public one.
+    settings = get_settings().model_copy(update={"api_metrics_port": api_metrics_port})
     try:
-        async with api_client(get_settings()) as api:
+        async with api_client(settings) as api:
             await api.put(
                 "/api/credentials",
                 json={"api_key": funded_user.api_key, "api_secret": funded_user.api_secret},
@@ -67,7 +69,10 @@ async def test_worker_and_api_metrics_after_a_run(
                 headers=funded_user.headers,
             )
             assert await eventually(lambda: final(bad.headers["Location"])) == "FAILED"
-            api_metrics = _samples((await api.get("/metrics")).text)
+            assert (await api.get("/metrics")).status_code == 404
+            async with httpx.AsyncClient() as http:
+                scraped = await http.get(f"http://127.0.0.1:{api_metrics_port}/metrics")
+            api_metrics = _samples(scraped.text)
 
         async with httpx.AsyncClient() as http:
 

@@ -13,7 +13,6 @@ import httpx
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from cryptography.fernet import Fernet
 from sqlalchemy import func, select
 
 from service.config import get_settings
@@ -22,11 +21,11 @@ from service.execution.recovery import recover_stale_positions
 from service.market.snapshot import MarketCache
 from service.models import ExchangeCredential, SyntheticPosition
 from service.queue import RedisTaskPublisher
-from service.security import CredentialCipher
+from service.security import CredentialOpener, generate_key_pair, parse_private_keys
 from service.users.service import revoke_user_tokens
-from tests.conftest import TEST_ENV
+from tests.conftest import CREDENTIALS_PAIR, TEST_ENV
 from tests.integration.conftest import api_client, new_user, start_worker
-from tests.support import ApiUser, eventually, free_port
+from tests.support import ApiUser, eventually, free_port, register_key
 
 pytestmark = [pytest.mark.integration]
 
@@ -44,9 +43,11 @@ async def _user_with_credentials(
 ) -> tuple[str, dict[str, str]]:
     email, token = await new_user(sessions)
     headers = {"Authorization": f"Bearer {token}"}
+    api_key, api_secret = "KEY" + secrets.token_hex(6), secrets.token_hex(16)
+    await register_key(api_key, api_secret)  # a key the exchange knows: PUT checks it
     response = await client.put(
         "/api/credentials",
-        json={"api_key": "KEY" + secrets.token_hex(6), "api_secret": secrets.token_hex(16)},
+        json={"api_key": api_key, "api_secret": api_secret},
         headers=headers,
     )
     assert response.status_code == 200
@@ -209,10 +210,14 @@ async def test_unreachable_broker_still_answers_202_and_the_sweep_sends_it_later
     snapshot = await MarketCache(live, max_age_seconds=600).load()
     await live.aclose()
     assert snapshot is not None
+    # The key stored while Redis was up (its check against the exchange counts against the
+    # shared limiter, in Redis: without it, PUT answers 503).
+    async with api_client(get_settings()) as up:
+        _, headers = await _user_with_credentials(up, sessions)
     async with api_client(down) as client:
         # The API had read the market snapshot before Redis went away.
         client._transport.app.state.market_cache.remember(snapshot)  # type: ignore[attr-defined]
-        _, headers = await _user_with_credentials(client, sessions)
+        # The budgets fail open (service/budgets.py): the position is accepted.
         created = await client.post("/api/positions", json=BODY, headers=headers)
         assert created.status_code == 202
         position_id = uuid.UUID(created.json()["id"])
@@ -242,6 +247,28 @@ async def test_unreachable_broker_still_answers_202_and_the_sweep_sends_it_later
     await broker.aclose()
 
 
+async def _trading_user(
+    client: httpx.AsyncClient, sessions: object, sim: httpx.AsyncClient
+) -> ApiUser:
+    """A user with a funded simulator account whose key the API (`client`) stored."""
+    _, token = await new_user(sessions)
+    user = ApiUser(
+        email="",
+        token=token,
+        api_key=f"RK{secrets.token_hex(8).upper()}",
+        api_secret=secrets.token_hex(16),
+    )
+    account = {"api_key": user.api_key, "api_secret": user.api_secret, "balance": "100000"}
+    (await sim.post("/sim/accounts", json=account)).raise_for_status()
+    stored = await client.put(
+        "/api/credentials",
+        json={"api_key": user.api_key, "api_secret": user.api_secret},
+        headers=user.headers,
+    )
+    assert stored.status_code == 200, stored.text
+    return user
+
+
 @pytest.mark.asyncio
 async def test_key_rotation_while_positions_execute_loses_nothing(
     service_env: dict[str, str],
@@ -249,74 +276,75 @@ async def test_key_rotation_while_positions_execute_loses_nothing(
     sim: httpx.AsyncClient,
     tmp_path: Path,
 ) -> None:
-    old_key = TEST_ENV["CREDENTIALS_KEYS"]
-    new_key = Fernet.generate_key().decode()
-    # Step 1 of a rotation: every process gets "new,old"; step 2: rotate the rows.
-    rotated_env = {**service_env, "CREDENTIALS_KEYS": f"{new_key},{old_key}"}
-    worker = start_worker(rotated_env, tmp_path)
+    """The sealed-key rotation of the README, while positions execute: (a) the workers open
+    with new,old; (b) the API seals for the new public key; (c) `credentials rotate`
+    re-seals every row; (d) the old private key is dropped. Nothing is lost on the way."""
+    old, new = CREDENTIALS_PAIR, generate_key_pair()
+    both = f"{new.private_key},{old.private_key}"
+    # (a) Every worker opens with the new key and the old one (a worker needs no public key).
+    worker_env = {**service_env, "CREDENTIALS_PRIVATE_KEYS": both, "CREDENTIALS_PUBLIC_KEY": ""}
+    workers = [start_worker(worker_env, tmp_path)]
+    # The in-process API as deployed: the public key only.
+    api_on_old = get_settings().model_copy(update={"credentials_private_keys": None})
+    api_on_new = api_on_old.model_copy(update={"credentials_public_key": new.public_key})
+    created: list[tuple[ApiUser, httpx.Response]] = []
+
+    async def post(client: httpx.AsyncClient, user: ApiUser) -> None:
+        response = await client.post(
+            "/api/positions", json={**BODY, "size": "1000"}, headers=user.headers
+        )
+        assert response.status_code == 202, response.text
+        created.append((user, response))
+
     try:
-        users: list[ApiUser] = []
-        async with api_client(get_settings()) as client:  # the API still on the old key
-            for _ in range(4):
-                _, token = await new_user(sessions)
-                user = ApiUser(
-                    email="",
-                    token=token,
-                    api_key=f"RK{secrets.token_hex(8).upper()}",
-                    api_secret=secrets.token_hex(16),
-                )
-                await sim.post(
-                    "/sim/accounts",
-                    json={
-                        "api_key": user.api_key,
-                        "api_secret": user.api_secret,
-                        "balance": "100000",
-                    },
-                )
-                await client.put(
-                    "/api/credentials",
-                    json={"api_key": user.api_key, "api_secret": user.api_secret},
-                    headers=user.headers,
-                )
-                users.append(user)
-            created = [
-                await client.post(
-                    "/api/positions", json={**BODY, "size": "1000"}, headers=u.headers
-                )
-                for u in users
-            ]
+        async with api_client(api_on_old) as client:  # the API still on the old key
+            users = [await _trading_user(client, sessions, sim) for _ in range(2)]
+            for user in users:
+                await post(client, user)
+        # (b) The API's public key becomes the new one (a rolling restart of the API).
+        async with api_client(api_on_new) as client:
+            users += [await _trading_user(client, sessions, sim) for _ in range(2)]
+            for user in users:
+                await post(client, user)
+            # (c) Every row re-sealed for the new key while those execute.
             rotated = await rotate_all(
-                sessions,
-                CredentialCipher(f"{new_key},{old_key}"),  # type: ignore[arg-type]
+                sessions,  # type: ignore[arg-type]
+                CredentialOpener(parse_private_keys(both)),
             )
             assert rotated.rotated >= 4
+            # (d) The old private key dropped: a worker with the new one alone replaces the
+            # first (stopped warmly: what it runs finishes).
+            worker_env["CREDENTIALS_PRIVATE_KEYS"] = new.private_key
+            workers.append(start_worker(worker_env, tmp_path))
+            workers[0].stop(timeout=60)
+            for user in users:
+                await post(client, user)
 
-            async def all_final(
-                client: httpx.AsyncClient = client, created: list[httpx.Response] = created
-            ) -> list[str] | None:
+            async def all_final() -> list[str] | None:
                 statuses = [
-                    (await client.get(c.headers["Location"], headers=u.headers)).json()["status"]
-                    for c, u in zip(created, users, strict=True)
+                    (await client.get(r.headers["Location"], headers=u.headers)).json()["status"]
+                    for u, r in created
                 ]
-                final = all(s in ("ACTIVE", "FAILED") for s in statuses)
-                return statuses if final else None
+                return statuses if all(s in ("ACTIVE", "FAILED") for s in statuses) else None
 
-            statuses = await eventually(all_final, timeout=60, message="all positions final")
+            statuses = await eventually(all_final, timeout=90, message="all positions final")
             errors = [
-                (await client.get(c.headers["Location"], headers=u.headers)).json()["error"]
-                for c, u in zip(created, users, strict=True)
+                (await client.get(r.headers["Location"], headers=u.headers)).json()["error"]
+                for u, r in created
             ]
-        assert statuses == ["ACTIVE"] * 4, errors
-        # Every row now decrypts with the new key alone (but those no key could read, which
-        # the rotation reported and left as they were).
-        only_new = CredentialCipher(new_key)
+        assert statuses == ["ACTIVE"] * len(created), errors
+        # Every row is now sealed for the new key and opens with it alone (but those no key
+        # could open, which the rotation reported and left as they were).
+        only_new = CredentialOpener(parse_private_keys(new.private_key))
         async with sessions() as session:  # type: ignore[operator]
             rows = (await session.execute(select(ExchangeCredential))).scalars().all()
         for row in rows:
             if row.user_id not in rotated.unreadable:
-                only_new.decrypt(row.api_secret_encrypted)
+                assert row.api_secret_encrypted.startswith(f"nacl1:{new.key_id}:")
+                only_new.open(row.api_secret_encrypted)
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
 
 
 @pytest.mark.asyncio

@@ -19,16 +19,14 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.config import get_settings
 from service.credentials.service import store_credentials
 from service.db import SessionScope
 from service.execution.deps import PreflightFacts
 from service.execution.run_lock import advisory_run_lock
 from service.models import PositionComponent, PositionStatus, Trade
 from service.positions import repository, run_statements
-from service.security import CredentialCipher
 from service.users.service import create_user_with_token
-from tests.support import eventually
+from tests.support import eventually, worker_opener
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -36,7 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 async def _pending(sessions: SessionScope) -> uuid.UUID:
     async with sessions() as session:
         issued = await create_user_with_token(session, f"rs-{secrets.token_hex(5)}@example.com")
-        cipher = CredentialCipher(get_settings().credentials_keys.get_secret_value())
+        cipher = worker_opener()
         await store_credentials(
             session, cipher, issued.user.id, api_key="RSKEY12345", api_secret="rs-secret-123"
         )

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import new_user
-from tests.support import ServiceProcess, free_port, wait_for_port
+from tests.support import ServiceProcess, free_port, register_key, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +28,14 @@ async def test_api_answers_the_request_in_flight_then_exits(
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         body_started = asyncio.Event()
         may_finish = asyncio.Event()
+        secret = secrets.token_hex(8)
+        await register_key("DRAINKEY0001", secret)  # a key the exchange knows: PUT checks it
 
         async def slow_body() -> AsyncIterator[bytes]:
             yield b'{"api_key": "DRAINKEY0001", '
             body_started.set()
             await may_finish.wait()
-            yield b'"api_secret": "' + secrets.token_hex(8).encode() + b'"}'
+            yield b'"api_secret": "' + secret.encode() + b'"}'
 
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
             request = asyncio.create_task(

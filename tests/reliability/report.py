@@ -30,6 +30,7 @@ ORDER = (
     "fuzz",
     "security",
     "load",
+    "flood",
 )
 HEADER = """# Reliability
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.fernet import Fernet
 
 from service.devservices import EmbeddedPostgres, embedded_postgres_bin
-from tests.conftest import PG_HOST, PG_PORT, SERVICES, TEST_DATABASE, TEST_ENV
+from service.security import generate_key_pair
+from tests.conftest import CREDENTIALS_PAIR, PG_HOST, PG_PORT, SERVICES, TEST_DATABASE
 from tests.integration.conftest import start_worker
 from tests.reliability.helpers import duplicate_links, funded_trader, orders_of, wait_final
 from tests.reliability.report import table, write_section
@@ -58,10 +58,15 @@ class RecordingClient:
 async def test_no_cross_user_access_and_no_secret_anywhere(
     service_env: dict[str, str], sim: httpx.AsyncClient, sessions: object, tmp_path: Path
 ) -> None:
-    old_key = TEST_ENV["CREDENTIALS_KEYS"]
-    new_key = Fernet.generate_key().decode()
-    # Step 1 of a rotation is deploying "new,old" everywhere: the whole run uses it.
-    env = {**service_env, "CREDENTIALS_KEYS": f"{new_key},{old_key}"}
+    old, new = CREDENTIALS_PAIR, generate_key_pair()
+    old_key, new_key = old.private_key, new.private_key
+    # Steps 1 and 2 of a rotation: the workers open with "new,old", the API seals for the new
+    # public key (ServiceProcess gives the API no private key): the whole run uses them.
+    env = {
+        **service_env,
+        "CREDENTIALS_PRIVATE_KEYS": f"{new_key},{old_key}",
+        "CREDENTIALS_PUBLIC_KEY": new.public_key,
+    }
     port = free_port()
     processes = [ServiceProcess(["api", "--port", str(port)], env, tmp_path / "api.log")]
     wait_for_port(port, processes[0].process)
@@ -81,7 +86,7 @@ async def test_no_cross_user_access_and_no_secret_anywhere(
             response = await api.request("POST", "/api/positions", json=TOP10, headers=user.headers)
             assert response.status_code == 202, response.text
             owners[response.json()["id"]] = user
-        # Step 2 while the positions execute: re-encrypt every stored credential.
+        # Step 3 while the positions execute: re-seal every stored credential.
         rotated = run_command(env, "credentials", "rotate")
         cli_output.append(rotated.stdout + rotated.stderr)
 
@@ -144,19 +149,19 @@ async def test_no_cross_user_access_and_no_secret_anywhere(
             process.stop()
         await api.http.aclose()
 
-    # Every stored credential now decrypts with the new key alone.
+    # Every stored credential now opens with the new key alone (step 4 drops the old one).
     from sqlalchemy import select
 
     from service.models import ExchangeCredential
-    from service.security import CredentialCipher
+    from service.security import CredentialOpener, parse_private_keys
 
-    only_new = CredentialCipher(new_key)
+    only_new = CredentialOpener(parse_private_keys(new_key))
     async with sessions() as session:  # type: ignore[operator]
         rows = (await session.execute(select(ExchangeCredential))).scalars().all()
     undecryptable = 0
     for row in rows:
         try:
-            only_new.decrypt(row.api_secret_encrypted)
+            only_new.open(row.api_secret_encrypted)
         except Exception:
             undecryptable += 1
 
@@ -174,7 +179,7 @@ async def test_no_cross_user_access_and_no_secret_anywhere(
         "API key": [u.api_key for u in users],
         "API secret": [u.api_secret for u in users],
         "bearer token": [u.token for u in users],
-        "credentials encryption key": [old_key, new_key],
+        "credentials private key": [old_key, new_key],
     }
     found: list[str] = []
     for place, text in places.items():
@@ -188,8 +193,9 @@ async def test_no_cross_user_access_and_no_secret_anywhere(
     refused_rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(refused.items()))
     attempt_rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(attempts.items()))
     body = f"""
-Command: `scripts/dev reliability -k secret`. API and worker processes with
-`CREDENTIALS_KEYS=new,old`; 5 users, 20 ten-leg positions (simulator latency 30 ms);
+Command: `scripts/dev reliability -k secret`. Worker processes with
+`CREDENTIALS_PRIVATE_KEYS=new,old`, the API with the new `CREDENTIALS_PUBLIC_KEY` only;
+5 users, 20 ten-leg positions (simulator latency 30 ms);
 `python -m service credentials rotate` runs while they execute; then one user tries every
 endpoint on another's positions and credentials, and a third user's token is revoked with
 `python -m service users revoke`.

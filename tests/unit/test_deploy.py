@@ -4,6 +4,7 @@ commands and settings."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from service.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 CRDS = {"keda.sh/v1alpha1"}  # custom resources: not in the Kubernetes schemas
+APP_IMAGE = "synthetic-index-trader"
 
 
 def _documents(path: Path) -> list[dict[str, object]]:
@@ -47,6 +49,8 @@ def test_manifests_run_our_commands_with_probes() -> None:
         for document in _documents(path):
             kinds[f"{document['kind']}/{document['metadata']['name']}"] = document  # type: ignore[index]
             for container in _containers(document):
+                if not str(container["image"]).startswith(APP_IMAGE + ":"):
+                    continue  # Redis
                 args = container["args"]
                 commands.parse_known_args(args)  # a command of `python -m service`
     assert kinds["Deployment/trader-beat"]["spec"]["replicas"] == 1  # type: ignore[index]
@@ -120,3 +124,115 @@ def test_the_stand_in_base_runs_the_python_the_dockerfile_names() -> None:
     assert {line.split()[1] for line in text.splitlines() if line.startswith("FROM ")} == {
         f"python:{stack.dockerfile_python()}-slim"
     }
+
+
+# --- Issue 22: pinned images, a broker with a password and no remote control, no superuser --
+
+
+def _all_images() -> list[tuple[str, str]]:
+    images = []
+    for path in K8S.glob("*.yaml"):
+        for document in _documents(path):
+            images += [(path.name, str(c["image"])) for c in _containers(document)]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        images.append((f"compose:{name}", str(service.get("image", ""))))
+    return images
+
+
+def test_every_image_is_pinned() -> None:
+    images = _all_images()
+    assert len(images) > 10
+    for where, image in images:
+        name, _, tag = image.rpartition(":")
+        assert name, (where, image)  # no untagged image (that is :latest)
+        assert tag, (where, image)
+        assert "/" not in tag, (where, image)  # a port, not a tag
+        assert tag != "latest", (where, image)
+        if not name.startswith(APP_IMAGE):
+            # Third-party images to the minor version at least (postgres:15.10, redis:7.4.1).
+            assert re.fullmatch(r"\d+\.\d+(\.\d+)?([-.][\w.]+)?", tag), (where, image)
+    # The app's manifests all deploy one release.
+    released = {i for where, i in images if i.startswith(APP_IMAGE) and where.endswith(".yaml")}
+    assert len(released) == 1
+
+
+def test_redis_requires_a_password_everywhere() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "--requirepass" in services["redis"]["command"]
+    app_env = services["api"]["environment"]
+    assert re.match(r"^rediss?://:\$\{REDIS_PASSWORD:\?", app_env["REDIS_URL"])
+    # The healthcheck authenticates (a bare `redis-cli ping` would get NOAUTH).
+    assert "REDISCLI_AUTH" in services["redis"]["environment"]
+
+    kinds = {
+        f"{d['kind']}/{d['metadata']['name']}": d
+        for path in K8S.glob("*.yaml")
+        for d in _documents(path)
+    }
+    redis = _containers(kinds["StatefulSet/redis"])[0]
+    assert "--requirepass" in redis["args"]
+    password = next(e for e in redis["env"] if e["name"] == "REDIS_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"]["name"] == "trader-redis"
+    secrets = kinds["Secret/trader-secrets"]["stringData"]
+    assert re.match(r"^rediss?://:[^@]+@", secrets["REDIS_URL"])
+    # KEDA reads the queue's length with the password too.
+    trigger = kinds["ScaledObject/trader-worker"]["spec"]["triggers"][0]
+    authentication = kinds[f"TriggerAuthentication/{trigger['authenticationRef']['name']}"]
+    assert authentication["spec"]["secretTargetRef"][0]["name"] == "trader-redis"
+
+
+def test_no_probe_relies_on_celery_remote_control() -> None:
+    """Remote control is off in the workers: a `celery inspect ping` probe would fail."""
+    paths = [*K8S.glob("*.yaml"), ROOT / "docker-compose.yml"]
+    for path in paths:
+        lines = path.read_text().splitlines()
+        text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+        assert "inspect ping" not in text
+        assert "celery -A celery_app inspect" not in text
+        assert "celery -A celery_app control" not in text
+
+
+def test_workers_take_no_orders_over_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_app import app, create_celery_app
+    from service import commands
+
+    settings = Settings()
+    assert create_celery_app(settings).conf.worker_enable_remote_control is False
+    assert app.conf.worker_enable_remote_control is False
+    assert app.conf.worker_send_task_events is False
+    started: list[list[str]] = []
+    monkeypatch.setattr(app, "start", lambda argv: started.append(list(argv)))
+    monkeypatch.setattr(commands, "_prepare_worker_metrics", lambda: None)
+    commands.worker(argparse.Namespace(command="worker", celery_args=[]))
+    for flag in ("--without-mingle", "--without-gossip", "--without-heartbeat"):
+        assert flag in started[0]
+
+
+def test_the_application_never_connects_as_the_database_superuser() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    user_of = {}
+    for name, service in services.items():
+        url = service.get("environment", {}).get("DATABASE_URL")
+        if url:
+            user_of[name] = url.split("://", 1)[1].split(":", 1)[0]
+    assert user_of["migrate"] == "trader_owner"
+    for name in ("api", "worker", "beat", "seed", "simulator", "flower"):
+        assert user_of[name] == "trader_app", name
+    init = "./deploy/postgres-init:/docker-entrypoint-initdb.d:ro"
+    assert init in services["postgres"]["volumes"]
+    assert (ROOT / "deploy" / "postgres-init" / "10-roles.sh").exists()
+
+    secrets = {
+        d["metadata"]["name"]: d.get("stringData", {})
+        for d in _documents(K8S / "secret.example.yaml")
+    }
+    assert "trader_app:" in secrets["trader-secrets"]["DATABASE_URL"]
+    assert "trader_owner:" in secrets["trader-db-owner"]["DATABASE_URL"]
+    migrate = next(d for d in _documents(K8S / "migrate-job.yaml") if d["kind"] == "Job")
+    owner_env = _containers(migrate)[0]["env"]  # the init container: migrate
+    assert owner_env[0]["valueFrom"]["secretKeyRef"]["name"] == "trader-db-owner"
+    seed = _containers(migrate)[1]
+    assert "env" not in seed or all(e["name"] != "DATABASE_URL" for e in seed["env"])

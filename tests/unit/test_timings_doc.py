@@ -7,12 +7,12 @@ from dataclasses import fields
 from decimal import Decimal
 from pathlib import Path
 
-from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
 from celery_app import visibility_timeout
 from service.config import Settings
 from service.execution.run_lock import CONFIRM_TIMEOUT_SECONDS
+from service.security import generate_key_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,13 +57,13 @@ def test_the_documented_timings_are_the_code_s() -> None:
 def test_every_run_knob_defaults_to_its_setting_and_the_worker_passes_it() -> None:
     from service.execution import ExecutionDeps
 
-    settings = Settings.model_construct(credentials_keys=SecretStr(Fernet.generate_key().decode()))
+    private_key = SecretStr(generate_key_pair().private_key)  # a worker opens with it
     changed = Settings.model_construct(
-        credentials_keys=settings.credentials_keys,
+        credentials_private_keys=private_key,
         **{
             name: (info.default * 2 if not isinstance(info.default, bool) else info.default)
             for name, info in Settings.model_fields.items()
-            if isinstance(info.default, (int, float, Decimal)) and name != "credentials_keys"
+            if isinstance(info.default, (int, float, Decimal))
         },
     )
     built = ExecutionDeps.from_settings(
