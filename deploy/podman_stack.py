@@ -480,6 +480,8 @@ def main() -> int:
     env = {**os.environ, **credentials_key_pair()}
     # The passwords docker-compose.yml requires (the database's roles, Redis), new each run.
     env.update({name: secrets.token_hex(16) for name in COMPOSE_PASSWORDS})
+    # The worker's market snapshot key (docker-compose.yml requires it), new each run.
+    env["MARKET_SNAPSHOT_KEY"] = secrets.token_hex(32)
     compose = Compose(env)
     down(compose)  # whatever an interrupted earlier run left
     started = time.monotonic()

@@ -66,6 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
         app.state.publisher = RedisTaskPublisher(app.state.redis, queue=settings.celery_queue)
+        # No MARKET_SNAPSHOT_KEY here: the API only answers with the snapshot (sizes refused
+        # early, values shown), it moves no money; the workers, which size real orders with
+        # it, check its MAC (workers/runtime.py).
         app.state.market_cache = MarketCache(
             app.state.redis, max_age_seconds=settings.market_max_age_seconds
         )

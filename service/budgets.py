@@ -4,13 +4,16 @@
   USER_REQUEST_BURST), taken by every authenticated /api request in one Lua script (one round
   trip).
 - The number of the user's positions not yet final (PENDING, EXECUTING, CLOSING;
-  USER_OPEN_POSITIONS), for what adds to it: opening a position and closing one. The count is
-  read by PostgreSQL in the statement (or transaction) that writes, and one user's admissions
-  are serialised by a short lock in Redis, taken in the same round trip as the request's rate
-  token: a count inside one INSERT alone is not strict under READ COMMITTED (two concurrent
-  INSERTs each count the other's row as absent), while a count read after the previous
-  admission of the same user has committed is. The lock is held from before the count until
-  after the commit, and given back alongside the task's publish.
+  USER_OPEN_POSITIONS), for what adds to it: opening a position (a close reduces what the user
+  holds, so it takes a rate token only). The count is read by PostgreSQL in the transaction
+  that writes, after that transaction took the user's admission lock (an advisory lock,
+  service/positions/locks.py `admission_lock_keys`, released by the commit): a count inside
+  one INSERT alone is not strict under READ COMMITTED (two concurrent INSERTs each count the
+  other's row as absent), while a count read after the previous admission of the same user has
+  committed is. PostgreSQL holds the lock exactly as long as the transaction, whatever it
+  waits on, and lets go of it with a connection that dies: no lease to outlive.
+  In each process one user's admissions also queue in front of the pool (`admission`), so
+  a flood by one user holds at most one database connection per process.
 
 Past either budget: `TooManyRequestsError` (429 with Retry-After), raised before anything is
 written.
@@ -18,7 +21,7 @@ written.
 Redis down: fail open. A budget is a protection against one user crowding out the others,
 not a correctness condition; the shared exchange limiter (service/rate_limits.py), which
 fails closed, still keeps the exchange calls inside Bybit's limits, and the open-positions
-count is still read in the writing statement (strict for requests that do not race). Turning
+count is read in PostgreSQL, not here (strict whatever Redis does). Turning
 every request into a 503 while Redis is away would stop the service for everyone to protect
 it from one user.
 
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -54,22 +56,16 @@ logger = structlog.stdlib.get_logger("service.budgets")
 # The statuses the open-positions budget counts: every one that is not final.
 OPEN_STATUSES: Final = tuple(s.value for s in PositionStatus if not s.is_final)
 
-# One admission of a user (a count and its write) takes milliseconds; the lock outlives a
-# process that died holding it by this much at most.
-ADMISSION_LOCK_MS: Final = 5000
-# A request waits this long in all for the user's admission lock, then is refused (429):
-# that many concurrent opens of one user are a flood.
+# A request waits this long in all for its turn among the same user's admissions in this
+# process, then is refused (429): that many concurrent opens of one user are a flood.
 ADMISSION_WAIT_SECONDS: Final = 3.0
 # When to come back after the open-positions budget refused: positions usually reach a final
 # status within seconds.
 OPEN_RETRY_AFTER_SECONDS: Final = 5
 
-# KEYS[1]: the user's bucket (hash: tokens, ms); KEYS[2]: the user's admission lock (when
-# ARGV[3] is not '').
-# ARGV: tokens per ms, burst, lock owner ('' for no lock), lock ms.
-# Returns {0, 0} admitted (and the lock taken, if asked); {1, wait ms} over the rate (nothing
-# taken); {2, lock ms left} the lock is held by another admission (nothing taken).
-_ADMIT = """
+# KEYS[1]: the user's bucket (hash: tokens, ms). ARGV: tokens per ms, burst.
+# Returns {0, 0}: admitted (a token taken); {1, wait ms}: over the rate (nothing taken).
+_TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -80,21 +76,10 @@ if now > last then tokens = math.min(burst, tokens + (now - last) * rate) end
 if tokens < 1 then
   return {1, math.ceil((1 - tokens) / rate)}
 end
-if ARGV[3] ~= '' then
-  if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) == false then
-    return {2, redis.call('PTTL', KEYS[2])}
-  end
-end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'ms', tostring(now))
 -- Kept as long as it takes the bucket to fill again: a full bucket is no key at all.
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
 return {0, 0}
-"""
-
-# KEYS[1]: the lock; ARGV[1]: its owner. Given back only by its owner.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 
 
@@ -117,21 +102,6 @@ class _LocalQueue:
     requests: int = 0  # in the queue or holding it
 
 
-@dataclass
-class Admission:
-    """The user's admission lock, while this request counts and writes."""
-
-    budgets: Budgets
-    key: str | None  # None: not held (Redis unreachable: failed open)
-    owner: str
-
-    async def release(self) -> None:
-        """Give the lock back (once; later calls do nothing)."""
-        key, self.key = self.key, None
-        if key is not None:
-            await self.budgets.release(key, self.owner)
-
-
 class Budgets:
     def __init__(
         self,
@@ -147,29 +117,42 @@ class Budgets:
         self.open_positions = open_positions
         self._prefix = prefix
         self._rate_per_ms = requests_per_minute / 60_000
-        self._admit = redis.register_script(_ADMIT)
-        self._release = redis.register_script(_RELEASE)
-        # One user's admissions in this process queue here first, so that only one of them
-        # at a time asks Redis for the user's lock (the others would only poll).
+        self._take = redis.register_script(_TAKE)
+        # One user's admissions in this process queue here, so that only one of them at a
+        # time holds a database connection waiting for the user's admission lock.
         self._local: dict[uuid.UUID, _LocalQueue] = {}
 
-    def _keys(self, user_id: uuid.UUID) -> list[str]:
-        return [f"{self._prefix}:rate:{user_id}", f"{self._prefix}:admit:{user_id}"]
-
     async def take_request(self, user_id: uuid.UUID) -> None:
-        """One request of the user's rate budget, or TooManyRequestsError."""
-        await self._ask(user_id, "")
+        """One request of the user's rate budget, or TooManyRequestsError. Redis unreachable:
+        admitted (fail open, see above)."""
+        try:
+            result = await self._take(
+                keys=[f"{self._prefix}:rate:{user_id}"],
+                args=[self._rate_per_ms, self.request_burst],
+            )
+        except RedisError as error:
+            logger.warning("budget.unavailable", error=type(error).__name__)
+            return
+        if int(result[0]) == 1:
+            wait_ms = int(result[1])
+            raise TooManyRequestsError(
+                f"request rate budget used up: at most {self.requests_per_minute} requests a "
+                f"minute per user (bursts of {self.request_burst}); try again in "
+                f"{_seconds(wait_ms)} s",
+                retry_after=_seconds(wait_ms),
+            )
 
     @asynccontextmanager
-    async def admission(self, user_id: uuid.UUID) -> AsyncIterator[Admission]:
-        """One request of the user's rate budget and, until the block ends, the user's
-        admission lock: inside it, count the user's open positions and write, committed before
-        the block ends (`Admission.release` may give the lock back earlier, once committed)."""
+    async def admission(self, user_id: uuid.UUID) -> AsyncIterator[None]:
+        """One request of the user's rate budget, then this process's turn among the user's
+        admissions for the block: inside it, take the user's admission lock in the writing
+        transaction, count the user's open positions and write, committed before the block
+        ends."""
+        await self.take_request(user_id)
         local = self._local.get(user_id)
         if local is None:
             local = self._local[user_id] = _LocalQueue()
         local.requests += 1
-        deadline = time.monotonic() + ADMISSION_WAIT_SECONDS
         try:
             try:
                 async with asyncio.timeout(ADMISSION_WAIT_SECONDS):
@@ -177,59 +160,13 @@ class Budgets:
             except TimeoutError:
                 raise _crowded() from None
             try:
-                admission = await self._lock(user_id, deadline)
-                try:
-                    yield admission
-                finally:
-                    await admission.release()
+                yield
             finally:
                 local.lock.release()
         finally:
             local.requests -= 1
             if not local.requests:
                 del self._local[user_id]
-
-    async def _lock(self, user_id: uuid.UUID, deadline: float) -> Admission:
-        owner = secrets.token_hex(8)
-        pause = 0.002
-        while True:
-            outcome, wait_ms = await self._ask(user_id, owner)
-            if outcome == 0:
-                key = self._keys(user_id)[1] if wait_ms >= 0 else None
-                return Admission(self, key, owner)
-            # Held by an admission of another process: it lasts milliseconds.
-            if time.monotonic() + pause > deadline:
-                raise _crowded()
-            await asyncio.sleep(min(pause, max(wait_ms, 1) / 1000))
-            pause = min(pause * 2, 0.05)
-
-    async def _ask(self, user_id: uuid.UUID, owner: str) -> tuple[int, int]:
-        """The script's answer; raises for the rate budget. (0, -1): Redis unreachable,
-        admitted without a lock (fail open)."""
-        try:
-            result = await self._admit(
-                keys=self._keys(user_id),
-                args=[self._rate_per_ms, self.request_burst, owner, ADMISSION_LOCK_MS],
-            )
-        except RedisError as error:
-            logger.warning("budget.unavailable", error=type(error).__name__)
-            return 0, -1
-        outcome, wait_ms = int(result[0]), int(result[1])
-        if outcome == 1:
-            raise TooManyRequestsError(
-                f"request rate budget used up: at most {self.requests_per_minute} requests a "
-                f"minute per user (bursts of {self.request_burst}); try again in "
-                f"{_seconds(wait_ms)} s",
-                retry_after=_seconds(wait_ms),
-            )
-        return outcome, wait_ms
-
-    async def release(self, key: str, owner: str) -> None:
-        try:
-            await self._release(keys=[key], args=[owner])
-        except RedisError as error:
-            # It expires by itself (ADMISSION_LOCK_MS).
-            logger.warning("budget.release_failed", error=type(error).__name__)
 
     def open_positions_refused(self, open_count: int) -> TooManyRequestsError:
         return TooManyRequestsError(

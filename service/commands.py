@@ -246,12 +246,14 @@ def beat(args: argparse.Namespace) -> int:
 
 _PRIVATE, _PUBLIC = "CREDENTIALS_PRIVATE_KEYS", "CREDENTIALS_PUBLIC_KEY"
 _LEGACY = "CREDENTIALS_KEYS"
+# The workers' market snapshot key: the worker both writes the snapshot and sizes with it.
+_SNAPSHOT = "MARKET_SNAPSHOT_KEY"
 # What each process of the dev stack is denied (an empty value counts as unset and wins over
 # `.env`): the API seals and holds nothing that opens; Beat and the simulator need no key.
 _STACK_DENIED_KEYS = {
-    "api": (_PRIVATE, _LEGACY),
-    "beat": (_PRIVATE, _PUBLIC, _LEGACY),
-    "simulator": (_PRIVATE, _PUBLIC, _LEGACY),
+    "api": (_PRIVATE, _LEGACY, _SNAPSHOT),
+    "beat": (_PRIVATE, _PUBLIC, _LEGACY, _SNAPSHOT),
+    "simulator": (_PRIVATE, _PUBLIC, _LEGACY, _SNAPSHOT),
 }
 
 
@@ -290,6 +292,23 @@ def _ensure_dev_credentials_keys() -> None:
         )
 
 
+def _ensure_dev_snapshot_key() -> None:
+    """The dev stack's MARKET_SNAPSHOT_KEY: from the environment or .env, else a new one
+    written to .env (its worker then sizes only from snapshots it wrote itself)."""
+    import secrets
+
+    if Settings(_env_file=".env").market_snapshot_key is not None:
+        return
+    env_file = Path(".env")
+    existing = env_file.read_text() if env_file.exists() else ""
+    unterminated = bool(existing) and not existing.endswith("\n")
+    with env_file.open("a") as handle:
+        handle.write("\n" if unterminated else "")
+        handle.write(f"{_SNAPSHOT}={secrets.token_hex(32)}\n")
+    env_file.chmod(0o600)
+    print(f"generated a development {_SNAPSHOT} in .env", flush=True)
+
+
 def _stack_env(role: str) -> dict[str, str]:
     return {**os.environ, **dict.fromkeys(_STACK_DENIED_KEYS.get(role, ()), "")}
 
@@ -321,6 +340,7 @@ def up(args: argparse.Namespace) -> int:
     from service.devservices import provide
 
     _ensure_dev_credentials_keys()
+    _ensure_dev_snapshot_key()
     # Given URLs (environment or .env, not an earlier stack's file) win; otherwise the
     # machine's servers when they answer, embedded ones when not (service/devservices.py),
     # stopped when the stack stops.

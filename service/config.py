@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     # Beat refreshes the market snapshot the API validates sizes with; older is refused.
     market_refresh_seconds: float = Field(default=15.0, gt=0)
     market_max_age_seconds: float = Field(default=120.0, gt=0)
+    # The workers' secret that authenticates the snapshot they size orders with (the broker
+    # is not trusted): the refresh job stores an HMAC beside it, and a worker refuses one
+    # without a valid HMAC (then asks the exchange). Unset: the snapshot is used unchecked
+    # (legacy). The API and Beat need none.
+    market_snapshot_key: SecretStr | None = None
     # Reconciliation of every position with legs on the exchange, changed since it was last
     # reconciled and within the window (Bybit keeps filled orders' history for 7 days).
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
@@ -145,7 +150,11 @@ class Settings(BaseSettings):
     retry_early_tolerance_seconds: float = Field(default=2.0, ge=0)
 
     @field_validator(
-        "credentials_keys", "credentials_public_key", "credentials_private_keys", mode="before"
+        "credentials_keys",
+        "credentials_public_key",
+        "credentials_private_keys",
+        "market_snapshot_key",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -5,6 +5,8 @@
   head arrives in one write or trickles in. httptools keeps a header's value in its own buffer
   until the value is complete and only then calls back, so the bytes are counted as they are
   received, before they reach the parser: a connection holds at most the bound plus one read.
+  What a message sends after its head besides its body (chunk sizes and extensions, line ends,
+  trailers: httptools buffers a trailer like a header) is bounded too (FRAMING_ALLOWANCE).
 - `SecurityHeaders`: headers every answer carries (pure ASGI, precomputed lists).
 - `cors_options`: Starlette's CORSMiddleware options for the origins in CORS_ALLOW_ORIGINS.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +26,9 @@ from uvicorn.server import ServerState
 
 from service.config import get_settings
 from service.logging import get_logger
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application
 
 logger = get_logger("service.http_edge")
 
@@ -42,6 +47,15 @@ NO_STORE_PREFIXES: tuple[str, ...] = ("/api/credentials", "/api/positions", "/ap
 # dropped for this long: closing at once, with its data unread, would make the kernel reset
 # the connection and the client could lose the answer.
 LINGER_SECONDS = 2.0
+
+# After a head, the bytes of a message that are not its body: chunk framing and trailers.
+# A legitimate body is at most service/api.py's MAX_BODY_BYTES (64 KiB; larger ones get a 413,
+# and uvicorn still reads the rest); sent in 1-byte chunks it costs 5 framing bytes per body
+# byte ("1\r\na\r\n"), so 6 per byte leaves room for short chunk extensions. Past the header
+# limit plus this, the message is cut off: a connection holds at most that plus two reads
+# (the read in which the head ends is not counted), 0.9 MiB, whatever the client sends.
+BODY_BYTES = 64 * 1024  # service/api.py MAX_BODY_BYTES (kept equal by a test)
+FRAMING_ALLOWANCE = 6 * BODY_BYTES
 
 
 class SecurityHeaders:
@@ -88,9 +102,9 @@ def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def _refusal(limit: int) -> tuple[bytes, bytes]:
+def _refusal(detail: str) -> tuple[bytes, bytes]:
     """The 431's status line and the rest of it after the server's own default headers."""
-    body = json.dumps({"detail": f"request headers larger than {limit} bytes"}).encode()
+    body = json.dumps({"detail": detail}).encode()
     headers = [
         *SECURITY_HEADERS,
         NO_STORE,
@@ -115,6 +129,10 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     not counted for the new message: its head is then measured again from the parsed request
     line and headers when they are complete. Either way a connection holds at most the bound
     plus one read (256 KiB at most).
+
+    After the head, each read that does not end the message is counted less the body bytes
+    the parser handed on (on_body): what is left is chunk framing and trailers, cut off past
+    the bound plus FRAMING_ALLOWANCE (`_cut_off`).
     """
 
     def __init__(
@@ -127,6 +145,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         # Read here rather than passed in: uvicorn builds the protocol from its class alone.
         self._limit = get_settings().max_request_header_bytes
+        self._head_detail = f"request headers larger than {self._limit} bytes"
+        self._framing_limit = self._limit + FRAMING_ALLOWANCE
         self._in_head = True  # between messages or inside a head
         self._head_bytes = 0  # bytes of the current head in earlier reads
         self._tail = b""  # its last 3 bytes: the blank line may straddle two reads
@@ -134,6 +154,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._head_uncounted = False  # the current head began in such a read
         self._refused = False
         self._refusal_pending = False  # refused while earlier answers were still due
+        self._framing_bytes = 0  # the current message's non-body bytes after its head
+        self._body_here = 0  # body bytes handed to on_body in the read being parsed
         self._linger: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -143,7 +165,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self._in_head and not self._head_fits(data):
             self._refuse()
             return
+        # The current message's head ended in an earlier read: this one is body, chunk framing,
+        # trailers, and perhaps (pipelined) the next message.
+        after_head = not self._in_head
         self._completed_here = False
+        self._body_here = 0
         # As uvicorn's own data_received, with our refusal told apart from a malformed request.
         try:
             self.parser.feed_data(data)
@@ -159,6 +185,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             msg = "Invalid HTTP request received."
             self.logger.warning(msg)
             self.send_400_response(msg)
+        else:
+            # Counted after parsing: only the parser knows which bytes were body. A message
+            # that ended in this read is done with (the rest of the read is the next's head).
+            if after_head and not self._completed_here:
+                self._framing_bytes += len(data) - self._body_here
+                if self._framing_bytes > self._framing_limit:
+                    self._cut_off()
 
     def _head_fits(self, data: bytes) -> bool:
         seen = self._tail + data if self._tail else data
@@ -178,7 +211,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._refused = True
             raise _HeadTooLarge
         self._in_head, self._head_bytes, self._tail = False, 0, b""
+        self._framing_bytes = 0
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_here += len(body)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._tail = True, 0, b""
@@ -190,6 +228,36 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         # of what was sent.
         return len(self.url) + 16 + sum(len(n) + len(v) + 4 for n, v in self.headers)
 
+    def _cut_off(self) -> None:
+        """The current message's chunk framing and trailers passed their bound."""
+        self._refused = True  # whatever else comes is dropped
+        logger.warning("http.trailers_too_large", limit=self._framing_limit)
+        detail = f"request chunk framing and trailers larger than {self._framing_limit} bytes"
+        cycle = self.cycle
+        if self.pipeline and self.pipeline[0][0] is cycle:
+            # Queued behind an earlier request (pipelining), its app not started: uvicorn
+            # runs this in its place in its turn, after the earlier answers. The 431 is
+            # written as for a head (half-close, linger), uvicorn writes nothing for it.
+
+            async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+                cycle.disconnected = True
+                self._answer_refusal(detail)
+
+            self.pipeline[0] = (cycle, cast("ASGI3Application", refuse))
+            return
+        # The app is running (reading the body, or yet to, or answering): it is told at once
+        # that the client is gone, as by connection_lost; it never waits for the rest of the
+        # body, and whatever it still sends is dropped (nor a "100 Continue" written after
+        # the half-close).
+        cycle.disconnected = True
+        cycle.waiting_for_100_continue = False
+        cycle.message_event.set()
+        if cycle.response_started:
+            # It has answered or is answering: nothing else can be said on this connection.
+            self._close_lingering()
+        else:
+            self._answer_refusal(detail)
+
     def _refuse(self) -> None:
         self._refused = True
         logger.warning("http.headers_too_large", limit=self._limit)
@@ -198,7 +266,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             # 431 follows their answers (on_response_complete), never interleaves with them.
             self._refusal_pending = True
             return
-        self._answer_refusal()
+        self._answer_refusal(self._head_detail)
 
     def _busy(self) -> bool:
         return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
@@ -208,12 +276,15 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self._refusal_pending and not self._busy() and not self.transport.is_closing():
             self._refusal_pending = False
             self._unset_keepalive_if_required()  # armed by uvicorn for the next request
-            self._answer_refusal()
+            self._answer_refusal(self._head_detail)
 
-    def _answer_refusal(self) -> None:
-        status, rest = _refusal(self._limit)
+    def _answer_refusal(self, detail: str) -> None:
+        status, rest = _refusal(detail)
         defaults = b"".join(n + b": " + v + b"\r\n" for n, v in self.server_state.default_headers)
         self.transport.write(status + defaults + rest)
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._linger = self.loop.call_later(LINGER_SECONDS, self.transport.close)

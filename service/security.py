@@ -201,8 +201,10 @@ def _check_pair(public_key: PublicKey | None, private_keys: list[PrivateKey]) ->
 
 def sealer_from_settings(settings: Settings) -> CredentialSealer:
     """The API's sealer: the public key when set (Fernet never encrypts then), else the legacy
-    CREDENTIALS_KEYS. Raises CredentialsKeyError when there is no way to seal. Warns once when
-    this process holds a key that decrypts."""
+    CREDENTIALS_KEYS. Raises CredentialsKeyError when there is no way to seal, or when this
+    process holds a key that opens besides the public key (private keys always; Fernet keys
+    when a public key is set). With CREDENTIALS_KEYS alone (the legacy, symmetric set-up) it
+    warns once that this process can decrypt."""
     public = settings.credentials_public_key
     public_key = parse_public_key(public) if public else None
     private_keys = parse_private_keys(_secret(settings.credentials_private_keys))
@@ -216,6 +218,16 @@ def sealer_from_settings(settings: Settings) -> CredentialSealer:
         )
         if held
     ]
+    if private_keys or (decrypting and public_key is not None):
+        # The API never opens a credential: a key that does has no business in it, and is
+        # refused rather than merely warned about (code execution in the API would otherwise
+        # expose every user's Bybit secret). The only exception is the legacy, symmetric
+        # set-up below (CREDENTIALS_KEYS alone), which the contract keeps working.
+        raise CredentialsKeyError(
+            f"the API must not hold a key that opens stored credentials ({', '.join(decrypting)}"
+            " is set, in the environment or .env): give it CREDENTIALS_PUBLIC_KEY only, and "
+            "set the others empty for it (README, Credentials at rest)"
+        )
     if decrypting:
         logger.warning(
             "credentials.api_holds_decryption_key",

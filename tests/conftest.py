@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -49,6 +50,9 @@ TEST_ENV = {
     # No legacy Fernet key (empty counts as unset, and wins over a developer's .env): the
     # legacy scheme has its own tests (tests/unit/test_security.py, test_credentials_sealing).
     "CREDENTIALS_KEYS": "",
+    # The workers' market snapshot key: a worker sizes only from a snapshot carrying its MAC
+    # (what this process writes as Beat's refresh job passes it too; the API gets none).
+    "MARKET_SNAPSHOT_KEY": secrets.token_hex(32),
     "TRADE_RETRY_DELAYS": "0.2,0.4,0.6",
     "LOG_FORMAT": "json",
     "LOG_LEVEL": "INFO",

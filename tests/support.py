@@ -81,9 +81,11 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
 # opens; Beat and the simulator need no key at all. An empty value counts as unset (and wins
 # over a `.env` in the checkout).
 DECRYPTION_KEYS = ("CREDENTIALS_PRIVATE_KEYS", "CREDENTIALS_KEYS")
-_ALL_KEYS = (*DECRYPTION_KEYS, "CREDENTIALS_PUBLIC_KEY")
+# The workers' alone too: the key that authenticates the market snapshot they size with.
+_SNAPSHOT_KEY = "MARKET_SNAPSHOT_KEY"
+_ALL_KEYS = (*DECRYPTION_KEYS, "CREDENTIALS_PUBLIC_KEY", _SNAPSHOT_KEY)
 _DENIED_KEYS = {
-    "api": DECRYPTION_KEYS,
+    "api": (*DECRYPTION_KEYS, _SNAPSHOT_KEY),
     **dict.fromkeys(("beat", "simulator", "migrate", "seed", "users"), _ALL_KEYS),
 }
 

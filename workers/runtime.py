@@ -88,7 +88,13 @@ class Resources:
                 ip_limit=settings.bybit_ip_limit,
             ),
         )
-        market_cache = MarketCache(redis, max_age_seconds=settings.market_max_age_seconds)
+        # With MARKET_SNAPSHOT_KEY, a snapshot this worker sizes orders with must carry the MAC
+        # the refresh job (a worker too) wrote: anything else is refused and the exchange asked.
+        market_cache = MarketCache(
+            redis,
+            max_age_seconds=settings.market_max_age_seconds,
+            secret=settings.market_snapshot_key,
+        )
         publisher = RedisTaskPublisher(redis, queue=settings.celery_queue)
         deps = ExecutionDeps.from_settings(
             settings,

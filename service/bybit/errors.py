@@ -8,6 +8,7 @@ that failed ambiguously must be looked up by orderLinkId before anything is re-s
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 from service.bybit.retcodes import Cause, Handling, lookup
@@ -102,6 +103,23 @@ class UnknownRetCodeError(PermanentBybitError):
     (`ambiguous`) before the leg fails with the code."""
 
 
+# Bybit's message for a bad signature (10004) echoes the string it signed:
+# `error sign! origin_string[<timestamp><API key><recvWindow><query or body>]`. Everything
+# from the marker on is dropped (the body may itself hold brackets).
+_ECHOED_REQUEST = re.compile(r"origin_?string\b.*", re.IGNORECASE | re.DOTALL)
+# Longer than any message Bybit documents: the rest is cut (whatever else it may echo).
+MAX_MESSAGE_CHARS = 300
+
+
+def safe_message(message: str) -> str:
+    """Bybit's retMsg without the request material it can echo (the API key with it), so
+    the error can be logged and stored: `origin_string[...]` replaced, the length bounded."""
+    cleaned = _ECHOED_REQUEST.sub("origin_string[redacted]", message)
+    if len(cleaned) > MAX_MESSAGE_CHARS:
+        cleaned = cleaned[:MAX_MESSAGE_CHARS] + "..."
+    return cleaned
+
+
 def error_for_retcode(
     retcode: int,
     message: str,
@@ -111,7 +129,9 @@ def error_for_retcode(
     retry_after: float | None = None,
     ban_seconds: float = 600.0,
 ) -> BybitError:
-    """The error for a non-zero retCode, by its row in retcodes.RETCODES."""
+    """The error for a non-zero retCode, by its row in retcodes.RETCODES. `message` is
+    Bybit's retMsg (or a batch item's msg), kept without what it echoes of the request."""
+    message = safe_message(message)
     row = lookup(retcode)
     kwargs = {"path": path, "retcode": retcode, "http_status": http_status}
     match row.handling:

@@ -3,8 +3,10 @@
 The service needs a key that trades linear contracts and nothing more. Bybit's
 `/v5/user/query-api` answers, for the key that signs it, `readOnly` (1: read only), its
 `permissions` by group and the `ips` it is bound to. Linear perpetuals are traded under
-`ContractTrade: ["Order", "Position"]`; a unified account's key may carry the derivatives
-permission as `Derivatives: ["DerivativesTrade"]` instead, so either is accepted. A key that
+`ContractTrade: ["Order", "Position"]`, and only that is accepted. `Derivatives:
+["DerivativesTrade"]` is not: Bybit adds it by itself according to the account type (unified
+or classic; its update-api docs call the field ignored for that reason), so it says nothing
+about whether the key was granted contract orders and positions. A key that
 can withdraw (`Wallet` holds `"Withdraw"`) is refused: stored here, it would let whoever reads
 it move the funds out. A key bound to no address (`ips` `["*"]` or empty) is stored with a
 warning.
@@ -24,7 +26,6 @@ from service.bybit.types import ApiKeyInfo
 from service.errors import ExchangeUnavailableError, ValidationError
 
 CONTRACT_TRADE = ("Order", "Position")
-DERIVATIVES_TRADE = "DerivativesTrade"
 WITHDRAW = "Withdraw"
 NO_IP_BINDING = "*"
 
@@ -56,13 +57,11 @@ def judge(info: ApiKeyInfo) -> KeyVerdict:
             "this Bybit API key is read-only: it cannot place orders. Create a key with "
             "'Read-Write' and the Contract 'Orders' and 'Positions' permissions"
         )
-    contract = set(granted.get("ContractTrade", ()))
-    trades = set(CONTRACT_TRADE) <= contract or DERIVATIVES_TRADE in granted.get("Derivatives", ())
-    if not trades:
+    # Derivatives: DerivativesTrade is not enough: Bybit adds it by account type.
+    if not set(CONTRACT_TRADE) <= set(granted.get("ContractTrade", ())):
         raise KeyRefusedError(
             "this Bybit API key cannot trade linear contracts: it needs the Contract "
-            "permissions 'Orders' and 'Positions' (ContractTrade: Order, Position), or the "
-            "unified account's derivatives trading permission (Derivatives: DerivativesTrade)"
+            "permissions 'Orders' and 'Positions' (ContractTrade: Order, Position)"
         )
     if WITHDRAW in granted.get("Wallet", ()):
         raise KeyRefusedError(

@@ -66,6 +66,13 @@ async def ensure_plan(
         )
     except (CompositionError, MarketDataUnavailableError) as error:
         raise PermanentRunError(f"cannot plan the basket: {error}") from None
+    except ArithmeticError:
+        # Prices or steps sizing cannot carry (decimal.Overflow, InvalidOperation...): market
+        # data no exchange would quote. The basket fails before its plan is stored, so with
+        # nothing sent, rather than the task ending in an unexpected exception.
+        raise PermanentRunError(
+            "cannot plan the basket: the market data is out of the range sizing can carry"
+        ) from None
     except BybitError as error:
         raise calls.classify(error, None, "market data") from None
     # With `updated_at` moved: GET shows the plan (its legs). On the lock connection: one

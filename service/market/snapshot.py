@@ -8,6 +8,8 @@ The API's side of the market: it imports no exchange client.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import time
@@ -17,14 +19,23 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from pydantic import SecretStr
 from redis.exceptions import RedisError
 
 from service.bybit.types import Instrument
 
 CACHE_KEY = "trader:market:v1"
+# Beside a snapshot, under its key plus this, the HMAC-SHA256 (hex) of its exact stored bytes
+# with MARKET_SNAPSHOT_KEY: written with it in one transaction, with the same expiry.
+MAC_SUFFIX = ":mac"
 # How far ahead of this host's clock a snapshot's fetched_at may be (the refreshing worker's
 # clock against this one's); further ahead, it is refused as if absent.
 CLOCK_SKEW_SECONDS = 5.0
+# The magnitudes and digits a stored decimal may have (prices, marks, steps, limits): far
+# beyond anything Bybit quotes (1e-8 .. 1e9, a dozen digits), far inside what sizing's
+# 50-digit arithmetic can carry. Outside them, the snapshot is refused as if absent.
+MAX_ADJUSTED_EXPONENT = 30
+MAX_DIGITS = 30
 
 logger = structlog.stdlib.get_logger("service.market")
 
@@ -95,8 +106,8 @@ def _mapping(data: dict[str, Any], name: str, *, required: bool = True) -> list[
 
 
 def _decimal(value: object, what: str, *, zero: bool = True) -> Decimal:
-    """A finite decimal written as a string (as `to_json` writes them), not negative, and
-    not zero unless `zero`."""
+    """A finite decimal written as a string (as `to_json` writes them), not negative, not
+    zero unless `zero`, and within MAX_ADJUSTED_EXPONENT and MAX_DIGITS."""
     if not isinstance(value, str) or len(value) > 64:
         raise SnapshotError(f"{what} is not a decimal string")
     try:
@@ -105,6 +116,10 @@ def _decimal(value: object, what: str, *, zero: bool = True) -> Decimal:
         raise SnapshotError(f"{what} is not a decimal") from None
     if not number.is_finite() or number < 0 or (not zero and number == 0):
         raise SnapshotError(f"{what} is {value!r}: not a {'' if zero else 'positive '}number")
+    # Sizing divides by prices and steps at a fixed precision: a value the exchange never
+    # quotes ("1E-999999999", fifty zeros then a 1) overflows it, and every request would fail.
+    if abs(number.adjusted()) > MAX_ADJUSTED_EXPONENT or len(number.as_tuple().digits) > MAX_DIGITS:
+        raise SnapshotError(f"{what} is {value[:40]!r}: out of the range the exchange quotes")
     return number
 
 
@@ -138,7 +153,13 @@ def _instrument(symbol: str, item: object) -> Instrument:
 class MarketCache:
     """Redis-backed, with the last good snapshot kept in memory: re-read from Redis at most
     every `reuse_seconds`, and still served (while younger than `max_age_seconds`) when
-    Redis cannot be reached, so a broker outage does not stop the API from sizing."""
+    Redis cannot be reached, so a broker outage does not stop the API from sizing.
+
+    With a `secret` (MARKET_SNAPSHOT_KEY, held by the workers only), `store` writes the
+    snapshot's MAC beside it and `load` refuses, as if absent, a snapshot whose MAC is missing
+    or wrong: the broker is not trusted, and a believable but false price (that the parser
+    cannot tell from a real one) would size real orders. Without one, every snapshot the
+    parser accepts is served (the API's cache, and workers where the setting is unset)."""
 
     def __init__(
         self,
@@ -147,27 +168,64 @@ class MarketCache:
         max_age_seconds: float,
         reuse_seconds: float = 2.0,
         key: str = CACHE_KEY,
+        secret: SecretStr | None = None,
     ) -> None:
         self._redis = redis
         self._max_age = max_age_seconds
         self._reuse = reuse_seconds
         self._key = key
+        self._mac_key = key + MAC_SUFFIX
+        self._secret = secret.get_secret_value().encode() if secret is not None else None
         self._last: MarketSnapshot | None = None
         self._last_read = 0.0
         self._refused: bytes | str | None = None
+        self._unauthenticated: bytes | str | None = None
+
+    @staticmethod
+    def _mac(secret: bytes, payload: bytes) -> bytes:
+        return hmac.new(secret, payload, hashlib.sha256).hexdigest().encode()
 
     async def store(self, snapshot: MarketSnapshot) -> None:
         # Expires by itself: a dead refresher leaves no data to be mistaken for fresh.
-        await self._redis.set(self._key, snapshot.to_json(), ex=int(self._max_age) + 1)
+        payload = snapshot.to_json().encode()
+        expiry = int(self._max_age) + 1
+        if self._secret is None:
+            await self._redis.set(self._key, payload, ex=expiry)
+        else:
+            # One transaction: a reader never sees a new snapshot with the old one's MAC (it
+            # would be refused until the next refresh), and both expire together.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key, payload, ex=expiry)
+                pipe.set(self._mac_key, self._mac(self._secret, payload), ex=expiry)
+                await pipe.execute()
         self.remember(snapshot)
 
     def remember(self, snapshot: MarketSnapshot) -> None:
+        """Serve `snapshot` from memory: only one this process made, or loaded and accepted."""
         self._last, self._last_read = snapshot, time.monotonic()
 
     def _fresh(self, snapshot: MarketSnapshot | None) -> MarketSnapshot | None:
         if snapshot is None or time.time() - snapshot.fetched_at > self._max_age:
             return None
         return snapshot
+
+    def _authentic(self, raw: bytes | str, mac: bytes | str | None) -> bool:
+        """True without a secret; with one, when `mac` is the MAC of `raw` (else logged once
+        per stored value, not once per request)."""
+        if self._secret is None:
+            return True
+        payload = raw.encode() if isinstance(raw, str) else raw
+        given = mac.encode() if isinstance(mac, str) else mac
+        if given is not None and hmac.compare_digest(given, self._mac(self._secret, payload)):
+            return True
+        if raw != self._unauthenticated:
+            self._unauthenticated = raw
+            logger.warning(
+                "market.snapshot_unauthenticated",
+                cache=self._key,
+                reason="no MAC" if mac is None else "MAC does not match",
+            )
+        return False
 
     def _parse(self, raw: bytes | str) -> MarketSnapshot | None:
         """The snapshot stored in Redis, or None when it is refused: malformed, poisoned
@@ -185,18 +243,28 @@ class MarketCache:
             return None
         return snapshot
 
+    async def _read(self) -> tuple[bytes | str | None, bytes | str | None]:
+        """The stored snapshot and its MAC, read in one command (never a MAC of another
+        value); the MAC is not read without a secret."""
+        if self._secret is None:
+            return await self._redis.get(self._key), None
+        raw, mac = await self._redis.mget([self._key, self._mac_key])
+        return raw, mac
+
     async def load(self) -> MarketSnapshot | None:
+        # What is in memory was made here or accepted by a load (MAC checked when there is a
+        # secret): never a value read from Redis and refused.
         if self._last is not None and time.monotonic() - self._last_read < self._reuse:
             return self._fresh(self._last)
         try:
-            raw = await self._redis.get(self._key)
+            raw, mac = await self._read()
         except RedisError:
             return self._fresh(self._last)
         if raw is None:
             # Gone from Redis: expired (then the copy in memory is too old as well), or
             # Redis restarted empty, when the copy in memory still serves until its max age.
             return self._fresh(self._last)
-        snapshot = self._parse(raw)
+        snapshot = self._parse(raw) if self._authentic(raw, mac) else None
         if snapshot is None:
             # Refused as if absent: the last good copy serves until its max age, then none.
             return self._fresh(self._last)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from service.budgets import Admission, Budgets
+from service.budgets import Budgets
 from service.db import scope_for
 from service.dependencies import (
     BEARER_SECURITY,
@@ -67,7 +67,7 @@ async def create_position(
     market = await state.market_cache.load()
     budgets: Budgets = state.budgets
     user_id = await state.user_ids.of_token(state.pool, token)
-    async with _admitted(budgets, user_id) as admission:
+    async with _admitted(budgets, user_id):
         # The common case in one statement (hot_path); a position this request created has
         # no components, trades or issues yet.
         opening = service.OpenRequest(
@@ -81,7 +81,7 @@ async def create_position(
             market=market,
             indices=state.index_cache,
             open_limit=budgets.open_positions,
-            admission=admission,
+            user_id=user_id,
         )
         if created is not None:
             return _json(
@@ -90,8 +90,8 @@ async def create_position(
         # Everything else, with every check in its order and its own answer. The task of a
         # position created here is sent once the transaction has committed.
         async with request_transaction(request) as session:
-            # (A token unknown a moment ago and valid now, issued meanwhile, is counted
-            # without the lock: at worst one position over, once.)
+            # A token unknown a moment ago (user_id None) and valid now, issued meanwhile:
+            # open_position takes the user's admission lock itself, so the count holds.
             user = await authenticate(session, token)
             opened = await service.open_position(
                 session, user, opening, market=market, indices=state.index_cache, budgets=budgets
@@ -104,14 +104,14 @@ async def create_position(
 
 
 @asynccontextmanager
-async def _admitted(budgets: Budgets, user_id: uuid.UUID | None) -> AsyncIterator[Admission | None]:
-    """The user's rate budget and admission lock (service/budgets.py) for the block; nothing
-    for a token no user has (the request's own check answers 401)."""
+async def _admitted(budgets: Budgets, user_id: uuid.UUID | None) -> AsyncIterator[None]:
+    """The user's rate budget and turn among their admissions (service/budgets.py) for the
+    block; nothing for a token no user has (the request's own check answers 401)."""
     if user_id is None:
-        yield None
+        yield
         return
-    async with budgets.admission(user_id) as admission:
-        yield admission
+    async with budgets.admission(user_id):
+        yield
 
 
 _CLOSE_ERRORS = error_responses(
@@ -119,8 +119,7 @@ _CLOSE_ERRORS = error_responses(
     r404="no such position for this user",
     r409="the position cannot be closed now: still opening (PENDING, EXECUTING), already "
     "closing or closed, or FAILED with nothing filled",
-    r429="a budget of the caller is used up: the request rate, or the number of positions "
-    "not yet final (CLOSING counts); see Retry-After. Nothing was written",
+    r429="the caller's request rate budget is used up (see Retry-After). Nothing was written",
     r503="the database is unavailable: try again shortly",
 )
 
@@ -157,16 +156,12 @@ async def close_position(
     async with request_transaction(request) as session:
         user = await authenticate(session, token)
     budgets: Budgets = state.budgets
-    # CLOSING counts against the open-positions budget: counted and changed under the user's
-    # admission lock, as an opening is.
-    async with budgets.admission(user.id):
-        requested = await service.request_close(
-            scope_for(state.session_factory),
-            user,
-            position_id,
-            idempotency_key=idempotency_key,
-            budgets=budgets,
-        )
+    # A rate token only: a close reduces what the user holds, so the open-positions budget
+    # never stands in its way.
+    await budgets.take_request(user.id)
+    requested = await service.request_close(
+        scope_for(state.session_factory), user, position_id, idempotency_key=idempotency_key
+    )
     if requested.started:
         # If this push is lost, the recovery sweep sends the unclaimed close.
         await state.publisher.try_publish(position_id, task=CLOSE_POSITION_TASK)

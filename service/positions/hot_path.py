@@ -16,17 +16,17 @@ it always has. A refusal therefore writes nothing and says what it always said.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from service.budgets import OPEN_STATUSES, Admission
+from service.budgets import OPEN_STATUSES
 from service.db import StatementPool
 from service.errors import DomainError
 from service.indices.cache import IndexCache
 from service.market.snapshot import MarketSnapshot
 from service.models import PositionStatus
+from service.positions.locks import admission_lock_keys
 from service.positions.service import (
     AcceptedPosition,
     OpenRequest,
@@ -38,10 +38,10 @@ from service.queue import RedisTaskPublisher
 from service.security import hash_token
 
 # One statement: the caller's live token, their stored credentials, their open-positions
-# budget (the count is strict because the caller holds the user's admission lock:
+# budget (strict: the statement runs after its transaction took the user's admission lock,
 # service/budgets.py), the row. ON CONFLICT: a taken Idempotency-Key inserts nothing (the
-# full path replays it). The statement commits on its own (no transaction is open on the
-# connection), so the row is durable before the task is pushed.
+# full path replays it). Its transaction commits before the task is pushed, so the row is
+# durable by then.
 _ACCEPT = """
 INSERT INTO synthetic_positions
     (id, user_id, index_code, size, direction, status, attempts, idempotency_key,
@@ -74,16 +74,16 @@ async def accept_position(
     market: MarketSnapshot | None,
     indices: IndexCache,
     open_limit: int,
-    admission: Admission | None = None,
+    user_id: uuid.UUID | None,
 ) -> AcceptedPosition | None:
     """The new PENDING position, committed and its task pushed; None when this request is
     not the common case (the full path answers it), the open-positions budget (`open_limit`)
-    included. `admission`: the user's admission lock, given back once the row is committed,
-    alongside the task's push."""
+    included. `user_id`: whom the token names (budgets.UserIds; None: unknown, the full path
+    answers), whose admission lock the statement's transaction takes."""
     index_code, size, direction = request.index_code, request.size, request.direction
     idempotency_key = request.idempotency_key
     index = indices.peek(index_code)
-    if not token or index is None:
+    if not token or index is None or user_id is None:
         return None
     try:
         check_tradeable(index, size, direction, market)
@@ -95,7 +95,8 @@ async def accept_position(
         if idempotency_key
         else None
     )
-    row = await pool.fetchrow(
+    row = await pool.fetchrow_in_turn(
+        admission_lock_keys(user_id),
         _ACCEPT,
         position_id,
         hash_token(token),
@@ -111,12 +112,8 @@ async def accept_position(
     )
     if row is None:
         return None
-    # If this push is lost, the recovery sweep re-sends the PENDING position. The lock is
-    # given back at the same time (no round trip added).
-    if admission is None:
-        await publisher.try_publish(position_id)
-    else:
-        await asyncio.gather(publisher.try_publish(position_id), admission.release())
+    # If this push is lost, the recovery sweep re-sends the PENDING position.
+    await publisher.try_publish(position_id)
     return AcceptedPosition(
         id=position_id,
         index_code=index.code,

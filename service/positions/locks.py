@@ -4,6 +4,7 @@ fence every status write of a run carries (`lock_held_by`)."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 
@@ -128,6 +129,18 @@ def account_lock_keys(user_id: uuid.UUID) -> tuple[int, int]:
     PostgreSQL keeps two-int keys apart from the bigint keys of positions (`objsubid` 2
     against 1), so an account's lock can never collide with a position's."""
     raw = user_id.bytes[:8]
+    return (
+        int.from_bytes(raw[:4], "big", signed=True),
+        int.from_bytes(raw[4:], "big", signed=True),
+    )
+
+
+def admission_lock_keys(user_id: uuid.UUID) -> tuple[int, int]:
+    """The two-int advisory lock key under which one user's admissions (a count of their open
+    positions and the write it allows: service/budgets.py) take turns, held by the writing
+    transaction (`pg_advisory_xact_lock`). Hashed with its own label, so that it never equals
+    an account's key (`account_lock_keys`, the user id's first bytes)."""
+    raw = hashlib.sha256(b"admission:" + user_id.bytes).digest()[:8]
     return (
         int.from_bytes(raw[:4], "big", signed=True),
         int.from_bytes(raw[4:], "big", signed=True),

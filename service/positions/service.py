@@ -42,6 +42,7 @@ from service.models import (
     User,
 )
 from service.positions import reconciliation_rows, repository
+from service.positions.locks import admission_lock_keys
 from service.positions.status import Transition, change_status
 from service.queue import publish_after_commit
 from service.trading_logic import (
@@ -146,6 +147,14 @@ def check_tradeable(
         raise ValidationError(f"index {index.code} cannot be traded now: {error}") from None
     except CompositionError as error:
         raise ValidationError(f"index {index.code}: {error}") from None
+    except ArithmeticError:
+        # Prices or steps the sizing arithmetic cannot carry (decimal.Overflow,
+        # InvalidOperation...): a snapshot the parser let through but no exchange would
+        # quote. The same answer as no snapshot, never a 500.
+        raise ServiceUnavailableError(
+            "market data is not usable right now, so the size cannot be checked; "
+            "try again in a few seconds"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +178,9 @@ async def open_position(
     indices: IndexCache,
     budgets: Budgets | None = None,
 ) -> OpenedPosition:
-    """`budgets`: the open-positions budget is checked (a replay is never refused by it);
-    the caller holds the user's admission lock (service/budgets.py) until this transaction
-    has committed."""
+    """`budgets`: the open-positions budget is checked (a replay is never refused by it),
+    under the user's admission lock, taken here and held by the session's transaction until
+    it ends (service/budgets.py)."""
     index_code, size, direction = request.index_code, request.size, request.direction
     idempotency_key = request.idempotency_key
     fingerprint = (
@@ -216,7 +225,10 @@ async def open_position(
 
 
 async def _check_open_budget(session: AsyncSession, user: User, budgets: Budgets) -> None:
-    """The user's positions not yet final, under the open-positions budget (429 otherwise)."""
+    """The user's positions not yet final, under the open-positions budget (429 otherwise),
+    counted once the transaction holds the user's admission lock: the count sees every
+    admission before it committed."""
+    await session.execute(select(func.pg_advisory_xact_lock(*admission_lock_keys(user.id))))
     open_count = await session.scalar(
         select(func.count())
         .select_from(SyntheticPosition)
@@ -248,7 +260,6 @@ async def request_close(
     position_id: uuid.UUID,
     *,
     idempotency_key: str | None,
-    budgets: Budgets | None = None,
 ) -> CloseRequested:
     """ACTIVE, FAILED holding legs, or CLOSE_FAILED -> CLOSING (a new close round, its task
     sent by the caller). A repeat of an Idempotency-Key already used for this position's close
@@ -271,10 +282,6 @@ async def request_close(
                     f"position {position.id} cannot be closed: it FAILED with nothing filled, "
                     "so it holds nothing"
                 )
-            if budgets is not None:
-                # CLOSING is not final: a close adds to the open-positions budget (the caller
-                # holds the user's admission lock until the change has committed).
-                await _check_open_budget(session, user, budgets)
 
         async def note_key(session: AsyncSession) -> None:
             if idempotency_key is not None:

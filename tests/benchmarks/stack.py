@@ -111,6 +111,7 @@ async def _drop_database(name: str) -> None:
 async def warm_market(stack: Stack) -> None:
     """What Beat's refresh job does: filters and prices of every catalogue symbol in Redis."""
     import redis.asyncio as aioredis
+    from pydantic import SecretStr
 
     from service.bybit.client import BybitClient, create_http_session
     from service.db import create_engine, create_session_factory, scope_for
@@ -125,7 +126,12 @@ async def warm_market(stack: Stack) -> None:
             await refresh_market_cache(
                 scope_for(create_session_factory(engine)),
                 MarketData(BybitClient(http, stack.simulator_url)),
-                MarketCache(redis, max_age_seconds=24 * 3600),
+                # Signed with the stack's MARKET_SNAPSHOT_KEY, as its workers' refresh job does.
+                MarketCache(
+                    redis,
+                    max_age_seconds=24 * 3600,
+                    secret=SecretStr(stack.env["MARKET_SNAPSHOT_KEY"]),
+                ),
             )
     finally:
         await redis.aclose()
@@ -135,11 +141,11 @@ async def warm_market(stack: Stack) -> None:
 def _clean_redis(queue: str) -> None:
     import redis
 
-    from service.market.snapshot import CACHE_KEY
+    from service.market.snapshot import CACHE_KEY, MAC_SUFFIX
 
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        for key in [*client.scan_iter(match=f"*{queue}*"), CACHE_KEY]:
+        for key in [*client.scan_iter(match=f"*{queue}*"), CACHE_KEY, CACHE_KEY + MAC_SUFFIX]:
             client.delete(key)
         forget_unacked(client, queue)
         remaining = list(client.scan_iter(count=1000))
@@ -175,6 +181,8 @@ def bench_stack(**settings: str) -> Iterator[Stack]:
                 "CELERY_QUEUE": queue,
                 # The API child gets the public key only (tests/support.py, role_env).
                 **_key_pair_env(),
+                # The workers' alone (the API child is denied it, as the deployment does).
+                "MARKET_SNAPSHOT_KEY": secrets.token_hex(32),
                 "BYBIT_BASE_URL": f"http://127.0.0.1:{sim_port}",
                 "LOG_FORMAT": "json",
                 "LOG_LEVEL": "INFO",

@@ -59,11 +59,26 @@ class WrkResult:
         return self.requests / self.seconds
 
 
-def _lua(method: str, body: str, headers: dict[str, str]) -> str:
+def _lua(
+    method: str, body: str, headers: dict[str, str], rotate: tuple[str, list[str]] | None = None
+) -> str:
     lines = [f'wrk.method = "{method}"']
     if body:
         lines.append(f"wrk.body = {_lua_string(body)}")
     lines += [f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items()]
+    if rotate:
+        # One header's value taken in turn from the list, request by request (each wrk
+        # thread keeps its own turn): requests of many users, as a real API serves.
+        name, values = rotate
+        lines += [
+            "local values = {" + ", ".join(_lua_string(v) for v in values) + "}",
+            "local turn = 0",
+            "request = function()",
+            "  turn = turn + 1",
+            f"  wrk.headers[{_lua_string(name)}] = values[(turn % #values) + 1]",
+            "  return wrk.format()",
+            "end",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -106,10 +121,11 @@ def run(
     method: str = "GET",
     body: str = "",
     headers: dict[str, str] | None = None,
+    rotate: tuple[str, list[str]] | None = None,
     warmup_seconds: int = 2,
 ) -> WrkResult:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_lua(method, body, headers or {}))
+        script.write(_lua(method, body, headers or {}, rotate))
     try:
         base = [wrk, "-t", "2", "-c", str(connections), "--latency", "-s", script.name]
         if warmup_seconds:

@@ -70,7 +70,8 @@ async def refresh_market(sessions: object, simulator_url: str) -> None:
             await refresh_market_cache(
                 sessions,  # type: ignore[arg-type]
                 MarketData(BybitClient(http, simulator_url)),
-                MarketCache(redis, max_age_seconds=600),
+                # Signed with the workers' key, as the refresh job (a worker) signs it.
+                MarketCache(redis, max_age_seconds=600, secret=get_settings().market_snapshot_key),
             )
     finally:
         await redis.aclose()
@@ -80,14 +81,14 @@ async def refresh_market(sessions: object, simulator_url: str) -> None:
 async def warm_market(simulator_url: str, sessions: object) -> AsyncIterator[None]:
     import redis.asyncio as aioredis
 
-    from service.market.snapshot import CACHE_KEY
+    from service.market.snapshot import CACHE_KEY, MAC_SUFFIX
 
     await refresh_market(sessions, simulator_url)
     try:
         yield
     finally:
         redis = aioredis.from_url(TEST_ENV["REDIS_URL"])
-        await redis.delete(CACHE_KEY)
+        await redis.delete(CACHE_KEY, CACHE_KEY + MAC_SUFFIX)
         await redis.aclose()
 
 
@@ -210,7 +211,10 @@ async def execution_deps(
         ) as http:
             gate = RedisCallGate(redis, prefix=f"test-limits-{secrets.token_hex(4)}")
             exchange = BybitClient(http, base_url, gate=gate if as_a_worker else None)
-            snapshot = MarketCache(redis, max_age_seconds=600).load if as_a_worker else None
+            cache = MarketCache(
+                redis, max_age_seconds=600, secret=get_settings().market_snapshot_key
+            )
+            snapshot = cache.load if as_a_worker else None
             yield ExecutionDeps(
                 sessions=sessions,  # type: ignore[arg-type]
                 run_lock=advisory_run_lock(engine),  # type: ignore[arg-type]

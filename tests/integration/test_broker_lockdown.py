@@ -1,10 +1,14 @@
 """Issue 22: the broker is not trusted. A plain Celery client holding only the Redis URL can
 neither ping, inspect nor shut a worker down; a market snapshot written into Redis by hand
 (fetched in the far future, or with a poisoned price or step) is refused as if absent, so
-the API answers its 503 and never a 500, and a good copy in memory keeps serving."""
+the API answers its 503 and never a 500, and a good copy in memory keeps serving. A believable
+forgery (a tenth of every price, fetched now) passes the parser: the workers, holding
+MARKET_SNAPSHOT_KEY, refuse any snapshot without its HMAC and size from the exchange."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -19,14 +23,24 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from celery import Celery
+from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from service.bybit.types import Instrument
 from service.config import get_settings
 from service.credentials.service import store_credentials
-from service.market.snapshot import CACHE_KEY, MarketCache, MarketSnapshot
+from service.execution import Outcome, execute_position
+from service.market.snapshot import CACHE_KEY, MAC_SUFFIX, MarketCache, MarketSnapshot
+from service.positions import repository
 from service.users.repository import get_user_by_email
+from service.users.service import create_user_with_token
 from tests.conftest import TEST_ENV
-from tests.integration.conftest import api_client, refresh_market, start_worker
+from tests.integration.conftest import (
+    api_client,
+    execution_deps,
+    refresh_market,
+    start_worker,
+)
 from tests.support import ApiUser, eventually, worker_opener
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -126,6 +140,11 @@ def _poisoned() -> list[tuple[str, dict[str, Any]]]:
         ("zero price", "0"),
         ("not a number", "cheap"),
         ("price as a number", 95000),
+        # Finite and positive, but beyond what sizing's arithmetic carries.
+        ("tiny exponent", "1E-999999999"),
+        ("fifty zeros then a 1", "0." + "0" * 51 + "1"),
+        ("huge exponent", "1E+999999999"),
+        ("too many digits", "95000." + "1" * 40),
     ):
         cases.append((label, {**good, "prices": {"BTCUSDT": price}}))
     instrument = good["instruments"]["BTCUSDT"]
@@ -133,6 +152,8 @@ def _poisoned() -> list[tuple[str, dict[str, Any]]]:
         ("zero step", "qty_step", "0"),
         ("negative step", "qty_step", "-0.001"),
         ("NaN minimum", "min_order_qty", "NaN"),
+        ("tiny step", "qty_step", "1E-999999999"),
+        ("zero minimum of a tiny exponent", "min_order_qty", "0E-999999999"),
         ("another symbol", "symbol", "ETHUSDT"),
     ):
         cases.append((label, {**good, "instruments": {"BTCUSDT": {**instrument, field_: value}}}))
@@ -199,9 +220,25 @@ async def test_the_api_answers_503_not_500_with_a_forged_snapshot(
     assert live is not None
     real = json.loads(live)
     symbol = next(iter(real["prices"]))
+    # Within the parser's bounds, yet more digits than sizing's arithmetic carries (a price
+    # and step of 1E-30: ~1E+32 contracts to the 1E-30): its InvalidOperation answers 503 too.
+    overflowing = {
+        **real,
+        "prices": {s: "1E-30" for s in real["prices"]},
+        "instruments": {
+            s: {**i, "qty_step": "1E-30", "min_order_qty": "1E-30"}
+            for s, i in real["instruments"].items()
+        },
+    }
     forgeries = {
         "far-future fetched_at": {**real, "fetched_at": time.time() + 365 * 86400},
         "poisoned price": {**real, "prices": {**real["prices"], symbol: "NaN"}},
+        "tiny exponent": {**real, "prices": {**real["prices"], symbol: "1E-999999999"}},
+        "fifty zeros then a 1": {
+            **real,
+            "prices": {**real["prices"], symbol: "0." + "0" * 51 + "1"},
+        },
+        "sizing overflows": overflowing,
         "zero step": {
             **real,
             "instruments": {
@@ -224,3 +261,200 @@ async def test_the_api_answers_503_not_500_with_a_forged_snapshot(
     async with api_client(get_settings()) as client:
         accepted = await client.post("/api/positions", json=BODY, headers=funded_user.headers)
     assert accepted.status_code == 202, accepted.text
+
+
+# --- The snapshot authenticated for the workers ----------------------------------------------
+
+
+async def test_a_keyed_cache_loads_only_a_snapshot_carrying_its_mac(
+    redis: aioredis.Redis,
+) -> None:
+    key = f"test-market-{secrets.token_hex(6)}"
+    mac_key = key + MAC_SUFFIX
+    secret = SecretStr(secrets.token_hex(32))
+
+    def keyed(with_secret: SecretStr | None = secret) -> MarketCache:
+        return MarketCache(redis, max_age_seconds=60, reuse_seconds=0, key=key, secret=with_secret)
+
+    good = replace(GOOD, fetched_at=time.time())
+    try:
+        await keyed().store(good)
+        # Written together, expiring together; the value in its usual format and key.
+        assert 0 < await redis.ttl(mac_key) <= 61
+        assert 0 < await redis.ttl(key) <= 61
+        stored_raw = await redis.get(key)
+        assert stored_raw is not None
+        assert MarketSnapshot.from_json(stored_raw) == good
+        # A correct MAC loads, with the key; without one (the API) the same value loads too.
+        assert await keyed().load() == good
+        assert await keyed(None).load() == good
+
+        # Believable but false: a tenth of the price, fresh, that the parser accepts.
+        forged = replace(good, prices={"BTCUSDT": Decimal("9500")}).to_json()
+        wrong_key = SecretStr(secrets.token_hex(32))
+        cases: list[tuple[str, bytes | str | None]] = [
+            ("value changed, MAC kept", await redis.get(mac_key)),
+            ("MAC missing", None),
+            ("MAC of another key", hmac.new(b"x", forged.encode(), hashlib.sha256).hexdigest()),
+        ]
+        for label, mac in cases:
+            await redis.set(key, forged, ex=60)
+            if mac is None:
+                await redis.delete(mac_key)
+            else:
+                await redis.set(mac_key, mac, ex=60)
+            with capture_logs() as logs:
+                # As if absent: nothing good in memory, nothing served.
+                assert await keyed().load() is None, label
+                fresh = keyed(wrong_key)
+                assert await fresh.load() is None, label
+                assert await fresh.load() is None, label
+            refused = [e for e in logs if e["event"] == "market.snapshot_unauthenticated"]
+            # Once per stored value and cache, not once per read; never the secret.
+            assert len(refused) == 2, (label, logs)
+            assert secret.get_secret_value() not in repr(logs)
+            # The key-less cache (the API's) still reads it: it only answers with it.
+            assert (await keyed(None).load()).prices["BTCUSDT"] == Decimal("9500"), label  # type: ignore[union-attr]
+
+        # A cache that stored or loaded a good one keeps serving that, never the forgery
+        # (nor remembers the forgery: the memory copy holds only what was accepted).
+        cache = keyed()
+        await cache.store(good)
+        await redis.set(key, forged, ex=60)
+        assert await cache.load() == good
+        assert await cache.load() == good
+        loader = keyed()
+        await loader.store(good)
+        loader = keyed()
+        assert await loader.load() == good
+        await redis.set(key, forged, ex=60)
+        assert await loader.load() == good
+        # A MAC of the right key over the exact stored bytes: a whitespace changed is refused.
+        stored = good.to_json()
+        await keyed().store(good)
+        await redis.set(key, stored.replace(", ", ",  ", 1), ex=60)
+        assert await keyed().load() is None
+    finally:
+        await redis.delete(key, mac_key)
+
+
+async def test_the_worker_never_sizes_from_a_forged_price(
+    redis: aioredis.Redis,
+    client: httpx.AsyncClient,
+    service_env: dict[str, str],
+    funded_user: ApiUser,
+    sessions: Any,
+    tmp_path: Path,
+) -> None:
+    """Whoever can write to Redis writes a believable snapshot (a tenth of every real price,
+    fetched now): the worker, holding MARKET_SNAPSHOT_KEY, refuses it for want of a MAC and
+    sizes from the exchange's (the simulator's) prices, not ten times the quantity."""
+    assert service_env["MARKET_SNAPSHOT_KEY"]
+    await _store_key(sessions, funded_user)
+    live = await redis.get(CACHE_KEY)
+    assert live is not None
+    before = json.loads(live)
+    # One task per pool process: a run never finds the refresh's copy in memory (what it
+    # stored itself) and reads the snapshot in Redis, as it would once that copy is 2 s old.
+    worker = start_worker(service_env, tmp_path, "--max-tasks-per-child", "1")
+    try:
+        # The worker refreshes the snapshot as it starts (signed): forge after that, or the
+        # refresh would overwrite the forgery. No Beat runs here to refresh it again.
+        async def refreshed() -> dict[str, Any] | None:
+            raw = await redis.get(CACHE_KEY)
+            data = json.loads(raw) if raw is not None else None
+            return data if data and data["fetched_at"] > before["fetched_at"] else None
+
+        real = await eventually(refreshed, timeout=30, message="the worker's refresh")
+        real_prices = {s: Decimal(p) for s, p in real["prices"].items()}
+        forged = {
+            **real,
+            "fetched_at": time.time(),
+            "prices": {s: str(p / 10) for s, p in real_prices.items()},
+        }
+        for mac in ("keep", "none"):
+            await redis.set(CACHE_KEY, json.dumps(forged), ex=600)
+            if mac == "none":
+                await redis.delete(CACHE_KEY + MAC_SUFFIX)
+            # Believable: a key-less cache (the API's) accepts it.
+            seen = await MarketCache(redis, max_age_seconds=600).load()
+            assert seen is not None
+            assert seen.prices == {s: p / 10 for s, p in real_prices.items()}
+
+            body = await _opened(client, funded_user)
+            assert body["status"] == "ACTIVE", body
+            notional = Decimal(0)
+            for leg in body["legs"]:
+                real_price = real_prices[leg["symbol"]]
+                sized_with = Decimal(leg["reference_price"])
+                # The simulator's price (it may have moved a little), never the forged tenth.
+                assert abs(sized_with - real_price) <= real_price / 20, (leg, real_price)
+                notional += Decimal(leg["planned_quantity"]) * real_price
+            # Quantities rounded down to steps from the real prices: at most the size (from
+            # the forged prices they would come to about ten times it).
+            assert notional <= Decimal(BODY["size"]) * Decimal("1.05"), notional
+
+        # Refused, and said so (the runbook's event).
+        async def logged() -> bool:
+            return "market.snapshot_unauthenticated" in worker.output()
+
+        await eventually(logged, timeout=10, message="the refusal logged")
+    finally:
+        worker.stop()
+
+
+async def test_a_signed_snapshot_sizing_cannot_carry_fails_the_basket_with_nothing_sent(
+    redis: aioredis.Redis,
+    engine: Any,
+    sessions: Any,
+    sim: httpx.AsyncClient,
+    simulator_url: str,
+) -> None:
+    """Prices and steps of 1E-30: inside the parser's bounds, beyond sizing's arithmetic (its
+    InvalidOperation). Even signed (a worker's own refresh), the basket fails with a clear
+    message and no order, never an unexpected exception of the task."""
+    live = await redis.get(CACHE_KEY)
+    assert live is not None
+    real = MarketSnapshot.from_json(live)
+    tiny = Decimal("1E-30")
+    overflowing = replace(
+        real,
+        fetched_at=time.time(),
+        prices=dict.fromkeys(real.prices, tiny),
+        instruments={
+            s: replace(i, qty_step=tiny, min_order_qty=tiny) for s, i in real.instruments.items()
+        },
+    )
+    api_key, api_secret = f"OV{secrets.token_hex(8).upper()}", secrets.token_hex(16)
+    funded = await sim.post(
+        "/sim/accounts", json={"api_key": api_key, "api_secret": api_secret, "balance": "1000000"}
+    )
+    funded.raise_for_status()
+    try:
+        secret = get_settings().market_snapshot_key
+        await MarketCache(redis, max_age_seconds=600, secret=secret).store(overflowing)
+        async with execution_deps(
+            engine, sessions, simulator_url, as_a_worker=True, market_max_age_seconds=600
+        ) as deps:
+            async with sessions() as session:
+                issued = await create_user_with_token(
+                    session, f"ov-{secrets.token_hex(5)}@example.com"
+                )
+                await store_credentials(
+                    session, deps.cipher, issued.user.id, api_key=api_key, api_secret=api_secret
+                )
+                position = await repository.add_position(
+                    session,
+                    user_id=issued.user.id,
+                    index_code="BLUECHIP",
+                    size=Decimal("1000"),
+                    direction="long",
+                )
+            assert position is not None
+            result = await execute_position(deps, position.id, task_id="overflow")
+        assert result.outcome is Outcome.FAILED, result
+        assert "cannot plan the basket" in (result.detail or ""), result.detail
+        orders = (await sim.get("/sim/orders", params={"api_key": api_key})).json()["orders"]
+        assert orders == []
+    finally:
+        await refresh_market(sessions, simulator_url)

@@ -4,8 +4,8 @@
   task, the Idempotency-Key still free); polling counts too; another user is unaffected.
 - The positions not yet final: 50 concurrent POSTs of one user, spread over two API
   processes, create exactly the budget; the rest are 429 with nothing written; a replay of a
-  created position is still answered; another user is unaffected; a close (CLOSING counts)
-  is refused past the budget too.
+  created position is still answered; another user is unaffected; a close is never refused
+  by it (it reduces what the user holds), and once CLOSING it counts against new openings.
 """
 
 from __future__ import annotations
@@ -210,22 +210,17 @@ async def test_fifty_concurrent_posts_create_at_most_the_open_positions_budget(
         await _set_status(sessions, uuid.UUID(first.json()["id"]), "ACTIVE")
         again = await clients[0].post("/api/positions", json=ORDER, headers=flooder.headers)
         assert again.status_code == 202, again.text
-        # Closing makes the position CLOSING, which counts: refused while 10 are open.
-        close = await clients[0].post(
-            f"/api/positions/{first.json()['id']}/close", headers=flooder.headers
-        )
-        _assert_429(close, "open positions budget")
-        shown = await clients[0].get(
-            f"/api/positions/{first.json()['id']}", headers=flooder.headers
-        )
-        assert shown.json()["status"] == "ACTIVE"
-        # One of the others ends: the close is accepted.
-        await _set_status(sessions, uuid.UUID(again.json()["id"]), "FAILED")
+        # A close is never refused by the open-positions budget, even with 10 open: it
+        # reduces what the user holds. Once CLOSING, it counts against new openings.
         close = await clients[0].post(
             f"/api/positions/{first.json()['id']}/close", headers=flooder.headers
         )
         assert close.status_code == 202, close.text
         assert close.json()["status"] == "CLOSING"
+        await _set_status(sessions, uuid.UUID(again.json()["id"]), "FAILED")
+        refused = await clients[0].post("/api/positions", json=ORDER, headers=flooder.headers)
+        _assert_429(refused, "open positions budget")
+        assert await _rows(sessions, flooder) == 11
     finally:
         for client in clients:
             await client.aclose()
@@ -255,7 +250,7 @@ async def test_redis_unreachable_the_budgets_fail_open() -> None:
         user_id = uuid.uuid4()
         for _ in range(3):
             await budgets.take_request(user_id)
-            async with budgets.admission(user_id) as admission:
-                assert admission.key is None
+            async with budgets.admission(user_id):
+                pass
     finally:
         await down.aclose()

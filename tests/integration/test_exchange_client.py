@@ -25,6 +25,12 @@ async def test_wrong_secret_gets_the_signature_error(
     assert caught.value.retcode == 10004
     assert caught.value.path == "/v5/account/wallet-balance"
     assert "not-the-secret" not in str(caught.value)
+    # Bybit's retMsg echoes the signed string, the API key in it: not kept in the error
+    # (workers log str(error)); the rest of the message is.
+    assert funded_user.api_key not in str(caught.value)
+    assert funded_user.api_key not in caught.value.message
+    assert caught.value.message.startswith("error sign!")
+    assert "retCode=10004" in str(caught.value)
 
 
 async def test_signed_calls_succeed_with_the_right_secret(

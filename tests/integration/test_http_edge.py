@@ -244,3 +244,114 @@ def test_metrics_are_served_on_their_own_address_only(edge_api: Api) -> None:
         assert "trader_positions" in scraped.text
         assert "trader_queue_depth" in scraped.text
         assert http.get(f"http://127.0.0.1:{edge_api.metrics_port}/docs").status_code == 404
+
+
+def _chunked_head(path: str) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+
+
+def test_the_framing_allowance_covers_the_largest_body() -> None:
+    from service import api, http_edge
+
+    # A body of MAX_BODY_BYTES in 1-byte chunks ("1\r\na\r\n") is 5 framing bytes a byte.
+    assert http_edge.BODY_BYTES == api.MAX_BODY_BYTES
+    assert http_edge.FRAMING_ALLOWANCE >= 5 * api.MAX_BODY_BYTES
+
+
+def test_a_chunked_body_in_many_small_chunks_gets_its_normal_answer(edge_api: Api) -> None:
+    body = b'{"index": "BLUECHIP", "size": "1000", "direction": "long"' + b" " * 40_000 + b"}"
+    # 1-byte chunks: 200 KB of framing for a 40 KB body, far past the header limit; and a
+    # small trailer.
+    chunks = b"".join(b"1\r\n" + body[i : i + 1] + b"\r\n" for i in range(len(body)))
+    request = _chunked_head("/api/positions") + chunks + b"0\r\nX-Trailer: fine\r\n\r\n"
+    with _connect(edge_api) as sock:
+        sock.sendall(request)
+        received = b""
+        deadline = time.monotonic() + 10
+        while b"\r\n\r\n" not in received and time.monotonic() < deadline:
+            received += sock.recv(65536)
+        status, _, _ = _parse(received)
+        assert status == 401, received[:300]  # no token: the same answer as with a length
+        # Still open (keep-alive), and in step: the next request on it is answered.
+        sock.sendall(_head(300))
+        while b'{"status":"ok"}' not in received and time.monotonic() < deadline:
+            received += sock.recv(65536)
+        assert b"HTTP/1.1 200" in received, received[-500:]
+
+
+def test_memory_stays_flat_under_chunked_requests_with_huge_trailers(edge_api: Api) -> None:
+    with httpx.Client(base_url=edge_api.url, timeout=5) as http:
+        for _ in range(50):  # warm up before the baseline
+            assert http.get("/healthz").status_code == 200
+        before = edge_api.rss_kib()
+        answers: list[tuple[str, bytes]] = []
+        failures: list[BaseException] = []
+
+        def flood(path: str) -> None:
+            try:
+                with _connect(edge_api) as sock:
+                    # One body byte, the last chunk, then a trailer that never ends.
+                    sock.sendall(_chunked_head(path) + b"1\r\na\r\n0\r\nX-T: ")
+                    piece = b"a" * 65536
+                    try:
+                        for _ in range(64):  # 4 MiB of one trailer
+                            sock.sendall(piece)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the server gave up on us: what it said is still readable
+                    answers.append((path, _read_answer(sock)))
+            except BaseException as error:  # reported by the test thread
+                failures.append(error)
+
+        # /api/positions reads the body (the app is waiting for its end: answered 431);
+        # /healthz answers 405 at once, and the trailer comes after the answer (closed).
+        paths = ["/api/positions", "/healthz"] * 10
+        threads = [threading.Thread(target=flood, args=(path,)) for path in paths]
+        for thread in threads:
+            thread.start()
+        peak = before
+        while True:  # /healthz answers meanwhile
+            assert http.get("/healthz").status_code == 200
+            peak = max(peak, edge_api.rss_kib())
+            if not any(thread.is_alive() for thread in threads):
+                break
+        for thread in threads:
+            thread.join()
+        after = edge_api.rss_kib()
+        assert http.get("/healthz").status_code == 200
+    assert not failures, failures
+    assert len(answers) == 20
+    for path, answer in answers:
+        if path == "/healthz":
+            assert answer.startswith(b"HTTP/1.1 405"), answer[:300]
+            assert answer.count(b"HTTP/1.1 ") == 1, answer[:300]
+        elif answer:  # or reset before it was read (see the oversized heads' test)
+            status, headers, body = _parse(answer)
+            assert status == 431, answer[:300]
+            assert headers["connection"] == "close"
+            assert "chunk framing and trailers" in json.loads(body)["detail"]
+    assert any(answer for path, answer in answers if path == "/api/positions")
+    grown_mib = (max(peak, after) - before) / 1024
+    print(f"RSS {before / 1024:.0f} MiB, peak {peak / 1024:.0f}, after {after / 1024:.0f}")
+    # Without the bound, 20 x 4 MiB of trailer would be held at once (80 MiB and more).
+    assert grown_mib < 40, f"RSS grew by {grown_mib:.1f} MiB from {before / 1024:.0f} MiB"
+
+
+def test_a_pipelined_chunked_request_with_a_huge_trailer_follows_the_earlier_answer(
+    edge_api: Api,
+) -> None:
+    with _connect(edge_api) as sock:
+        sock.sendall(_head(200) + _chunked_head("/api/positions") + b"1\r\na\r\n0\r\nX-T: ")
+        try:
+            for _ in range(64):  # 4 MiB of one trailer
+                sock.sendall(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server gave up on us: what it said is still readable
+        answer = _read_answer(sock)
+    first, _, second = answer.partition(b"HTTP/1.1 431")
+    assert first.startswith(b"HTTP/1.1 200"), answer[:500]
+    assert first.count(b"HTTP/1.1 ") == 1, answer[:500]
+    assert second, answer[:500]  # the trailer's request is refused, never left hanging
+    assert b"chunk framing and trailers" in second

@@ -2,7 +2,8 @@
 
 A real API process, the simulator as the exchange (each key's permissions and IP binding set
 through its admin API), PostgreSQL: a key that trades only is stored; one that can withdraw,
-a read-only one, one without trade permissions and one Bybit does not know are refused with
+a read-only one, one without the contract permissions (Derivatives: DerivativesTrade alone
+included) and one Bybit does not know are refused with
 a 422 and nothing stored; one bound to no address is stored with a warning; the exchange
 failing or unreachable is a 503 with Retry-After and nothing stored.
 """
@@ -93,12 +94,14 @@ async def test_a_key_bound_to_no_address_is_stored_with_a_warning(
 
 
 @pytest.mark.asyncio
-async def test_the_unified_derivatives_permission_is_accepted_too(
+async def test_the_unified_derivatives_permission_with_the_contract_ones_is_accepted(
     client: httpx.AsyncClient, sim: httpx.AsyncClient, sessions: object
 ) -> None:
     headers = await _headers(sessions)
     api_key, api_secret = await _key(
-        sim, permissions={"Derivatives": ["DerivativesTrade"]}, ips=["203.0.113.7"]
+        sim,
+        permissions={**TRADE_ONLY, "Derivatives": ["DerivativesTrade"]},
+        ips=["203.0.113.7"],
     )
     stored = await _put(client, headers, api_key, api_secret)
     assert stored.status_code == 200, stored.text
@@ -112,8 +115,19 @@ async def test_the_unified_derivatives_permission_is_accepted_too(
         ({"read_only": True}, "read-only"),
         ({"permissions": {"Spot": ["SpotTrade"]}}, "cannot trade linear contracts"),
         ({"permissions": {"ContractTrade": ["Order"]}}, "cannot trade linear contracts"),
+        # Bybit adds it by account type: it grants no contract trading by itself.
+        (
+            {"permissions": {"Derivatives": ["DerivativesTrade"]}},
+            "cannot trade linear contracts",
+        ),
     ],
-    ids=["can-withdraw", "read-only", "spot-only", "orders-without-positions"],
+    ids=[
+        "can-withdraw",
+        "read-only",
+        "spot-only",
+        "orders-without-positions",
+        "derivatives-only",
+    ],
 )
 async def test_a_key_that_may_do_too_much_or_too_little_is_refused_and_not_stored(
     client: httpx.AsyncClient,

@@ -112,6 +112,52 @@ async def test_permanent_retcodes_are_permanent(
     assert "refused" in str(caught.value)
 
 
+async def test_a_bad_signature_error_carries_no_api_key(simulator: Simulator) -> None:
+    """Bybit's 10004 retMsg echoes the string it signed (timestamp, API key, recvWindow,
+    body): the error keeps the retCode and 'error sign!', never the key or the body."""
+    wrong = ApiCredentials(api_key=KEY, api_secret="not-the-secret")
+    async with create_http_session(connect_timeout=1, read_timeout=2) as http:
+        client = BybitClient(http, simulator.url)
+        with pytest.raises(BybitAuthError) as caught:
+            await client.create_market_order(
+                wrong, symbol="BTCUSDT", side="Buy", qty=Decimal("0.001"), order_link_id="sig-1"
+            )
+        with pytest.raises(BybitAuthError) as batch:
+            await client.create_market_orders(
+                wrong, [MarketOrder("BTCUSDT", "Buy", Decimal("0.001"), "sig-2")]
+            )
+    for error in (caught.value, batch.value):
+        assert error.retcode == 10004
+        assert error.message.startswith("error sign!")
+        for said in (str(error), error.message, repr(error.args)):
+            assert KEY not in said
+            assert "not-the-secret" not in said
+            assert "orderLinkId" not in said  # nor the body that was signed
+
+
+async def test_an_echoed_request_is_cut_from_any_message(
+    simulator: Simulator, client: BybitClient
+) -> None:
+    body = '{"category":"linear","list":[{"symbol":"BTCUSDT"}]}'
+    await _fault(
+        simulator,
+        kind="retcode",
+        retCode=10004,
+        retMsg=f"error sign! origin_string[1700000000000{KEY}5000{body}] try again",
+    )
+    with pytest.raises(BybitAuthError) as caught:
+        await _place(client)
+    assert KEY not in str(caught.value)
+    assert "BTCUSDT" not in caught.value.message
+    assert caught.value.message == "error sign! origin_string[redacted]"
+    # Whatever else a message may echo, its length is bounded.
+    await _fault(simulator, kind="retcode", retCode=10001, retMsg="params error: " + "x" * 5000)
+    with pytest.raises(PermanentBybitError) as long:
+        await _place(client, link="f-2")
+    assert long.value.message.startswith("params error: ")
+    assert len(long.value.message) <= 310
+
+
 async def test_a_dropped_reply_after_the_fill_is_ambiguous_and_the_order_exists(
     simulator: Simulator, client: BybitClient
 ) -> None:

@@ -160,14 +160,23 @@ def test_the_api_seals_with_the_public_key_whenever_it_is_set() -> None:
         sealer = sealer_from_settings(_settings(public=pair.public_key))
     assert logs == []  # nothing that opens: nothing to warn about
     assert SEALED.match(sealer.seal("secret"))
-    # With the legacy key too (a move under way), Fernet never encrypts; a warning says the
-    # API holds a key that decrypts.
-    with capture_logs() as logs:
-        both = sealer_from_settings(
-            _settings(public=pair.public_key, legacy=Fernet.generate_key().decode())
-        )
-    assert SEALED.match(both.seal("secret"))
-    assert logs[0]["settings"] == ["CREDENTIALS_KEYS"]
+
+
+def test_the_api_refuses_to_start_holding_a_key_that_opens() -> None:
+    """The legacy key beside the public key (a move half done), or any private key: the API
+    refuses to start, naming the setting and never its value."""
+    pair, legacy = generate_key_pair(), Fernet.generate_key().decode()
+    for settings, named in (
+        (_settings(public=pair.public_key, legacy=legacy), "CREDENTIALS_KEYS"),
+        (_settings(public=pair.public_key, private=pair.private_key), "CREDENTIALS_PRIVATE_KEYS"),
+        (_settings(private=pair.private_key), "CREDENTIALS_PRIVATE_KEYS"),
+        (_settings(private=pair.private_key, legacy=legacy), "CREDENTIALS_PRIVATE_KEYS"),
+    ):
+        with pytest.raises(CredentialsKeyError, match="must not hold") as refused:
+            sealer_from_settings(settings)
+        assert named in str(refused.value)
+        assert pair.private_key not in str(refused.value)
+        assert legacy not in str(refused.value)
 
 
 def test_each_role_refuses_to_start_without_what_it_needs() -> None:
@@ -180,9 +189,8 @@ def test_each_role_refuses_to_start_without_what_it_needs() -> None:
         opener_from_settings(_settings(public=generate_key_pair().public_key))
     # Where both are given, the public key must be one the private keys open.
     mine, other = generate_key_pair(), generate_key_pair()
-    for build in (opener_from_settings, sealer_from_settings):
-        with pytest.raises(CredentialsKeyError, match="matches no key"):
-            build(_settings(public=other.public_key, private=mine.private_key))
+    with pytest.raises(CredentialsKeyError, match="matches no key"):
+        opener_from_settings(_settings(public=other.public_key, private=mine.private_key))
     new = generate_key_pair()
     opener_from_settings(
         _settings(public=mine.public_key, private=f"{new.private_key},{mine.private_key}")

@@ -236,3 +236,44 @@ def test_the_application_never_connects_as_the_database_superuser() -> None:
     assert owner_env[0]["valueFrom"]["secretKeyRef"]["name"] == "trader-db-owner"
     seed = _containers(migrate)[1]
     assert "env" not in seed or all(e["name"] != "DATABASE_URL" for e in seed["env"])
+
+
+def test_only_the_workers_hold_the_market_snapshot_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MARKET_SNAPSHOT_KEY authenticates the snapshot the workers size orders with: the workers
+    (who also write it) hold it; the API, Beat and the rest do not, in compose, in the
+    manifests and in the dev stack."""
+    from service.commands import _stack_env
+
+    name = "MARKET_SNAPSHOT_KEY"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    holders = {
+        s for s, service in compose["services"].items() if name in service.get("environment", {})
+    }
+    assert holders == {"worker"}
+
+    documents = [
+        d for path in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d
+    ]
+    holds = {
+        d["metadata"]["name"]: set(d.get("stringData") or d.get("data") or {})
+        for d in documents
+        if d["kind"] in ("Secret", "ConfigMap")
+    }
+    given: set[str] = set()
+    for document in documents:
+        pod = document.get("spec", {}).get("template", {}).get("spec", {})
+        for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
+            names = {entry["name"] for entry in container.get("env", [])}
+            for source in container.get("envFrom", []):
+                ref = source.get("secretRef") or source.get("configMapRef")
+                names |= holds[ref["name"]]
+            if name in names:
+                given.add(f"{document['metadata']['name']}/{container['name']}")
+    assert given == {"trader-worker/worker"}
+
+    monkeypatch.setenv(name, "0" * 64)
+    for role in ("api", "beat", "simulator"):
+        assert _stack_env(role)[name] == "", role
+    assert _stack_env("worker")[name] == "0" * 64
+    monkeypatch.setenv(name, "")
+    assert Settings(_env_file=None).market_snapshot_key is None

@@ -31,8 +31,16 @@ def test_a_key_bound_to_no_address_passes_with_a_warning(ips: list[str]) -> None
     assert "not bound to any IP address" in warning
 
 
-def test_the_unified_derivatives_permission_trades_too() -> None:
-    assert judge(_info(permissions={"Derivatives": ["DerivativesTrade"]})).warnings == []
+def test_the_derivatives_permission_alone_does_not_trade_contracts() -> None:
+    """Bybit adds Derivatives: DerivativesTrade by account type (its update-api docs): it
+    grants no contract orders or positions by itself."""
+    with pytest.raises(KeyRefusedError, match="cannot trade linear contracts"):
+        judge(_info(permissions={"Derivatives": ["DerivativesTrade"]}))
+    with pytest.raises(KeyRefusedError, match="cannot trade linear contracts"):
+        judge(_info(permissions={"ContractTrade": ["Order"], "Derivatives": ["DerivativesTrade"]}))
+    # With the contract permissions, as a unified account's key shows it: accepted.
+    both = {"ContractTrade": ["Order", "Position"], "Derivatives": ["DerivativesTrade"]}
+    assert judge(_info(permissions=both)).warnings == []
 
 
 @pytest.mark.parametrize(
