@@ -88,7 +88,9 @@ def _seconds(ms: float) -> int:
     return max(1, math.ceil(ms / 1000))
 
 
-def _crowded() -> TooManyRequestsError:
+def crowded() -> TooManyRequestsError:
+    """The answer when a user's admissions do not get their turn within ADMISSION_WAIT_SECONDS
+    (in this process's queue, or at the database's admission lock)."""
     return TooManyRequestsError(
         "too many concurrent position requests of this user: each is admitted in turn "
         "against the open-positions budget; try again in 1 s",
@@ -158,7 +160,7 @@ class Budgets:
                 async with asyncio.timeout(ADMISSION_WAIT_SECONDS):
                     await local.lock.acquire()
             except TimeoutError:
-                raise _crowded() from None
+                raise crowded() from None
             try:
                 yield
             finally:

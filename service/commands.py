@@ -216,6 +216,32 @@ def _can_open_credentials(settings: Settings) -> bool:
     return True
 
 
+def _snapshot_key_usable(settings: Settings) -> bool:
+    """A worker refuses to start with a guessable MARKET_SNAPSHOT_KEY (short, or the manifests'
+    placeholder: whoever can write to Redis could sign a forged snapshot with it), and warns
+    without one (the legacy set-up: snapshots trusted unsigned). Checked here, not by the
+    settings, whose validation errors would print the value."""
+    import structlog
+
+    logger = structlog.stdlib.get_logger("service.worker")
+    key = settings.market_snapshot_key
+    if key is None:
+        logger.warning(
+            "worker.market_snapshot_unauthenticated",
+            detail="MARKET_SNAPSHOT_KEY is not set: market snapshots are trusted unsigned",
+        )
+        return True
+    secret = key.get_secret_value()
+    if len(secret) < 32 or secret.strip().upper() == "CHANGE-ME":
+        logger.error(
+            "worker.market_snapshot_key_unusable",
+            error="MARKET_SNAPSHOT_KEY must be a random secret of at least 32 characters "
+            "(e.g. `openssl rand -hex 32`), not a placeholder",
+        )
+        return False
+    return True
+
+
 def worker(args: argparse.Namespace) -> int:
     _prepare_worker_metrics()
     from celery_app import app
@@ -223,6 +249,8 @@ def worker(args: argparse.Namespace) -> int:
     _configure()  # before Celery starts, so its early warnings are JSON lines too
     settings = get_settings()
     if not _can_open_credentials(settings):
+        return 2
+    if not _snapshot_key_usable(settings):
         return 2
     extra = list(args.celery_args)
     # --quiet: no ASCII banner on stdout, which would break the one-JSON-object-per-line rule.

@@ -160,23 +160,41 @@ class StatementPool:
             self._turns.release()
 
     async def fetchrow_in_turn(
-        self, lock: tuple[int, int], query: str, *args: Any
+        self, lock: tuple[int, int], lock_wait_seconds: float, query: str, *args: Any
     ) -> asyncpg.Record | None:
-        """`query` in a transaction that first takes the two-int advisory lock `lock`, held
-        until its commit: statements run this way with the same lock take turns, each seeing
-        what the one before it committed (a count that must stay strict under concurrent
-        inserts). The lock ends with the transaction, so the connection is released clean."""
+        """`query` in a READ COMMITTED transaction that first takes the two-int advisory lock
+        `lock`, held until its commit: statements run this way with the same lock take turns,
+        each seeing what the one before it committed (a count that must stay strict under
+        concurrent inserts). The lock ends with the transaction, so the connection is released
+        clean. Not granted within `lock_wait_seconds`: asyncpg's LockNotAvailableError."""
         async with asyncio.timeout(self._wait):
             await self._turns.acquire()
         try:
-            async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute("SELECT pg_advisory_xact_lock($1, $2)", *lock)
+            async with (
+                self._pool.acquire() as connection,
+                connection.transaction(isolation="read_committed"),
+            ):
+                await connection.execute(ADMISSION_LOCK, *lock, lock_timeout(lock_wait_seconds))
                 return await connection.fetchrow(query, *args)
         finally:
             self._turns.release()
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+# A transaction-scoped advisory lock, waited for at most the given lock_timeout (local to the
+# transaction): how both the hot path and the ORM path take a user's admission lock.
+ADMISSION_LOCK = (
+    "WITH wait AS MATERIALIZED (SELECT set_config('lock_timeout', $3, true)) "
+    "SELECT pg_advisory_xact_lock($1, $2) FROM wait"
+)
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def lock_timeout(seconds: float) -> str:
+    """A lock_timeout setting (milliseconds, at least 1) for ADMISSION_LOCK's third parameter."""
+    return str(max(1, int(seconds * 1000)))
 
 
 async def create_pool(

@@ -20,7 +20,9 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from service.budgets import OPEN_STATUSES
+import asyncpg
+
+from service.budgets import ADMISSION_WAIT_SECONDS, OPEN_STATUSES, crowded
 from service.db import StatementPool
 from service.errors import DomainError
 from service.indices.cache import IndexCache
@@ -95,21 +97,25 @@ async def accept_position(
         if idempotency_key
         else None
     )
-    row = await pool.fetchrow_in_turn(
-        admission_lock_keys(user_id),
-        _ACCEPT,
-        position_id,
-        hash_token(token),
-        index.code,
-        size,
-        direction.value,
-        PositionStatus.PENDING.value,
-        idempotency_key,
-        fingerprint,
-        request.execution.value,
-        open_limit,
-        list(OPEN_STATUSES),
-    )
+    try:
+        row = await pool.fetchrow_in_turn(
+            admission_lock_keys(user_id),
+            ADMISSION_WAIT_SECONDS,
+            _ACCEPT,
+            position_id,
+            hash_token(token),
+            index.code,
+            size,
+            direction.value,
+            PositionStatus.PENDING.value,
+            idempotency_key,
+            fingerprint,
+            request.execution.value,
+            open_limit,
+            list(OPEN_STATUSES),
+        )
+    except asyncpg.exceptions.LockNotAvailableError:
+        raise crowded() from None
     if row is None:
         return None
     # If this push is lost, the recovery sweep re-sends the PENDING position.

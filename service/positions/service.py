@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.budgets import OPEN_STATUSES, Budgets
+from service.budgets import ADMISSION_WAIT_SECONDS, OPEN_STATUSES, Budgets, crowded
 from service.credentials.service import has_credentials
-from service.db import SessionScope
+from service.db import ADMISSION_LOCK, LOCK_NOT_AVAILABLE, SessionScope, lock_timeout
 from service.errors import (
     ConflictError,
     NotFoundError,
@@ -224,11 +224,25 @@ async def open_position(
     return _replay(winner, fingerprint, idempotency_key)
 
 
+async def _take_admission_lock(session: AsyncSession, user_id: uuid.UUID, wait: float) -> None:
+    """The user's admission lock (service/budgets.py), held by the session's transaction until
+    it ends; not granted within `wait` seconds: DBAPIError with LOCK_NOT_AVAILABLE."""
+    connection = await session.connection()
+    await connection.exec_driver_sql(
+        ADMISSION_LOCK, (*admission_lock_keys(user_id), lock_timeout(wait))
+    )
+
+
 async def _check_open_budget(session: AsyncSession, user: User, budgets: Budgets) -> None:
     """The user's positions not yet final, under the open-positions budget (429 otherwise),
     counted once the transaction holds the user's admission lock: the count sees every
     admission before it committed."""
-    await session.execute(select(func.pg_advisory_xact_lock(*admission_lock_keys(user.id))))
+    try:
+        await _take_admission_lock(session, user.id, ADMISSION_WAIT_SECONDS)
+    except DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise crowded() from None
+        raise
     open_count = await session.scalar(
         select(func.count())
         .select_from(SyntheticPosition)
@@ -323,17 +337,26 @@ async def cancel_pending(
     )
 
 
+REVOCATION_LOCK_WAIT_SECONDS = 10.0
+
+
 async def cancel_all_pending(sessions: SessionScope, user_id: uuid.UUID) -> list[uuid.UUID]:
     """Cancel each of the user's PENDING positions (what a stolen token may have queued), once
     their tokens are revoked; a position a worker claimed meanwhile is left to its run.
 
-    Not covered: a request that passed its token check just before the revocation committed
-    and commits its position after the last look (milliseconds). Running the command again
-    cancels it (revoking nothing more)."""
+    Not covered: a request on the full path (not the one-statement hot path, which checks the
+    token in its INSERT) that authenticated just before the revocation committed and reaches
+    the admission lock after the last look (milliseconds). Running the command again cancels
+    it (revoking nothing more)."""
+    # Every admission that may have read a token before the revocation committed holds the
+    # user's admission lock until its INSERT commits: once this has had its turn, those rows
+    # are visible (and a later admission's INSERT finds the tokens revoked).
+    async with sessions() as session:
+        await _take_admission_lock(session, user_id, REVOCATION_LOCK_WAIT_SECONDS)
     cancelled: list[uuid.UUID] = []
     seen: set[uuid.UUID] = set()
-    # Once more after a pass that found something: an insert that read the token just
-    # before the revocation committed may commit a moment after the first look.
+    # Once more after a pass that found something: a full-path request that authenticated
+    # just before the revocation and took its turn after this one may still commit one.
     while True:
         async with sessions() as session:
             pending = list(await users_repository.pending_positions(session, user_id))

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -254,3 +255,49 @@ async def test_redis_unreachable_the_budgets_fail_open() -> None:
                 pass
     finally:
         await down.aclose()
+
+
+@pytest.mark.asyncio
+async def test_an_admission_that_does_not_get_its_turn_is_a_429_with_nothing_written(
+    open_apis: list[str], sim: httpx.AsyncClient, sessions: object
+) -> None:
+    """The user's admission lock held elsewhere (a stalled admission of another process):
+    the POST waits ADMISSION_WAIT_SECONDS at most, then 429 with nothing written; on both the
+    hot path and the full path (a user without credentials goes there), never a 500 or 503.
+    Once the lock is free, the next POST is admitted."""
+    from service.positions.locks import admission_lock_keys
+    from tests.integration.conftest import new_user
+
+    async with httpx.AsyncClient(base_url=open_apis[0], timeout=30) as client:
+        trader = await _trader(sessions, sim, client)
+        email, token = await new_user(sessions)
+        keyless = ApiUser(email, token, "", "")
+        async with sessions() as session:  # type: ignore[operator]
+            ids = {
+                name: (
+                    await session.execute(
+                        text("SELECT user_id FROM api_tokens WHERE token_hash = :hash"),
+                        {"hash": _hash(user.token)},
+                    )
+                ).scalar_one()
+                for name, user in (("trader", trader), ("keyless", keyless))
+            }
+        holder = await asyncpg.connect(TEST_ENV["DATABASE_URL"].replace("+asyncpg", ""))
+        try:
+            for user_id in ids.values():
+                keys = admission_lock_keys(user_id)
+                await holder.execute("SELECT pg_advisory_lock($1, $2)", *keys)
+            for user in (trader, keyless):
+                refused = await client.post("/api/positions", json=ORDER, headers=user.headers)
+                _assert_429(refused, "concurrent position requests")
+                assert await _rows(sessions, user) == 0
+            await holder.execute("SELECT pg_advisory_unlock_all()")
+            admitted = await client.post("/api/positions", json=ORDER, headers=trader.headers)
+            assert admitted.status_code == 202, admitted.text
+            # The full path, its turn had: the answer it always gave (no credentials).
+            keyless_answer = await client.post(
+                "/api/positions", json=ORDER, headers=keyless.headers
+            )
+            assert keyless_answer.status_code == 409, keyless_answer.text
+        finally:
+            await holder.close()

@@ -277,3 +277,27 @@ def test_only_the_workers_hold_the_market_snapshot_key(monkeypatch: pytest.Monke
     assert _stack_env("worker")[name] == "0" * 64
     monkeypatch.setenv(name, "")
     assert Settings(_env_file=None).market_snapshot_key is None
+
+
+def test_a_worker_refuses_a_guessable_market_snapshot_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A short key or the manifests' placeholder would let whoever writes to Redis sign a
+    forged snapshot: a worker refuses to start with one, without printing it; without a key it
+    starts (the legacy set-up) and warns."""
+    from pydantic import SecretStr
+
+    from service.commands import _snapshot_key_usable
+    from service.config import Settings
+    from service.logging import configure_logging
+
+    configure_logging("json")
+    for guessable in ("CHANGE-ME", "change-me", "x" * 31):
+        settings = Settings.model_construct(market_snapshot_key=SecretStr(guessable))
+        assert not _snapshot_key_usable(settings)
+        out = capsys.readouterr().out
+        assert "worker.market_snapshot_key_unusable" in out
+        assert "x" * 31 not in out
+    assert _snapshot_key_usable(Settings.model_construct(market_snapshot_key=SecretStr("k" * 32)))
+    assert _snapshot_key_usable(Settings.model_construct(market_snapshot_key=None))
+    assert "worker.market_snapshot_unauthenticated" in capsys.readouterr().out
