@@ -29,6 +29,7 @@ from service.errors import AuthenticationError, DomainError, TooManyRequestsErro
 from service.http_edge import SecurityHeaders, cors_options
 from service.indices.cache import IndexCache
 from service.indices.endpoints import router as indices_router
+from service.logging import configure_logging
 from service.market.snapshot import MarketCache
 from service.metrics import SharedReading
 from service.metrics_server import MetricsServer, counts_reader
@@ -45,6 +46,10 @@ logger = structlog.stdlib.get_logger("service.api")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if not structlog.is_configured():
+        # `api --workers N`: uvicorn's worker processes are spawned afresh and build the app
+        # here, without the command's logging set-up: their lines must be JSON too.
+        configure_logging(settings.log_format, settings.log_level)
     # Refuse to start without a way to seal (or with unusable keys) rather than fail on the
     # first PUT. The API seals only: it holds no key that opens (service/security.py).
     cipher = sealer_from_settings(settings)

@@ -304,13 +304,7 @@ def _ensure_dev_credentials_keys() -> None:
             "API seals (set both, or neither and a pair is generated into .env)"
         )
     pair = generate_key_pair()
-    env_file = Path(".env")
-    existing = env_file.read_text() if env_file.exists() else ""
-    unterminated = bool(existing) and not existing.endswith("\n")
-    with env_file.open("a") as handle:
-        handle.write("\n" if unterminated else "")
-        handle.write(f"{_PRIVATE}={pair.private_key}\n{_PUBLIC}={pair.public_key}\n")
-    env_file.chmod(0o600)
+    _append_to_env_file({_PRIVATE: pair.private_key, _PUBLIC: pair.public_key})
     print(f"generated a development credentials key pair ({pair.key_id}) in .env", flush=True)
     if given.credentials_keys is not None:
         print(
@@ -327,14 +321,20 @@ def _ensure_dev_snapshot_key() -> None:
 
     if Settings(_env_file=".env").market_snapshot_key is not None:
         return
+    _append_to_env_file({_SNAPSHOT: secrets.token_hex(32)})
+    print(f"generated a development {_SNAPSHOT} in .env", flush=True)
+
+
+def _append_to_env_file(values: dict[str, str]) -> None:
+    """Add `NAME=value` lines to the working directory's .env (kept: the dev stack's keys
+    must outlive a restart), readable by its owner only: it holds secrets."""
     env_file = Path(".env")
     existing = env_file.read_text() if env_file.exists() else ""
     unterminated = bool(existing) and not existing.endswith("\n")
     with env_file.open("a") as handle:
         handle.write("\n" if unterminated else "")
-        handle.write(f"{_SNAPSHOT}={secrets.token_hex(32)}\n")
+        handle.write("".join(f"{name}={value}\n" for name, value in values.items()))
     env_file.chmod(0o600)
-    print(f"generated a development {_SNAPSHOT} in .env", flush=True)
 
 
 def _stack_env(role: str) -> dict[str, str]:
