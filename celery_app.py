@@ -64,9 +64,9 @@ def create_celery_app(settings: Settings) -> Celery:
         # The broker is not trusted with control of the workers: anyone holding the Redis URL
         # could otherwise ping them, list their queues, revoke tasks or shut them down
         # (`control.broadcast("shutdown")`). No remote control: workers consume no pidbox
-        # queue at all. The peer-to-peer steps that read other workers' messages (mingle's
-        # revoked ids at start-up, gossip's elections, heartbeats) are off too, by the
-        # worker's command line (`python -m service worker`: service/commands.py).
+        # queue at all. Mingle (revoked ids taken from whoever answers at start-up) is off
+        # too, by the worker's command line (`python -m service worker`:
+        # service/commands.py, which says why gossip stays on).
         worker_enable_remote_control=False,
         enable_utc=True,
         beat_schedule={

@@ -255,8 +255,14 @@ def worker(args: argparse.Namespace) -> int:
     extra = list(args.celery_args)
     # --quiet: no ASCII banner on stdout, which would break the one-JSON-object-per-line rule.
     argv = ["--quiet", "worker", "--loglevel", settings.log_level, "-Q", settings.celery_queue]
-    # Nothing read from other workers over the broker (celery_app.py: no remote control).
-    argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    # No mingle: it would take revoked task ids from whoever answers its hello (remote
+    # control is off: celery_app.py). Gossip and heartbeats stay on, and must: gossip's
+    # consumer of the events exchange is what lets the worker notice a broker that went away
+    # while every pool slot was busy (no BRPOP pending). Without it the worker never
+    # reconnects and stops consuming for good (tests/reliability/test_infrastructure.py fails
+    # every time so). What it reads can at most make this worker send a task, which whoever
+    # can write to the broker can do anyway.
+    argv += ["--without-mingle"]
     app.start(argv=[*argv, *extra])
     return 0
 
