@@ -93,6 +93,13 @@ class SyntheticPosition(TimestampMixin, Base):
             "updated_at",
             postgresql_where="status IN ('PENDING', 'EXECUTING', 'CLOSING')",
         ),
+        # The open-positions budget counts a user's positions not yet final (service/budgets.py):
+        # at most the budget's worth of entries, whatever the user's history.
+        Index(
+            "ix_synthetic_positions_user_open",
+            "user_id",
+            postgresql_where="status IN ('PENDING', 'EXECUTING', 'CLOSING')",
+        ),
         # Reconciliation pages through the positions changed since they were last reconciled.
         Index(
             "ix_synthetic_positions_unreconciled",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from service.budgets import ADMISSION_WAIT_SECONDS, OPEN_STATUSES, crowded
+from service.budgets import ADMISSION_WAIT_SECONDS, OPEN_STATUSES_SQL, crowded
 from service.db import StatementPool
 from service.errors import DomainError
 from service.indices.cache import IndexCache
@@ -44,7 +44,8 @@ from service.security import hash_token
 # service/budgets.py), the row. ON CONFLICT: a taken Idempotency-Key inserts nothing (the
 # full path replays it). Its transaction commits before the task is pushed, so the row is
 # durable by then.
-_ACCEPT = """
+# (Built with OPEN_STATUSES_SQL: the enum's own values, no input.)
+_ACCEPT = f"""
 INSERT INTO synthetic_positions
     (id, user_id, index_code, size, direction, status, attempts, idempotency_key,
      request_fingerprint, execution)
@@ -52,11 +53,13 @@ SELECT $1, t.user_id, $3, $4, $5, $6, 0, $7, $8, $9
 FROM api_tokens AS t
 WHERE t.token_hash = $2 AND t.revoked_at IS NULL AND t.expires_at > now()
   AND EXISTS (SELECT 1 FROM exchange_credentials AS c WHERE c.user_id = t.user_id)
-  AND (SELECT count(*) FROM synthetic_positions AS o
-       WHERE o.user_id = t.user_id AND o.status = ANY($11)) < $10
+  AND (SELECT count(*) FROM (
+         SELECT 1 FROM synthetic_positions AS o
+         WHERE o.user_id = t.user_id AND o.status IN ({OPEN_STATUSES_SQL})
+         LIMIT $10) AS open) < $10
 ON CONFLICT DO NOTHING
 RETURNING created_at, updated_at
-"""
+"""  # noqa: S608
 
 # The version of a position as its owner's live token sees it: what the ETag is made of.
 _VERSION = """
@@ -112,7 +115,6 @@ async def accept_position(
             fingerprint,
             request.execution.value,
             open_limit,
-            list(OPEN_STATUSES),
         )
     except asyncpg.exceptions.LockNotAvailableError:
         raise crowded() from None
