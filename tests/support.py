@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
+    from service.bybit.types import Instrument
     from service.security import CredentialOpener, CredentialSealer
 
 T = TypeVar("T")
@@ -239,3 +240,60 @@ async def register_key(api_key: str, api_secret: str, **rights: object) -> None:
             json={"api_key": api_key, "api_secret": api_secret, "balance": "1000000", **rights},
         )
         response.raise_for_status()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A Prometheus scrape's samples: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def k8s_container_env() -> dict[str, set[str]]:
+    """Every container of deploy/k8s ("deployment/container") and the environment variable
+    names it is given: its own `env` entries and whatever its Secrets and ConfigMaps hold."""
+    import yaml
+
+    documents = [
+        document
+        for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+        for document in yaml.safe_load_all(path.read_text())
+        if document
+    ]
+    holds = {
+        d["metadata"]["name"]: set(d.get("stringData") or d.get("data") or {})
+        for d in documents
+        if d["kind"] in ("Secret", "ConfigMap")
+    }
+    given: dict[str, set[str]] = {}
+    for document in documents:
+        pod = document.get("spec", {}).get("template", {}).get("spec", {})
+        for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
+            names = {entry["name"] for entry in container.get("env", [])}
+            for source in container.get("envFrom", []):
+                ref = source.get("secretRef") or source.get("configMapRef")
+                names |= holds[ref["name"]]
+            given[f"{document['metadata']['name']}/{container['name']}"] = names
+    return given
+
+
+def btc_instrument() -> Instrument:
+    """BTCUSDT's filters as Bybit lists them, for snapshots made by hand."""
+    from decimal import Decimal
+
+    from service.bybit.types import Instrument
+
+    return Instrument(
+        symbol="BTCUSDT",
+        status="Trading",
+        qty_step=Decimal("0.001"),
+        min_order_qty=Decimal("0.001"),
+        max_order_qty=Decimal("1190"),
+        max_mkt_order_qty=Decimal("100"),
+        min_notional_value=Decimal("5"),
+        tick_size=Decimal("0.1"),
+    )

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,12 @@ async def api(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+@pytest_asyncio.fixture
+async def client(api: httpx.AsyncClient) -> httpx.AsyncClient:
+    """`api` under the name the API tests use."""
+    return api
+
+
 async def new_user(sessions: object) -> tuple[str, str]:
     from service.users.service import create_user_with_token
 
@@ -161,6 +169,80 @@ async def new_user(sessions: object) -> tuple[str, str]:
     async with sessions() as session:  # type: ignore[operator]
         issued = await create_user_with_token(session, email)
     return email, issued.token
+
+
+async def funded_trader(
+    sessions: object, sim: httpx.AsyncClient, api: httpx.AsyncClient, balance: str = "10000000"
+) -> ApiUser:
+    """A new user with a token, a funded simulator account and its credentials stored."""
+    email, token = await new_user(sessions)
+    user = ApiUser(
+        email=email,
+        token=token,
+        api_key=f"RL{secrets.token_hex(8).upper()}",
+        api_secret=secrets.token_hex(16),
+    )
+    response = await sim.post(
+        "/sim/accounts",
+        json={"api_key": user.api_key, "api_secret": user.api_secret, "balance": balance},
+    )
+    response.raise_for_status()
+    response = await api.put(
+        "/api/credentials",
+        json={"api_key": user.api_key, "api_secret": user.api_secret},
+        headers=user.headers,
+    )
+    assert response.status_code == 200, response.text
+    return user
+
+
+@pytest_asyncio.fixture
+async def unreachable_deps(engine: Any, sessions: Any) -> AsyncIterator[Any]:
+    """Deps whose exchange refuses every connection: a transient error on every call."""
+    async with execution_deps(
+        engine,
+        sessions,
+        f"http://127.0.0.1:{free_port()}",
+        connect_timeout=1,
+        read_timeout=1,
+        retry_delays=(0.0, 0.0, 0.0),
+        call_attempts=2,
+        call_wait_max=0.01,
+    ) as deps:
+        yield deps
+
+
+async def pending_position(
+    sessions: object,
+    sealer: Any,
+    *,
+    api_key: str = "K" * 12,
+    api_secret: str | None = None,
+) -> uuid.UUID:
+    """A new user with a stored key (sealed with `sealer`) and one PENDING BLUECHIP position
+    of 1000 USDT, written directly: no API, no task sent."""
+    from service.credentials.service import store_credentials
+    from service.positions import repository
+    from service.users.service import create_user_with_token
+
+    async with sessions() as session:  # type: ignore[operator]
+        issued = await create_user_with_token(session, f"user-{secrets.token_hex(6)}@example.com")
+        await store_credentials(
+            session,
+            sealer,
+            issued.user.id,
+            api_key=api_key,
+            api_secret=api_secret or secrets.token_hex(8),
+        )
+        position = await repository.add_position(
+            session,
+            user_id=issued.user.id,
+            index_code="BLUECHIP",
+            size=Decimal("1000"),
+            direction="long",
+        )
+        assert position is not None
+    return position.id
 
 
 @pytest_asyncio.fixture

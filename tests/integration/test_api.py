@@ -10,18 +10,11 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from service.config import get_settings
 from tests.conftest import TEST_ENV
-from tests.integration.conftest import api_client, new_user
+from tests.integration.conftest import new_user
 from tests.support import register_key
 
 pytestmark = [pytest.mark.integration]
-
-
-@pytest_asyncio.fixture
-async def client(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(get_settings()) as http:
-        yield http
 
 
 @pytest_asyncio.fixture

@@ -26,32 +26,24 @@ from celery import Celery
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from service.bybit.types import Instrument
 from service.config import get_settings
 from service.credentials.service import store_credentials
 from service.execution import Outcome, execute_position
 from service.market.snapshot import CACHE_KEY, MAC_SUFFIX, MarketCache, MarketSnapshot
-from service.positions import repository
 from service.users.repository import get_user_by_email
-from service.users.service import create_user_with_token
 from tests.conftest import TEST_ENV
 from tests.integration.conftest import (
     api_client,
     execution_deps,
+    pending_position,
     refresh_market,
     start_worker,
 )
-from tests.support import ApiUser, eventually, worker_opener
+from tests.support import ApiUser, btc_instrument, eventually, worker_opener
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 BODY = {"index": "BLUECHIP", "size": "1000", "direction": "long"}
-
-
-@pytest_asyncio.fixture
-async def client(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(get_settings()) as http:
-        yield http
 
 
 async def _store_key(sessions: Any, user: ApiUser) -> None:
@@ -106,16 +98,7 @@ async def test_a_plain_client_with_the_redis_url_cannot_control_a_worker(
 
 # --- The market snapshot ---------------------------------------------------------------------
 
-INSTRUMENT = Instrument(
-    symbol="BTCUSDT",
-    status="Trading",
-    qty_step=Decimal("0.001"),
-    min_order_qty=Decimal("0.001"),
-    max_order_qty=Decimal("1190"),
-    max_mkt_order_qty=Decimal("100"),
-    min_notional_value=Decimal("5"),
-    tick_size=Decimal("0.1"),
-)
+INSTRUMENT = btc_instrument()
 GOOD = MarketSnapshot(
     instruments={"BTCUSDT": INSTRUMENT},
     prices={"BTCUSDT": Decimal("95000")},
@@ -436,22 +419,10 @@ async def test_a_signed_snapshot_sizing_cannot_carry_fails_the_basket_with_nothi
         async with execution_deps(
             engine, sessions, simulator_url, as_a_worker=True, market_max_age_seconds=600
         ) as deps:
-            async with sessions() as session:
-                issued = await create_user_with_token(
-                    session, f"ov-{secrets.token_hex(5)}@example.com"
-                )
-                await store_credentials(
-                    session, deps.cipher, issued.user.id, api_key=api_key, api_secret=api_secret
-                )
-                position = await repository.add_position(
-                    session,
-                    user_id=issued.user.id,
-                    index_code="BLUECHIP",
-                    size=Decimal("1000"),
-                    direction="long",
-                )
-            assert position is not None
-            result = await execute_position(deps, position.id, task_id="overflow")
+            position_id = await pending_position(
+                sessions, deps.cipher, api_key=api_key, api_secret=api_secret
+            )
+            result = await execute_position(deps, position_id, task_id="overflow")
         assert result.outcome is Outcome.FAILED, result
         assert "cannot plan the basket" in (result.detail or ""), result.detail
         orders = (await sim.get("/sim/orders", params={"api_key": api_key})).json()["orders"]

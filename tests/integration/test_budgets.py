@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import text
 
 from tests.conftest import TEST_ENV
+from tests.integration.conftest import funded_trader
 from tests.support import ApiUser, ServiceProcess, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -75,25 +76,6 @@ def open_apis(service_env: dict[str, str], tmp_path: Path) -> Iterator[list[str]
             process.stop()
 
 
-async def _trader(sessions: object, sim: httpx.AsyncClient, api: httpx.AsyncClient) -> ApiUser:
-    from tests.integration.conftest import new_user
-
-    email, token = await new_user(sessions)
-    user = ApiUser(email, token, f"BG{secrets.token_hex(8).upper()}", secrets.token_hex(16))
-    created = await sim.post(
-        "/sim/accounts",
-        json={"api_key": user.api_key, "api_secret": user.api_secret, "balance": "100000000"},
-    )
-    created.raise_for_status()
-    stored = await api.put(
-        "/api/credentials",
-        json={"api_key": user.api_key, "api_secret": user.api_secret},
-        headers=user.headers,
-    )
-    assert stored.status_code == 200, stored.text
-    return user
-
-
 async def _rows(sessions: object, user: ApiUser) -> int:
     async with sessions() as session:  # type: ignore[operator]
         count = await session.scalar(
@@ -131,8 +113,9 @@ async def test_past_the_request_rate_429_with_retry_after_and_nothing_written(
     rate_api: str, sim: httpx.AsyncClient, sessions: object, redis: aioredis.Redis
 ) -> None:
     async with httpx.AsyncClient(base_url=rate_api, timeout=10) as api:
-        flooder = await _trader(sessions, sim, api)  # the PUT took one of 5
-        other = await _trader(sessions, sim, api)
+        # The PUT takes one of 5.
+        flooder = await funded_trader(sessions, sim, api, balance="100000000")
+        other = await funded_trader(sessions, sim, api, balance="100000000")
         queued = await _queued(redis)
         answers = [
             await api.post("/api/positions", json=ORDER, headers=flooder.headers) for _ in range(4)
@@ -172,8 +155,8 @@ async def test_fifty_concurrent_posts_create_at_most_the_open_positions_budget(
 ) -> None:
     clients = [httpx.AsyncClient(base_url=url, timeout=30) for url in open_apis]
     try:
-        flooder = await _trader(sessions, sim, clients[0])
-        other = await _trader(sessions, sim, clients[1])
+        flooder = await funded_trader(sessions, sim, clients[0], balance="100000000")
+        other = await funded_trader(sessions, sim, clients[1], balance="100000000")
         first = await clients[0].post(
             "/api/positions", json=ORDER, headers={**flooder.headers, "Idempotency-Key": "one"}
         )
@@ -269,7 +252,7 @@ async def test_an_admission_that_does_not_get_its_turn_is_a_429_with_nothing_wri
     from tests.integration.conftest import new_user
 
     async with httpx.AsyncClient(base_url=open_apis[0], timeout=30) as client:
-        trader = await _trader(sessions, sim, client)
+        trader = await funded_trader(sessions, sim, client, balance="100000000")
         email, token = await new_user(sessions)
         keyless = ApiUser(email, token, "", "")
         async with sessions() as session:  # type: ignore[operator]

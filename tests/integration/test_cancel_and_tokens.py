@@ -7,14 +7,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
-from collections.abc import AsyncIterator
-from decimal import Decimal
 
 import httpx
 import pytest
-import pytest_asyncio
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import get_settings
 from service.credentials.service import store_credentials
@@ -24,39 +20,13 @@ from service.execution.recovery import recover_stale_positions
 from service.models import PositionStatus, SyntheticPosition
 from service.positions import repository
 from service.positions.service import cancel_pending
-from service.security import CredentialSealer
-from service.trading_logic import Direction
 from service.users.repository import get_user_by_email
-from tests.integration.conftest import api_client, execution_deps, new_user
-from tests.support import free_port, run_command, worker_opener
+from tests.integration.conftest import new_user, pending_position
+from tests.support import run_command, worker_opener
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 BODY = {"index": "BLUECHIP", "size": "1000", "direction": "long"}
-
-
-@pytest_asyncio.fixture
-async def client(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(get_settings()) as http:
-        yield http
-
-
-@pytest_asyncio.fixture
-async def unreachable_deps(
-    engine: AsyncEngine, sessions: SessionScope
-) -> AsyncIterator[ExecutionDeps]:
-    """A worker's deps whose exchange refuses every connection: a claimed run retries."""
-    async with execution_deps(
-        engine,
-        sessions,
-        f"http://127.0.0.1:{free_port()}",
-        connect_timeout=1,
-        read_timeout=1,
-        retry_delays=(0.0, 0.0, 0.0),
-        call_attempts=1,
-        call_wait_max=0.01,
-    ) as deps:
-        yield deps
 
 
 async def _user_with_credentials(
@@ -76,25 +46,6 @@ async def _user_with_credentials(
             api_secret=secrets.token_hex(16),
         )
     return email, {"Authorization": f"Bearer {token}"}
-
-
-async def _pending_position(sessions: SessionScope, sealer: CredentialSealer) -> uuid.UUID:
-    email, _ = await new_user(sessions)
-    async with sessions() as session:
-        user = await get_user_by_email(session, email)
-        assert user is not None
-        await store_credentials(
-            session, sealer, user.id, api_key="K" * 12, api_secret=secrets.token_hex(8)
-        )
-        position = await repository.add_position(
-            session,
-            user_id=user.id,
-            index_code="BLUECHIP",
-            size=Decimal(1000),
-            direction=Direction.LONG.value,
-        )
-        assert position is not None
-        return position.id
 
 
 async def _status(sessions: SessionScope, position_id: uuid.UUID) -> SyntheticPosition:
@@ -187,7 +138,7 @@ async def test_a_cancel_racing_a_worker_s_claim_has_exactly_one_winner(
 ) -> None:
     outcomes: set[str] = set()
     for round_ in range(12):
-        position_id = await _pending_position(sessions, unreachable_deps.cipher)
+        position_id = await pending_position(sessions, unreachable_deps.cipher)
         run, cancelled = await asyncio.gather(
             execute_position(unreachable_deps, position_id, task_id=f"task-{round_}"),
             cancel_pending(sessions, position_id),
@@ -211,7 +162,7 @@ async def test_a_cancel_racing_a_worker_s_claim_has_exactly_one_winner(
 async def test_the_worker_discards_a_cancelled_position_and_the_sweep_never_resends_it(
     unreachable_deps: ExecutionDeps, sessions: SessionScope
 ) -> None:
-    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    position_id = await pending_position(sessions, unreachable_deps.cipher)
     assert await cancel_pending(sessions, position_id) is not None
     # A copy of its task still in the queue arrives: discarded, nothing taken.
     run = await execute_position(unreachable_deps, position_id, task_id="late-copy")

@@ -2,73 +2,28 @@
 
 from __future__ import annotations
 
-import secrets
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
 
 import pytest
-import pytest_asyncio
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.credentials.service import store_credentials
 from service.db import SessionScope
 from service.execution import ExecutionDeps, Outcome, execute_position
 from service.models import PositionStatus, SyntheticPosition
 from service.positions import repository
-from service.security import CredentialSealer
 from service.trading_logic import Direction
-from tests.integration.conftest import execution_deps, new_user
-from tests.support import foreign_sealer, free_port
+from tests.integration.conftest import pending_position
+from tests.support import foreign_sealer
 
 pytestmark = [pytest.mark.integration]
-
-
-@pytest_asyncio.fixture
-async def unreachable_deps(
-    engine: AsyncEngine, sessions: SessionScope
-) -> AsyncIterator[ExecutionDeps]:
-    """Deps whose exchange refuses every connection: a transient error on every call."""
-    async with execution_deps(
-        engine,
-        sessions,
-        f"http://127.0.0.1:{free_port()}",
-        connect_timeout=1,
-        read_timeout=1,
-        retry_delays=(0.0, 0.0, 0.0),
-        call_attempts=2,
-        call_wait_max=0.01,
-    ) as deps:
-        yield deps
-
-
-async def _pending_position(sessions: SessionScope, cipher: CredentialSealer) -> uuid.UUID:
-    from service.users.repository import get_user_by_email
-
-    email, _ = await new_user(sessions)
-    async with sessions() as session:
-        user = await get_user_by_email(session, email)
-        assert user is not None
-        await store_credentials(
-            session, cipher, user.id, api_key="K" * 12, api_secret=secrets.token_hex(8)
-        )
-        position = await repository.add_position(
-            session,
-            user_id=user.id,
-            index_code="BLUECHIP",
-            size=Decimal(1000),
-            direction=Direction.LONG.value,
-        )
-        assert position is not None
-        return position.id
 
 
 @pytest.mark.asyncio
 async def test_transient_errors_retry_on_schedule_then_fail(
     unreachable_deps: ExecutionDeps, sessions: SessionScope
 ) -> None:
-    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    position_id = await pending_position(sessions, unreachable_deps.cipher)
     outcomes = [
         await execute_position(unreachable_deps, position_id, task_id="task-1") for _ in range(4)
     ]
@@ -87,7 +42,7 @@ async def test_transient_errors_retry_on_schedule_then_fail(
 async def test_only_the_claim_holder_continues(
     unreachable_deps: ExecutionDeps, sessions: SessionScope
 ) -> None:
-    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    position_id = await pending_position(sessions, unreachable_deps.cipher)
     first = await execute_position(unreachable_deps, position_id, task_id="holder")
     assert first.outcome is Outcome.RETRY
     stranger = await execute_position(unreachable_deps, position_id, task_id="someone-else")
@@ -105,7 +60,7 @@ async def test_only_the_claim_holder_continues(
 async def test_a_second_copy_is_discarded_while_the_first_holds_the_lock(
     unreachable_deps: ExecutionDeps, sessions: SessionScope
 ) -> None:
-    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    position_id = await pending_position(sessions, unreachable_deps.cipher)
     async with unreachable_deps.run_lock(position_id) as held:
         assert held
         copy = await execute_position(unreachable_deps, position_id, task_id="dup")
@@ -133,8 +88,8 @@ async def test_recovery_resumes_dead_runs_but_not_positions_waiting_for_a_retry(
 
     from service.execution.recovery import recover_stale_positions
 
-    waiting = await _pending_position(sessions, unreachable_deps.cipher)
-    dead = await _pending_position(sessions, unreachable_deps.cipher)
+    waiting = await pending_position(sessions, unreachable_deps.cipher)
+    dead = await pending_position(sessions, unreachable_deps.cipher)
     for position_id, claim in ((waiting, "waiting-task"), (dead, "dead-task")):
         result = await execute_position(unreachable_deps, position_id, task_id=claim)
         assert result.outcome is Outcome.RETRY
@@ -173,7 +128,7 @@ async def test_the_sweep_s_failure_write_is_fenced_by_the_run_lock(
     keeps the position; the write itself carries the condition."""
     from service.positions.status import Transition, change_status
 
-    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    position_id = await pending_position(sessions, unreachable_deps.cipher)
     result = await execute_position(unreachable_deps, position_id, task_id="claimed")
     assert result.outcome is Outcome.RETRY
     give_up = Transition(
@@ -211,9 +166,9 @@ async def _second_position(sessions: SessionScope, first: uuid.UUID) -> uuid.UUI
 async def test_a_basket_holds_its_account_until_it_is_final(
     unreachable_deps: ExecutionDeps, sessions: SessionScope
 ) -> None:
-    first = await _pending_position(sessions, unreachable_deps.cipher)
+    first = await pending_position(sessions, unreachable_deps.cipher)
     second = await _second_position(sessions, first)
-    other_account = await _pending_position(sessions, unreachable_deps.cipher)
+    other_account = await pending_position(sessions, unreachable_deps.cipher)
 
     began = await execute_position(unreachable_deps, first, task_id="first")
     assert began.outcome is Outcome.RETRY  # EXECUTING, between two attempts
@@ -254,7 +209,7 @@ async def test_a_basket_holds_its_account_until_it_is_final(
 async def test_a_new_basket_that_waited_too_long_fails_with_nothing_sent(
     unreachable_deps: ExecutionDeps, sessions: SessionScope
 ) -> None:
-    first = await _pending_position(sessions, unreachable_deps.cipher)
+    first = await pending_position(sessions, unreachable_deps.cipher)
     second = await _second_position(sessions, first)
     assert (await execute_position(unreachable_deps, first, task_id="a")).outcome is Outcome.RETRY
     impatient = replace(unreachable_deps, account_wait_limit_seconds=0.0)
@@ -273,7 +228,7 @@ async def test_a_new_basket_that_waited_too_long_fails_with_nothing_sent(
 async def test_status_writes_need_the_run_lock_s_own_connection(
     unreachable_deps: ExecutionDeps, sessions: SessionScope
 ) -> None:
-    position_id = await _pending_position(sessions, unreachable_deps.cipher)
+    position_id = await pending_position(sessions, unreachable_deps.cipher)
     async with unreachable_deps.run_lock(position_id) as lease:
         assert lease is not None
         async with sessions() as session:
@@ -318,7 +273,7 @@ async def test_a_key_this_worker_cannot_read_is_left_for_another_then_fails_the_
 
     # Sealed for a key this worker does not have (a rotation half rolled out, say).
     other = foreign_sealer()
-    position_id = await _pending_position(sessions, other)
+    position_id = await pending_position(sessions, other)
     fresh = await execute_position(unreachable_deps, position_id, task_id="k")
     assert fresh.outcome is Outcome.ABORTED  # left as it was, for a worker that can read it
     async with sessions() as session:

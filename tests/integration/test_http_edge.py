@@ -5,11 +5,12 @@ heads, keep-alive and pipelining intact, security headers on every answer, no se
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,54 +164,29 @@ def test_a_pipelined_request_with_an_oversized_head_is_not_served(edge_api: Api)
 
 
 def test_memory_stays_flat_under_concurrent_oversized_heads(edge_api: Api) -> None:
-    with httpx.Client(base_url=edge_api.url, timeout=5) as http:
-        for _ in range(50):  # warm up before the baseline
-            assert http.get("/healthz").status_code == 200
-        before = edge_api.rss_kib()
-        answers: list[bytes] = []
-        failures: list[BaseException] = []
+    answers: list[bytes] = []
 
-        def flood() -> None:
+    def flood() -> None:
+        with _connect(edge_api) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\nX-Big: ")
+            piece = b"a" * 65536
             try:
-                with _connect(edge_api) as sock:
-                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\nX-Big: ")
-                    piece = b"a" * 65536
-                    try:
-                        for _ in range(64):  # 4 MiB of one header
-                            sock.sendall(piece)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # the server gave up on us: what it said is still readable
-                    answers.append(_read_answer(sock))
-            except BaseException as error:  # reported by the test thread
-                failures.append(error)
+                for _ in range(64):  # 4 MiB of one header
+                    sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server gave up on us: what it said is still readable
+            answers.append(_read_answer(sock))
 
-        threads = [threading.Thread(target=flood) for _ in range(20)]
-        for thread in threads:
-            thread.start()
-        health_latencies = []
-        peak = before
-        while True:  # /healthz answers meanwhile (at least once)
-            started = time.monotonic()
-            assert http.get("/healthz").status_code == 200
-            health_latencies.append(time.monotonic() - started)
-            peak = max(peak, edge_api.rss_kib())
-            if not any(thread.is_alive() for thread in threads):
-                break
-        for thread in threads:
-            thread.join()
-        after = edge_api.rss_kib()
-        assert http.get("/healthz").status_code == 200
-    assert not failures, failures
+    watched = _flood_while_watching(edge_api, [flood] * 20)
     assert len(answers) == 20
     assert all(a.startswith(b"HTTP/1.1 431") for a in answers if a), [a[:40] for a in answers]
     # A client still sending when the server stops draining (LINGER_SECONDS) may be reset
     # before it reads its 431: at least one reads it, none reads anything else.
     assert any(answers)
-    grown_mib = (max(peak, after) - before) / 1024
-    print(f"RSS {before / 1024:.0f} MiB, peak {peak / 1024:.0f}, after {after / 1024:.0f}")
+    grown_mib = watched.grown_mib()
     # Without the bound, 20 x 4 MiB of header would be held at once (80 MiB and more).
-    assert grown_mib < 40, f"RSS grew by {grown_mib:.1f} MiB from {before / 1024:.0f} MiB"
-    assert max(health_latencies) < 2.0, max(health_latencies)
+    assert grown_mib < 40, f"RSS grew by {grown_mib:.1f} MiB from {watched.before / 1024:.0f} MiB"
+    assert max(watched.health_latencies) < 2.0, max(watched.health_latencies)
 
 
 def test_every_answer_has_the_security_headers_and_no_banner(edge_api: Api) -> None:
@@ -285,45 +261,24 @@ def test_a_chunked_body_in_many_small_chunks_gets_its_normal_answer(edge_api: Ap
 
 
 def test_memory_stays_flat_under_chunked_requests_with_huge_trailers(edge_api: Api) -> None:
-    with httpx.Client(base_url=edge_api.url, timeout=5) as http:
-        for _ in range(50):  # warm up before the baseline
-            assert http.get("/healthz").status_code == 200
-        before = edge_api.rss_kib()
-        answers: list[tuple[str, bytes]] = []
-        failures: list[BaseException] = []
+    answers: list[tuple[str, bytes]] = []
 
-        def flood(path: str) -> None:
+    def flood(path: str) -> None:
+        with _connect(edge_api) as sock:
+            # One body byte, the last chunk, then a trailer that never ends.
+            sock.sendall(_chunked_head(path) + b"1\r\na\r\n0\r\nX-T: ")
+            piece = b"a" * 65536
             try:
-                with _connect(edge_api) as sock:
-                    # One body byte, the last chunk, then a trailer that never ends.
-                    sock.sendall(_chunked_head(path) + b"1\r\na\r\n0\r\nX-T: ")
-                    piece = b"a" * 65536
-                    try:
-                        for _ in range(64):  # 4 MiB of one trailer
-                            sock.sendall(piece)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # the server gave up on us: what it said is still readable
-                    answers.append((path, _read_answer(sock)))
-            except BaseException as error:  # reported by the test thread
-                failures.append(error)
+                for _ in range(64):  # 4 MiB of one trailer
+                    sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server gave up on us: what it said is still readable
+            answers.append((path, _read_answer(sock)))
 
-        # /api/positions reads the body (the app is waiting for its end: answered 431);
-        # /healthz answers 405 at once, and the trailer comes after the answer (closed).
-        paths = ["/api/positions", "/healthz"] * 10
-        threads = [threading.Thread(target=flood, args=(path,)) for path in paths]
-        for thread in threads:
-            thread.start()
-        peak = before
-        while True:  # /healthz answers meanwhile
-            assert http.get("/healthz").status_code == 200
-            peak = max(peak, edge_api.rss_kib())
-            if not any(thread.is_alive() for thread in threads):
-                break
-        for thread in threads:
-            thread.join()
-        after = edge_api.rss_kib()
-        assert http.get("/healthz").status_code == 200
-    assert not failures, failures
+    # /api/positions reads the body (the app is waiting for its end: answered 431);
+    # /healthz answers 405 at once, and the trailer comes after the answer (closed).
+    paths = ["/api/positions", "/healthz"] * 10
+    watched = _flood_while_watching(edge_api, [functools.partial(flood, p) for p in paths])
     assert len(answers) == 20
     for path, answer in answers:
         if path == "/healthz":
@@ -335,10 +290,9 @@ def test_memory_stays_flat_under_chunked_requests_with_huge_trailers(edge_api: A
             assert headers["connection"] == "close"
             assert "chunk framing and trailers" in json.loads(body)["detail"]
     assert any(answer for path, answer in answers if path == "/api/positions")
-    grown_mib = (max(peak, after) - before) / 1024
-    print(f"RSS {before / 1024:.0f} MiB, peak {peak / 1024:.0f}, after {after / 1024:.0f}")
+    grown_mib = watched.grown_mib()
     # Without the bound, 20 x 4 MiB of trailer would be held at once (80 MiB and more).
-    assert grown_mib < 40, f"RSS grew by {grown_mib:.1f} MiB from {before / 1024:.0f} MiB"
+    assert grown_mib < 40, f"RSS grew by {grown_mib:.1f} MiB from {watched.before / 1024:.0f} MiB"
 
 
 def test_a_pipelined_chunked_request_with_a_huge_trailer_follows_the_earlier_answer(
@@ -357,3 +311,55 @@ def test_a_pipelined_chunked_request_with_a_huge_trailer_follows_the_earlier_ans
     assert first.count(b"HTTP/1.1 ") == 1, answer[:500]
     assert second, answer[:500]  # the trailer's request is refused, never left hanging
     assert b"chunk framing and trailers" in second
+
+
+@dataclass
+class _Watched:
+    before: int  # the API's RSS (KiB) before the floods
+    peak: int
+    after: int
+    health_latencies: list[float]
+
+    def grown_mib(self) -> float:
+        """How far the RSS rose above the baseline at its highest (printed for the log)."""
+        print(
+            f"RSS {self.before / 1024:.0f} MiB, peak {self.peak / 1024:.0f}, "
+            f"after {self.after / 1024:.0f}"
+        )
+        return (max(self.peak, self.after) - self.before) / 1024
+
+
+def _flood_while_watching(edge_api: Api, floods: list[Callable[[], None]]) -> _Watched:
+    """Warm the API up, take its RSS, run each flood in a thread of its own, and meanwhile ask
+    /healthz (at least once) and read the RSS until every flood has ended. A flood that
+    raises fails the test."""
+    failures: list[BaseException] = []
+
+    def guarded(flood: Callable[[], None]) -> None:
+        try:
+            flood()
+        except BaseException as error:  # reported by the test thread
+            failures.append(error)
+
+    with httpx.Client(base_url=edge_api.url, timeout=5) as http:
+        for _ in range(50):  # warm up before the baseline
+            assert http.get("/healthz").status_code == 200
+        before = edge_api.rss_kib()
+        threads = [threading.Thread(target=guarded, args=(flood,)) for flood in floods]
+        for thread in threads:
+            thread.start()
+        health_latencies = []
+        peak = before
+        while True:
+            started = time.monotonic()
+            assert http.get("/healthz").status_code == 200
+            health_latencies.append(time.monotonic() - started)
+            peak = max(peak, edge_api.rss_kib())
+            if not any(thread.is_alive() for thread in threads):
+                break
+        for thread in threads:
+            thread.join()
+        after = edge_api.rss_kib()
+        assert http.get("/healthz").status_code == 200
+    assert not failures, failures
+    return _Watched(before, peak, after, health_latencies)

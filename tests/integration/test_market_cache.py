@@ -13,25 +13,14 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from service.bybit.types import Instrument
 from service.market.snapshot import MarketCache, MarketSnapshot
 from tests.conftest import TEST_ENV
+from tests.support import btc_instrument
 
 pytestmark = pytest.mark.integration
 
 SNAPSHOT = MarketSnapshot(
-    instruments={
-        "BTCUSDT": Instrument(
-            symbol="BTCUSDT",
-            status="Trading",
-            qty_step=Decimal("0.001"),
-            min_order_qty=Decimal("0.001"),
-            max_order_qty=Decimal("1190"),
-            max_mkt_order_qty=Decimal("100"),
-            min_notional_value=Decimal("5"),
-            tick_size=Decimal("0.1"),
-        )
-    },
+    instruments={"BTCUSDT": btc_instrument()},
     prices={"BTCUSDT": Decimal("95000")},
     fetched_at=0.0,
 )

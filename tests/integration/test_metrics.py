@@ -6,21 +6,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import get_settings
 from tests.integration.conftest import api_client, start_worker
-from tests.support import ApiUser, eventually, free_port
+from tests.support import ApiUser, eventually, free_port, metric_samples
 
 pytestmark = pytest.mark.integration
-
-
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 @pytest.mark.asyncio
@@ -72,12 +63,12 @@ async def test_worker_and_api_metrics_after_a_run(
             assert (await api.get("/metrics")).status_code == 404
             async with httpx.AsyncClient() as http:
                 scraped = await http.get(f"http://127.0.0.1:{api_metrics_port}/metrics")
-            api_metrics = _samples(scraped.text)
+            api_metrics = metric_samples(scraped.text)
 
         async with httpx.AsyncClient() as http:
 
             async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
-                samples = _samples((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
+                samples = metric_samples((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
                 finished = samples.get(
                     ("trader_positions_finished_total", (("status", "FAILED"),)), 0
                 )

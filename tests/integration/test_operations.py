@@ -10,11 +10,10 @@ import uuid
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings, get_settings
 from tests.integration.conftest import api_client, new_user
-from tests.support import free_port
+from tests.support import free_port, metric_samples
 
 pytestmark = pytest.mark.integration
 
@@ -75,14 +74,6 @@ async def test_readyz_says_unavailable_without_naming_the_exception(seeded_datab
     assert "Error" not in ready.text
 
 
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 @pytest.mark.asyncio
 async def test_metrics_on_their_own_port_and_counts_read_once_for_many_scrapes(
     seeded_database: str,
@@ -100,7 +91,7 @@ async def test_metrics_on_their_own_port_and_counts_read_once_for_many_scrapes(
         assert all(s.status_code == 200 for s in [*scrapes, again])
         # Twenty scrapes at once share one count; the next within the cache's age, none.
         assert server.counts.reads == 1
-        assert ("trader_queue_depth", ()) in _samples(again.text)
+        assert ("trader_queue_depth", ()) in metric_samples(again.text)
         assert "# TYPE trader_positions gauge" in again.text
 
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 from sqlalchemy import func, select
 
@@ -24,18 +22,12 @@ from service.queue import RedisTaskPublisher
 from service.security import CredentialOpener, generate_key_pair, parse_private_keys
 from service.users.service import revoke_user_tokens
 from tests.conftest import CREDENTIALS_PAIR, TEST_ENV
-from tests.integration.conftest import api_client, new_user, start_worker
+from tests.integration.conftest import api_client, funded_trader, new_user, start_worker
 from tests.support import ApiUser, eventually, free_port, register_key
 
 pytestmark = [pytest.mark.integration]
 
 BODY = {"index": "BLUECHIP", "size": "1000", "direction": "long"}
-
-
-@pytest_asyncio.fixture
-async def client(seeded_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(get_settings()) as http:
-        yield http
 
 
 async def _user_with_credentials(
@@ -247,28 +239,6 @@ async def test_unreachable_broker_still_answers_202_and_the_sweep_sends_it_later
     await broker.aclose()
 
 
-async def _trading_user(
-    client: httpx.AsyncClient, sessions: object, sim: httpx.AsyncClient
-) -> ApiUser:
-    """A user with a funded simulator account whose key the API (`client`) stored."""
-    _, token = await new_user(sessions)
-    user = ApiUser(
-        email="",
-        token=token,
-        api_key=f"RK{secrets.token_hex(8).upper()}",
-        api_secret=secrets.token_hex(16),
-    )
-    account = {"api_key": user.api_key, "api_secret": user.api_secret, "balance": "100000"}
-    (await sim.post("/sim/accounts", json=account)).raise_for_status()
-    stored = await client.put(
-        "/api/credentials",
-        json={"api_key": user.api_key, "api_secret": user.api_secret},
-        headers=user.headers,
-    )
-    assert stored.status_code == 200, stored.text
-    return user
-
-
 @pytest.mark.asyncio
 async def test_key_rotation_while_positions_execute_loses_nothing(
     service_env: dict[str, str],
@@ -298,12 +268,14 @@ async def test_key_rotation_while_positions_execute_loses_nothing(
 
     try:
         async with api_client(api_on_old) as client:  # the API still on the old key
-            users = [await _trading_user(client, sessions, sim) for _ in range(2)]
+            users = [await funded_trader(sessions, sim, client, balance="100000") for _ in range(2)]
             for user in users:
                 await post(client, user)
         # (b) The API's public key becomes the new one (a rolling restart of the API).
         async with api_client(api_on_new) as client:
-            users += [await _trading_user(client, sessions, sim) for _ in range(2)]
+            users += [
+                await funded_trader(sessions, sim, client, balance="100000") for _ in range(2)
+            ]
             for user in users:
                 await post(client, user)
             # (c) Every row re-sealed for the new key while those execute.

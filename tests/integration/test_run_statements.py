@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-import uuid
 from dataclasses import fields
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,34 +18,15 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.credentials.service import store_credentials
 from service.db import SessionScope
 from service.execution.deps import PreflightFacts
 from service.execution.run_lock import advisory_run_lock
 from service.models import PositionComponent, PositionStatus, Trade
 from service.positions import repository, run_statements
-from service.users.service import create_user_with_token
+from tests.integration.conftest import pending_position
 from tests.support import eventually, worker_opener
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
-
-
-async def _pending(sessions: SessionScope) -> uuid.UUID:
-    async with sessions() as session:
-        issued = await create_user_with_token(session, f"rs-{secrets.token_hex(5)}@example.com")
-        cipher = worker_opener()
-        await store_credentials(
-            session, cipher, issued.user.id, api_key="RSKEY12345", api_secret="rs-secret-123"
-        )
-        position = await repository.add_position(
-            session,
-            user_id=issued.user.id,
-            index_code="BLUECHIP",
-            size=Decimal("1000"),
-            direction="long",
-        )
-        assert position is not None
-    return position.id
 
 
 def _leg(leg: int, symbol: str) -> run_statements.PlannedLegValues:
@@ -78,7 +58,7 @@ def _fill(
 async def test_a_new_basket_is_claimed_planned_filled_and_finished_once(
     engine: AsyncEngine, sessions: SessionScope
 ) -> None:
-    position_id = await _pending(sessions)
+    position_id = await pending_position(sessions, worker_opener())
     async with advisory_run_lock(engine)(position_id) as lease:
         assert lease is not None
         claimed = await run_statements.claim_new(lease, position_id, "task-1")
@@ -149,7 +129,8 @@ async def test_a_new_basket_is_claimed_planned_filled_and_finished_once(
 async def test_a_connection_that_does_not_hold_the_position_s_lock_cannot_claim_or_finish_it(
     engine: AsyncEngine, sessions: SessionScope
 ) -> None:
-    mine, other = await _pending(sessions), await _pending(sessions)
+    mine = await pending_position(sessions, worker_opener())
+    other = await pending_position(sessions, worker_opener())
     async with advisory_run_lock(engine)(mine) as lease:
         assert lease is not None
         # This connection holds `mine`'s lock, not `other`'s.
@@ -165,7 +146,7 @@ async def test_a_connection_that_does_not_hold_the_position_s_lock_cannot_claim_
 async def test_a_lease_not_seen_to_let_go_of_its_locks_is_closed_with_them(
     engine: AsyncEngine, sessions: SessionScope
 ) -> None:
-    position_id = await _pending(sessions)
+    position_id = await pending_position(sessions, worker_opener())
     run_lock = advisory_run_lock(engine, confirm_timeout=0.2)
     async with run_lock(position_id) as lease:
         assert lease is not None
@@ -199,7 +180,7 @@ async def test_a_fill_another_transaction_records_meanwhile_is_counted_once_in_t
     """A run finishes with a fill that reconciliation (another transaction) is recording at
     that moment: the ACTIVE statement waits for it, skips its own copy, and still counts the
     fill in the snapshot, once."""
-    position_id = await _pending(sessions)
+    position_id = await pending_position(sessions, worker_opener())
     async with advisory_run_lock(engine)(position_id) as lease:
         assert lease is not None
         assert await run_statements.claim_new(lease, position_id, "task-1") is not None
@@ -253,7 +234,7 @@ async def test_a_fill_a_run_not_finishing_the_position_records_shows_in_its_vers
 ) -> None:
     """The fills a run read are recorded even when the position is not its to finish any
     more, and a new one moves `updated_at` (what GET's ETag is made of)."""
-    position_id = await _pending(sessions)
+    position_id = await pending_position(sessions, worker_opener())
     async with advisory_run_lock(engine)(position_id) as lease:
         assert lease is not None
         assert await run_statements.claim_new(lease, position_id, "task-1") is not None

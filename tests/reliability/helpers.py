@@ -3,41 +3,17 @@ statuses, and counting orders on the simulator."""
 
 from __future__ import annotations
 
-import secrets
 from collections import Counter
 from typing import Any
 
 import httpx
 
-from tests.integration.conftest import new_user
+from tests.integration.conftest import funded_trader
 from tests.support import ApiUser, eventually
 
+__all__ = ["funded_trader"]  # where the long scenarios have always found it
+
 FINAL = ("ACTIVE", "FAILED")
-
-
-async def funded_trader(
-    sessions: object, sim: httpx.AsyncClient, api: httpx.AsyncClient, balance: str = "10000000"
-) -> ApiUser:
-    """A new user with a token, a funded simulator account and its credentials stored."""
-    email, token = await new_user(sessions)
-    user = ApiUser(
-        email=email,
-        token=token,
-        api_key=f"RL{secrets.token_hex(8).upper()}",
-        api_secret=secrets.token_hex(16),
-    )
-    response = await sim.post(
-        "/sim/accounts",
-        json={"api_key": user.api_key, "api_secret": user.api_secret, "balance": balance},
-    )
-    response.raise_for_status()
-    response = await api.put(
-        "/api/credentials",
-        json={"api_key": user.api_key, "api_secret": user.api_secret},
-        headers=user.headers,
-    )
-    assert response.status_code == 200, response.text
-    return user
 
 
 async def wait_final(

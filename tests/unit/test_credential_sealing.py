@@ -28,7 +28,7 @@ from service.security import (
     public_key_of,
     sealer_from_settings,
 )
-from tests.support import ROOT
+from tests.support import ROOT, k8s_container_env
 
 SEALED = re.compile(r"^nacl1:([0-9a-f]{8}):([A-Za-z0-9+/=]+)$")
 
@@ -259,27 +259,7 @@ def test_the_deployment_gives_the_keys_to_their_roles_only() -> None:
     assert held.pop("worker") == {"CREDENTIALS_PRIVATE_KEYS", "CREDENTIALS_KEYS"}
     assert all(not names for names in held.values()), held  # beat, migrate, flower, ...
 
-    documents = [
-        document
-        for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
-        for document in yaml.safe_load_all(path.read_text())
-        if document
-    ]
-    # What each Secret or ConfigMap holds, by name.
-    holds = {
-        d["metadata"]["name"]: set(d.get("stringData") or d.get("data") or {})
-        for d in documents
-        if d["kind"] in ("Secret", "ConfigMap")
-    }
-    given: dict[str, set[str]] = {}
-    for document in documents:
-        pod = document.get("spec", {}).get("template", {}).get("spec", {})
-        for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
-            names = {entry["name"] for entry in container.get("env", [])}
-            for source in container.get("envFrom", []):
-                ref = source.get("secretRef") or source.get("configMapRef")
-                names |= holds[ref["name"]]
-            given[f"{document['metadata']['name']}/{container['name']}"] = keys & names
+    given = {container: keys & names for container, names in k8s_container_env().items()}
     assert given.pop("trader-api/api") == {"CREDENTIALS_PUBLIC_KEY"}
     assert given.pop("trader-worker/worker") == {"CREDENTIALS_PRIVATE_KEYS"}
     assert {"trader-beat/beat", "trader-migrate/migrate"} <= set(given)

@@ -14,6 +14,7 @@ import yaml
 
 from service.__main__ import _parser
 from service.config import Settings
+from tests.support import k8s_container_env
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -252,24 +253,7 @@ def test_only_the_workers_hold_the_market_snapshot_key(monkeypatch: pytest.Monke
     }
     assert holders == {"worker"}
 
-    documents = [
-        d for path in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d
-    ]
-    holds = {
-        d["metadata"]["name"]: set(d.get("stringData") or d.get("data") or {})
-        for d in documents
-        if d["kind"] in ("Secret", "ConfigMap")
-    }
-    given: set[str] = set()
-    for document in documents:
-        pod = document.get("spec", {}).get("template", {}).get("spec", {})
-        for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
-            names = {entry["name"] for entry in container.get("env", [])}
-            for source in container.get("envFrom", []):
-                ref = source.get("secretRef") or source.get("configMapRef")
-                names |= holds[ref["name"]]
-            if name in names:
-                given.add(f"{document['metadata']['name']}/{container['name']}")
+    given = {container for container, names in k8s_container_env().items() if name in names}
     assert given == {"trader-worker/worker"}
 
     monkeypatch.setenv(name, "0" * 64)
